@@ -109,6 +109,23 @@ def _backend_fallback(op, *args, **kwargs):
     return out.to(device)
 
 
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                  enable_gqa=False):
+    """Attention on a caserve device is one op, so the server runs its own best kernel (flash
+    attention on a GPU) instead of the math decomposition the client's meta kernels would pick."""
+    if type(query) is RemoteTensor:
+        kwargs = {"scale": scale} if scale is not None else {}
+        if enable_gqa:
+            kwargs["enable_gqa"] = True
+        return run_op(torch.ops.aten.scaled_dot_product_attention.default,
+                      (query, key, value, attn_mask, dropout_p, is_causal), kwargs)
+    return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                 enable_gqa=enable_gqa)
+
+
 def install() -> None:
     """Register the ``caserve`` device type with torch (idempotent)."""
     global _INSTALLED
@@ -123,6 +140,7 @@ def install() -> None:
         fallback = torch.library.Library("_", "IMPL")
         fallback.fallback(_backend_fallback_boxed, "PrivateUse1")
         _LIBS.extend([lib, fallback])
+        torch.nn.functional.scaled_dot_product_attention = _scaled_dot_product_attention
         _INSTALLED = True
 
 

@@ -133,6 +133,11 @@ def _geom(t: torch.Tensor) -> tuple:
     return (t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset())
 
 
+def _node(kind: str, index: int, g: tuple) -> tuple:
+    """A plan leaf: kind, slot or output index, dtype, size, stride, offset, storage bytes."""
+    return (kind, index, *g, extent(g[1], g[2], g[3]) * g[0].itemsize)
+
+
 def _make_plan(session: Session, func, args, kwargs, slots: list[RemoteTensor]) -> Plan:
     session.stats.meta_misses += 1
     margs, mkwargs = _meta_arg(args), {k: _meta_arg(v) for k, v in kwargs.items()}
@@ -175,12 +180,12 @@ def _make_plan(session: Session, func, args, kwargs, slots: list[RemoteTensor]) 
                     if slots[slot].numel() != 0:
                         raise NotImplementedError(f"{func}: resizing a non-empty out= tensor on a caserve device")
                     replace[slot] = g
-                    return ("R", slot, *g)
+                    return ("R", slot)
                 return ("S", slot)
             if local_view:
-                return ("V", 0, *g)
+                return _node("V", 0, g)
             nfresh += 1
-            return ("F", nfresh - 1, *g)
+            return _node("F", nfresh - 1, g)
         if isinstance(value, (list, tuple)):
             return ("L" if isinstance(value, list) else "T", [node(v, write_name) for v in value])
         return ("C", value)
@@ -248,14 +253,11 @@ def _unshare(st: RemoteStorage) -> None:
 def _build(n: Any, slots: list[RemoteTensor], fresh: list[RemoteStorage]) -> Any:
     k = n[0]
     if k == "F":
-        st = fresh[n[1]]
-        return RemoteTensor(st, n[2], n[3], n[4], n[5])
-    if k == "S":
-        return slots[n[1]]
-    if k == "R":
+        return RemoteTensor(fresh[n[1]], n[2], n[3], n[4], n[5], n[6])
+    if k == "S" or k == "R":
         return slots[n[1]]
     if k == "V":
-        return RemoteTensor(slots[n[1]]._st, n[2], n[3], n[4], n[5])
+        return RemoteTensor(slots[n[1]]._st, n[2], n[3], n[4], n[5], n[6])
     if k == "L":
         return [_build(c, slots, fresh) for c in n[1]]
     if k == "T":

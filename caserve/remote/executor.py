@@ -305,14 +305,22 @@ class Tenant:
                 f"{what} needs {nbytes} bytes; tenant {self.id} holds {self.bytes} of its {self.memory_limit}-byte limit"
             )
 
-    def _bind(self, handle: int, tensor: torch.Tensor, blob: bytes | None = None) -> None:
+    def _bind(self, handle: int, tensor: torch.Tensor, blob: bytes | None = None, geom: tuple | None = None,
+              nbytes: int | None = None) -> None:
+        """Name ``tensor`` ``handle``; ``geom``/``nbytes`` when the caller already knows them."""
         if type(handle) is not int or handle in self.storages:
             raise TenantError(f"storage handle {handle!r} is invalid or already in use")
-        geom = (tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
-        numel = extent(*geom)
-        nbytes = numel * tensor.element_size()
-        self.storages[handle] = Storage(tensor, geom, numel, nbytes, blob)
+        if geom is None:
+            geom = (tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
+        itemsize = tensor.dtype.itemsize
+        if nbytes is None:
+            nbytes = extent(*geom) * itemsize
+        self.storages[handle] = Storage(tensor, geom, nbytes // itemsize, nbytes, blob)
         self.bytes += nbytes
+
+    @property
+    def private_bytes(self) -> int:
+        return sum(st.nbytes for st in list(self.storages.values()) if st.blob is None)
 
     def _view(self, handle: int, slot: Slot) -> torch.Tensor:
         st = self.storages.get(handle)
@@ -474,15 +482,15 @@ class Tenant:
             fresh = flatten_fresh(tpl.fn, result)
             if len(fresh) != len(tpl.outs):
                 raise TenantError(f"{tpl.name} returned {len(fresh)} tensors, the client expected {len(tpl.outs)}")
-            for handle, tensor, want in zip(op.outs, fresh, tpl.outs):
-                self._bind(handle, self._conform(tensor, want))
+            for handle, tensor, want, nbytes in zip(op.outs, fresh, tpl.outs, tpl.out_nbytes):
+                self._bind(handle, self._conform(tensor, want), geom=want[1:], nbytes=nbytes)
 
     def _conform(self, t: torch.Tensor, want: tuple[torch.dtype, tuple, tuple, int]) -> torch.Tensor:
         """Give an output exactly the layout the client computed, so that its views stay right."""
         dt, size, stride, offset = want
         if t.dtype is not dt:
             raise TenantError(f"output dtype {t.dtype} differs from the expected {dt}")
-        if t.shape == size and t.stride() == stride and t.storage_offset() == offset:
+        if t.stride() == stride and t.shape == size and t.storage_offset() == offset:
             return t
         out = torch.empty(extent(size, stride, offset), dtype=dt, device=t.device).as_strided(size, stride, offset)
         out.copy_(t)

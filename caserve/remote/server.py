@@ -85,6 +85,8 @@ class GPUServer:
             "device_name": self.device_name,
             "tenants": [{"id": t.id, "bytes": t.bytes, "storages": len(t.storages), "ops": t.stats.ops} for t in tenants],
             "tenant_bytes": sum(t.bytes for t in tenants),
+            # What the device actually holds for tenants: private storages plus one copy of each shared weight.
+            "stored_bytes": sum(t.private_bytes for t in tenants) + self.blobs.nbytes,
             "shared_blobs": len(self.blobs),
             "shared_bytes": self.blobs.nbytes,
             "device_allocated": torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None,
@@ -304,7 +306,7 @@ def serve_forever(host: str = "127.0.0.1", port: int = 7070, device: str = "auto
                   tenant_memory_limit: str | int = 0, unix_socket: str | None = "auto") -> None:
     """Entry point of ``caserve gpu-server``."""
     server = GPUServer(device, token, tenant_memory_limit)
-    listener = Listener(server, host, port, unix_socket or "auto").start()
+    listener = Listener(server, host, port, unix_socket).start()
     limit = f", tenant limit {server.memory_limit} bytes" if server.memory_limit else ""
     logger.info("caserve gpu-server listening on %s (device %s: %s%s%s)", listener.address, server.device,
                 server.device_name, f", unix {listener.unix_path}" if listener.unix else "", limit)

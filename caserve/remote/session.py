@@ -22,7 +22,7 @@ from caserve.remote.transport import Channel
 
 logger = logging.getLogger(__name__)
 
-FLUSH_OPS = 128  # ops per frame when no sync point comes first
+FLUSH_OPS = 32  # ops per frame when no sync point comes first
 FLUSH_BYTES = 1 << 20  # payload bytes per frame (uploads are sent soon, from the caller's memory)
 
 

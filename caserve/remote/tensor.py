@@ -43,12 +43,14 @@ class RemoteTensor(torch.Tensor):
     _cs: tuple  # (dtype, size, stride, offset): the signature used for dispatch caching
 
     @staticmethod
-    def __new__(cls, st: RemoteStorage, dtype: torch.dtype, size: tuple, stride: tuple, offset: int):
-        numel = extent(size, stride, offset)
+    def __new__(cls, st: RemoteStorage, dtype: torch.dtype, size: tuple, stride: tuple, offset: int,
+                nbytes: int | None = None):
+        if nbytes is None:
+            nbytes = extent(size, stride, offset) * dtype.itemsize
         t = torch.Tensor._make_wrapper_subclass(
             cls, size, strides=stride, storage_offset=offset, dtype=dtype, device=st.session.device,
             # An empty tensor may be resized in place by an out= op (at::arange does this): leave it room.
-            storage_size=numel * dtype.itemsize if numel else EMPTY_ROOM,
+            storage_size=nbytes or EMPTY_ROOM,
         )
         t._st = st
         t._cs = (dtype, size, stride, offset)
