@@ -20,7 +20,7 @@ import torch
 from caserve.remote import protocol as P
 from caserve.remote.errors import ConnectionLost
 from caserve.remote.executor import BlobStore, Tenant, TenantError, parse_size
-from caserve.remote.transport import default_unix_path, is_loopback, recv_frame, send_frame
+from caserve.remote.transport import as_bytes, default_unix_path, is_loopback, recv_frame, send_frame
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ class Connection:
             error = tenant.take_error()
             if error is not None:
                 value, out = None, []
+            out = [as_bytes(p) for p in out]
             return P.Kind.REPLY, P.Reply(msg.seq, error, value, [len(p) for p in out]), out
 
     def close(self) -> None:

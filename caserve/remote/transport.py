@@ -47,15 +47,22 @@ def parse_address(address: str) -> tuple[str, int]:
 def send_frame(sock: socket.socket, kind: P.Kind, header: Any, payloads: Sequence[memoryview | bytes] = ()) -> None:
     """Write one frame; tensor payloads go from their own memory (no concatenation)."""
     hdr = P.encode_header(header)
-    total = sum(len(p) for p in payloads)
-    buffers = [P.frame_prefix(kind, len(hdr), total), hdr, *payloads]
+    segments = [as_bytes(p) for p in payloads]
+    total = sum(len(p) for p in segments)
+    buffers: list[Any] = [P.frame_prefix(kind, len(hdr), total), hdr, *segments]
     while buffers:
         sent = sock.sendmsg(buffers[:512])
         while buffers and sent >= len(buffers[0]):
             sent -= len(buffers[0])
             buffers.pop(0)
-        if sent:
+        if sent and buffers:
             buffers[0] = memoryview(buffers[0])[sent:]
+
+
+def as_bytes(data: memoryview | bytes) -> memoryview:
+    """A flat byte view of a payload (a tensor's memoryview counts elements, not bytes)."""
+    view = memoryview(data)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytearray:
