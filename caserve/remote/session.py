@@ -33,7 +33,7 @@ class SessionStats:
     ops: int = 0  # ATen ops intercepted (including view ops that never leave the client)
     records: int = 0  # op records sent
     frames: int = 0
-    bytes_sent: int = 0
+    bytes_sent: int = 0  # whole frames: prefix, header and payloads
     syncs: int = 0
     meta_misses: int = 0
     sync_wait_s: float = 0.0
@@ -129,10 +129,9 @@ class Session:
             payloads = self.payloads
             self.stats.records += len(self.ops)
             self.stats.frames += 1
-            self.stats.bytes_sent += self.payload_bytes
             self.ops, self.payloads, self._keepalive, self.payload_bytes = [], [], [], 0
             try:
-                self.channel.send(P.Kind.SUBMIT, msg, payloads)
+                self.stats.bytes_sent += self.channel.send(P.Kind.SUBMIT, msg, payloads)
             except ConnectionLost as exc:
                 self._lost(exc)
 
