@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import struct
 
-import msgspec
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
