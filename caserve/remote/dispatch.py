@@ -349,8 +349,7 @@ def _execute(session: Session, func, args, kwargs, plan: Plan, slots, handles) -
         out = rebuild(value) if fresh[0] else _written_return(func, args, kwargs, 0)
     else:
         out = tuple(rebuild(v) if f else _written_return(func, args, kwargs, i) for i, (v, f) in enumerate(zip(value, fresh)))
-    while session.new_handle() < last:  # skip past the handles the server bound
-        pass
+    session.next_handle = max(session.next_handle, last + 1)  # the server bound handles up to ``last``
     return out
 
 

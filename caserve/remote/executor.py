@@ -8,6 +8,8 @@ and a failing op is reported back to that tenant (at its next sync) without affe
 from __future__ import annotations
 
 import logging
+
+import msgspec
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,6 +31,8 @@ from caserve.remote.templates import (
 logger = logging.getLogger(__name__)
 
 MAX_PINS = 4096
+MAX_GRAPHS = 1024
+MAX_GRAPH_OPS = 100_000
 
 
 def parse_size(text: str | int | None) -> int:
@@ -75,6 +79,7 @@ class Tenant:
         self.memory_limit = memory_limit
         self.storages: dict[int, Storage] = {}
         self.templates: dict[int, Template] = {}
+        self.graphs: dict[int, list[tuple]] = {}  # graph mode: recorded records, templates resolved
         self.bytes = 0
         self.error: P.RemoteFailure | None = None
         self.stats = TenantStats()
@@ -158,12 +163,17 @@ class Tenant:
             try:
                 self._dispatch(op, payloads)
             except Exception as exc:  # noqa: BLE001 - any failure of a tenant's op is reported to it
-                self.fail(op, exc)
+                self.fail(self.op_name(op), exc)
 
-    def fail(self, op: Any, exc: Exception) -> None:
+    def op_name(self, op: Any) -> str:
+        """What to call a record in an error report: its ATen op's name when it runs a template."""
+        tpl = self.templates.get(getattr(op, "tid", None)) if type(op) is P.Run else None
+        return tpl.name if tpl is not None else type(op).__name__
+
+    def fail(self, name: str, exc: Exception) -> None:
+        """Record a failure of this tenant's op ``name``; the first since the last reply is reported."""
         self.stats.errors += 1
         if self.error is None:  # later failures are usually consequences of the first
-            name = getattr(self.templates.get(getattr(op, "tid", -1)), "name", type(op).__name__)
             code = exc.code if isinstance(exc, TenantError) else "op_failed"
             self.error = P.RemoteFailure(name, f"{type(exc).__name__}: {exc}", code)
             logger.warning("tenant %d: %s failed: %s", self.id, name, exc)
@@ -214,8 +224,13 @@ class Tenant:
             self._bind(op.handle, src.tensor.clone(memory_format=torch.preserve_format))
         elif t is P.Seed:
             self.gen.manual_seed(op.seed)
+        elif t is P.Replay:
+            self._replay(op, payloads)
+        elif t is P.DefineGraph:
+            self._define_graph(op)
         elif t is P.ResetTemplates:
             self.templates.clear()
+            self.graphs.clear()
         else:  # pragma: no cover - the decoder admits only the types above
             raise TenantError(f"unknown op record {t.__name__}")
 
@@ -272,11 +287,14 @@ class Tenant:
         tpl = self.templates.get(op.tid)
         if tpl is None:
             raise TenantError(f"unknown op template {op.tid}")
-        if len(op.slots) != len(tpl.slots) or len(op.outs) != len(tpl.outs):
+        self._run_template(tpl, op.slots, op.outs)
+
+    def _run_template(self, tpl: Template, slots: list[int], outs: list[int]) -> None:
+        if len(slots) != len(tpl.slots) or len(outs) != len(tpl.outs):
             raise TenantError(f"{tpl.name}: expected {len(tpl.slots)} inputs and {len(tpl.outs)} outputs")
         storages = self.storages
         tensors = []
-        for h, slot in zip(op.slots, tpl.slots):
+        for h, slot in zip(slots, tpl.slots):
             st = storages.get(h)
             # Fast path: the slot is the storage's own layout (most arguments are whole tensors).
             if st is not None and st.geom == slot.geom and st.tensor.dtype is slot.dtype:
@@ -285,8 +303,8 @@ class Tenant:
                 tensors.append(self._view(h, slot))
         if tpl.write_slots:
             for i in tpl.write_slots:
-                if storages[op.slots[i]].blob is not None:
-                    raise TenantError(f"{tpl.name} writes to storage {op.slots[i]}, a shared read-only weight")
+                if storages[slots[i]].blob is not None:
+                    raise TenantError(f"{tpl.name} writes to storage {slots[i]}, a shared read-only weight")
         if self.memory_limit and tpl.total_out_nbytes:
             self._charge(tpl.total_out_nbytes, tpl.name)
         args, kwargs = tpl.build(tensors)
@@ -295,13 +313,60 @@ class Tenant:
         result = tpl.call(*args, **kwargs)
         if tpl.single:
             want = tpl.outs[0]
-            self._bind(op.outs[0], self._conform(result, want), geom=want[1:], nbytes=tpl.out_nbytes[0])
+            self._bind(outs[0], self._conform(result, want), geom=want[1:], nbytes=tpl.out_nbytes[0])
         elif tpl.outs:
             fresh = flatten_fresh(tpl.fn, result)
             if len(fresh) != len(tpl.outs):
                 raise TenantError(f"{tpl.name} returned {len(fresh)} tensors, the client expected {len(tpl.outs)}")
-            for handle, tensor, want, nbytes in zip(op.outs, fresh, tpl.outs, tpl.out_nbytes):
+            for handle, tensor, want, nbytes in zip(outs, fresh, tpl.outs, tpl.out_nbytes):
                 self._bind(handle, self._conform(tensor, want), geom=want[1:], nbytes=nbytes)
+
+    # -- graph mode -------------------------------------------------------------------------------
+
+    def _define_graph(self, op: P.DefineGraph) -> None:
+        if len(self.graphs) >= MAX_GRAPHS and op.gid not in self.graphs:
+            raise TenantError(f"more than {MAX_GRAPHS} graphs", "limit")
+        if len(op.ops) > MAX_GRAPH_OPS:
+            raise TenantError(f"a graph may hold at most {MAX_GRAPH_OPS} records", "limit")
+        steps: list[tuple] = []
+        for rec in op.ops:
+            if type(rec) is P.Run:
+                tpl = self.templates.get(rec.tid)
+                if tpl is None:
+                    raise TenantError(f"graph {op.gid} uses unknown op template {rec.tid}")
+                steps.append((tpl, rec.slots, rec.outs))  # the template is resolved once, here
+            else:
+                steps.append((None, rec, None))
+        self.graphs[op.gid] = steps
+
+    def _replay(self, op: P.Replay, payloads: list[memoryview]) -> None:
+        """Run a graph's records with references turned into this replay's handles."""
+        steps = self.graphs.get(op.gid)
+        if steps is None:
+            raise TenantError(f"unknown graph {op.gid}")
+        base, ext = op.base, op.ext
+        if type(base) is not int or base < 0:
+            raise TenantError("invalid graph base handle")
+        n_ext = len(ext)
+
+        def handle(r: int) -> int:
+            if r >= 0:
+                return base + r
+            if -r > n_ext:
+                raise TenantError(f"graph {op.gid} needs external handle {-r - 1}; the replay gave {n_ext}")
+            return ext[-r - 1]
+
+        for tpl, a, b in steps:
+            try:
+                if tpl is not None:
+                    self._run_template(tpl, [handle(r) for r in a], [handle(r) for r in b])
+                else:
+                    fields = {"handle": handle(a.handle)}
+                    if hasattr(a, "payload"):
+                        fields["payload"] = op.payload_base + a.payload
+                    self._dispatch(msgspec.structs.replace(a, **fields), payloads)
+            except Exception as exc:  # noqa: BLE001 - reported like an eager op's failure
+                self.fail(tpl.name if tpl is not None else type(a).__name__, exc)
 
     def _conform(self, t: torch.Tensor, want: tuple[torch.dtype, tuple, tuple, int]) -> torch.Tensor:
         """Give an output exactly the layout the client computed, so that its views stay right."""

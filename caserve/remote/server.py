@@ -158,7 +158,7 @@ class Connection:
             try:
                 value, out = tenant.sync(msg.sync, self.server.stats)
             except Exception as exc:  # noqa: BLE001 - reported to this tenant
-                tenant.fail(msg.sync, exc if isinstance(exc, TenantError) else TenantError(f"{type(exc).__name__}: {exc}"))
+                tenant.fail(type(msg.sync).__name__, exc if isinstance(exc, TenantError) else TenantError(f"{type(exc).__name__}: {exc}"))
             error = tenant.take_error()
             if error is not None:
                 value, out = None, []
