@@ -257,7 +257,12 @@ def _build(n: Any, slots: list[RemoteTensor], fresh: list[RemoteStorage]) -> Any
     if k == "S" or k == "R":
         return slots[n[1]]
     if k == "V":
-        return RemoteTensor(slots[n[1]]._st, n[2], n[3], n[4], n[5], n[6])
+        base = slots[n[1]]
+        if torch.is_inference_mode_enabled() and not base.is_inference():
+            # A view of a normal tensor must be a normal tensor: torch shares the base's version counter.
+            with torch.inference_mode(False):
+                return RemoteTensor(base._st, n[2], n[3], n[4], n[5], n[6])
+        return RemoteTensor(base._st, n[2], n[3], n[4], n[5], n[6])
     if k == "L":
         return [_build(c, slots, fresh) for c in n[1]]
     if k == "T":
@@ -270,7 +275,23 @@ def dispatch(func, args: tuple, kwargs: dict) -> Any:
     special = SPECIAL.get(func)
     if special is not None:
         return special(args, kwargs)
+    if _composite(func):
+        # Under inference mode, composite ops (aten.to, aten.item, ...) arrive whole; run their
+        # decomposition so that only primitive ops are planned and sent.
+        return func.decompose(*args, **kwargs)
     return run_op(func, args, kwargs)
+
+
+_COMPOSITE: dict[Any, bool] = {}
+
+
+def _composite(func) -> bool:
+    known = _COMPOSITE.get(func)
+    if known is None:
+        known = _COMPOSITE[func] = torch._C._dispatch_has_kernel_for_dispatch_key(
+            func.name(), "CompositeImplicitAutograd"
+        )
+    return known
 
 
 def run_op(func, args: tuple, kwargs: dict) -> Any:
