@@ -13,6 +13,7 @@ from caserve.remote.codec import extent
 from caserve.remote.session import Session
 
 LAZY, LIVE = 0, 1
+_DISPATCH: list = [None]  # caserve.remote.dispatch.dispatch, set when that module loads
 EMPTY_ROOM = 1 << 48  # nominal storage bytes of an empty wrapper (it has no data either way)
 
 
@@ -60,9 +61,7 @@ class RemoteTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        from caserve.remote.dispatch import dispatch
-
-        return dispatch(func, args, kwargs or {})
+        return _DISPATCH[0](func, args, kwargs or {})
 
     def tolist(self):
         return self.cpu().tolist()
