@@ -348,12 +348,13 @@ def _execute(session: Session, func, args, kwargs, plan: Plan, slots, handles) -
     value, _ = session.sync(P.Execute(plan.tid, handles, first))
     last = first
 
-    def rebuild(v: Any, write_name: str | None = None) -> Any:
+    def rebuild(v: Any) -> Any:
         nonlocal last
         if isinstance(v, dict) and "$t" in v:
             h, dtype, size, stride, offset = v["$t"]
-            st = RemoteStorage.__new__(RemoteStorage)
-            st.session, st.handle, st.dtype, st.state, st.shared, st.alloc = session, h, DTYPES[dtype], LIVE, False, None
+            if not first <= h < first + 65536:
+                raise RemoteError(f"the server bound output handle {h}, outside the range it was given")
+            st = RemoteStorage.bound(session, h, DTYPES[dtype])
             last = max(last, h)
             return RemoteTensor(st, DTYPES[dtype], tuple(size), tuple(stride), offset)
         if isinstance(v, dict) and "$dtype" in v:

@@ -32,6 +32,13 @@ class RemoteStorage:
         self.alloc = alloc
         self.shared = False  # a read-only weight shared with other tenants (copy-on-write)
 
+    @classmethod
+    def bound(cls, session: Session, handle: int, dtype: torch.dtype) -> "RemoteStorage":
+        """A storage the server already bound to ``handle`` (outputs of a sync ``Execute``)."""
+        st = cls.__new__(cls)
+        st.session, st.handle, st.dtype, st.state, st.shared, st.alloc = session, handle, dtype, LIVE, False, None
+        return st
+
     def __del__(self) -> None:
         if self.state == LIVE:
             self.session.free(self.handle)
