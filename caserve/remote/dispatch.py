@@ -29,7 +29,7 @@ from caserve.remote.tensor import _DISPATCH, LAZY, LIVE, RemoteStorage, RemoteTe
 logger = logging.getLogger(__name__)
 
 aten = torch.ops.aten
-SHARE_MIN_BYTES = 64 * 1024  # uploads this large are weights: stored once for all tenants
+SHARE_MIN_BYTES = 64 * 1024  # parameters this large are stored once for all tenants
 MAX_CACHE = 16384
 _F, _B, _CPU = "f", "b", "cpu"  # key tags that keep 1, 1.0 and True apart
 
@@ -388,6 +388,9 @@ def _written_return(func, args, kwargs, ret_index: int) -> Any:
 def upload(dst: RemoteTensor, src: torch.Tensor) -> RemoteTensor:
     """``dst.copy_(src)`` for a CPU ``src``: send its bytes (weights only once per server)."""
     session = dst._st.session
+    # Parameters are weights: several tenants upload the same ones, so they are stored once. Anything
+    # else (inputs, masks, buffers) stays private and costs no lookup.
+    is_weight = isinstance(src, torch.nn.Parameter)
     if src.dtype != dst.dtype:
         src = src.to(dst.dtype)
     if tuple(src.shape) != tuple(dst.shape):
@@ -404,7 +407,7 @@ def upload(dst: RemoteTensor, src: torch.Tensor) -> RemoteTensor:
         dtype, size, stride, offset = dst._cs
         whole = st.state == LAZY and st.alloc == (size, stride) and offset == 0 and dst.is_contiguous()
         if whole:
-            share = len(data) >= SHARE_MIN_BYTES
+            share = is_weight and len(data) >= SHARE_MIN_BYTES
             st.state = LIVE
             if share:
                 digest = hashlib.blake2b(data, digest_size=20).digest()
