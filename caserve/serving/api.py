@@ -134,14 +134,18 @@ def _install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             message = "We could not parse the JSON body of your request."
         else:
-            message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}"
-                                for e in errors[:5])
+            message = "; ".join(_describe(e) for e in errors[:5])
         return JSONResponse(error_body(BadRequest(message, param=".".join(loc) or None)), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         err = NotFound(str(exc.detail)) if exc.status_code == 404 else BadRequest(str(exc.detail))
         return JSONResponse(error_body(err), status_code=exc.status_code)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+    return f"{where}: {error.get('msg')}" if where else str(error.get("msg"))
 
 
 async def _until_disconnected(request: Request) -> None:
