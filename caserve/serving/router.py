@@ -48,12 +48,15 @@ class WorkerSession:
     last_seen: float = field(default_factory=time.monotonic)
     channel_open: bool = False
     alive: bool = True
+    batches_done: int = 0
+    last_batch: dict[str, Any] = field(default_factory=dict)  # the worker's own report of its last batch
 
     def describe(self) -> dict[str, Any]:
         return {
             "id": self.id, "kind": self.kind, "task": self.task, "max_batch": self.max_batch,
             "busy": self.idle_since is None, "channel_open": self.channel_open,
-            "running": [j.id for j in self.jobs.values()],
+            "running": [j.id for j in self.jobs.values()], "session": self.session,
+            "batches_done": self.batches_done, "last_batch": self.last_batch,
         }
 
 
@@ -279,6 +282,9 @@ class Router:
         if observed > 0:
             self.metrics.tokens_per_second.labels(ws.id, ws.kind).set(generated / observed)
         self._account_busy(ws, now)
+        ws.batches_done += 1
+        ws.last_batch = {"steps": steps, "generated_tokens": generated, "jobs": len(ws.batch),
+                         "prefill_s": prefill_s, "decode_s": decode_s, "observed_s": observed}
         for dispatch_id in [d for d, j in ws.jobs.items() if j in ws.batch]:
             job = ws.jobs.pop(dispatch_id)  # the worker ended the batch without answering this job
             if job.state is JobState.RUNNING:
