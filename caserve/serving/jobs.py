@@ -94,6 +94,7 @@ class Job:
             return None if a is None or b is None else round(a - b, 6)
 
         return {
+            "request_id": self.id,
             "clock": "router-monotonic",
             "arrival": self.arrival,
             "arrival_unix": self.arrival_unix,
