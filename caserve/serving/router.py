@@ -215,7 +215,8 @@ class Router:
                 self._finish(job, JobState.FAILED, error_type(str(event.get("message", "worker error"))))
 
     async def reap_forever(self, period_s: float = 1.0) -> None:
-        """Drop workers whose heartbeats stopped (a channel that closes is noticed at once, not here)."""
+        """Drop workers whose heartbeats stopped (a channel that closes is noticed at once, not here),
+        and re-run the policy, whose estimates change with time even when no event arrives."""
         while True:
             await asyncio.sleep(period_s)
             now = time.monotonic()
@@ -223,6 +224,7 @@ class Router:
                 for ws in list(state.workers.values()):
                     if now - ws.last_seen > self.heartbeat_timeout_s:
                         self.worker_lost(ws, f"no heartbeat for {now - ws.last_seen:.1f}s")
+                self._schedule(state)
 
     def describe(self) -> dict[str, Any]:
         return {
