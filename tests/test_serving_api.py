@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import httpx
 import openai
 import pytest
 
-from serving_procs import TINY, Cluster, openai_client
+from serving_procs import REPO, TINY, Cluster, child_env, openai_client
 
 EMB, CLS, S2S = "bert-base-uncased", "distilbert-base-uncased", "t5-small"
 
@@ -225,3 +227,15 @@ def test_sse_wire_format(cluster: Cluster) -> None:
     assert lines[-1] == "data: [DONE]"
     last = json.loads(lines[-2][len("data: "):])
     assert last["choices"][0]["finish_reason"] == "length" and "timings" in last
+
+
+@pytest.mark.parametrize("args,complaint", [
+    (["serve", "--policy", "random"], "fcfs, ect"),
+    (["worker", "--router", "http://127.0.0.1:9", "--kind", "assisted"], "--gpu-server"),
+    (["worker", "--router", "http://127.0.0.1:9", "--kind", "gpu"], "kind must be one of"),
+])
+def test_cli_refuses_bad_layouts(args: list[str], complaint: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "caserve.cli", *args], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert complaint in " ".join((done.stdout + done.stderr).split())

@@ -67,7 +67,7 @@ def test_gpu_server_restart_assisted_workers_come_back_and_nothing_is_lost(serve
     c = served
     serve_pid = next(p for p in c.procs if p.name == "serve").pid
     (gpu_pid,) = [p for p in children(serve_pid) if " gpu-server " in cmdline(p)]
-    sessions = {w["id"]: w["session"] for w in c.workers()}
+    registered = {w["id"]: w["registered_at"] for w in c.workers()}
     with cf.ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(complete, c.url, LONG, f"p{i}") for i in range(3)]
         c.wait_for("three requests running", lambda: sum(len(w["running"]) for w in c.workers()) == 3)
@@ -78,8 +78,8 @@ def test_gpu_server_restart_assisted_workers_come_back_and_nothing_is_lost(serve
     assert max(r.json()["timings"]["attempts"] for r in responses) >= 2  # the assisted ones were requeued
 
     def reregistered() -> bool:
-        now = {w["id"]: w["session"] for w in c.workers() if w["channel_open"]}
-        return all(now.get(w, sessions[w]) != sessions[w] for w in ("assisted-0", "assisted-1"))
+        now = {w["id"]: w["registered_at"] for w in c.workers() if w["channel_open"]}
+        return all(now.get(w, registered[w]) > registered[w] for w in ("assisted-0", "assisted-1"))
 
     c.wait_for("assisted workers registered again", reregistered, timeout=120)
     assert c.workers() and {w["kind"] for w in c.workers()} == {"native", "assisted"}

@@ -198,7 +198,10 @@ class _Session:
             async for line in resp.aiter_lines():
                 if not line:
                     continue
-                message = json.loads(line)
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    raise RouterLost(f"unreadable channel line {line[:80]!r}") from None
                 if message["type"] == "run":
                     if self.batch is not None and not self.batch.done():
                         logger.error("router sent a batch while one is running; ignoring it")
