@@ -166,6 +166,9 @@ def test_text_tracker_holds_back_possible_stop_strings() -> None:
     assert [t.add(i) for i in ids] == ["", "é", "!"]
     t = TextTracker(tok, [], prefix_ids=tok("hi")["input_ids"])
     assert t.add(tok("!")["input_ids"][0]) == "!" and t.flush() == ""
+    # a requeued row: the earlier attempt delivered "ab" and held "X" back (it could start "XY")
+    t = TextTracker(tok, ["XY"], prefix_ids=tok("abX")["input_ids"], prefix_chars_sent=2)
+    assert t.add(tok("c")["input_ids"][0]) == "X" and t.flush() == "c"
 
 
 def test_sampling_greedy_top_p_and_seed() -> None:
