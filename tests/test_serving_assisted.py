@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -31,12 +32,15 @@ def cmdline(pid: int) -> str:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
-    """``caserve serve`` with its defaults except the ports (and one request per batch, so that
-    concurrent requests spread over all three workers)."""
+    """``caserve serve`` with its defaults except the ports, a GPU-server token (checked by the server,
+    presented by the assisted workers) and one request per batch, so that concurrent requests spread
+    over all three workers."""
     c = Cluster(tmp_path_factory.mktemp("assisted"))
+    token = c.log_dir / "token"
+    token.write_text(secrets.token_hex(16))
     try:
         c.start("serve", ["serve", "--port", str(c.port), "--gpu-port", str(free_port()), "--max-batch", "1",
-                          "--worker-threads", "1"])
+                          "--worker-threads", "1", "--token-file", str(token)])
         c.wait_workers({"native-0", "assisted-0", "assisted-1"}, timeout=120)
         yield c
     finally:
