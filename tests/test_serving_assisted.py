@@ -72,6 +72,8 @@ def test_gpu_server_restart_assisted_workers_come_back_and_nothing_is_lost(serve
     serve_pid = next(p for p in c.procs if p.name == "serve").pid
     (gpu_pid,) = [p for p in children(serve_pid) if " gpu-server " in cmdline(p)]
     registered = {w["id"]: w["registered_at"] for w in c.workers()}
+    assisted_pids = sorted(p for p in children(serve_pid) if "--kind assisted" in cmdline(p))
+    assert len(assisted_pids) == 2
     with cf.ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(complete, c.url, LONG, f"p{i}") for i in range(3)]
         c.wait_for("three requests running", lambda: sum(len(w["running"]) for w in c.workers()) == 3)
@@ -86,6 +88,8 @@ def test_gpu_server_restart_assisted_workers_come_back_and_nothing_is_lost(serve
         return all(now.get(w, registered[w]) > registered[w] for w in ("assisted-0", "assisted-1"))
 
     c.wait_for("assisted workers registered again", reregistered, timeout=120)
+    # the same processes reconnected and reloaded (a crash and restart by `serve` would not count)
+    assert sorted(p for p in children(serve_pid) if "--kind assisted" in cmdline(p)) == assisted_pids
     assert c.workers() and {w["kind"] for w in c.workers()} == {"native", "assisted"}
     deadline = time.monotonic() + 60
     kinds: set[str] = set()
@@ -93,3 +97,18 @@ def test_gpu_server_restart_assisted_workers_come_back_and_nothing_is_lost(serve
         with cf.ThreadPoolExecutor(3) as pool:
             kinds |= {r.json()["timings"]["worker_kind"] for r in pool.map(lambda _: complete(c.url, 20), range(3))}
     assert "assisted" in kinds  # they serve again, on the restarted GPU server
+
+
+def test_serve_prints_how_to_call_it_and_stops_its_children(served: Cluster) -> None:
+    c = served
+    serve = next(p for p in c.procs if p.name == "serve")
+    printed = serve.log.read_text(errors="replace")
+    assert f"caserve is serving {TINY} at {c.url}" in printed and f"curl {c.url}/v1/completions" in printed
+    kids = children(serve.pid)
+    assert len(kids) == 4  # GPU server, 1 native and 2 assisted workers
+    serve.stop()  # SIGTERM, as a service manager would
+    assert serve.proc is not None and serve.proc.returncode == 0
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{k}").exists() for k in kids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [k for k in kids if Path(f"/proc/{k}").exists()]
