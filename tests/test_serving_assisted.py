@@ -99,6 +99,22 @@ def test_gpu_server_restart_assisted_workers_come_back_and_nothing_is_lost(serve
     assert "assisted" in kinds  # they serve again, on the restarted GPU server
 
 
+def test_idle_assisted_workers_notice_a_gpu_server_restart_by_themselves(served: Cluster) -> None:
+    c = served
+    serve_pid = next(p for p in c.procs if p.name == "serve").pid
+    c.wait_for("idle workers", lambda: len(c.workers()) == 3 and not any(w["running"] for w in c.workers()))
+    registered = {w["id"]: w["registered_at"] for w in c.workers()}
+    (gpu_pid,) = [p for p in children(serve_pid) if " gpu-server " in cmdline(p)]
+    os.kill(gpu_pid, signal.SIGKILL)  # no request in flight: only the workers' probes can notice
+
+    def reregistered() -> bool:
+        now = {w["id"]: w["registered_at"] for w in c.workers() if w["channel_open"]}
+        return all(now.get(w, registered[w]) > registered[w] for w in ("assisted-0", "assisted-1"))
+
+    c.wait_for("assisted workers registered again", reregistered, timeout=120)
+    assert {w["id"]: w["registered_at"] for w in c.workers()}["native-0"] == registered["native-0"]
+
+
 def test_serve_prints_how_to_call_it_and_stops_its_children(served: Cluster) -> None:
     c = served
     serve = next(p for p in c.procs if p.name == "serve")
