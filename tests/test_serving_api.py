@@ -153,6 +153,9 @@ def test_embeddings_float_and_base64(client) -> None:
     default = client.embeddings.create(model=EMB, input="hello world")  # the client asks for base64
     assert default.data[0].embedding == pytest.approx(v0, abs=1e-5)
     assert v0 != pytest.approx(resp.data[1].embedding, abs=1e-3)
+    short = client.embeddings.create(model=EMB, input="hello world", dimensions=8, encoding_format="float")
+    assert len(short.data[0].embedding) == 8
+    assert math.sqrt(sum(x * x for x in short.data[0].embedding)) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_real_minilm_embeddings_match_sentence_transformers_pooling(client) -> None:
