@@ -44,7 +44,7 @@ def wait_idle(c: Cluster) -> dict:
 def test_queued_compatible_requests_run_as_one_batch(one_slow_worker: Cluster) -> None:
     c = one_slow_worker
     with cf.ThreadPoolExecutor(4) as pool:
-        first = pool.submit(complete, c.url, 60)
+        first = pool.submit(complete, c.url, 200)  # >= 2 s: time to queue the others
         c.wait_for("first request running", lambda: len(running(c)) == 1)
         rest = [pool.submit(complete, c.url, 8, prompt=p) for p in ("a", "bb", "ccc")]
         c.wait_for("three requests queued", lambda: c.health()["models"][TINY]["queue"] == 3)
@@ -61,7 +61,7 @@ def test_queued_compatible_requests_run_as_one_batch(one_slow_worker: Cluster) -
 def test_full_queue_answers_429_with_retry_after(one_slow_worker: Cluster) -> None:
     c = one_slow_worker
     with cf.ThreadPoolExecutor(4) as pool:
-        first = pool.submit(complete, c.url, 60)
+        first = pool.submit(complete, c.url, 200)  # >= 2 s: time to queue the others
         c.wait_for("first request running", lambda: len(running(c)) == 1)
         queued = [pool.submit(complete, c.url, 4) for _ in range(3)]
         c.wait_for("queue full", lambda: c.health()["models"][TINY]["queue"] == 3)
@@ -121,7 +121,7 @@ def test_policy_decides_between_waiting_for_fast_and_taking_slow(fast_and_slow) 
     c.wait_for("estimates for both workers",
                 lambda: {"fast", "slow"} <= set(c.health()["service_estimates"]) and not running(c))
     with cf.ThreadPoolExecutor(2) as pool:
-        long = pool.submit(client.completions.create, model=TINY, prompt="long", max_tokens=60, temperature=0,
+        long = pool.submit(client.completions.create, model=TINY, prompt="long", max_tokens=150, temperature=0,
                            extra_body={"ignore_eos": True})
         c.wait_for("long request running", lambda: len(running(c)) == 1)
         busy = [w["id"] for w in c.workers() if w["running"]][0]
@@ -132,7 +132,7 @@ def test_policy_decides_between_waiting_for_fast_and_taking_slow(fast_and_slow) 
     assert long_t["worker_id"] == busy
     if policy == "fcfs":  # the shared FIFO never waits while a worker is idle
         assert short_t["worker_id"] != busy
-    else:  # ECT: 10 steps on the slow worker (~2 s) end later than waiting for the fast one
+    else:  # ECT: 10 steps on the slow worker (~2 s) end later than waiting for the fast one (~1.5 s)
         assert busy == "fast"
         assert short_t["worker_id"] == "fast"
         assert short_t["dispatch"] >= long_t["finish"]  # it waited for the fast worker to finish
