@@ -121,18 +121,18 @@ def test_policy_decides_between_waiting_for_fast_and_taking_slow(fast_and_slow) 
     c.wait_for("estimates for both workers",
                 lambda: {"fast", "slow"} <= set(c.health()["service_estimates"]) and not running(c))
     with cf.ThreadPoolExecutor(2) as pool:
-        long = pool.submit(client.completions.create, model=TINY, prompt="long", max_tokens=150, temperature=0,
+        long = pool.submit(client.completions.create, model=TINY, prompt="long", max_tokens=100, temperature=0,
                            extra_body={"ignore_eos": True})
         c.wait_for("long request running", lambda: len(running(c)) == 1)
         busy = [w["id"] for w in c.workers() if w["running"]][0]
-        short = client.completions.create(model=TINY, prompt="short", max_tokens=10, temperature=0,
+        short = client.completions.create(model=TINY, prompt="short", max_tokens=20, temperature=0,
                                           extra_body={"ignore_eos": True})
         long_t = long.result().model_extra["timings"]
     short_t = short.model_extra["timings"]
     assert long_t["worker_id"] == busy
     if policy == "fcfs":  # the shared FIFO never waits while a worker is idle
         assert short_t["worker_id"] != busy
-    else:  # ECT: 10 steps on the slow worker (~2 s) end later than waiting for the fast one (~1.5 s)
+    else:  # ECT: 20 steps on the slow worker (~4 s) end later than waiting for the fast one (~1.2 s)
         assert busy == "fast"
         assert short_t["worker_id"] == "fast"
         assert short_t["dispatch"] >= long_t["finish"]  # it waited for the fast worker to finish
