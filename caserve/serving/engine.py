@@ -90,9 +90,7 @@ class Engine:
     def run(self, rows: list[dict[str, Any]], emit: Emit, cancelled: IsCancelled) -> BatchStats:
         """Run one batch; every row gets exactly one ``done`` or ``error`` event (unless the device fails)."""
         task = rows[0]["task"]
-        # no_grad, not inference_mode: under inference_mode ``.cpu()`` reaches the remote device as
-        # aten.to.dtype_layout, which the caserve device does not handle (it handles aten._to_copy).
-        with torch.no_grad():
+        with torch.inference_mode():
             if task == TASK_GENERATE:
                 return self._generate(rows, emit, cancelled)
             if task == TASK_EMBED:
