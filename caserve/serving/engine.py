@@ -84,8 +84,8 @@ class Engine:
         self._takes_positions = "position_ids" in params
         # transformers >= 5.2x names the KV cache argument ``cache`` (``past_key_values`` before).
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        # A static KV cache makes every decode step of a batch the same shapes, which is what the
-        # remote runtime's graph mode replays with one message per step (causal LMs only).
+        # A static KV cache makes every decode step of a batch the same shapes and, with a 4-D mask,
+        # free of device syncs inside forward: what a remote device wants (causal LMs only).
         self.static_cache = static_cache and not self.seq2seq and "cache_position" in params
 
     @property
@@ -237,7 +237,9 @@ class Engine:
         else:
             mask = torch.cat([state["mask"], torch.ones(batch, 1, dtype=state["mask"].dtype)], dim=1)  # [B, t+1]
         pos = state["pos"] + 1  # [B, 1]
-        kwargs["attention_mask"] = mask.to(self.device)
+        # Static: a 4-D boolean mask [B, 1, 1, L] is used as given; a 2-D one makes transformers read its
+        # values on every step (to skip masking), which is a device sync.
+        kwargs["attention_mask"] = (mask.bool()[:, None, None, :] if self.static_cache else mask).to(self.device)
         if self._takes_positions:
             kwargs["position_ids"] = pos.to(self.device)
         out = self.model(input_ids=torch.tensor(last).view(batch, 1).to(self.device), **kwargs)
