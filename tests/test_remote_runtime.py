@@ -260,3 +260,19 @@ def test_upload_snapshots_the_callers_tensor(local_dev):
     half = torch.ones(2, 3, device=dev, dtype=torch.float16)
     half.copy_(torch.full((3,), 2.5))  # broadcast and dtype conversion on upload
     assert half.cpu().tolist() == [[2.5] * 3] * 2
+
+
+def test_scalar_values_travel_with_the_call_not_the_template(local_dev):
+    """Ops that differ only in a shape-neutral number share one template; their results stay exact."""
+    dev, _ = local_dev
+    session = session_of(dev)
+    x = torch.arange(4.0).to(dev)
+    outs = [(x * float(k) + k).tolist() for k in range(6)]
+    assert outs == [[i * k + k for i in range(4)] for k in range(6)]
+    misses = session.stats.meta_misses
+    [(x * float(k) + k).sum().item() for k in range(6, 12)]
+    assert session.stats.meta_misses == misses  # no new plan for new values
+    y = torch.zeros(3, dtype=torch.int64, device=dev)
+    y.fill_(7)
+    assert y.tolist() == [7, 7, 7] and (y + True).dtype == torch.int64 and (y * 0.5).dtype == torch.float32
+    assert torch.arange(3, device=dev).tolist() == [0, 1, 2] and torch.arange(5, device=dev).tolist() == list(range(5))

@@ -66,3 +66,21 @@ def flatten_fresh(func: torch._ops.OpOverload, result: object) -> list[torch.Ten
         elif isinstance(value, (list, tuple)):
             out.extend(v for v in value if isinstance(v, torch.Tensor))
     return out
+
+
+# Ops whose Scalar arguments decide the output's size: their values stay part of the op's signature.
+_SHAPE_SCALARS = frozenset({"arange", "range", "linspace", "logspace"})
+
+
+@functools.lru_cache(maxsize=None)
+def scalar_slots(func: torch._ops.OpOverload) -> tuple[frozenset[int], frozenset[str]]:
+    """Positions and keyword names of arguments whose numeric value can never change output shapes:
+    ``Scalar`` arguments, and ``Tensor`` arguments given as a Python number (a wrapped 0-dim scalar).
+    Only their type (bool, int, float) matters to planning, so their values travel with each call."""
+    if func._schema.name.split("::")[-1] in _SHAPE_SCALARS:
+        return frozenset(), frozenset()
+    positions, names = set(), set()
+    for i, a in enumerate(func._schema.arguments):
+        if str(a.type) in ("number", "Optional[number]", "Tensor"):
+            (names if a.kwarg_only else positions).add(i if not a.kwarg_only else a.name)
+    return frozenset(positions), frozenset(names)

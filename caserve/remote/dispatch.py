@@ -21,7 +21,15 @@ import torch
 from torch._subclasses.fake_tensor import DynamicOutputShapeException
 
 from caserve.remote import protocol as P
-from caserve.remote.codec import DTYPE_NAMES, DTYPES, MEMORY_FORMAT_NAMES, extent, fresh_returns, written_args
+from caserve.remote.codec import (
+    DTYPE_NAMES,
+    DTYPES,
+    MEMORY_FORMAT_NAMES,
+    extent,
+    fresh_returns,
+    scalar_slots,
+    written_args,
+)
 from caserve.remote.errors import RemoteError
 from caserve.remote.session import FLUSH_BYTES, Session
 from caserve.remote.tensor import _DISPATCH, LAZY, LIVE, RemoteStorage, RemoteTensor, resize_empty
@@ -211,8 +219,18 @@ def _leaves(x: Any):
 def _define(session: Session, func, args, kwargs, plan: Plan, replace: dict[int, tuple]) -> Plan:
     slots: list[RemoteTensor] = []
     geoms = {i: g for i, g in replace.items()}
-    spec_args = [_spec(a, slots, geoms) for a in args]
-    spec_kwargs = {k: _spec(v, slots, geoms) for k, v in kwargs.items()}
+    lift_pos, lift_names = scalar_slots(func)
+    nscalars = 0
+
+    def top(value: Any, liftable: bool) -> Any:
+        nonlocal nscalars
+        if liftable and type(value) in (int, float, bool):
+            nscalars += 1
+            return {"$s": [nscalars - 1, type(value).__name__]}
+        return _spec(value, slots, geoms)
+
+    spec_args = [top(a, i in lift_pos) for i, a in enumerate(args)]
+    spec_kwargs = {k: top(v, k in lift_names) for k, v in kwargs.items()}
     outs = []
 
     def collect(n: Any) -> None:
@@ -294,18 +312,40 @@ _ROUTES: dict[Any, Any] = {}
 
 def run_op(func, args: tuple, kwargs: dict) -> Any:
     """Send one op through the signature cache (see the module docstring)."""
+    fid = id(func)
+    lift = _LIFT.get(fid)
+    if lift is None:
+        lift = _LIFT[fid] = scalar_slots(func)
+    lift_pos, lift_names = lift
     slots: list[RemoteTensor] = []
+    scalars: list = []
     parts = []
+    i = 0
     for a in args:  # _sig inlined for the common top-level cases: this runs for every op
         ta = type(a)
         if ta is RemoteTensor:
             slots.append(a)
             parts.append(a._cs)
+        elif (ta is int or ta is float or ta is bool) and i in lift_pos:
+            parts.append(ta)  # a scalar slot: its type is planned, its value travels with the call
+            scalars.append(a)
         elif ta is int or a is None:
             parts.append(a)
         else:
             parts.append(_sig(a, slots))
-    key = (id(func), tuple(parts), _sig(tuple(kwargs.items()), slots) if kwargs else None)
+        i += 1
+    kparts = None
+    if kwargs:
+        kparts = []
+        for k, v in kwargs.items():
+            tv = type(v)
+            if (tv is int or tv is float or tv is bool) and k in lift_names:
+                kparts.append((k, tv))
+                scalars.append(v)
+            else:
+                kparts.append((k, _sig(v, slots)))
+        kparts = tuple(kparts)
+    key = (fid, tuple(parts), kparts)
     session = slots[0]._st.session if slots else _session_of(slots, args, kwargs)
     with session.lock:
         session.stats.ops += 1
@@ -331,21 +371,24 @@ def run_op(func, args: tuple, kwargs: dict) -> Any:
                 _ready(st)
             handles.append(st.handle)
         if plan.sync:
-            return _execute(session, func, args, kwargs, plan, slots, handles)
+            return _execute(session, func, args, kwargs, plan, slots, handles, scalars)
         out = plan.out
         if out[0] == "F":  # one fresh tensor: the common case, built without the generic walk
             st = RemoteStorage(session, out[2])
-            session.emit(P.Run(plan.tid, handles, [st.handle]))
+            session.emit(P.Run(plan.tid, handles, [st.handle], scalars))
             return RemoteTensor(st, out[2], out[3], out[4], out[5], out[6])
         fresh = [RemoteStorage(session, None) for _ in range(plan.nfresh)]  # type: ignore[arg-type]
-        session.emit(P.Run(plan.tid, handles, [st.handle for st in fresh]))
+        session.emit(P.Run(plan.tid, handles, [st.handle for st in fresh], scalars))
         return _build(out, slots, fresh)
 
 
-def _execute(session: Session, func, args, kwargs, plan: Plan, slots, handles) -> Any:
+_LIFT: dict[int, tuple[frozenset[int], frozenset[str]]] = {}
+
+
+def _execute(session: Session, func, args, kwargs, plan: Plan, slots, handles, scalars) -> Any:
     """Run now on the server and rebuild the outputs it describes (data-dependent shapes)."""
     first = session.new_handle()
-    value, _ = session.sync(P.Execute(plan.tid, handles, first))
+    value, _ = session.sync(P.Execute(plan.tid, handles, first, scalars))
     last = first
 
     def rebuild(v: Any) -> Any:

@@ -21,6 +21,7 @@ from caserve.remote.codec import DTYPE_NAMES, extent, flatten_fresh
 from caserve.remote.templates import (
     MAX_TEMPLATES,
     QuotaError,
+    check_scalars,
     Slot,
     Template,
     TenantError,
@@ -287,11 +288,13 @@ class Tenant:
         tpl = self.templates.get(op.tid)
         if tpl is None:
             raise TenantError(f"unknown op template {op.tid}")
-        self._run_template(tpl, op.slots, op.outs)
+        self._run_template(tpl, op.slots, op.outs, op.scalars)
 
-    def _run_template(self, tpl: Template, slots: list[int], outs: list[int]) -> None:
+    def _run_template(self, tpl: Template, slots: list[int], outs: list[int], scalars: list[Any]) -> None:
         if len(slots) != len(tpl.slots) or len(outs) != len(tpl.outs):
             raise TenantError(f"{tpl.name}: expected {len(tpl.slots)} inputs and {len(tpl.outs)} outputs")
+        if scalars or tpl.scalar_types:
+            check_scalars(tpl, scalars)
         storages = self.storages
         tensors = []
         for h, slot in zip(slots, tpl.slots):
@@ -307,7 +310,7 @@ class Tenant:
                     raise TenantError(f"{tpl.name} writes to storage {slots[i]}, a shared read-only weight")
         if self.memory_limit and tpl.total_out_nbytes:
             self._charge(tpl.total_out_nbytes, tpl.name)
-        args, kwargs = tpl.build(tensors)
+        args, kwargs = tpl.build(tensors, scalars)
         if tpl.random:
             kwargs["generator"] = self.gen
         result = tpl.call(*args, **kwargs)
@@ -344,10 +347,11 @@ class Tenant:
         steps = self.graphs.get(op.gid)
         if steps is None:
             raise TenantError(f"unknown graph {op.gid}")
-        base, ext = op.base, op.ext
+        base, ext, scalars = op.base, op.ext, op.scalars
         if type(base) is not int or base < 0:
             raise TenantError("invalid graph base handle")
         n_ext = len(ext)
+        used = 0  # scalars consumed so far: each Run step takes as many as its template has slots
 
         def handle(r: int) -> int:
             if r >= 0:
@@ -359,7 +363,9 @@ class Tenant:
         for tpl, a, b in steps:
             try:
                 if tpl is not None:
-                    self._run_template(tpl, [handle(r) for r in a], [handle(r) for r in b])
+                    n = len(tpl.scalar_types)
+                    mine, used = scalars[used:used + n], used + n
+                    self._run_template(tpl, [handle(r) for r in a], [handle(r) for r in b], mine)
                 else:
                     fields = {"handle": handle(a.handle)}
                     if hasattr(a, "payload"):
@@ -367,6 +373,8 @@ class Tenant:
                     self._dispatch(msgspec.structs.replace(a, **fields), payloads)
             except Exception as exc:  # noqa: BLE001 - reported like an eager op's failure
                 self.fail(tpl.name if tpl is not None else type(a).__name__, exc)
+        if used != len(scalars):
+            raise TenantError(f"graph {op.gid} takes {used} scalars; the replay gave {len(scalars)}")
 
     def _conform(self, t: torch.Tensor, want: tuple[torch.dtype, tuple, tuple, int]) -> torch.Tensor:
         """Give an output exactly the layout the client computed, so that its views stay right."""
@@ -409,11 +417,12 @@ class Tenant:
             raise TenantError(f"unknown op template {req.tid}")
         if len(req.slots) != len(tpl.slots):
             raise TenantError(f"{tpl.name}: expected {len(tpl.slots)} inputs")
+        check_scalars(tpl, req.scalars)
         tensors = [self._view(h, s) for h, s in zip(req.slots, tpl.slots)]
         for i in tpl.write_slots:
             if self.storages[req.slots[i]].blob is not None:
                 raise TenantError(f"{tpl.name} writes to a shared read-only weight")
-        args, kwargs = tpl.build(tensors)
+        args, kwargs = tpl.build(tensors, req.scalars)
         if tpl.random:
             kwargs["generator"] = self.gen
         try:

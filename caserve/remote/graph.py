@@ -11,9 +11,11 @@ region's signature:
   then replayed;
 - known: one ``Replay`` record carries the graph id, the first handle and the external handles.
 
-Replaying sends exactly the records eager mode would send, so results never differ from eager. A
-region that syncs (``.item()`` inside forward), copies a shared weight or reseeds falls back to eager
-for that call, with a debug log line saying why. Shapes must repeat for a graph to pay off: decoding
+Replaying sends exactly the records eager mode would send, so results never differ from eager. A sync
+point inside forward (``.item()``, a mask read to decide whether to skip it) cuts the region: what was
+recorded so far is sent as a segment of its own, matched and replayed like any region, and recording
+resumes after the sync. A region that copies a shared weight or reseeds falls back to eager for that
+call, with a debug log line saying why. Shapes must repeat for a graph to pay off: decoding
 with a static KV cache (``generate(..., cache_implementation="static")``) repeats them every step.
 """
 
@@ -57,10 +59,12 @@ class GraphCache:
         self.fallbacks = 0
 
 
-def _refs(region: Region) -> tuple[tuple, list[tuple], list[int]]:
-    """The region in reference form: its signature, its records as tuples, and the external handles."""
+def _refs(region: Region) -> tuple[tuple, list[tuple], list[int], list]:
+    """The region in reference form: its signature, its records as tuples, the external handles and the
+    values of its scalar slots (the signature holds their templates, not their values)."""
     base = region.base
     ext: list[int] = []
+    scalars: list = []
     index: dict[int, int] = {}
 
     def ref(h: int) -> int:
@@ -77,6 +81,8 @@ def _refs(region: Region) -> tuple[tuple, list[tuple], list[int]]:
         t = type(r)
         if t is P.Run:
             recs.append((P.Run, r.tid, tuple([ref(h) for h in r.slots]), tuple([h - base for h in r.outs])))
+            if r.scalars:
+                scalars.extend(r.scalars)
         elif t is P.Alloc:
             recs.append((P.Alloc, ref(r.handle), r.dtype, r.size, r.stride))
         elif t is P.Upload:
@@ -84,7 +90,7 @@ def _refs(region: Region) -> tuple[tuple, list[tuple], list[int]]:
         else:  # CopyIn
             recs.append((P.CopyIn, ref(r.handle), r.dtype, r.size, r.stride, r.offset, r.src_dtype, r.src_size,
                          r.payload))
-    return tuple(recs), recs, ext
+    return tuple(recs), recs, ext, scalars
 
 
 def _struct(rec: tuple) -> Any:
@@ -106,7 +112,7 @@ def end_region(session: Any, region: Region) -> None:
             logger.debug("graph mode: forward ran eagerly (%s)", region.aborted)
         _send_eagerly(session, region, payload_base)
         return
-    key, recs, ext = _refs(region)
+    key, recs, ext, scalars = _refs(region)
     gid = cache.graphs.get(key)
     if gid is None and key in cache.seen:
         gid = cache.graphs[key] = next(cache.ids)
@@ -120,7 +126,7 @@ def end_region(session: Any, region: Region) -> None:
         _send_eagerly(session, region, payload_base)
         return
     cache.replays += 1
-    session.ops.append(P.Replay(gid, region.base, ext, payload_base))
+    session.ops.append(P.Replay(gid, region.base, ext, payload_base, scalars))
 
 
 def _send_eagerly(session: Any, region: Region, payload_base: int) -> None:

@@ -61,7 +61,7 @@ import msgspec
 
 # Bump on any change to the structs or framing below; tests/test_protocol.py pins a digest of the
 # schema so that a change without a bump fails.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 FRAME_PREFIX = struct.Struct("<IBI")  # len, kind, header length
 MAX_HANDSHAKE_FRAME = 64 * 1024  # before authentication a peer may not make us buffer more
@@ -135,7 +135,8 @@ class DefineOp(msgspec.Struct, array_like=True, tag=1):
     Inside ``args``/``kwargs`` special values are one-key maps (ATen arguments are never maps):
     ``{"$t": [slot, dtype, size, stride, offset]}`` a tensor slot, ``{"$dtype": "float32"}``,
     ``{"$dev": 0}`` the tenant's device, ``{"$layout": "strided"}``, ``{"$mf": "contiguous_format"}``,
-    ``{"$cpu": [dtype, value]}`` a 0-dim CPU tensor constant.
+    ``{"$cpu": [dtype, value]}`` a 0-dim CPU tensor constant, ``{"$s": [index, "int"|"float"|"bool"]}`` a
+    scalar slot: a number that cannot change the output's shape, whose value each Run carries.
     ``outs`` is the expected ``[dtype, size, stride, offset]`` of each fresh output, in order.
     """
 
@@ -146,12 +147,17 @@ class DefineOp(msgspec.Struct, array_like=True, tag=1):
     outs: list[tuple[str, tuple[int, ...], tuple[int, ...], int]]
 
 
+Number = Union[bool, int, float]
+
+
 class Run(msgspec.Struct, array_like=True, tag=2):
-    """Call template ``tid`` with the storages ``slots`` and bind its fresh outputs to ``outs``."""
+    """Call template ``tid`` with the storages ``slots`` and the values of its scalar slots ``scalars``,
+    and bind its fresh outputs to ``outs``."""
 
     tid: int
     slots: list[int]
     outs: list[int]
+    scalars: list[Number] = []
 
 
 class Alloc(msgspec.Struct, array_like=True, tag=3):
@@ -233,12 +239,14 @@ class DefineGraph(msgspec.Struct, array_like=True, tag=11):
 
 
 class Replay(msgspec.Struct, array_like=True, tag=12):
-    """Run graph ``gid`` with handles counted from ``base`` and external handles ``ext``."""
+    """Run graph ``gid`` with handles counted from ``base``, external handles ``ext``, and the values of
+    every scalar slot of its Run records, in order."""
 
     gid: int
     base: int
     ext: list[int]
     payload_base: int
+    scalars: list[Number] = []
 
 
 Op = Union[DefineOp, Run, Alloc, Upload, CopyIn, BindBlob, CopyStorage, Free, Seed, ResetTemplates, DefineGraph,
@@ -269,6 +277,7 @@ class Execute(msgspec.Struct, tag="exec"):
     tid: int
     slots: list[int]
     first_handle: int
+    scalars: list[Number] = []
 
 
 class HasBlobs(msgspec.Struct, tag="has_blobs"):

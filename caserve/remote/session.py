@@ -138,6 +138,14 @@ class Session:
                 if len(self.ops) >= FLUSH_OPS:
                     self.flush()
 
+    def _cut_region(self) -> None:
+        """A sync point inside forward: what was recorded so far goes out as a graph segment of its own
+        (replayed when seen before), and recording goes on after the sync."""
+        region = self.region
+        self.region = Region(self.next_handle)
+        if region is not None:
+            end_graph_region(self, region)
+
     def _abort_region(self, reason: str) -> None:
         """Send what the region holds as eager records; the rest of this forward runs eagerly."""
         region, self.region = self.region, None
@@ -165,8 +173,8 @@ class Session:
         with self.lock:
             self.check_open()
             if sync is not None and self.region is not None:
-                self._abort_region(f"sync point {type(sync).__name__} inside forward")
-            if self.freed and self.region is None:  # held region records may still use freed handles
+                self._cut_region()
+            if self.freed and (self.region is None or not self.region.records):  # held records may use them
                 handles = []
                 while self.freed:
                     handles.append(self.freed.popleft())

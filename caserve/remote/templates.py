@@ -26,6 +26,7 @@ DENIED_OPS = frozenset(
 DENIED_FRAGMENTS = ("resize", "data_ptr", "_cuda", "stream", "_nested_from_buffer", "_make_per_")
 MAX_TEMPLATES = 65536
 MAX_DIMS = 64
+_SCALAR_TYPES = {"bool": bool, "int": int, "float": float}
 
 
 MAX_DIMS = 64
@@ -61,6 +62,7 @@ class Template:
     out_nbytes: list[int]
     write_slots: frozenset[int]
     random: bool
+    scalar_types: tuple[type, ...] = ()  # the type of each scalar slot, whose values each Run carries
     call: Callable[..., Any] = None  # type: ignore[assignment]  # the op's C++ entry point
     single: bool = False  # one fresh tensor return: the result is the output
     total_out_nbytes: int = 0
@@ -115,6 +117,7 @@ class _SpecCompiler:
         self.device = device
         self.consts: list[Any] = []
         self.slots: list[Slot] = []
+        self.scalar_types: list[type] = []
 
     def const(self, value: Any) -> str:
         self.consts.append(value)
@@ -133,6 +136,12 @@ class _SpecCompiler:
                 dt, size, stride, offset = check_geom(*arg[1:])
                 self.slots.append(Slot(dt, (size, stride, offset), extent(size, stride, offset)))
                 return f"T[{arg[0]}]"
+            if key == "$s":
+                if not (isinstance(arg, list) and len(arg) == 2 and arg[0] == len(self.scalar_types)
+                        and arg[1] in _SCALAR_TYPES):
+                    raise TenantError("scalar slots must be numbered in order and typed bool, int or float")
+                self.scalar_types.append(_SCALAR_TYPES[arg[1]])
+                return f"S[{arg[0]}]"
             if key == "$dtype" and arg in DTYPES:
                 return self.const(DTYPES[arg])
             if key == "$dev":
@@ -154,7 +163,7 @@ class _SpecCompiler:
                 raise TenantError(f"{fn} has no keyword argument {k!r}")
         if len(args) > len(fn._schema.arguments):
             raise TenantError(f"{fn} takes at most {len(fn._schema.arguments)} arguments")
-        src = "lambda T: ((" + "".join(self.expr(a) + "," for a in args) + "), {"
+        src = "lambda T, S: ((" + "".join(self.expr(a) + "," for a in args) + "), {"
         src += "".join(f"{k!r}: {self.expr(v)}," for k, v in kwargs.items()) + "})"
         return eval(src, {"C": self.consts, "__builtins__": {}})  # noqa: S307 - source built above
 
@@ -183,4 +192,11 @@ def compile_template(op: P.DefineOp, device: torch.device) -> Template:
             sub.expr(v)
             if k in written:
                 write_slots.update(range(before, len(sub.slots)))
-    return Template(op.name, fn, build, comp.slots, outs, out_nbytes, frozenset(write_slots), takes_generator(fn))
+    return Template(op.name, fn, build, comp.slots, outs, out_nbytes, frozenset(write_slots), takes_generator(fn),
+                    tuple(comp.scalar_types))
+
+
+def check_scalars(tpl: Template, scalars: list[Any]) -> None:
+    """A call's scalar values must match its template's slots in number and type."""
+    if len(scalars) != len(tpl.scalar_types) or any(type(v) is not t for v, t in zip(scalars, tpl.scalar_types)):
+        raise TenantError(f"{tpl.name}: expected scalars of types {[t.__name__ for t in tpl.scalar_types]}")
