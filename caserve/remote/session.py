@@ -18,7 +18,7 @@ import torch
 
 from caserve.remote import protocol as P
 from caserve.remote.errors import ConnectionLost, HandshakeError, QuotaExceeded, RemoteOpError
-from caserve.remote.transport import Channel
+from caserve.remote.transport import Channel, as_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class SessionStats:
     ops: int = 0  # ATen ops intercepted (including view ops that never leave the client)
     records: int = 0  # op records sent
     frames: int = 0
-    bytes_sent: int = 0
+    bytes_sent: int = 0  # whole frames: prefix, header and payloads
     syncs: int = 0
     meta_misses: int = 0
     sync_wait_s: float = 0.0
@@ -100,6 +100,7 @@ class Session:
 
     def add_payload(self, data: memoryview, owner: Any) -> int:
         """Queue bytes to travel with the next frame; ``owner`` keeps their memory alive until then."""
+        data = as_bytes(data)
         self.payloads.append(data)
         self._keepalive.append(owner)
         self.payload_bytes += len(data)
@@ -128,10 +129,9 @@ class Session:
             payloads = self.payloads
             self.stats.records += len(self.ops)
             self.stats.frames += 1
-            self.stats.bytes_sent += self.payload_bytes
             self.ops, self.payloads, self._keepalive, self.payload_bytes = [], [], [], 0
             try:
-                self.channel.send(P.Kind.SUBMIT, msg, payloads)
+                self.stats.bytes_sent += self.channel.send(P.Kind.SUBMIT, msg, payloads)
             except ConnectionLost as exc:
                 self._lost(exc)
 
@@ -166,6 +166,7 @@ class Session:
         raise ConnectionLost(f"lost the GPU server connection of {self.device}: {exc}") from exc
 
     def close(self) -> None:
+        """End the session and give its device index back (tensors of it raise ConnectionLost)."""
         with self.lock:
             if self.closed is None:
                 try:
@@ -174,17 +175,28 @@ class Session:
                     pass
                 self.closed = "closed by the client"
                 self.channel.close()
+        with _REGISTRY_LOCK:
+            if self.index < len(SESSIONS) and SESSIONS[self.index] is self:
+                SESSIONS[self.index] = None
 
 
-# One session per device index; a reconnect gets a new index.
+# One session per device index; indices of closed sessions are reused (torch keeps them in an int8).
 SESSIONS: list[Session | None] = []
+MAX_SESSIONS = 127
 _REGISTRY_LOCK = threading.Lock()
 
 
 def register(make: Any) -> Session:
     with _REGISTRY_LOCK:
-        session = make(len(SESSIONS))
-        SESSIONS.append(session)
+        free = [i for i, s in enumerate(SESSIONS) if s is None]
+        index = free[0] if free else len(SESSIONS)
+        if index >= MAX_SESSIONS:
+            raise RuntimeError(f"at most {MAX_SESSIONS} caserve devices can be open in one process")
+        session = make(index)
+        if index == len(SESSIONS):
+            SESSIONS.append(session)
+        else:
+            SESSIONS[index] = session
         return session
 
 
