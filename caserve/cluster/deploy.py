@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Optional
 
 import ray
@@ -40,6 +41,40 @@ def connect(address: Optional[str] = None, **local: Any) -> bool:
         ray.init(namespace=NAMESPACE, runtime_env=runtime_env(), log_to_driver=False, include_dashboard=False,
                  **local)
     return True
+
+
+def local_resources(cfg: ClusterConfig, gpus: Optional[int] = None) -> dict[str, Any]:
+    """``ray.init`` arguments for a one-host Ray instance: this host advertises the config's custom
+    resources (it is both the GPU node and the CPU node), and ``gpus`` GPUs when given."""
+    cpus = os.cpu_count() or 1
+    resources: dict[str, float] = {}
+    if cfg.resources.cpu_node:
+        resources[cfg.resources.cpu_node] = float(max(cfg.assisted.max, 1))
+    if cfg.resources.gpu_node:
+        resources[cfg.resources.gpu_node] = float(max(gpus or 1, cfg.gpu_servers or 1))
+    out: dict[str, Any] = {"resources": resources, "num_cpus": max(cpus, 1)}
+    if gpus is not None:
+        out["num_gpus"] = gpus
+    return out
+
+
+def serve_until_interrupted(name: str, poll_s: float = 5.0) -> None:
+    """Keep the driver (and so a local Ray instance) alive until Ctrl-C, then take the cluster down."""
+    try:
+        while True:
+            time.sleep(poll_s)
+            find_controller(name)
+    except KeyboardInterrupt:
+        logger.info("interrupted: taking the cluster down")
+    except NotRunning:
+        logger.info("cluster '%s' was taken down", name)
+        return
+    finally:
+        try:
+            down(name)
+        except NotRunning:
+            pass
+        ray.shutdown()
 
 
 def controller_name(name: str) -> str:
