@@ -99,6 +99,9 @@ def test_autoscaler_scales_down_one_per_quiet_period_never_below_min() -> None:
     assert a.decide(40.0, delay_s=0.1, queue_length=1, current=2, loading=0).target == 2  # queue not empty: reset
     assert a.decide(41.0, delay_s=0.1, queue_length=0, current=2, loading=0).target == 2
     assert a.decide(71.0, delay_s=0.1, queue_length=0, current=2, loading=0).target == 1
+    assert a.decide(72.0, delay_s=0.0, queue_length=0, current=2, loading=1).target == 2  # loading: reset
+    assert a.decide(101.0, delay_s=0.0, queue_length=0, current=2, loading=0).target == 2
+    assert a.decide(131.0, delay_s=0.0, queue_length=0, current=2, loading=0).target == 1
     assert a.decide(200.0, delay_s=0.0, queue_length=0, current=1, loading=0).target == 1  # min
     assert a.decide(201.0, delay_s=0.0, queue_length=0, current=0, loading=0).target == 1  # back to min
 

@@ -14,7 +14,7 @@ The policy (:class:`Autoscaler`), one decision per sample, the pool always kept 
   ``scale_up_cooldown_s`` passed since the last scale-up: by ``ceil(n * (delay / target - 1))``
   workers (at least 1, at most up to ``max``), i.e. proportionally to the overshoot;
 * **down** by one worker when the delay stayed under ``scale_down_below * target`` with an empty queue
-  for ``scale_down_after_s`` (the quiet clock restarts after each step, so the pool shrinks one worker
+  and no worker loading for ``scale_down_after_s`` (the quiet clock restarts after each step, so the pool shrinks one worker
   per quiet period). The controller drains the worker before stopping it.
 """
 
@@ -110,7 +110,7 @@ class Autoscaler:
             self._last_up = now
             target = min(c.max, current + step)
             return Decision(target, f"up: queue delay {delay_s:.2f}s > target {c.target_queue_delay_s:.2f}s")
-        if delay_s < c.scale_down_below * c.target_queue_delay_s and queue_length == 0:
+        if delay_s < c.scale_down_below * c.target_queue_delay_s and queue_length == 0 and not loading:
             if self._quiet_since is None:
                 self._quiet_since = now
             if current > c.min and now - self._quiet_since >= c.scale_down_after_s:
