@@ -157,3 +157,28 @@ def test_status_text_shows_every_section() -> None:
                    "assisted workers (1)", "native workers (0)", "queue: 4 waiting, delay 0.70s (target 0.50s)",
                    "2 assisted in [1, 8]", "12:00:00 ready"):
         assert needle in text, needle
+
+
+def test_shipped_config_and_kuberay_manifest_agree() -> None:
+    import json
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "deploy"
+    cfg = load_config(root / "cluster.yaml")
+    docs = list(yaml.safe_load_all((root / "raycluster.yaml").read_text()))
+    ray_cluster = next(d for d in docs if d["kind"] == "RayCluster")["spec"]
+
+    def advertised(params: dict) -> dict:
+        return json.loads(json.loads(params.get("resources", '"{}"')))
+
+    head = advertised(ray_cluster["headGroupSpec"]["rayStartParams"])
+    groups = {g["groupName"]: g for g in ray_cluster["workerGroupSpecs"]}
+    gpu, cpu = advertised(groups["gpu"]["rayStartParams"]), advertised(groups["cpu"]["rayStartParams"])
+    assert cfg.router.resource in head and cfg.resources.gpu_node in gpu and cfg.resources.cpu_node in cpu
+    assert "nvidia.com/gpu" in groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    cpu_pod_cpus = float(groups["cpu"]["rayStartParams"]["num-cpus"])
+    assert cpu[cfg.resources.cpu_node] * cfg.assisted.cpus_per_worker <= cpu_pod_cpus  # the slots fit the pod
+    service = next(d for d in docs if d["kind"] == "Service")
+    assert service["spec"]["ports"][0]["targetPort"] == cfg.router.port
+    assert str(cfg.gpu_server.token_file) in json.dumps(ray_cluster)  # the Secret is mounted where the config reads it

@@ -64,6 +64,7 @@ class RouterConfig(_Strict):
     max_batch: int = Field(8, ge=1)
     max_queue: int = Field(256, ge=1)
     num_cpus: float = Field(1.0, ge=0)
+    resource: Optional[str] = Field(None, description="custom resource the router requests 0.001 of (pins it, e.g. to the head)")
 
 
 class GPUServerConfig(_Strict):

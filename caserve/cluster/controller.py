@@ -84,7 +84,9 @@ class ClusterController:
             return await self.status()
         deadline = time.monotonic() + self.cfg.ready_timeout_s
         await self._place_gpu_servers(deadline)
-        self.router = self._create("router", "router", RouterActor, (self.cfg,), {"num_cpus": self.cfg.router.num_cpus})
+        r = self.cfg.router
+        self.router = self._create("router", "router", RouterActor, (self.cfg,),
+                                   {"num_cpus": r.num_cpus, "resources": {r.resource: 0.001} if r.resource else {}})
         await self._refresh(self.router)
         for server in self.gpu:
             for j in range(self.cfg.native_workers_per_gpu_server):

@@ -52,6 +52,8 @@ def local_resources(cfg: ClusterConfig, gpus: Optional[int] = None) -> dict[str,
         resources[cfg.resources.cpu_node] = float(max(cfg.assisted.max, 1))
     if cfg.resources.gpu_node:
         resources[cfg.resources.gpu_node] = float(max(gpus or 1, cfg.gpu_servers or 1))
+    if cfg.router.resource:
+        resources[cfg.router.resource] = 1.0
     out: dict[str, Any] = {"resources": resources, "num_cpus": max(cpus, 1)}
     if gpus is not None:
         out["num_gpus"] = gpus
