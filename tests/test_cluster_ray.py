@@ -167,6 +167,21 @@ def test_autoscale_up_under_a_burst_then_drain_down_without_requeues(cluster) ->
     assert wait_until(lambda: ray.available_resources().get("fake_cpu_node") == 1, timeout_s=20)
 
 
+def test_controller_recreates_an_actor_killed_for_good(cluster) -> None:
+    cfg, status, _ = cluster
+    before = next(g for g in deploy.status(NAME)["gpu_servers"] if g["index"] == 1)
+    ray.kill(ray.get_actor(f"{NAME}-gpu-1", namespace=deploy.NAMESPACE), no_restart=True)  # Ray will not restart it
+
+    def recreated() -> Any:
+        g = next(g for g in deploy.status(NAME)["gpu_servers"] if g["index"] == 1)
+        return g if g["state"] == "running" and g["recreated"] == 1 else None
+
+    after = wait_until(recreated, timeout_s=60)
+    assert after, deploy.format_status(deploy.status(NAME))
+    assert after["address"] == before["address"] and after["pid"] != before["pid"]  # same port, new process
+    assert any("gpu-1 is dead; creating it again" in e for e in deploy.status(NAME)["events"])
+
+
 def test_killed_worker_actor_is_restarted_and_its_request_answered_once(cluster) -> None:
     cfg, status, _ = cluster
     url = status["router"]["url"]

@@ -101,7 +101,7 @@ class ClusterController:
         gpu = []
         for server in self.gpu:
             stats = await self._call(server.handle.stats.remote())
-            gpu.append({"name": server.name, "state": server.state, **server.info,
+            gpu.append({"name": server.name, "state": server.state, "recreated": server.recreated, **server.info,
                         "assisted_workers": sorted(w.name for w in self._assisted() if w.gpu_index == server.info.get("index")),
                         "tenants": len(stats["tenants"]) if stats else None,
                         "tenant_bytes": stats["tenant_bytes"] if stats else None,

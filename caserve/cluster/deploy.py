@@ -8,6 +8,7 @@ outlives the ``up`` command when it joined an existing Ray cluster (``--address`
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Any, Optional
@@ -45,8 +46,12 @@ def connect(address: Optional[str] = None, **local: Any) -> bool:
 
 def local_resources(cfg: ClusterConfig, gpus: Optional[int] = None) -> dict[str, Any]:
     """``ray.init`` arguments for a one-host Ray instance: this host advertises the config's custom
-    resources (it is both the GPU node and the CPU node), and ``gpus`` GPUs when given."""
-    cpus = os.cpu_count() or 1
+    resources (it is both the GPU node and the CPU node), ``gpus`` GPUs when given, and at least as many
+    logical CPUs as the whole layout reserves (a small host is oversubscribed rather than left pending)."""
+    n_gpu = cfg.gpu_servers if cfg.gpu_servers is not None else (gpus or 1)
+    reserved = (cfg.router.num_cpus + cfg.assisted.max * cfg.assisted.cpus_per_worker
+                + n_gpu * (cfg.gpu_server.num_cpus + cfg.native_workers_per_gpu_server * cfg.resources.native_num_cpus))
+    cpus = max(os.cpu_count() or 1, math.ceil(reserved))
     resources: dict[str, float] = {}
     if cfg.resources.cpu_node:
         resources[cfg.resources.cpu_node] = float(max(cfg.assisted.max, 1))
@@ -54,7 +59,7 @@ def local_resources(cfg: ClusterConfig, gpus: Optional[int] = None) -> dict[str,
         resources[cfg.resources.gpu_node] = float(max(gpus or 1, cfg.gpu_servers or 1))
     if cfg.router.resource:
         resources[cfg.router.resource] = 1.0
-    out: dict[str, Any] = {"resources": resources, "num_cpus": max(cpus, 1)}
+    out: dict[str, Any] = {"resources": resources, "num_cpus": cpus}
     if gpus is not None:
         out["num_gpus"] = gpus
     return out
