@@ -37,6 +37,7 @@ from caserve.cluster.placement import ServerLoad, least_loaded
 logger = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 10.0
+OBSERVE_TIMEOUT_S = 3.0  # an actor still pending placement must not stall the control loop
 DRAIN_POLL_S = 0.25
 
 
@@ -73,6 +74,7 @@ class ClusterController:
         self._loop: Optional[asyncio.Task[None]] = None
         self._drains: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._full_noted = False
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(CALL_TIMEOUT_S, connect=3.0))
 
     # ------------------------------------------------------------------------------------ public
@@ -238,8 +240,15 @@ class ClusterController:
         loading = sum(1 for w in live if w.name not in registered)
         decision = self.autoscaler.decide(time.monotonic(), delay, sample.queue_length, len(live), loading)
         if decision.target > len(live):
-            self._note(f"{decision.reason}: {len(live)} -> {decision.target} assisted")
-            for _ in range(decision.target - len(live)):
+            add = min(decision.target - len(live), self._free_cpu_slots())
+            if add <= 0:
+                if not self._full_noted:
+                    self._note(f"{decision.reason}, but no free '{self.cfg.resources.cpu_node}' slot: add CPU nodes")
+                self._full_noted = True
+                return
+            self._full_noted = False
+            self._note(f"{decision.reason}: {len(live)} -> {len(live) + add} assisted")
+            for _ in range(add):
                 await self._create_assisted()
         elif decision.target < len(live):
             self._note(f"{decision.reason}: {len(live)} -> {decision.target} assisted")
@@ -248,13 +257,22 @@ class ClusterController:
                 self._drains.add(task)
                 task.add_done_callback(self._drains.discard)
 
+    def _free_cpu_slots(self) -> int:
+        """Assisted workers Ray could place now (a worker that cannot be placed would stay pending,
+        look like one still loading, and hold the autoscaler)."""
+        free = ray.available_resources()
+        slots = free.get("CPU", 0.0) // self.cfg.assisted.cpus_per_worker if self.cfg.assisted.cpus_per_worker else 1e9
+        if self.cfg.resources.cpu_node:
+            slots = min(slots, free.get(self.cfg.resources.cpu_node, 0.0))
+        return int(slots)
+
     def _victims(self, live: list[Managed], n: int, registered: dict[str, Any]) -> list[Managed]:
         """Idle workers first, then the newest (they have served least and warmed up least)."""
         return sorted(live, key=lambda w: (bool(registered.get(w.name, {}).get("busy")), -w.created))[:n]
 
     async def _observe(self) -> None:
         actors = self.gpu + ([self.router] if self.router else []) + list(self.workers.values())
-        await asyncio.gather(*(self._refresh(m) for m in actors))
+        await asyncio.gather(*(self._refresh(m, OBSERVE_TIMEOUT_S) for m in actors))
         if self.router is not None and self.router.state == "running":
             try:
                 resp = await self._http.get(f"{self._router_url()}/health")
@@ -283,7 +301,11 @@ class ClusterController:
             m.state = "running"
         except ray.exceptions.ActorDiedError:
             m.state = "dead"
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, asyncio.TimeoutError) as exc:
+        except asyncio.TimeoutError:
+            if m.state != "starting":  # a new actor may wait for placement or a slow __init__
+                logger.info("%s did not answer in %.0fs", m.name, timeout_s)
+                m.state = "unreachable"
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
             logger.info("%s unreachable (%s); Ray restarts it", m.name, type(exc).__name__)
             m.state = "unreachable"
 
