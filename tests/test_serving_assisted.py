@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -31,12 +32,15 @@ def cmdline(pid: int) -> str:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
-    """``caserve serve`` with its defaults except the ports (and one request per batch, so that
-    concurrent requests spread over all three workers)."""
+    """``caserve serve`` with its defaults except the ports, a GPU-server token (checked by the server,
+    presented by the assisted workers) and one request per batch, so that concurrent requests spread
+    over all three workers."""
     c = Cluster(tmp_path_factory.mktemp("assisted"))
+    token = c.log_dir / "token"
+    token.write_text(secrets.token_hex(16))
     try:
         c.start("serve", ["serve", "--port", str(c.port), "--gpu-port", str(free_port()), "--max-batch", "1",
-                          "--worker-threads", "1"])
+                          "--worker-threads", "1", "--token-file", str(token)])
         c.wait_workers({"native-0", "assisted-0", "assisted-1"}, timeout=120)
         yield c
     finally:
@@ -67,7 +71,9 @@ def test_gpu_server_restart_assisted_workers_come_back_and_nothing_is_lost(serve
     c = served
     serve_pid = next(p for p in c.procs if p.name == "serve").pid
     (gpu_pid,) = [p for p in children(serve_pid) if " gpu-server " in cmdline(p)]
-    sessions = {w["id"]: w["session"] for w in c.workers()}
+    registered = {w["id"]: w["registered_at"] for w in c.workers()}
+    assisted_pids = sorted(p for p in children(serve_pid) if "--kind assisted" in cmdline(p))
+    assert len(assisted_pids) == 2
     with cf.ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(complete, c.url, LONG, f"p{i}") for i in range(3)]
         c.wait_for("three requests running", lambda: sum(len(w["running"]) for w in c.workers()) == 3)
@@ -78,10 +84,12 @@ def test_gpu_server_restart_assisted_workers_come_back_and_nothing_is_lost(serve
     assert max(r.json()["timings"]["attempts"] for r in responses) >= 2  # the assisted ones were requeued
 
     def reregistered() -> bool:
-        now = {w["id"]: w["session"] for w in c.workers() if w["channel_open"]}
-        return all(now.get(w, sessions[w]) != sessions[w] for w in ("assisted-0", "assisted-1"))
+        now = {w["id"]: w["registered_at"] for w in c.workers() if w["channel_open"]}
+        return all(now.get(w, registered[w]) > registered[w] for w in ("assisted-0", "assisted-1"))
 
     c.wait_for("assisted workers registered again", reregistered, timeout=120)
+    # the same processes reconnected and reloaded (a crash and restart by `serve` would not count)
+    assert sorted(p for p in children(serve_pid) if "--kind assisted" in cmdline(p)) == assisted_pids
     assert c.workers() and {w["kind"] for w in c.workers()} == {"native", "assisted"}
     deadline = time.monotonic() + 60
     kinds: set[str] = set()
@@ -89,3 +97,34 @@ def test_gpu_server_restart_assisted_workers_come_back_and_nothing_is_lost(serve
         with cf.ThreadPoolExecutor(3) as pool:
             kinds |= {r.json()["timings"]["worker_kind"] for r in pool.map(lambda _: complete(c.url, 20), range(3))}
     assert "assisted" in kinds  # they serve again, on the restarted GPU server
+
+
+def test_idle_assisted_workers_notice_a_gpu_server_restart_by_themselves(served: Cluster) -> None:
+    c = served
+    serve_pid = next(p for p in c.procs if p.name == "serve").pid
+    c.wait_for("idle workers", lambda: len(c.workers()) == 3 and not any(w["running"] for w in c.workers()))
+    registered = {w["id"]: w["registered_at"] for w in c.workers()}
+    (gpu_pid,) = [p for p in children(serve_pid) if " gpu-server " in cmdline(p)]
+    os.kill(gpu_pid, signal.SIGKILL)  # no request in flight: only the workers' probes can notice
+
+    def reregistered() -> bool:
+        now = {w["id"]: w["registered_at"] for w in c.workers() if w["channel_open"]}
+        return all(now.get(w, registered[w]) > registered[w] for w in ("assisted-0", "assisted-1"))
+
+    c.wait_for("assisted workers registered again", reregistered, timeout=120)
+    assert {w["id"]: w["registered_at"] for w in c.workers()}["native-0"] == registered["native-0"]
+
+
+def test_serve_prints_how_to_call_it_and_stops_its_children(served: Cluster) -> None:
+    c = served
+    serve = next(p for p in c.procs if p.name == "serve")
+    printed = serve.log.read_text(errors="replace")
+    assert f"caserve is serving {TINY} at {c.url}" in printed and f"curl {c.url}/v1/completions" in printed
+    kids = children(serve.pid)
+    assert len(kids) == 4  # GPU server, 1 native and 2 assisted workers
+    serve.stop()  # SIGTERM, as a service manager would
+    assert serve.proc is not None and serve.proc.returncode == 0
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{k}").exists() for k in kids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [k for k in kids if Path(f"/proc/{k}").exists()]

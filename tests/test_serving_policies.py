@@ -105,6 +105,15 @@ def test_ect_later_jobs_take_the_slow_worker_once_the_fast_one_is_reserved() -> 
     assert [(w.id, b) for w, b in out] == [("slow", [q[1]])]
 
 
+def test_ect_tries_an_unmeasured_worker_before_waiting_for_a_measured_one() -> None:
+    svc = trained(fast_step=0.001, slow_step=0.05)
+    fast = W("fast", "native")  # idle and known fast
+    new = W("new", "assisted")  # never measured: it would borrow slow's rates, but ECT explores it
+    assert svc.estimate("new", "assisted", 10, 100) > svc.estimate("fast", "native", 10, 100)
+    out = EctPolicy(svc).assign([job(max_tokens=100)], [fast, new], now=1.0)
+    assert [w.id for w, _ in out] == ["new"]
+
+
 def test_ect_uses_idle_workers_when_nothing_is_known() -> None:
     q = [job(), job()]
     out = EctPolicy(ServiceModel()).assign(q, [W("a", idle_since=None, busy_since=0.0), W("b"), W("c")], now=1.0)
@@ -166,6 +175,9 @@ def test_text_tracker_holds_back_possible_stop_strings() -> None:
     assert [t.add(i) for i in ids] == ["", "é", "!"]
     t = TextTracker(tok, [], prefix_ids=tok("hi")["input_ids"])
     assert t.add(tok("!")["input_ids"][0]) == "!" and t.flush() == ""
+    # a requeued row: the earlier attempt delivered "ab" and held "X" back (it could start "XY")
+    t = TextTracker(tok, ["XY"], prefix_ids=tok("abX")["input_ids"], prefix_chars_sent=2)
+    assert t.add(tok("c")["input_ids"][0]) == "X" and t.flush() == "c"
 
 
 def test_sampling_greedy_top_p_and_seed() -> None:

@@ -7,7 +7,6 @@ to act on; no assertion is about speed."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import time
 
 import httpx
 import pytest

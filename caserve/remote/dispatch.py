@@ -276,8 +276,18 @@ def dispatch(func, args: tuple, kwargs: dict) -> Any:
 def run_op(func, args: tuple, kwargs: dict) -> Any:
     """Send one op through the signature cache (see the module docstring)."""
     slots: list[RemoteTensor] = []
-    key = (func, _sig(args, slots), _sig(tuple(kwargs.items()), slots) if kwargs else None)
-    session = _session_of(slots, args, kwargs)
+    parts = []
+    for a in args:  # _sig inlined for the common top-level cases: this runs for every op
+        ta = type(a)
+        if ta is RemoteTensor:
+            slots.append(a)
+            parts.append(a._cs)
+        elif ta is int or a is None:
+            parts.append(a)
+        else:
+            parts.append(_sig(a, slots))
+    key = (func, tuple(parts), _sig(tuple(kwargs.items()), slots) if kwargs else None)
+    session = slots[0]._st.session if slots else _session_of(slots, args, kwargs)
     with session.lock:
         session.stats.ops += 1
         plan = session.cache.get(key)
@@ -292,18 +302,25 @@ def run_op(func, args: tuple, kwargs: dict) -> Any:
         session.check_open()
         for slot, g in plan.replace:
             resize_empty(slots[slot], *g)
-        for t in slots:
-            if t._st.state == LAZY:
-                _ready(t._st)
         for i in plan.write_slots:
             if slots[i]._st.shared:
                 _unshare(slots[i]._st)
-        handles = [t._st.handle for t in slots]
+        handles = []
+        for t in slots:
+            st = t._st
+            if st.state == LAZY:
+                _ready(st)
+            handles.append(st.handle)
         if plan.sync:
             return _execute(session, func, args, kwargs, plan, slots, handles)
+        out = plan.out
+        if out[0] == "F":  # one fresh tensor: the common case, built without the generic walk
+            st = RemoteStorage(session, out[2])
+            session.emit(P.Run(plan.tid, handles, [st.handle]))
+            return RemoteTensor(st, out[2], out[3], out[4], out[5], out[6])
         fresh = [RemoteStorage(session, None) for _ in range(plan.nfresh)]  # type: ignore[arg-type]
         session.emit(P.Run(plan.tid, handles, [st.handle for st in fresh]))
-        return _build(plan.out, slots, fresh)
+        return _build(out, slots, fresh)
 
 
 def _execute(session: Session, func, args, kwargs, plan: Plan, slots, handles) -> Any:

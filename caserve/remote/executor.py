@@ -143,6 +143,15 @@ class Template:
     out_nbytes: list[int]
     write_slots: frozenset[int]
     random: bool
+    call: Callable[..., Any] = None  # type: ignore[assignment]  # the op's C++ entry point
+    single: bool = False  # one fresh tensor return: the result is the output
+    total_out_nbytes: int = 0
+
+    def __post_init__(self) -> None:
+        self.call = self.fn._op
+        rets = self.fn._schema.returns
+        self.single = len(self.outs) == 1 and len(rets) == 1 and str(rets[0].type) == "Tensor"
+        self.total_out_nbytes = sum(self.out_nbytes)
 
 
 @dataclass
@@ -467,18 +476,29 @@ class Tenant:
             raise TenantError(f"unknown op template {op.tid}")
         if len(op.slots) != len(tpl.slots) or len(op.outs) != len(tpl.outs):
             raise TenantError(f"{tpl.name}: expected {len(tpl.slots)} inputs and {len(tpl.outs)} outputs")
-        tensors = [self._view(h, s) for h, s in zip(op.slots, tpl.slots)]
+        storages = self.storages
+        tensors = []
+        for h, slot in zip(op.slots, tpl.slots):
+            st = storages.get(h)
+            # Fast path: the slot is the storage's own layout (most arguments are whole tensors).
+            if st is not None and st.geom == slot.geom and st.tensor.dtype is slot.dtype:
+                tensors.append(st.tensor)
+            else:
+                tensors.append(self._view(h, slot))
         if tpl.write_slots:
             for i in tpl.write_slots:
-                if self.storages[op.slots[i]].blob is not None:
+                if storages[op.slots[i]].blob is not None:
                     raise TenantError(f"{tpl.name} writes to storage {op.slots[i]}, a shared read-only weight")
-        if tpl.outs:
-            self._charge(sum(tpl.out_nbytes), tpl.name)
+        if self.memory_limit and tpl.total_out_nbytes:
+            self._charge(tpl.total_out_nbytes, tpl.name)
         args, kwargs = tpl.build(tensors)
         if tpl.random:
             kwargs["generator"] = self.gen
-        result = tpl.fn(*args, **kwargs)
-        if tpl.outs:
+        result = tpl.call(*args, **kwargs)
+        if tpl.single:
+            want = tpl.outs[0]
+            self._bind(op.outs[0], self._conform(result, want), geom=want[1:], nbytes=tpl.out_nbytes[0])
+        elif tpl.outs:
             fresh = flatten_fresh(tpl.fn, result)
             if len(fresh) != len(tpl.outs):
                 raise TenantError(f"{tpl.name} returned {len(fresh)} tensors, the client expected {len(tpl.outs)}")

@@ -186,7 +186,7 @@ def _timing_headers(job: Job) -> dict[str, str]:
 
 
 async def _run_generation(
-    router: Router, request: Request, req: S._Sampling, jobs: list[Job], *, chat: bool,
+    router: Router, request: Request, req: S.SamplingRequest, jobs: list[Job], *, chat: bool,
 ) -> Union[JSONResponse, StreamingResponse]:
     router.submit(jobs)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

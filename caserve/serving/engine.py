@@ -131,7 +131,8 @@ class Engine:
                            f"but the prompt has {len(prompt)} tokens.")
         max_new = min(int(params["max_tokens"]) - len(prefix), ctx - used - (1 if self.seq2seq else 0))
         return _Row(row["dispatch"], prompt, max_new, float(params["temperature"]), float(params["top_p"]),
-                    bool(params.get("ignore_eos")), TextTracker(self.tok, list(params.get("stop") or []), prefix),
+                    bool(params.get("ignore_eos")), TextTracker(self.tok, list(params.get("stop") or []), prefix,
+                                                    row.get("prefix_chars_sent")),
                     make_generator(params.get("seed")))
 
     def _generate(self, raw_rows: list[dict[str, Any]], emit: Emit, cancelled: IsCancelled) -> BatchStats:

@@ -85,7 +85,9 @@ class Job:
         return self.max_tokens
 
     def worker_payload(self) -> dict[str, Any]:
-        return {**self.payload, "task": self.task, "prefix_ids": list(self.generated_ids)}
+        # A requeued job continues: the tokens generated so far, and how much of their text the client has.
+        return {**self.payload, "task": self.task, "prefix_ids": list(self.generated_ids),
+                "prefix_chars_sent": len(self.text)}
 
     def timings(self) -> dict[str, Any]:
         """The per-request timing record returned to clients and logged (router monotonic clock)."""

@@ -46,6 +46,7 @@ class WorkerSession:
     busy_since: Optional[float] = None
     batch_estimate_s: float = 0.0
     last_seen: float = field(default_factory=time.monotonic)
+    registered_at: float = field(default_factory=time.monotonic)
     channel_open: bool = False
     alive: bool = True
     draining: bool = False  # receives no new batches; its running batch finishes normally
@@ -56,7 +57,7 @@ class WorkerSession:
         return {
             "id": self.id, "kind": self.kind, "task": self.task, "max_batch": self.max_batch,
             "busy": self.idle_since is None, "channel_open": self.channel_open, "draining": self.draining,
-            "running": [j.id for j in self.jobs.values()], "session": self.session,
+            "running": [j.id for j in self.jobs.values()], "registered_at": self.registered_at,
             "batches_done": self.batches_done, "last_batch": self.last_batch,
         }
 

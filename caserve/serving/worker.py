@@ -121,7 +121,7 @@ class Worker:
                 logger.warning("worker %s: cannot open device/model (%s: %s); retrying in %.1fs",
                                self.config.worker_id, type(exc).__name__, exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, 5.0)
 
     def _load(self) -> Engine:
         c = self.config
@@ -174,12 +174,16 @@ class _Session:
                 tg.create_task(self._read_channel())
                 tg.create_task(self._heartbeat())
                 tg.create_task(self._send_events())
-        except* DeviceLost:
-            raise DeviceLost() from None
-        except* RouterLost as group:
-            raise group.exceptions[0] from None
-        except* httpx.HTTPError as group:
-            raise group.exceptions[0] from None
+        except ExceptionGroup as group:
+            # Several tasks may fail together (leaving the router closes the channel): the device
+            # matters most, then the router; anything else is a bug and propagates.
+            if self.device_lost or group.subgroup(DeviceLost) is not None:
+                raise DeviceLost() from None
+            for kind in (RouterLost, httpx.HTTPError):
+                sub = group.subgroup(kind)
+                if sub is not None:
+                    raise sub.exceptions[0] from None
+            raise
         finally:
             await self._stop_batch()
 
@@ -198,7 +202,10 @@ class _Session:
             async for line in resp.aiter_lines():
                 if not line:
                     continue
-                message = json.loads(line)
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    raise RouterLost(f"unreadable channel line {line[:80]!r}") from None
                 if message["type"] == "run":
                     if self.batch is not None and not self.batch.done():
                         logger.error("router sent a batch while one is running; ignoring it")
@@ -226,6 +233,7 @@ class _Session:
             await asyncio.to_thread(probe_device, self.worker.device)
         except device_lost_errors() as exc:
             logger.warning("worker %s: GPU server unreachable: %s", self.worker.config.worker_id, exc)
+            self.device_lost = True
             self.outbox.put_nowait(None)
 
     async def _send_events(self) -> None:
@@ -259,6 +267,7 @@ class _Session:
             stats = await asyncio.to_thread(engine.run, rows, emit, is_cancelled)
         except device_lost_errors() as exc:
             logger.warning("worker %s: lost the GPU server mid-batch: %s", self.worker.config.worker_id, exc)
+            self.device_lost = True
             self.outbox.put_nowait(None)  # flush what was generated, then leave: the router requeues
             return
         except Exception as exc:  # a bug or an op the device refused: fail these rows, keep serving
