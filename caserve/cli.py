@@ -131,6 +131,7 @@ def worker(
 @bench_app.command("remote-overhead")
 def bench_remote_overhead(
     models: str = typer.Option("tiny-gpt2,gpt2-124m", help="Comma-separated: tiny-gpt2, gpt2-124m."),
+    modes: str = typer.Option("eager,graph", help="Comma-separated: eager (dynamic KV cache), graph (graph mode)."),
     server: Optional[str] = typer.Option(None, help="host:port of a running GPU server (default: start one here)."),
     device: str = typer.Option("auto", help="Device of the GPU server this command starts."),
     native_device: str = typer.Option("cpu", help="Device of the native baseline (cuda on a GPU node)."),
@@ -148,7 +149,10 @@ def bench_remote_overhead(
     unknown = [m for m in names if m not in ro.MODELS]
     if unknown:
         raise typer.BadParameter(f"unknown model(s) {unknown}; choose from {sorted(ro.MODELS)}")
-    results = ro.run(names, server=server, device=device, transport=transport, native_device=native_device,
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    if not mode_list or any(m not in ro.MODES for m in mode_list):
+        raise typer.BadParameter(f"modes must be among {sorted(ro.MODES)}")
+    results = ro.run(names, mode_list, server=server, device=device, transport=transport, native_device=native_device,
                      new_tokens=new_tokens, runs=runs, threads=threads, out=out)
     ro.print_table(results)
     typer.echo(f"wrote {out}")

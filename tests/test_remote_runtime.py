@@ -246,3 +246,16 @@ def test_200_cycles_leave_server_memory_at_baseline(make_gpu_server):
     assert [t["id"] for t in stats["tenants"]] == [stats["tenant"]]  # only the probe is left
     assert stats["tenant_bytes"] == 0
     assert server.rss_bytes() - baseline_rss < 32 * 1024**2
+
+
+def test_upload_snapshots_the_callers_tensor(local_dev):
+    dev, _ = local_dev
+    host = torch.arange(6.0)
+    remote = host.to(dev)
+    strided = torch.arange(12.0).reshape(3, 4).t().to(dev)  # non-contiguous source
+    host.fill_(-1)  # after .to() returned, before any flush: the device copy must not change
+    assert remote.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert torch.equal(strided.cpu(), torch.arange(12.0).reshape(3, 4).t())
+    half = torch.ones(2, 3, device=dev, dtype=torch.float16)
+    half.copy_(torch.full((3,), 2.5))  # broadcast and dtype conversion on upload
+    assert half.cpu().tolist() == [[2.5] * 3] * 2

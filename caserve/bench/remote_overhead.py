@@ -19,7 +19,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -34,6 +33,7 @@ MODELS = {
 @dataclass
 class Result:
     model: str
+    mode: str  # eager (dynamic KV cache) or graph (graph mode, static KV cache; native uses it too)
     new_tokens: int
     native_ms_per_token: float
     remote_ms_per_token: float
@@ -62,41 +62,49 @@ def _start_server(device: str, threads: int) -> tuple[subprocess.Popen, str]:
     return proc, line.split("listening on ")[1].split()[0]
 
 
-def _generate(model, ids, n: int) -> None:
+def _generate(model, ids, n: int, cache: str) -> None:
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                       cache_implementation=cache)
 
 
-def _timed(model, ids, n: int, sync) -> tuple[float, float]:
-    _generate(model, ids, n)  # warm-up: caches, op plans, allocator
-    return _timed_once(model, ids, n, sync)
+MODES = {"eager": "dynamic", "graph": "static"}  # mode -> KV cache: graph mode needs shapes that repeat
 
 
-def measure(name: str, address: str, transport: str, native_device: str, new_tokens: int, runs: int) -> Result:
+def measure(name: str, mode: str, address: str, transport: str, native_device: str, new_tokens: int,
+            runs: int) -> Result:
+    """Native and remote runs alternate, so that drift on a shared machine hits both alike."""
     import transformers
 
     import caserve.remote as R
-    from caserve.remote.session import session_of
 
+    cache = MODES[mode]
     config = transformers.GPT2Config(**MODELS[name])
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).eval()
     ids = torch.randint(0, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
     native = model.to(native_device)
+    nids = ids.to(native_device)
     native_sync = torch.cuda.synchronize if native_device.startswith("cuda") else (lambda: None)
-    native_runs = [_timed(native, ids.to(native_device), new_tokens, native_sync) for _ in range(runs)]
 
     dev = R.connect(address, transport=transport)
-    session = session_of(dev)
-    remote = model.to("cpu").to(dev)
+    remote = transformers.GPT2LMHeadModel(config).eval()
+    remote.load_state_dict(model.state_dict())
+    remote = remote.to(dev)
+    if mode == "graph":
+        R.graph_mode(remote)
     rids = ids.to(dev)
-    remote_runs, server_cpu, counts = [], [], []
+    remote_sync = lambda: torch.caserve.synchronize(dev)  # noqa: E731
+    native_runs, remote_runs, server_cpu, counts = [], [], [], []
+    _generate(native, nids, new_tokens, cache)  # warm-up: caches, op plans, graphs, allocators
+    _generate(remote, rids, new_tokens, cache)
+    _generate(remote, rids, new_tokens, cache)
     for _ in range(runs):
-        _generate(remote, rids, new_tokens)
+        native_runs.append(_timed_once(native, nids, new_tokens, cache, native_sync))
         before = R.server_stats(dev)["cpu_seconds"]
-        s0 = session.stats.snapshot()
-        wall, _ = _timed_once(remote, rids, new_tokens, lambda: torch.caserve.synchronize(dev))
-        s1 = session.stats.snapshot()
+        s0 = R.stats(dev)
+        wall, _ = _timed_once(remote, rids, new_tokens, cache, remote_sync)
+        s1 = R.stats(dev)
         server_cpu.append(R.server_stats(dev)["cpu_seconds"] - before)
         remote_runs.append(wall)
         counts.append({k: s1[k] - s0[k] for k in ("ops", "records", "frames", "bytes_sent", "syncs")})
@@ -108,26 +116,26 @@ def measure(name: str, address: str, transport: str, native_device: str, new_tok
     native_cpu = per(statistics.median(c for _, c in native_runs))
     server = per(statistics.median(server_cpu))
     med = {k: per(statistics.median(c[k] for c in counts)) for k in counts[0]}
-    return Result(name, new_tokens, native_ms, remote_ms, remote_ms / native_ms, med["ops"], med["records"],
+    return Result(name, mode, new_tokens, native_ms, remote_ms, remote_ms / native_ms, med["ops"], med["records"],
                   med["frames"], med["bytes_sent"], med["syncs"], native_cpu, server, server / native_cpu, runs)
 
 
-def _timed_once(model, ids, n: int, sync) -> tuple[float, float]:
+def _timed_once(model, ids, n: int, cache: str, sync) -> tuple[float, float]:
     sync()
     wall, cpu = time.perf_counter(), time.process_time()
-    _generate(model, ids, n)
+    _generate(model, ids, n, cache)
     sync()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def run(models: list[str], *, server: str | None, device: str, transport: str, native_device: str,
+def run(models: list[str], modes: list[str], *, server: str | None, device: str, transport: str, native_device: str,
         new_tokens: int, runs: int, threads: int, out: Path) -> list[Result]:
     torch.set_num_threads(threads)
     proc = None
     if server is None:
         proc, server = _start_server(device, threads)
     try:
-        results = [measure(m, server, transport, native_device, new_tokens, runs) for m in models]
+        results = [measure(m, mode, server, transport, native_device, new_tokens, runs) for m in models for mode in modes]
     finally:
         if proc is not None:
             proc.terminate()
@@ -150,11 +158,11 @@ def print_table(results: list[Result]) -> None:
     from rich.table import Table
 
     table = Table(title="caserve remote overhead (median per generated token)")
-    for col in ("model", "native ms", "remote ms", "remote/native", "ATen ops", "records", "frames", "bytes",
+    for col in ("model", "mode", "native ms", "remote ms", "remote/native", "ATen ops", "records", "frames", "bytes",
                 "server CPU / native CPU"):
         table.add_column(col, justify="right")
     for r in results:
-        table.add_row(r.model, f"{r.native_ms_per_token:.2f}", f"{r.remote_ms_per_token:.2f}", f"{r.ratio:.2f}",
+        table.add_row(r.model, r.mode, f"{r.native_ms_per_token:.2f}", f"{r.remote_ms_per_token:.2f}", f"{r.ratio:.2f}",
                       f"{r.aten_ops_per_token:.0f}", f"{r.records_per_token:.0f}", f"{r.frames_per_token:.1f}",
                       f"{r.bytes_per_token:.0f}", f"{r.server_cpu_vs_native:.2f}")
     Console(width=160).print(table)

@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import DynamicOutputShapeException
 from caserve.remote import protocol as P
 from caserve.remote.codec import DTYPE_NAMES, DTYPES, MEMORY_FORMAT_NAMES, extent, fresh_returns, written_args
 from caserve.remote.errors import RemoteError
-from caserve.remote.session import Session
+from caserve.remote.session import FLUSH_BYTES, Session
 from caserve.remote.tensor import LAZY, LIVE, RemoteStorage, RemoteTensor, resize_empty
 
 logger = logging.getLogger(__name__)
@@ -349,8 +349,7 @@ def _execute(session: Session, func, args, kwargs, plan: Plan, slots, handles) -
         out = rebuild(value) if fresh[0] else _written_return(func, args, kwargs, 0)
     else:
         out = tuple(rebuild(v) if f else _written_return(func, args, kwargs, i) for i, (v, f) in enumerate(zip(value, fresh)))
-    while session.new_handle() < last:  # skip past the handles the server bound
-        pass
+    session.next_handle = max(session.next_handle, last + 1)  # the server bound handles up to ``last``
     return out
 
 
@@ -373,8 +372,10 @@ def upload(dst: RemoteTensor, src: torch.Tensor) -> RemoteTensor:
         src = src.to(dst.dtype)
     if tuple(src.shape) != tuple(dst.shape):
         src = src.expand(dst.shape)
-    owned = src.is_contiguous() and src.data_ptr() != 0
-    host = src.contiguous() if not owned else src
+    # Does ``host`` still point into the caller's memory? Then small payloads are snapshotted, since the
+    # caller may overwrite its tensor before the frame goes out; large ones are sent before returning.
+    aliases_caller = src.is_contiguous() and src.data_ptr() != 0
+    host = src if aliases_caller else src.contiguous()
     data = memoryview(host.reshape(-1).view(torch.uint8).numpy()) if host.numel() else memoryview(b"")
     st = dst._st
     with session.lock:
@@ -392,8 +393,7 @@ def upload(dst: RemoteTensor, src: torch.Tensor) -> RemoteTensor:
                 if have[0]:
                     session.emit(P.BindBlob(st.handle, digest))
                     return dst
-            # Keep the caller's memory untouched until it is sent: snapshot small tensors, send large ones now.
-            if owned and len(data) < session_flush_bytes():
+            if aliases_caller and len(data) < FLUSH_BYTES:
                 host = host.clone()
                 data = memoryview(host.reshape(-1).view(torch.uint8).numpy())
             index = session.add_payload(data, host)
@@ -402,21 +402,15 @@ def upload(dst: RemoteTensor, src: torch.Tensor) -> RemoteTensor:
             _ready(st)
             if st.shared:
                 _unshare(st)
-            if owned and len(data) < session_flush_bytes():
+            if aliases_caller and len(data) < FLUSH_BYTES:
                 host = host.clone()
                 data = memoryview(host.reshape(-1).view(torch.uint8).numpy()) if host.numel() else memoryview(b"")
             index = session.add_payload(data, host)
             session.emit(P.CopyIn(st.handle, DTYPE_NAMES[dtype], size, stride, offset, DTYPE_NAMES[host.dtype],
                                   tuple(host.shape), index))
-        if session.payload_bytes >= session_flush_bytes():
+        if session.payload_bytes >= FLUSH_BYTES:
             session.flush()
     return dst
-
-
-def session_flush_bytes() -> int:
-    from caserve.remote.session import FLUSH_BYTES
-
-    return FLUSH_BYTES
 
 
 def fetch(t: RemoteTensor) -> torch.Tensor:

@@ -19,7 +19,9 @@ import torch
 
 from caserve.remote import protocol as P
 from caserve.remote.errors import ConnectionLost
-from caserve.remote.executor import BlobStore, Tenant, TenantError, parse_size
+from caserve.remote.blobs import BlobStore
+from caserve.remote.executor import Tenant, parse_size
+from caserve.remote.templates import TenantError
 from caserve.remote.transport import as_bytes, default_unix_path, is_loopback, recv_frame, send_frame
 
 logger = logging.getLogger(__name__)
@@ -156,7 +158,7 @@ class Connection:
             try:
                 value, out = tenant.sync(msg.sync, self.server.stats)
             except Exception as exc:  # noqa: BLE001 - reported to this tenant
-                tenant._fail(msg.sync, exc if isinstance(exc, TenantError) else TenantError(f"{type(exc).__name__}: {exc}"))
+                tenant.fail(type(msg.sync).__name__, exc if isinstance(exc, TenantError) else TenantError(f"{type(exc).__name__}: {exc}"))
             error = tenant.take_error()
             if error is not None:
                 value, out = None, []

@@ -18,12 +18,15 @@ import torch
 
 from caserve.remote import protocol as P
 from caserve.remote.errors import ConnectionLost, HandshakeError, QuotaExceeded, RemoteOpError
+from caserve.remote.graph import MAX_REGION_RECORDS, GraphCache, Region
+from caserve.remote.graph import end_region as end_graph_region
 from caserve.remote.transport import Channel, as_bytes
 
 logger = logging.getLogger(__name__)
 
 FLUSH_OPS = 32  # ops per frame when no sync point comes first
 FLUSH_BYTES = 1 << 20  # payload bytes per frame (uploads are sent soon, from the caller's memory)
+_GRAPH_RECORDS = (P.Run, P.Alloc, P.Upload, P.CopyIn)
 
 
 @dataclass
@@ -52,7 +55,7 @@ class Session:
         self.index = index
         self.device = torch.device("caserve", index)
         self.lock = threading.RLock()
-        self.handles = itertools.count(1)
+        self.next_handle = 1
         self.template_ids = itertools.count(1)
         self.ops: list[Any] = []
         self.payloads: list[memoryview | bytes] = []
@@ -63,6 +66,9 @@ class Session:
         self.closed: str | None = None
         self.stats = SessionStats()
         self.cache: dict[Any, Any] = {}  # op signature -> dispatch plan (caserve.remote.dispatch)
+        self.region: Region | None = None  # graph mode: the forward being recorded
+        self.region_depth = 0
+        self.graph_cache = GraphCache()
 
     # -- handshake ------------------------------------------------------------------------------
 
@@ -91,12 +97,53 @@ class Session:
     # -- the op stream --------------------------------------------------------------------------
 
     def new_handle(self) -> int:
-        return next(self.handles)
+        h = self.next_handle
+        self.next_handle = h + 1
+        return h
 
     def emit(self, op: Any) -> None:
+        region = self.region
+        if region is not None:
+            t = type(op)
+            if t in _GRAPH_RECORDS:
+                if t is not P.Run and t is not P.Alloc:  # move its payload from the frame to the region
+                    region.payloads.append(self.payloads.pop())
+                    region.owners.append(self._keepalive.pop())
+                    self.payload_bytes -= len(region.payloads[-1])
+                    op.payload = len(region.payloads) - 1
+                region.records.append(op)
+                if len(region.records) > MAX_REGION_RECORDS:
+                    self._abort_region("forward too long to record")
+                return
+            if t is not P.DefineOp:  # definitions go ahead of the region; anything else ends it
+                self._abort_region(f"{t.__name__} inside forward")
         self.ops.append(op)
         if len(self.ops) >= FLUSH_OPS:
             self.flush()
+
+    # -- graph mode (caserve.remote.graph) -------------------------------------------------------
+
+    def begin_region(self) -> None:
+        with self.lock:
+            self.region_depth += 1
+            if self.region_depth == 1:
+                self.region = Region(self.next_handle)
+
+    def end_region(self) -> None:
+        with self.lock:
+            self.region_depth = max(0, self.region_depth - 1)
+            if self.region_depth == 0 and self.region is not None:
+                region, self.region = self.region, None
+                end_graph_region(self, region)
+                if len(self.ops) >= FLUSH_OPS:
+                    self.flush()
+
+    def _abort_region(self, reason: str) -> None:
+        """Send what the region holds as eager records; the rest of this forward runs eagerly."""
+        region, self.region = self.region, None
+        if region is not None:
+            region.aborted = reason
+            end_graph_region(self, region)
 
     def add_payload(self, data: memoryview, owner: Any) -> int:
         """Queue bytes to travel with the next frame; ``owner`` keeps their memory alive until then."""
@@ -117,7 +164,9 @@ class Session:
     def flush(self, sync: P.SyncRequest | None = None) -> None:
         with self.lock:
             self.check_open()
-            if self.freed:
+            if sync is not None and self.region is not None:
+                self._abort_region(f"sync point {type(sync).__name__} inside forward")
+            if self.freed and self.region is None:  # held region records may still use freed handles
                 handles = []
                 while self.freed:
                     handles.append(self.freed.popleft())
