@@ -78,7 +78,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     })
     # One host plays both roles: 2 "GPUs" and the GPU-node resource; 2 slots of the CPU-node resource.
     ray.init(num_cpus=8, num_gpus=2, resources={"fake_gpu_node": 2, "fake_cpu_node": 2}, include_dashboard=False,
-             namespace=deploy.NAMESPACE, runtime_env={"env_vars": env}, log_to_driver=False)
+             namespace="cluster-tests", runtime_env={"env_vars": env}, log_to_driver=False)  # caserve names its own
     try:
         status = deploy.up(cfg)
         yield cfg, status, logs
@@ -214,3 +214,26 @@ def test_killed_worker_actor_is_restarted_and_its_request_answered_once(cluster)
     assert again, deploy.format_status(deploy.status(NAME))
     assert not Path(f"/proc/{before['child_pid']}").exists()
     assert complete(url, max_tokens=2)["usage"]["completion_tokens"] == 2
+
+
+def test_gpu_server_actor_killed_is_restarted_and_its_tenants_come_back(cluster) -> None:
+    cfg, status, _ = cluster
+    url = status["router"]["url"]
+    # The server the remaining assisted worker uses (which one survived the scale-down may vary).
+    before = wait_until(lambda: next((g for g in deploy.status(NAME)["gpu_servers"]
+                                      if g["assisted_workers"] and g["tenants"] >= 1), None), timeout_s=60)
+    assert before, deploy.format_status(deploy.status(NAME))
+    index = before["index"]
+    ray.kill(ray.get_actor(f"{NAME}-gpu-{index}", namespace=deploy.NAMESPACE), no_restart=False)
+
+    def back() -> Any:
+        now = deploy.status(NAME)
+        g = next(g for g in now["gpu_servers"] if g["index"] == index)
+        users = [w for w in now["workers"]["assisted"] if w["gpu_server"] == g["address"]]
+        ok = (g["state"] == "running" and g["pid"] != before["pid"] and g["tenants"] == len(users) >= 1
+              and all(w["registered"] for w in users))
+        return now if ok else None
+
+    # Ray restarts the actor on the same port; its assisted workers notice, reconnect, reload, register.
+    assert wait_until(back, timeout_s=90), deploy.format_status(deploy.status(NAME))
+    assert complete(url, max_tokens=4)["usage"]["completion_tokens"] == 4

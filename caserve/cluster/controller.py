@@ -36,6 +36,7 @@ from caserve.cluster.placement import ServerLoad, least_loaded
 
 logger = logging.getLogger(__name__)
 
+NAMESPACE = "caserve"  # Ray namespace of the controller and of every actor it creates
 CALL_TIMEOUT_S = 10.0
 OBSERVE_TIMEOUT_S = 3.0  # an actor still pending placement must not stall the control loop
 DRAIN_POLL_S = 0.25
@@ -146,7 +147,8 @@ class ClusterController:
 
     def _create(self, name: str, role: str, cls: type, args: tuple[Any, ...], options: dict[str, Any],
                 gpu_index: Optional[int] = None) -> Managed:
-        opts = {"max_restarts": -1, "max_task_retries": 0, "name": f"{self.cfg.name}-{name}", **options}
+        opts = {"max_restarts": -1, "max_task_retries": 0, "name": f"{self.cfg.name}-{name}", "namespace": NAMESPACE,
+                **options}
         handle = ray.remote(cls).options(**opts).remote(*args)
         self._note(f"created {name}")
         return Managed(name, role, handle, args, opts, gpu_index)

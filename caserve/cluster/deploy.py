@@ -16,12 +16,10 @@ from typing import Any, Optional
 import ray
 
 from caserve.cluster.config import ClusterConfig
-from caserve.cluster.controller import ClusterController
+from caserve.cluster.controller import NAMESPACE, ClusterController
 from caserve.cluster.errors import AlreadyRunning, NotRunning
 
 logger = logging.getLogger(__name__)
-
-NAMESPACE = "caserve"
 
 
 def runtime_env() -> dict[str, Any]:
