@@ -24,7 +24,7 @@ import ray
 
 from caserve.cluster import deploy
 from caserve.cluster.config import parse_config
-from caserve.cluster.errors import NotRunning
+from caserve.cluster.errors import NotRunning, StartupTimeout
 from caserve.models import DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +118,18 @@ def test_placement_gpu_servers_native_beside_them_assisted_on_cpu_nodes(cluster)
     assert free.get("GPU", 0) == 0 and free.get("fake_cpu_node") == 1  # 1 of 2 CPU-node slots taken
     reply = complete(status["router"]["url"], max_tokens=3)
     assert reply["usage"]["completion_tokens"] == 3
+
+
+def test_impossible_placement_is_a_typed_error_and_leaves_nothing_behind(cluster) -> None:
+    cfg, _, _ = cluster
+    greedy = cfg.model_copy(update={"name": "greedy", "gpu_servers": 1, "ready_timeout_s": 4.0})  # both GPUs taken
+    free_before = ray.available_resources().get("CPU")
+    with pytest.raises(StartupTimeout, match="gpu-0 was not placed"):
+        deploy.up(greedy)
+    with pytest.raises(NotRunning):
+        deploy.status("greedy")
+    assert wait_until(lambda: ray.available_resources().get("CPU") == free_before, timeout_s=20)
+    assert deploy.status(NAME)["router"]["state"] == "running"  # the other cluster is untouched
 
 
 def test_cli_status_from_another_driver(cluster) -> None:

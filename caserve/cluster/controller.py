@@ -90,7 +90,9 @@ class ClusterController:
         r = self.cfg.router
         self.router = self._create("router", "router", RouterActor, (self.cfg,),
                                    {"num_cpus": r.num_cpus, "resources": {r.resource: 0.001} if r.resource else {}})
-        await self._refresh(self.router)
+        await self._refresh(self.router, timeout_s=max(1.0, deadline - time.monotonic()))
+        if self.router.state != "running":
+            raise StartupTimeout(f"the router was not placed/started (free CPUs, '{r.resource}' resource?)")
         for server in self.gpu:
             for j in range(self.cfg.native_workers_per_gpu_server):
                 self._create_native(server, j)
@@ -353,6 +355,9 @@ class ClusterController:
         self._note(f"{w.name} drained and stopped")
 
     async def _stop(self, m: Managed) -> None:
+        if m.state not in ("running", "draining"):  # never placed, or gone: nothing to stop gracefully
+            ray.kill(m.handle, no_restart=True)
+            return
         try:
             await asyncio.wait_for(m.handle.stop.remote(), CALL_TIMEOUT_S * 2)
         except (ray.exceptions.RayActorError, asyncio.TimeoutError) as exc:
