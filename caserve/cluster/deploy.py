@@ -146,7 +146,8 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"  {n['node_id'][:12]} {n['ip']:<15} {'alive' if n['alive'] else 'DEAD':5} "
                      f"cpus={n['cpus']:g} gpus={n['gpus']:g} {extra}")
     r = s["router"]
-    lines += ["", f"router: {r.get('url', '-')} ({r.get('state')}, node {str(r.get('node_id', '-'))[:12]})", "",
+    lines += ["", f"router: {r.get('url', '-')} ({r.get('state')}, node {str(r.get('node_id', '-'))[:12]}, "
+                  f"process restarts {r.get('child_restarts', 0)})", "",
               "GPU servers:"]
     for g in s["gpu_servers"]:
         lines.append(f"  {g['name']:<8} {g.get('address', '-'):<22} {g['state']:<11} device={g.get('device', '-')} "
@@ -158,7 +159,8 @@ def format_status(s: dict[str, Any]) -> str:
         for w in workers:
             where = f" -> {w['gpu_server']}" if w.get("gpu_server") else ""
             lines.append(f"  {w['name']:<12} {w['state']:<11} registered={w['registered']} busy={w['busy']} "
-                         f"running={w['running']} node={str(w.get('node_id', '-'))[:12]}{where}")
+                         f"running={w['running']} restarts={w.get('child_restarts', 0)}+{w.get('recreated', 0)} "
+                         f"node={str(w.get('node_id', '-'))[:12]}{where}")
     q, a = s["queue"], s["autoscale"]
     lines += ["", f"queue: {q['length']} waiting, delay {q['delay_s']:.2f}s (target {q['target_delay_s']:.2f}s)",
               f"autoscale: {a['assisted']} assisted in [{a['min']}, {a['max']}], draining {a['draining'] or '-'}",
