@@ -71,13 +71,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         "name": NAME, "network": {"mode": "loopback"}, "gpu_servers": 2, "native_workers_per_gpu_server": 1,
         "router": {"port": free_port(), "max_batch": 1, "num_cpus": 0},
         "gpu_server": {"base_port": free_port(), "device": "cpu", "num_cpus": 0},
-        "resources": {"gpu_node": "fake_gpu_node", "cpu_node": "fake_cpu_node", "native_num_cpus": 1},
+        "resources": {"gpu_node": "fake_gpu_node", "cpu_node": "fake_cpu_node", "native_num_cpus": 1,
+                      "gpu_node_labels": {"caserve-gpu": "yes"}, "cpu_node_labels": {"caserve-cpu": "yes"}},
         "assisted": {"min": 1, "max": 2, "target_queue_delay_s": 0.3, "scale_up_cooldown_s": 1.0,
                      "scale_down_after_s": 2.0, "cpus_per_worker": 1, "drain_timeout_s": 60},
         "control_interval_s": 0.5, "ready_timeout_s": 150, "worker_step_delay_s": 0.05,
     })
-    # One host plays both roles: 2 "GPUs" and the GPU-node resource; 2 slots of the CPU-node resource.
-    ray.init(num_cpus=8, num_gpus=2, resources={"fake_gpu_node": 2, "fake_cpu_node": 2}, include_dashboard=False,
+    # One host plays both roles: 2 "GPUs", the GPU-node resource and label; 2 CPU-node slots and its label.
+    ray.init(num_cpus=8, num_gpus=2, resources={"fake_gpu_node": 2, "fake_cpu_node": 2},
+             labels={"caserve-gpu": "yes", "caserve-cpu": "yes"}, include_dashboard=False,
              namespace="cluster-tests", runtime_env={"env_vars": env}, log_to_driver=False)  # caserve names its own
     try:
         status = deploy.up(cfg)

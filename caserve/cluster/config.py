@@ -15,6 +15,8 @@
     resources:
       gpu_node: null             # optional custom resource a GPU server also requests
       cpu_node: caserve_cpu      # custom resource (1 per worker) that CPU-only nodes advertise
+      gpu_node_labels: {}        # and/or Ray node labels (ray start --labels), as label selectors
+      cpu_node_labels: {}
 
 Every field has a default; unknown fields are refused (a typo must not silently fall back to one).
 """
@@ -48,6 +50,7 @@ class AssistedConfig(_Strict):
     scale_up_cooldown_s: float = Field(5.0, ge=0, description="least time between two scale-ups (workers take time to load)")
     scale_down_after_s: float = Field(30.0, ge=0, description="quiet time (delay under the low mark, queue empty) before a scale-down")
     drain_timeout_s: float = Field(300.0, gt=0, description="longest wait for a draining worker's running batch")
+    placement_timeout_s: float = Field(120.0, gt=0, description="a new worker Ray has not placed by then is given up")
     cpus_per_worker: float = Field(1.0, gt=0)
     threads: int = Field(1, ge=1, description="torch threads per assisted worker")
 
@@ -86,6 +89,8 @@ class ResourcesConfig(_Strict):
     gpu_node: Optional[str] = Field(None, description="custom resource a GPU server requests 0.001 of, besides 1 GPU")
     cpu_node: Optional[str] = Field("caserve_cpu", description="custom resource each assisted worker requests 1 of")
     native_num_cpus: float = Field(1.0, ge=0)
+    gpu_node_labels: dict[str, str] = Field(default_factory=dict, description="Ray label selector of GPU servers")
+    cpu_node_labels: dict[str, str] = Field(default_factory=dict, description="Ray label selector of assisted workers")
 
 
 class ClusterConfig(_Strict):

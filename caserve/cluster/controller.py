@@ -163,7 +163,8 @@ class ClusterController:
             raise ClusterError("no GPU servers: the Ray cluster has no GPUs (set gpu_servers, or add GPU nodes)")
         resources = {self.cfg.resources.gpu_node: 0.001} if self.cfg.resources.gpu_node else {}
         for i in range(count):
-            opts = {"num_gpus": 1, "num_cpus": self.cfg.gpu_server.num_cpus, "resources": resources}
+            opts = {"num_gpus": 1, "num_cpus": self.cfg.gpu_server.num_cpus, "resources": resources,
+                    **_selector(self.cfg.resources.gpu_node_labels)}
             self.gpu.append(self._create(f"gpu-{i}", "gpu-server", GPUServerActor, (self.cfg, i), opts, gpu_index=i))
         for server in self.gpu:
             await self._refresh(server, timeout_s=max(1.0, deadline - time.monotonic()))
@@ -188,7 +189,8 @@ class ClusterController:
         resources = {self.cfg.resources.cpu_node: 1} if self.cfg.resources.cpu_node else {}
         w = self._create(name, "assisted", WorkerActor,
                          (self.cfg, name, "assisted", self._router_url(), server.info["address"], None),
-                         {"num_cpus": self.cfg.assisted.cpus_per_worker, "resources": resources}, gpu_index=index)
+                         {"num_cpus": self.cfg.assisted.cpus_per_worker, "resources": resources,
+                          **_selector(self.cfg.resources.cpu_node_labels)}, gpu_index=index)
         self.workers[name] = w
         self._note(f"{name} -> GPU server {index} ({server.info['address']})")
         return w
@@ -235,6 +237,7 @@ class ClusterController:
     async def _control_once(self) -> None:
         await self._observe()
         await self._recreate_dead()
+        await self._give_up_unplaced()
         sample = await self._sample()
         if sample is None:
             return
@@ -260,6 +263,16 @@ class ClusterController:
                 task = asyncio.create_task(self._drain_and_stop(victim))
                 self._drains.add(task)
                 task.add_done_callback(self._drains.discard)
+
+    async def _give_up_unplaced(self) -> None:
+        """An assisted worker Ray could not place (labels, a race for the last slot) would count as
+        loading for ever and hold the autoscaler: stop it after ``placement_timeout_s``."""
+        now = time.monotonic()
+        for w in self._assisted():
+            if w.state == "starting" and now - w.created > self.cfg.assisted.placement_timeout_s:
+                self._note(f"{w.name} not placed after {self.cfg.assisted.placement_timeout_s:.0f}s; giving up")
+                await self._stop(w)
+                self.workers.pop(w.name, None)
 
     def _free_cpu_slots(self) -> int:
         """Assisted workers Ray could place now (a worker that cannot be placed would stay pending,
@@ -375,6 +388,11 @@ class ClusterController:
     def _note(self, text: str) -> None:
         logger.info("%s", text)
         self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
+
+
+def _selector(labels: dict[str, str]) -> dict[str, Any]:
+    """Ray's ``label_selector`` option, only when labels are configured (older Ray has no such option)."""
+    return {"label_selector": dict(labels)} if labels else {}
 
 
 def type_of(m: Managed) -> type:
