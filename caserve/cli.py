@@ -175,7 +175,11 @@ def cluster_up(
         cfg = load_config(config)
         local = deploy.local_resources(cfg, local_gpus)
         owns_ray = deploy.connect(address, **({} if address else local))
-        typer.echo(deploy.format_status(deploy.up(cfg)))
+        report = deploy.up(cfg)
+        typer.echo(deploy.format_status(report))
+        typer.echo(f"\nOpenAI-compatible API: {report['router']['url']}/v1")
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
     except ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from None
     except ClusterError as exc:

@@ -72,6 +72,10 @@ class GPUServerActor:
         token = g.token_file.read_text().strip() if g.token_file else None
         self.host = "127.0.0.1" if cfg.loopback else ray.util.get_node_ip_address()
         self.gpu_ids = [str(i) for i in ray.get_gpu_ids()]
+        if g.threads:
+            import torch
+
+            torch.set_num_threads(g.threads)
         self.server = GPUServer(g.device, token, g.tenant_memory_limit)
         self.listener = Listener(self.server, self.host, g.base_port + index).start()
         self.started = time.time()

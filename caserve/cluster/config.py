@@ -76,6 +76,7 @@ class GPUServerConfig(_Strict):
     token_file: Optional[Path] = Field(None, description="same path on every node; required in cluster mode")
     tenant_memory_limit: str = "0"
     num_cpus: float = Field(1.0, ge=0)
+    threads: int = Field(0, ge=0, description="torch intra-op threads of the server (0: torch's default)")
 
 
 class NetworkConfig(_Strict):
