@@ -174,12 +174,15 @@ class ClusterController:
 
     def _create_native(self, server: Managed, j: int) -> None:
         name = f"native-{server.gpu_index}-{j}"
+        args, options = self._native_spec(server, name)
+        self.workers[name] = self._create(name, "native", WorkerActor, args, options, gpu_index=server.gpu_index)
+
+    def _native_spec(self, server: Managed, name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Beside ``server`` as it is now: its node (hard affinity) and its GPU ids."""
         strategy = NodeAffinitySchedulingStrategy(node_id=server.info["node_id"], soft=False)
         cuda = ",".join(server.info.get("gpu_ids", []))
-        self.workers[name] = self._create(
-            name, "native", WorkerActor, (self.cfg, name, "native", self._router_url(), None, cuda),
-            {"num_cpus": self.cfg.resources.native_num_cpus, "scheduling_strategy": strategy},
-            gpu_index=server.gpu_index)
+        return ((self.cfg, name, "native", self._router_url(), None, cuda),
+                {"num_cpus": self.cfg.resources.native_num_cpus, "scheduling_strategy": strategy})
 
     async def _create_assisted(self) -> Managed:
         index = await self._pick_gpu_server()
@@ -237,6 +240,7 @@ class ClusterController:
     async def _control_once(self) -> None:
         await self._observe()
         await self._recreate_dead()
+        await self._follow_gpu_servers()
         await self._give_up_unplaced()
         sample = await self._sample()
         if sample is None:
@@ -332,8 +336,35 @@ class ClusterController:
             if m.state != "dead" or self._stopping:
                 continue
             self._note(f"{m.name} is dead; creating it again")
+            if m.role == "native" and m.gpu_index is not None and self.gpu[m.gpu_index].info:
+                args, options = self._native_spec(self.gpu[m.gpu_index], m.name)
+                m.args, m.options = args, {**m.options, **options}
             m.handle = ray.remote(type_of(m)).options(**m.options).remote(*m.args)
-            m.state, m.recreated = "starting", m.recreated + 1
+            m.state, m.recreated, m.created = "starting", m.recreated + 1, time.monotonic()
+
+    async def _follow_gpu_servers(self) -> None:
+        """A GPU server Ray restarted elsewhere (its node was lost) has a new address or GPU ids: native
+        workers are made anew beside it, assisted workers still dialing the old address are replaced
+        (they serve nothing while their server is unreachable, so there is nothing to drain)."""
+        for w in list(self.workers.values()):
+            server = self.gpu[w.gpu_index] if w.gpu_index is not None else None
+            if server is None or server.state != "running" or w.state in ("draining", "dead"):
+                continue
+            if w.role == "native":
+                args, options = self._native_spec(server, w.name)
+                stale = (w.args[5] != args[5]
+                         or w.options["scheduling_strategy"].node_id != options["scheduling_strategy"].node_id)
+            else:
+                stale = w.args[4] != server.info["address"]
+            if not stale:
+                continue
+            self._note(f"{w.name}: {server.name} moved to {server.info['address']}; replacing it")
+            await self._stop(w)
+            self.workers.pop(w.name, None)
+            if w.role == "native":
+                self._create_native(server, int(w.name.rsplit("-", 1)[1]))
+            else:
+                await self._create_assisted()
 
     def _registered(self) -> dict[str, dict[str, Any]]:
         """Workers the router knows, by id (from the last ``/health``)."""
