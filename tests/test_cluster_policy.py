@@ -182,3 +182,46 @@ def test_shipped_config_and_kuberay_manifest_agree() -> None:
     service = next(d for d in docs if d["kind"] == "Service")
     assert service["spec"]["ports"][0]["targetPort"] == cfg.router.port
     assert str(cfg.gpu_server.token_file) in json.dumps(ray_cluster)  # the Secret is mounted where the config reads it
+
+
+def test_controller_follows_a_gpu_server_restarted_on_another_node() -> None:
+    """Without Ray: actor creation and stopping are recorded instead of done."""
+    from caserve.cluster.controller import ClusterController, Managed
+
+    async def scenario() -> None:
+        ctrl = ClusterController(parse_config(LOOPBACK))
+        created, stopped = [], []
+
+        def fake_create(name, role, cls, args, options, gpu_index=None):  # noqa: ANN001, ANN202
+            created.append(name)
+            return Managed(name, role, None, args, options, gpu_index, state="running")
+
+        async def fake_stop(m: Managed) -> None:
+            stopped.append(m.name)
+
+        ctrl._create, ctrl._stop = fake_create, fake_stop  # type: ignore[method-assign]
+        ctrl.router = Managed("router", "router", None, (), {}, state="running", info={"url": "http://r:8000"})
+        server = Managed("gpu-0", "gpu-server", None, (), {}, 0, state="running",
+                         info={"index": 0, "address": "10.0.0.1:7070", "node_id": "a" * 56, "gpu_ids": ["3"]})
+        ctrl.gpu = [server]
+        ctrl._create_native(server, 0)
+        ctrl.workers["assisted-0"] = Managed("assisted-0", "assisted", None,
+                                             (ctrl.cfg, "assisted-0", "assisted", "http://r:8000", "10.0.0.1:7070", None),
+                                             {}, 0, state="running")
+        await ctrl._follow_gpu_servers()
+        assert stopped == []  # nothing moved: nothing replaced
+        server.info = {**server.info, "address": "10.0.0.2:7070", "node_id": "b" * 56, "gpu_ids": ["1"]}
+        assisted_made = []
+
+        async def fake_create_assisted() -> Managed:
+            assisted_made.append(True)
+            return Managed("assisted-1", "assisted", None, (), {}, 0)
+
+        ctrl._create_assisted = fake_create_assisted  # type: ignore[method-assign]
+        await ctrl._follow_gpu_servers()
+        assert sorted(stopped) == ["assisted-0", "native-0-0"] and assisted_made == [True]
+        native = ctrl.workers["native-0-0"]
+        assert native.options["scheduling_strategy"].node_id == "b" * 56 and native.args[5] == "1"
+        await ctrl._http.aclose()
+
+    asyncio.run(scenario())
