@@ -251,3 +251,32 @@ def test_gpu_server_actor_killed_is_restarted_and_its_tenants_come_back(cluster)
     # Ray restarts the actor on the same port; its assisted workers notice, reconnect, reload, register.
     assert wait_until(back, timeout_s=90), deploy.format_status(deploy.status(NAME))
     assert complete(url, max_tokens=4)["usage"]["completion_tokens"] == 4
+
+
+def test_restarted_controller_adopts_the_running_deployment(cluster) -> None:
+    cfg, status, _ = cluster
+    url = status["router"]["url"]
+
+    def processes(report: dict[str, Any]) -> dict[str, Any]:
+        out = {"router": report["router"]["child_pid"]}
+        out.update({g["name"]: g["pid"] for g in report["gpu_servers"]})
+        out.update({w["name"]: w["child_pid"] for ws in report["workers"].values() for w in ws})
+        return out
+
+    before = wait_until(lambda: (lambda s: s if all(w["registered"] for ws in s["workers"].values() for w in ws)
+                                 else None)(deploy.status(NAME)), timeout_s=60)
+    assert before, deploy.format_status(deploy.status(NAME))
+    ray.kill(ray.get_actor(deploy.controller_name(NAME), namespace=deploy.NAMESPACE), no_restart=False)
+
+    def adopted() -> Any:
+        try:
+            now = deploy.status(NAME)
+        except ray.exceptions.RayError:  # still restarting
+            return None
+        done = any("controller restarted: adopted 2 GPU server(s), a router" in e for e in now["events"])
+        return now if done and all(w["registered"] for ws in now["workers"].values() for w in ws) else None
+
+    after = wait_until(adopted, timeout_s=60)
+    assert after, "the restarted controller did not adopt the deployment"
+    assert processes(after) == processes(before)  # nothing was restarted: serving went on
+    assert complete(url, max_tokens=3)["usage"]["completion_tokens"] == 3

@@ -40,12 +40,15 @@ def _node() -> dict[str, Any]:
 
     ctx = ray.get_runtime_context()
     return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
-            "reconstructed": _reconstructed()}
+            "reconstructed": reconstructed()}
 
 
-def _reconstructed() -> bool:
+def reconstructed() -> bool:
+    """Whether Ray restarted the calling actor (False outside an actor)."""
     import ray
 
+    if not ray.is_initialized():
+        return False
     with warnings.catch_warnings():  # Ray 2.x marks the property deprecated without a replacement
         warnings.simplefilter("ignore")
         try:

@@ -28,7 +28,7 @@ import httpx
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from caserve.cluster.actors import GPUServerActor, RouterActor, WorkerActor
+from caserve.cluster.actors import GPUServerActor, RouterActor, WorkerActor, reconstructed
 from caserve.cluster.autoscale import Autoscaler, QueueDelayEstimator, parse_router_metrics
 from caserve.cluster.config import ClusterConfig
 from caserve.cluster.errors import ClusterError, StartupTimeout
@@ -77,6 +77,8 @@ class ClusterController:
         self._stopping = False
         self._full_noted = False
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(CALL_TIMEOUT_S, connect=3.0))
+        if reconstructed():  # Ray restarted this controller: take over what the previous one ran
+            self._loop = asyncio.get_running_loop().create_task(self._adopt_then_control())
 
     # ------------------------------------------------------------------------------------ public
 
@@ -87,12 +89,11 @@ class ClusterController:
             return await self.status()
         deadline = time.monotonic() + self.cfg.ready_timeout_s
         await self._place_gpu_servers(deadline)
-        r = self.cfg.router
-        self.router = self._create("router", "router", RouterActor, (self.cfg,),
-                                   {"num_cpus": r.num_cpus, "resources": {r.resource: 0.001} if r.resource else {}})
+        self.router = self._create("router", "router", RouterActor, *self._router_spec())
         await self._refresh(self.router, timeout_s=max(1.0, deadline - time.monotonic()))
         if self.router.state != "running":
-            raise StartupTimeout(f"the router was not placed/started (free CPUs, '{r.resource}' resource?)")
+            raise StartupTimeout(f"the router was not placed/started (free CPUs, "
+                                 f"'{self.cfg.router.resource}' resource?)")
         for server in self.gpu:
             for j in range(self.cfg.native_workers_per_gpu_server):
                 self._create_native(server, j)
@@ -149,11 +150,30 @@ class ClusterController:
 
     def _create(self, name: str, role: str, cls: type, args: tuple[Any, ...], options: dict[str, Any],
                 gpu_index: Optional[int] = None) -> Managed:
-        opts = {"max_restarts": -1, "max_task_retries": 0, "name": f"{self.cfg.name}-{name}", "namespace": NAMESPACE,
-                **options}
+        opts = self._full_options(name, options)
         handle = ray.remote(cls).options(**opts).remote(*args)
         self._note(f"created {name}")
         return Managed(name, role, handle, args, opts, gpu_index)
+
+    def _full_options(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
+        """Named (``<cluster>-<name>``) and detached: a restarted controller finds and adopts them."""
+        return {"max_restarts": -1, "max_task_retries": 0, "name": f"{self.cfg.name}-{name}",
+                "namespace": NAMESPACE, "lifetime": "detached", **options}
+
+    def _gpu_spec(self, i: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        resources = {self.cfg.resources.gpu_node: 0.001} if self.cfg.resources.gpu_node else {}
+        return (self.cfg, i), {"num_gpus": 1, "num_cpus": self.cfg.gpu_server.num_cpus, "resources": resources,
+                               **_selector(self.cfg.resources.gpu_node_labels)}
+
+    def _router_spec(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        r = self.cfg.router
+        return (self.cfg,), {"num_cpus": r.num_cpus, "resources": {r.resource: 0.001} if r.resource else {}}
+
+    def _assisted_spec(self, name: str, gpu_address: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        resources = {self.cfg.resources.cpu_node: 1} if self.cfg.resources.cpu_node else {}
+        return ((self.cfg, name, "assisted", self._router_url(), gpu_address, None),
+                {"num_cpus": self.cfg.assisted.cpus_per_worker, "resources": resources,
+                 **_selector(self.cfg.resources.cpu_node_labels)})
 
     async def _place_gpu_servers(self, deadline: float) -> None:
         count = self.cfg.gpu_servers
@@ -161,11 +181,8 @@ class ClusterController:
             count = int(ray.cluster_resources().get("GPU", 0))
         if count == 0 and (self.cfg.assisted.max or self.cfg.native_workers_per_gpu_server):
             raise ClusterError("no GPU servers: the Ray cluster has no GPUs (set gpu_servers, or add GPU nodes)")
-        resources = {self.cfg.resources.gpu_node: 0.001} if self.cfg.resources.gpu_node else {}
         for i in range(count):
-            opts = {"num_gpus": 1, "num_cpus": self.cfg.gpu_server.num_cpus, "resources": resources,
-                    **_selector(self.cfg.resources.gpu_node_labels)}
-            self.gpu.append(self._create(f"gpu-{i}", "gpu-server", GPUServerActor, (self.cfg, i), opts, gpu_index=i))
+            self.gpu.append(self._create(f"gpu-{i}", "gpu-server", GPUServerActor, *self._gpu_spec(i), gpu_index=i))
         for server in self.gpu:
             await self._refresh(server, timeout_s=max(1.0, deadline - time.monotonic()))
             if server.state != "running":
@@ -189,11 +206,8 @@ class ClusterController:
         server = self.gpu[index]
         name = f"assisted-{self._next_assisted}"
         self._next_assisted += 1
-        resources = {self.cfg.resources.cpu_node: 1} if self.cfg.resources.cpu_node else {}
-        w = self._create(name, "assisted", WorkerActor,
-                         (self.cfg, name, "assisted", self._router_url(), server.info["address"], None),
-                         {"num_cpus": self.cfg.assisted.cpus_per_worker, "resources": resources,
-                          **_selector(self.cfg.resources.cpu_node_labels)}, gpu_index=index)
+        w = self._create(name, "assisted", WorkerActor, *self._assisted_spec(name, server.info["address"]),
+                         gpu_index=index)
         self.workers[name] = w
         self._note(f"{name} -> GPU server {index} ({server.info['address']})")
         return w
@@ -228,6 +242,15 @@ class ClusterController:
         missing = [w.name for w in self.workers.values() if w.name not in self._registered()]
         raise StartupTimeout(f"not ready after {self.cfg.ready_timeout_s:.0f}s: router {self.router.state}, "
                              f"unregistered workers {missing}")
+
+    async def _adopt_then_control(self) -> None:
+        from caserve.cluster.adopt import adopt
+
+        try:
+            await adopt(self)
+        except Exception:  # noqa: BLE001 - keep controlling whatever was adopted
+            logger.exception("adopting the running deployment failed")
+        await self._control_forever()
 
     async def _control_forever(self) -> None:
         while not self._stopping:
@@ -335,6 +358,10 @@ class ClusterController:
         for m in self.gpu + ([self.router] if self.router else []) + list(self.workers.values()):
             if m.state != "dead" or self._stopping:
                 continue
+            if not m.args:  # adopted without knowing how it was made (its info was unavailable)
+                self._note(f"{m.name} is dead and cannot be made again; forgetting it")
+                self.workers.pop(m.name, None)
+                continue
             self._note(f"{m.name} is dead; creating it again")
             if m.role == "native" and m.gpu_index is not None and self.gpu[m.gpu_index].info:
                 args, options = self._native_spec(self.gpu[m.gpu_index], m.name)
@@ -348,7 +375,7 @@ class ClusterController:
         (they serve nothing while their server is unreachable, so there is nothing to drain)."""
         for w in list(self.workers.values()):
             server = self.gpu[w.gpu_index] if w.gpu_index is not None else None
-            if server is None or server.state != "running" or w.state in ("draining", "dead"):
+            if server is None or server.state != "running" or w.state in ("draining", "dead") or not w.args:
                 continue
             if w.role == "native":
                 args, options = self._native_spec(server, w.name)

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import ray
 
 from caserve.cluster.config import ClusterConfig
+from caserve.cluster.adopt import deployed_names
 from caserve.cluster.controller import NAMESPACE, ClusterController
 from caserve.cluster.errors import AlreadyRunning, NotRunning
 
@@ -101,9 +102,14 @@ def up(cfg: ClusterConfig) -> dict[str, Any]:
         pass
     else:
         raise AlreadyRunning(f"caserve cluster '{cfg.name}' is already up (`caserve cluster down` first)")
+    leftovers = deployed_names(cfg.name)
+    if leftovers:
+        raise AlreadyRunning(f"actors of caserve cluster '{cfg.name}' still exist without a controller "
+                             f"({', '.join(leftovers)}): `caserve cluster down --name {cfg.name}` first")
+    # Restartable: a restarted controller adopts the (detached) actors of its predecessor.
     controller = ray.remote(ClusterController).options(
         name=controller_name(cfg.name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
-        max_restarts=0, runtime_env=runtime_env()).remote(cfg)
+        max_restarts=-1, runtime_env=runtime_env()).remote(cfg)
     try:
         return ray.get(controller.start.remote(), timeout=cfg.ready_timeout_s + 30)
     except BaseException:
@@ -117,8 +123,22 @@ def status(name: str = "caserve") -> dict[str, Any]:
 
 
 def down(name: str = "caserve") -> None:
-    """Drain and stop every worker, then the router, the GPU servers and the controller."""
-    _stop(find_controller(name))
+    """Drain and stop every worker, then the router, the GPU servers and the controller; then kill
+    whatever actor of the cluster is left (a controller that was killed for good leaves its actors)."""
+    try:
+        controller = find_controller(name)
+    except NotRunning:
+        if not deployed_names(name):
+            raise
+        controller = None
+    if controller is not None:
+        _stop(controller)
+    for short in deployed_names(name):
+        logger.warning("killing leftover actor %s-%s", name, short)
+        try:
+            ray.kill(ray.get_actor(f"{name}-{short}", namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            pass
 
 
 def _stop(controller: Any) -> None:
