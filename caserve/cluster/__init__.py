@@ -3,6 +3,7 @@
 * :mod:`~caserve.cluster.config`     the cluster YAML (pydantic schema)
 * :mod:`~caserve.cluster.deploy`     driver side: connect to Ray, start/find/stop the controller, status text
 * :mod:`~caserve.cluster.controller` the detached controller actor: placement, restarts, autoscaling, draining
+* :mod:`~caserve.cluster.adopt`      a restarted controller takes over its predecessor's actors
 * :mod:`~caserve.cluster.actors`     GPU server, router and worker actors (one per real process)
 * :mod:`~caserve.cluster.processes`  supervised ``caserve`` subprocesses that die with their actor
 * :mod:`~caserve.cluster.autoscale`  queue-delay signal and scaling policy (pure)
