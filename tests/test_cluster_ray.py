@@ -37,6 +37,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_pair() -> int:
+    """A port p with p + 1 free too (GPU server i listens on base_port + i)."""
+    for _ in range(50):
+        base = free_port()
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", base + 1))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports")
+
+
 def wait_until(predicate: Callable[[], Any], timeout_s: float, interval_s: float = 0.5) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -70,7 +83,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     cfg = parse_config({
         "name": NAME, "network": {"mode": "loopback"}, "gpu_servers": 2, "native_workers_per_gpu_server": 1,
         "router": {"port": free_port(), "max_batch": 1, "num_cpus": 0},
-        "gpu_server": {"base_port": free_port(), "device": "cpu", "num_cpus": 0},
+        "gpu_server": {"base_port": free_port_pair(), "device": "cpu", "num_cpus": 0},
         "resources": {"gpu_node": "fake_gpu_node", "cpu_node": "fake_cpu_node", "native_num_cpus": 1,
                       "gpu_node_labels": {"caserve-gpu": "yes"}, "cpu_node_labels": {"caserve-cpu": "yes"}},
         "assisted": {"min": 1, "max": 2, "target_queue_delay_s": 0.3, "scale_up_cooldown_s": 1.0,

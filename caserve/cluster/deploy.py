@@ -115,6 +115,7 @@ def up(cfg: ClusterConfig) -> dict[str, Any]:
     except BaseException:
         logger.error("cluster did not come up; stopping what was started")
         _stop(controller)
+        _kill_leftovers(cfg.name)
         raise
 
 
@@ -133,11 +134,15 @@ def down(name: str = "caserve") -> None:
         controller = None
     if controller is not None:
         _stop(controller)
+    _kill_leftovers(name)
+
+
+def _kill_leftovers(name: str) -> None:
     for short in deployed_names(name):
         logger.warning("killing leftover actor %s-%s", name, short)
         try:
             ray.kill(ray.get_actor(f"{name}-{short}", namespace=NAMESPACE), no_restart=True)
-        except ValueError:
+        except ValueError:  # gone meanwhile
             pass
 
 
