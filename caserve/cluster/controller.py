@@ -187,8 +187,9 @@ class ClusterController:
         for server in self.gpu:
             await self._refresh(server, timeout_s=max(1.0, deadline - time.monotonic()))
             if server.state == "dead":
-                raise StartupTimeout(f"{server.name} died while starting (port {self.cfg.gpu_server.base_port + int(server.gpu_index or 0)} "
-                                     f"in use, or no device? see `ray logs` of GPUServerActor)")
+                port = self.cfg.gpu_server.base_port + int(server.gpu_index or 0)
+                raise StartupTimeout(f"{server.name} died while starting (port {port} in use, or no device? "
+                                     f"see the GPUServerActor's Ray log)")
             if server.state != "running":
                 raise StartupTimeout(f"{server.name} was not placed/started (enough GPUs and "
                                      f"'{self.cfg.resources.gpu_node}' resources?)")
