@@ -9,7 +9,9 @@
      └─ WorkerActor assisted × [min, max]   1 of resources.cpu_node each, GPU server by tenant load
 
 Every actor is detached and named, so it outlives the controller; a controller Ray restarted adopts
-them (:mod:`caserve.cluster.adopt`). Every ``control_interval_s`` the controller (1) asks every actor for its info; an actor Ray reports as
+them (:mod:`caserve.cluster.adopt`).
+
+Every ``control_interval_s`` the controller (1) asks every actor for its info; an actor Ray reports as
 dead for good is created again (Ray itself restarts crashed ones: ``max_restarts=-1``); (2) reads the
 router's ``/metrics`` and ``/health``; (3) lets :class:`~caserve.cluster.autoscale.Autoscaler` size the
 assisted pool. A scale-down drains: ``POST /internal/workers/{id}/drain`` (the router sends it no new
