@@ -87,6 +87,7 @@ def test_failing_op_raises_at_sync_with_op_name_and_client_stays_usable(local_de
 
 @pytest.mark.parametrize("bad", [
     P.DefineOp(77, "aten.from_file.default", ["/etc/passwd"], {}, []),
+    P.DefineOp(76, "aten.resize_.default", [{"$t": [0, "float32", [4], [1], 0]}, [1 << 40]], {}, []),
     P.DefineOp(78, "os.system.default", ["true"], {}, []),
     P.DefineOp(79, "aten.add.Tensor", [{"$t": [0, "float32", [1000], [1], 0]}, 1], {}, [("float32", (1000,), (1,), 0)]),
     P.Run(123456, [1], [2]),

@@ -56,7 +56,7 @@ def test_models_lists_every_registered_model(client) -> None:
     assert client.models.retrieve(TINY).id == TINY
 
 
-def test_completion_with_timings_and_usage(client) -> None:
+def test_completion_with_timings_and_usage(cluster: Cluster, client) -> None:
     resp = client.completions.create(model=TINY, prompt="Hello there", max_tokens=12, temperature=0,
                                      extra_body={"ignore_eos": True})
     choice = resp.choices[0]
@@ -69,6 +69,12 @@ def test_completion_with_timings_and_usage(client) -> None:
     assert t["jct_s"] == pytest.approx(t["finish"] - t["arrival"], abs=1e-5)
     assert t["queue_delay_s"] == pytest.approx(t["dispatch"] - t["arrival"], abs=1e-5)
     assert t["attempts"] == 1
+    router_log = next(p for p in cluster.procs if p.name == "router").log
+    cluster.wait_for("the request's log line", lambda: f"request {t['request_id']} " in router_log.read_text())
+    line = next(x for x in router_log.read_text().splitlines() if f"request {t['request_id']} " in x)
+    logged = json.loads(line.split(" timings=", 1)[1])
+    assert {k: logged[k] for k in ("arrival", "dispatch", "first_token", "finish", "worker_id", "worker_kind")} == {
+        k: t[k] for k in ("arrival", "dispatch", "first_token", "finish", "worker_id", "worker_kind")}
 
 
 def test_greedy_is_deterministic_and_seeded_sampling_repeats(client) -> None:
@@ -147,6 +153,9 @@ def test_embeddings_float_and_base64(client) -> None:
     default = client.embeddings.create(model=EMB, input="hello world")  # the client asks for base64
     assert default.data[0].embedding == pytest.approx(v0, abs=1e-5)
     assert v0 != pytest.approx(resp.data[1].embedding, abs=1e-3)
+    short = client.embeddings.create(model=EMB, input="hello world", dimensions=8, encoding_format="float")
+    assert len(short.data[0].embedding) == 8
+    assert math.sqrt(sum(x * x for x in short.data[0].embedding)) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_real_minilm_embeddings_match_sentence_transformers_pooling(client) -> None:

@@ -36,15 +36,17 @@ def running(c: Cluster) -> list[str]:
     return [j for w in c.workers() for j in w["running"]]
 
 
-def wait_idle(c: Cluster) -> dict:
-    c.wait_for("worker idle", lambda: not running(c) and not c.health()["models"][TINY]["queue"], timeout=60)
+def wait_idle(c: Cluster, batches_before: int = 0) -> dict:
+    """The single worker once it has reported the end of its batch (``busy`` clears only then)."""
+    c.wait_for("worker idle", lambda: not c.health()["models"][TINY]["queue"] and all(
+        not w["busy"] and w["batches_done"] > batches_before for w in c.workers()), timeout=60)
     return c.workers()[0]
 
 
 def test_queued_compatible_requests_run_as_one_batch(one_slow_worker: Cluster) -> None:
     c = one_slow_worker
     with cf.ThreadPoolExecutor(4) as pool:
-        first = pool.submit(complete, c.url, 60)
+        first = pool.submit(complete, c.url, 200)  # >= 2 s: time to queue the others
         c.wait_for("first request running", lambda: len(running(c)) == 1)
         rest = [pool.submit(complete, c.url, 8, prompt=p) for p in ("a", "bb", "ccc")]
         c.wait_for("three requests queued", lambda: c.health()["models"][TINY]["queue"] == 3)
@@ -61,7 +63,7 @@ def test_queued_compatible_requests_run_as_one_batch(one_slow_worker: Cluster) -
 def test_full_queue_answers_429_with_retry_after(one_slow_worker: Cluster) -> None:
     c = one_slow_worker
     with cf.ThreadPoolExecutor(4) as pool:
-        first = pool.submit(complete, c.url, 60)
+        first = pool.submit(complete, c.url, 200)  # >= 2 s: time to queue the others
         c.wait_for("first request running", lambda: len(running(c)) == 1)
         queued = [pool.submit(complete, c.url, 4) for _ in range(3)]
         c.wait_for("queue full", lambda: c.health()["models"][TINY]["queue"] == 3)
@@ -77,12 +79,14 @@ def test_full_queue_answers_429_with_retry_after(one_slow_worker: Cluster) -> No
 def test_stream_disconnect_cancels_and_frees_the_worker(one_slow_worker: Cluster) -> None:
     c = one_slow_worker
     before = c.metric("caserve_requests_total", outcome="cancelled")
+    batches = c.workers()[0]["batches_done"]
     with httpx.stream("POST", f"{c.url}/v1/completions", timeout=60, json={
             "model": TINY, "prompt": "long", "max_tokens": 800, "stream": True, "ignore_eos": True}) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i >= 6:
                 break  # leaving the block closes the connection mid-stream
-    worker = wait_idle(c)
+    worker = wait_idle(c, batches)
+    assert worker["batches_done"] == batches + 1 and worker["last_batch"]["jobs"] == 1
     assert worker["last_batch"]["generated_tokens"] < 800  # the worker stopped generating early
     assert c.metric("caserve_requests_total", outcome="cancelled") == before + 1
     assert complete(c.url, 3).status_code == 200
@@ -91,10 +95,12 @@ def test_stream_disconnect_cancels_and_frees_the_worker(one_slow_worker: Cluster
 def test_non_stream_disconnect_cancels_and_frees_the_worker(one_slow_worker: Cluster) -> None:
     c = one_slow_worker
     before = c.metric("caserve_requests_total", outcome="cancelled")
+    batches = c.workers()[0]["batches_done"]
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{c.url}/v1/completions", timeout=httpx.Timeout(60, read=1.0), json={
             "model": TINY, "prompt": "long", "max_tokens": 800, "ignore_eos": True})
-    worker = wait_idle(c)
+    worker = wait_idle(c, batches)
+    assert worker["batches_done"] == batches + 1 and worker["last_batch"]["jobs"] == 1
     assert worker["last_batch"]["generated_tokens"] < 800
     assert c.metric("caserve_requests_total", outcome="cancelled") == before + 1
 
@@ -121,18 +127,18 @@ def test_policy_decides_between_waiting_for_fast_and_taking_slow(fast_and_slow) 
     c.wait_for("estimates for both workers",
                 lambda: {"fast", "slow"} <= set(c.health()["service_estimates"]) and not running(c))
     with cf.ThreadPoolExecutor(2) as pool:
-        long = pool.submit(client.completions.create, model=TINY, prompt="long", max_tokens=60, temperature=0,
+        long = pool.submit(client.completions.create, model=TINY, prompt="long", max_tokens=100, temperature=0,
                            extra_body={"ignore_eos": True})
         c.wait_for("long request running", lambda: len(running(c)) == 1)
         busy = [w["id"] for w in c.workers() if w["running"]][0]
-        short = client.completions.create(model=TINY, prompt="short", max_tokens=10, temperature=0,
+        short = client.completions.create(model=TINY, prompt="short", max_tokens=20, temperature=0,
                                           extra_body={"ignore_eos": True})
         long_t = long.result().model_extra["timings"]
     short_t = short.model_extra["timings"]
     assert long_t["worker_id"] == busy
     if policy == "fcfs":  # the shared FIFO never waits while a worker is idle
         assert short_t["worker_id"] != busy
-    else:  # ECT: 10 steps on the slow worker (~2 s) end later than waiting for the fast one
+    else:  # ECT: 20 steps on the slow worker (~4 s) end later than waiting for the fast one (~1.2 s)
         assert busy == "fast"
         assert short_t["worker_id"] == "fast"
         assert short_t["dispatch"] >= long_t["finish"]  # it waited for the fast worker to finish

@@ -202,6 +202,11 @@ class Session:
                 self._lost(ConnectionLost(f"out-of-order reply (kind {kind}) from the server"))
             if reply.error is not None:
                 err = reply.error
+                if err.op == "DefineOp":
+                    # The server refused a template this client cached: forget every plan, so that no
+                    # later op names the missing template.
+                    self.cache.clear()
+                    self.emit(P.ResetTemplates())
                 cls = QuotaExceeded if err.code == "quota_exceeded" else RemoteOpError
                 raise cls(err.op, err.message, err.code)
             return reply.value, payloads

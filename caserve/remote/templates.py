@@ -21,6 +21,9 @@ DENIED_OPS = frozenset(
     {"from_file", "_from_file", "set_", "record_stream", "_pin_memory", "pin_memory", "_cudnn_init_dropout_state",
      "_fused_adam_", "_fused_adamw_", "_use_cudnn_ctc_loss", "save", "_local_scalar_dense", "item"}
 )
+# Name fragments of ops that are never allowed: resizing grows storage behind the tenant's memory
+# accounting; the others reach raw pointers, streams or the allocator.
+DENIED_FRAGMENTS = ("resize", "data_ptr", "_cuda", "stream", "_nested_from_buffer", "_make_per_")
 MAX_TEMPLATES = 65536
 MAX_DIMS = 64
 
@@ -80,7 +83,7 @@ def resolve_op(name: str) -> torch._ops.OpOverload:
     parts = name.split(".")
     if len(parts) != 3 or parts[0] != "aten" or not all(p.isidentifier() for p in parts):
         raise TenantError(f"op {name!r} is not an ATen op name (aten.NAME.OVERLOAD)", "unknown_op")
-    if parts[1] in DENIED_OPS:
+    if parts[1] in DENIED_OPS or any(f in parts[1] for f in DENIED_FRAGMENTS):
         raise TenantError(f"op {name} is not allowed on the GPU server", "denied_op")
     try:
         op = getattr(getattr(torch.ops.aten, parts[1]), parts[2])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import json
 import logging
 import math
 import time
@@ -326,9 +327,9 @@ class Router:
                 self.metrics.ttft.labels(job.model).observe(t["ttft_s"])
         logger.info(
             "request %s model=%s outcome=%s worker=%s kind=%s attempts=%d queue_delay_s=%s ttft_s=%s "
-            "jct_s=%s prompt_tokens=%d completion_tokens=%d",
+            "jct_s=%s prompt_tokens=%d completion_tokens=%d timings=%s",
             job.id, job.model, outcome, job.worker_id, job.worker_kind, job.attempts, t["queue_delay_s"],
-            t["ttft_s"], t["jct_s"], job.prompt_tokens, job.completion_tokens)
+            t["ttft_s"], t["jct_s"], job.prompt_tokens, job.completion_tokens, json.dumps(t))
 
     def _session_of(self, job: Job) -> Optional[WorkerSession]:
         state = self.models.get(job.model)
