@@ -225,3 +225,35 @@ def test_controller_follows_a_gpu_server_restarted_on_another_node() -> None:
         await ctrl._http.aclose()
 
     asyncio.run(scenario())
+
+
+def test_controller_stops_a_draining_worker_only_once_the_router_shows_it_idle() -> None:
+    """Without Ray: the router is an httpx mock that reports the worker busy twice, then idle."""
+    import httpx
+
+    from caserve.cluster.controller import ClusterController, Managed
+
+    async def scenario() -> None:
+        ctrl = ClusterController(parse_config({**LOOPBACK, "assisted": {"min": 0, "max": 2}}))
+        answers, seen, stopped = [1, 1, 0], [], []
+
+        def router(request: httpx.Request) -> httpx.Response:
+            seen.append((request.method, request.url.path))
+            return httpx.Response(200, json={"worker_id": "assisted-0", "draining": True, "running": answers.pop(0)})
+
+        async def fake_stop(m: Managed) -> None:
+            stopped.append((m.name, len(answers)))
+
+        await ctrl._http.aclose()
+        ctrl._http = httpx.AsyncClient(transport=httpx.MockTransport(router))
+        ctrl._stop = fake_stop  # type: ignore[method-assign]
+        ctrl.router = Managed("router", "router", None, (), {}, state="running", info={"url": "http://r:8000"})
+        worker = Managed("assisted-0", "assisted", None, ("args",), {}, 0, state="running")
+        ctrl.workers["assisted-0"] = worker
+        await ctrl._drain_and_stop(worker)
+        assert seen == [("POST", "/internal/workers/assisted-0/drain")] * 3
+        assert stopped == [("assisted-0", 0)]  # stopped after the third answer (running == 0), not before
+        assert "assisted-0" not in ctrl.workers and any("drained and stopped" in e for e in ctrl.events)
+        await ctrl._http.aclose()
+
+    asyncio.run(scenario())
