@@ -35,6 +35,7 @@ def test_config_from_yaml_with_defaults(tmp_path: Path) -> None:
     ({**LOOPBACK, "assisted": {"min": 3, "max": 2}}, "assisted.min (3) > assisted.max (2)"),
     ({**LOOPBACK, "asisted": {"min": 1}}, "asisted"),  # a typo is refused, not ignored
     ({**LOOPBACK, "router": {"policy": "random"}}, "policy"),
+    ({**LOOPBACK, "gpu_server": {"tenant_memory_limit": "8 gigs"}}, "tenant_memory_limit"),
     ({}, "token_file"),  # cluster networking without a token: the GPU server would refuse remote peers
     ([1, 2], "mapping"),
 ])

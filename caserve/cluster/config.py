@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from caserve.cluster.errors import ConfigError
 from caserve.models import DEFAULT_MODEL
@@ -77,6 +77,14 @@ class GPUServerConfig(_Strict):
     tenant_memory_limit: str = "0"
     num_cpus: float = Field(1.0, ge=0)
     threads: int = Field(0, ge=0, description="torch intra-op threads of the server (0: torch's default)")
+
+    @field_validator("tenant_memory_limit")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        from caserve.remote.executor import parse_size
+
+        parse_size(value)  # raises ValueError on "8 gigs"; checked here, not on every GPU node
+        return value
 
 
 class NetworkConfig(_Strict):
