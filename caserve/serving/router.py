@@ -50,13 +50,14 @@ class WorkerSession:
     registered_at: float = field(default_factory=time.monotonic)
     channel_open: bool = False
     alive: bool = True
+    draining: bool = False  # receives no new batches; its running batch finishes normally
     batches_done: int = 0
     last_batch: dict[str, Any] = field(default_factory=dict)  # the worker's own report of its last batch
 
     def describe(self) -> dict[str, Any]:
         return {
             "id": self.id, "kind": self.kind, "task": self.task, "max_batch": self.max_batch,
-            "busy": self.idle_since is None, "channel_open": self.channel_open,
+            "busy": self.idle_since is None, "channel_open": self.channel_open, "draining": self.draining,
             "running": [j.id for j in self.jobs.values()], "registered_at": self.registered_at,
             "batches_done": self.batches_done, "last_batch": self.last_batch,
         }
@@ -156,6 +157,19 @@ class Router:
         ws.channel_open = True
         self._schedule(self.models[ws.model])
 
+    def drain(self, worker_id: str) -> dict[str, Any]:
+        """Stop dispatching to a worker (before stopping it); its running jobs finish normally. Returns
+        ``{"worker_id", "draining", "running"}``; ``running == 0`` means it can be stopped without a requeue.
+        Unknown workers (already gone) count as drained."""
+        for state in self.models.values():
+            ws = state.workers.get(worker_id)
+            if ws is not None and ws.alive:
+                if not ws.draining:
+                    ws.draining = True
+                    logger.info("worker %s draining (%d job(s) running)", worker_id, len(ws.jobs))
+                return {"worker_id": worker_id, "draining": True, "running": len(ws.jobs)}
+        return {"worker_id": worker_id, "draining": True, "running": 0}
+
     def worker_lost(self, ws: WorkerSession, reason: str) -> None:
         """Forget a worker session and requeue (continuing, not restarting) whatever it was running."""
         if not ws.alive:
@@ -246,7 +260,7 @@ class Router:
         self._update_queue_gauge(state)
 
     def _schedule(self, state: ModelState) -> None:
-        workers = [w for w in state.workers.values() if w.channel_open and w.alive]
+        workers = [w for w in state.workers.values() if w.channel_open and w.alive and not w.draining]
         if not state.queue or not any(w.idle_since is not None for w in workers):
             return
         now = time.monotonic()

@@ -17,6 +17,10 @@
       | POST /internal/workers/{id}/heartbeat  | {session}, every heartbeat_s
       | POST /internal/workers/{id}/unregister | {session}: leaving (its running jobs are requeued)
 
+    controller                               router
+      | POST /internal/workers/{id}/drain  --> | no new batches for that worker (before stopping it)
+      | <--- {worker_id, draining, running}    |   running == 0: it can be stopped, nothing to requeue
+
 A channel that closes (worker killed, worker gave up its GPU server) loses the session at once and
 requeues its jobs; silent workers are dropped after the heartbeat timeout. Any 404 on a session
 means the router no longer knows it (e.g. the router restarted): the worker registers again.
@@ -85,6 +89,10 @@ def make_worker_routes(router: Router) -> APIRouter:
     async def unregister(worker_id: str, req: SessionRequest) -> dict[str, bool]:
         router.worker_lost(router.session(worker_id, req.session), "unregistered")
         return {"ok": True}
+
+    @api.post("/{worker_id}/drain")
+    async def drain(worker_id: str) -> dict[str, Any]:
+        return router.drain(worker_id)
 
     return api
 

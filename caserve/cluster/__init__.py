@@ -1,0 +1,20 @@
+"""Cluster mode: a caserve deployment on Ray (``caserve cluster up|down|status``).
+
+* :mod:`~caserve.cluster.config`     the cluster YAML (pydantic schema)
+* :mod:`~caserve.cluster.deploy`     driver side: connect to Ray, start/find/stop the controller, status text
+* :mod:`~caserve.cluster.controller` the detached controller actor: placement, restarts, autoscaling, draining
+* :mod:`~caserve.cluster.adopt`      a restarted controller takes over its predecessor's actors
+* :mod:`~caserve.cluster.actors`     GPU server, router and worker actors (one per real process)
+* :mod:`~caserve.cluster.processes`  supervised ``caserve`` subprocesses that die with their actor
+* :mod:`~caserve.cluster.autoscale`  queue-delay signal and scaling policy (pure)
+* :mod:`~caserve.cluster.placement`  GPU server choice by tenant load (pure)
+
+Ray is imported only by ``deploy``, ``controller`` and inside the actors, so the config and the
+policies load without it.
+"""
+
+from caserve.cluster.config import ClusterConfig, load_config, parse_config
+from caserve.cluster.errors import AlreadyRunning, ClusterError, ConfigError, NotRunning, StartupTimeout
+
+__all__ = ["ClusterConfig", "load_config", "parse_config", "ClusterError", "ConfigError", "NotRunning",
+           "AlreadyRunning", "StartupTimeout"]

@@ -1,0 +1,89 @@
+"""A restarted controller takes over the deployment its predecessor left running.
+
+Every actor the controller creates is detached and named ``<cluster>-<name>`` in the ``caserve``
+namespace, so it survives the controller. When Ray restarts the controller (``max_restarts=-1``) the
+new one lists those names, rebuilds its bookkeeping from each actor's own ``info()`` (the GPU server a
+worker uses, the node a GPU server is on), resumes the drains the router still shows, and goes on
+controlling. Serving never stops: no router, GPU server or worker is restarted by a controller restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from caserve.cluster.controller import NAMESPACE, Managed
+
+if TYPE_CHECKING:
+    from caserve.cluster.controller import ClusterController
+
+logger = logging.getLogger(__name__)
+
+_NAMES = re.compile(r"^(?:(?P<gpu>gpu-(?P<i>\d+))|(?P<router>router)|(?P<native>native-(?P<ni>\d+)-\d+)"
+                    r"|(?P<assisted>assisted-(?P<n>\d+)))$")
+
+
+def deployed_names(cluster: str) -> list[str]:
+    """Names (without the ``<cluster>-`` prefix) of this cluster's live named actors."""
+    prefix = f"{cluster}-"
+    out = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == NAMESPACE and entry["name"].startswith(prefix):
+            short = entry["name"][len(prefix):]
+            if _NAMES.match(short):
+                out.append(short)
+    return sorted(out)
+
+
+async def adopt(ctrl: "ClusterController") -> None:
+    names = deployed_names(ctrl.cfg.name)
+    handles = {n: ray.get_actor(f"{ctrl.cfg.name}-{n}", namespace=NAMESPACE) for n in names}
+    for name, handle in handles.items():
+        m = _NAMES.match(name)
+        assert m is not None
+        if m["gpu"]:
+            i = int(m["i"])
+            args, options = ctrl._gpu_spec(i)
+            ctrl.gpu.append(Managed(name, "gpu-server", handle, args, ctrl._full_options(name, options), i))
+        elif m["router"]:
+            args, options = ctrl._router_spec()
+            ctrl.router = Managed(name, "router", handle, args, ctrl._full_options(name, options))
+    ctrl.gpu.sort(key=lambda g: g.gpu_index or 0)
+    await asyncio.gather(*(ctrl._refresh(m) for m in ctrl.gpu + ([ctrl.router] if ctrl.router else [])))
+    by_address = {g.info.get("address"): g for g in ctrl.gpu if g.info}
+    for name, handle in handles.items():
+        m = _NAMES.match(name)
+        assert m is not None
+        if m["native"]:
+            server = next((g for g in ctrl.gpu if g.gpu_index == int(m["ni"])), None)
+            w = Managed(name, "native", handle, (), {}, server.gpu_index if server else None)
+            if server is not None and server.info and ctrl.router and ctrl.router.info:
+                args, options = ctrl._native_spec(server, name)
+                w.args, w.options = args, ctrl._full_options(name, options)
+            ctrl.workers[name] = w
+        elif m["assisted"]:
+            ctrl._next_assisted = max(ctrl._next_assisted, int(m["n"]) + 1)
+            w = Managed(name, "assisted", handle, (), {})
+            await ctrl._refresh(w)
+            server = by_address.get(w.info.get("gpu_server"))
+            if server is not None and ctrl.router and ctrl.router.info:
+                w.gpu_index = server.gpu_index
+                args, options = ctrl._assisted_spec(name, server.info["address"])
+                w.args, w.options = args, ctrl._full_options(name, options)
+            ctrl.workers[name] = w
+    await ctrl._observe()
+    for w in [w for w in ctrl.workers.values() if _draining(ctrl, w.name)]:
+        task = asyncio.create_task(ctrl._drain_and_stop(w))
+        ctrl._drains.add(task)
+        task.add_done_callback(ctrl._drains.discard)
+    ctrl._note(f"controller restarted: adopted {len(ctrl.gpu)} GPU server(s), "
+               f"{'a' if ctrl.router else 'no'} router, {len(ctrl.workers)} worker(s)")
+
+
+def _draining(ctrl: "ClusterController", name: str) -> bool:
+    info: dict[str, Any] = ctrl._registered().get(name, {})
+    return bool(info.get("draining"))
