@@ -93,7 +93,7 @@ class ModelWork:
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
             emit(tok.decode(nxt[0]))
             for _ in range(max_tokens - 1):
-                out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+                out = model(input_ids=nxt, **_cache_kwargs(out), use_cache=True)
                 nxt = out.logits[:, -1].argmax(-1, keepdim=True)
                 emit(tok.decode(nxt[0]))
         return max_tokens
@@ -108,6 +108,13 @@ class ModelWork:
                 out = self.lm.model(input_ids=ids, output_hidden_states=True)
                 hidden = out.hidden_states[-1]  # (1, T, H)
             return hidden.mean(dim=1)[0, :8].tolist()
+
+
+def _cache_kwargs(out) -> dict:
+    """Feed a forward output's KV cache back (``cache`` in transformers 5, ``past_key_values`` before)."""
+    if out.get("cache") is not None:
+        return {"cache": out["cache"]}
+    return {"past_key_values": out["past_key_values"]}
 
 
 @dataclass

@@ -14,7 +14,9 @@ Model
 Policies (``policy``)
 ---------------------
 * ``fifo``: one central first-come-first-served queue. The head request goes to an idle worker when one
-  exists (the kind with the lower mean service time first), else to the first worker to become free.
+  exists, else to the first worker to become free. Among idle workers ``dispatch="fastest"`` picks the kind
+  with the lower mean service time, ``dispatch="longest-idle"`` the worker idle the longest (what a pool of
+  threads blocked on one queue does).
   With arrivals in order this is exact: request i starts at ``max(a_i, earliest free time)``.
 * ``ect``: earliest expected completion time. At arrival the router picks the worker minimising
   ``max(free_w, a_i) + mean_service(kind_w)`` and appends the request to that worker's own queue.
@@ -25,6 +27,7 @@ The event loop is O(n log W) for fifo (a heap of busy workers) and O(n W) vector
 from __future__ import annotations
 
 import heapq
+from collections import deque
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -113,6 +116,7 @@ class ClusterSpec:
     tenants_per_gpu: int = 8
     tenant_slowdown: float = 0.0
     policy: str = "fifo"
+    dispatch: str = "fastest"  # fifo only: which idle worker takes a request: fastest | longest-idle
 
     def workers(self) -> tuple[np.ndarray, np.ndarray]:
         """(kind per worker: 0 native / 1 assisted, slowdown factor per worker), shape (W,) each."""
@@ -176,30 +180,33 @@ def simulate(arrivals: np.ndarray, service: ServiceModel, cluster: ClusterSpec, 
     draws = np.stack([service.draw(names[k], rng, len(a)) if (kinds == k).any() else np.zeros(len(a)) for k in (0, 1)])
     means = np.array([service.mean(names[k]) if (kinds == k).any() else np.inf for k in (0, 1)])
     if cluster.policy == "fifo":
-        return _fifo(a, draws, means, kinds, factor)
+        if cluster.dispatch not in ("fastest", "longest-idle"):
+            raise SimError(f"unknown dispatch {cluster.dispatch!r}; choose fastest or longest-idle")
+        return _fifo(a, draws, means, kinds, factor, longest_idle=cluster.dispatch == "longest-idle")
     if cluster.policy == "ect":
         return _ect(a, draws, means, kinds, factor)
     raise SimError(f"unknown policy {cluster.policy!r}; choose fifo or ect")
 
 
-def _fifo(a, draws, means, kinds, factor) -> SimResult:
+def _fifo(a, draws, means, kinds, factor, *, longest_idle: bool = False) -> SimResult:
     n, W = len(a), len(kinds)
     start, finish = np.empty(n), np.empty(n)
     worker = np.empty(n, dtype=int)
     order = np.argsort(means)  # preferred kind first
-    idle: list[list[int]] = [[], []]  # per kind: stack of idle worker ids
-    for w in range(W - 1, -1, -1):
-        idle[kinds[w]].append(w)
+    # Idle workers per kind (fastest) or all in one (longest-idle), oldest-idle first.
+    idle: list[deque[int]] = [deque(), deque()]
+    for w in range(W):
+        idle[0 if longest_idle else kinds[w]].append(w)
     busy: list[tuple[float, int]] = []  # heap of (free_time, worker)
     for i in range(n):
         t = a[i]
         while busy and busy[0][0] <= t:
             _, w = heapq.heappop(busy)
-            idle[kinds[w]].append(w)
+            idle[0 if longest_idle else kinds[w]].append(w)
         w = -1
-        for k in order:
+        for k in ((0,) if longest_idle else order):
             if idle[k]:
-                w = idle[k].pop()
+                w = idle[k].popleft()
                 break
         if w < 0:
             t, w = heapq.heappop(busy)
@@ -287,7 +294,7 @@ def project(
     return proj
 
 
-def validate_against(doc: Mapping[str, Any], *, replicas: int = 20, policy: str = "fifo") -> dict[str, float]:
+def validate_against(doc: Mapping[str, Any], *, replicas: int = 20, policy: str = "fifo", dispatch: str = "longest-idle") -> dict[str, float]:
     """Simulate a measured run (its own arrivals, worker counts and service times) and compare mean JCT.
 
     Worker counts come from ``meta.workers`` (``{"native": N, "assisted": K}``) or, failing that, from the
@@ -305,7 +312,7 @@ def validate_against(doc: Mapping[str, Any], *, replicas: int = 20, policy: str 
     arrivals -= arrivals[0]
     service = ServiceModel.from_records(recs)
     cl = ClusterSpec(gpus=1, native_per_gpu=int(counts.get(NATIVE, 0)), cpu_nodes=int(counts.get(ASSISTED, 0)),
-                     tenants_per_gpu=max(1, int(counts.get(ASSISTED, 0))), policy=policy)
+                     tenants_per_gpu=max(1, int(counts.get(ASSISTED, 0))), policy=policy, dispatch=dispatch)
     sim = replicate(arrivals, service, cl, replicas=replicas)
     measured = float(np.mean([r.server.jct for r in recs]))
     measured_q = float(np.mean([r.server.queue_delay for r in recs]))
