@@ -67,6 +67,14 @@ def test_parse_server_timings_variants():
     assert t2.jct == 1.0
     hdr = parse_server_timings(None, {"X-Caserve-Arrival": "5", "X-Caserve-Dispatch": "6", "X-Caserve-Finish": "8"})
     assert hdr.queue_delay == 1.0
+    # caserve serve: top-level "timings" in the last chunk, durations in headers of non-streamed responses
+    srv = {"timings": {"arrival": 100.0, "arrival_unix": 1.7e9, "dispatch": 100.25, "last_dispatch": 100.25,
+                       "first_token": 100.5, "finish": 101.0, "queue_delay_s": 0.25, "jct_s": 1.0,
+                       "worker_id": "w1", "worker_kind": "assisted"}}
+    t3 = parse_server_timings(srv)
+    assert (t3.queue_delay, t3.jct, t3.worker_kind, t3.first_token) == (0.25, 1.0, "assisted", 100.5)
+    t4 = parse_server_timings(None, {"x-caserve-queue-delay-s": "0.5", "x-caserve-jct-s": "2.0", "x-caserve-worker-kind": "native"})
+    assert (t4.queue_delay, t4.jct, t4.service, t4.worker_kind) == (0.5, 2.0, 1.5, "native")
     assert parse_server_timings({"usage": {"prompt_tokens": 3}}) is None
     assert parse_server_timings({"usage": {"caserve": {"arrival": "x", "dispatch": 1, "finish": 2}}}) is None
 

@@ -66,8 +66,10 @@ def _first(d: Mapping[str, Any], names: Sequence[str]) -> Any:
 
 
 def parse_server_timings(payload: Optional[Mapping[str, Any]], headers: Optional[Mapping[str, str]] = None) -> Optional[ServerTimings]:
-    """caserve's per-request timings from a response body (``usage.caserve``, ``usage.timings``,
-    ``caserve`` or ``timings``) or ``x-caserve-*`` headers. Anything absent or malformed -> ``None``."""
+    """caserve's per-request timings from a response body (top-level ``timings`` as ``caserve serve``
+    returns them in the last stream chunk or the body; also ``usage.caserve``, ``usage.timings``,
+    ``caserve``) or ``x-caserve-*`` headers (absolute times, or ``queue-delay-s`` + ``jct-s``).
+    Anything absent or malformed -> ``None``."""
     cands: list[Mapping[str, Any]] = []
     if payload:
         usage = payload.get("usage") or {}
@@ -84,6 +86,9 @@ def parse_server_timings(payload: Optional[Mapping[str, Any]], headers: Optional
     for c in cands:
         vals = {k: _first(c, names) for k, names in _KEYS.items()}
         try:
+            if vals["arrival"] is None and c.get("queue_delay_s") is not None and c.get("jct_s") is not None:
+                # only durations given (caserve's x-caserve-queue-delay-s / -jct-s headers): arrival = 0
+                vals.update(arrival=0.0, dispatch=float(c["queue_delay_s"]), finish=float(c["jct_s"]))
             if vals["arrival"] is None or vals["dispatch"] is None or vals["finish"] is None:
                 continue
             return ServerTimings(
