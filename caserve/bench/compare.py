@@ -76,6 +76,8 @@ def launched_server(template: str, *, model: str, cfg: Config, startup_timeout_s
     cmd = template.format(python=shlex.quote(sys.executable), model=shlex.quote(model), port=port,
                           native=cfg.native, assisted=cfg.assisted)
     logger.info("starting: %s", cmd)
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(shlex.split(cmd), env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -132,8 +134,6 @@ def compare(
     runs: list[dict[str, Any]] = []
     for cfg in configs:
         log_path = Path(out_dir) / f"server_{cfg.native}n_{cfg.assisted}a.log" if out_dir else None
-        if log_path:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
         with launched_server(server_cmd, model=model, cfg=cfg, startup_timeout_s=startup_timeout_s, log_path=log_path) as url:
             warm_up(url, workload, n=warmup, endpoint=endpoint)
             doc = bench_serve(url, workload, model=None, endpoint=endpoint, slos=slos, label=cfg.label,
