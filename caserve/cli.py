@@ -44,6 +44,81 @@ def gpu_server(
     )
 
 
+@app.command("serve")
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Router address."),
+    port: int = typer.Option(8000, help="Router port (0 picks a free one)."),
+    model: Optional[str] = typer.Option(None, help="HF model id, local path or zoo name (default: caserve/tiny-gpt2)."),
+    native_workers: int = typer.Option(1, min=0, help="GPU-native workers (CUDA if present, else CPU)."),
+    assisted_workers: int = typer.Option(2, min=0, help="CPU-assisted workers (ops on the local GPU server)."),
+    cpu_workers: int = typer.Option(0, min=0, help="Plain CPU workers."),
+    policy: str = typer.Option("fcfs", help="Dispatch policy: fcfs or ect."),
+    max_batch: int = typer.Option(8, min=1, help="Most compatible queued requests run as one batch."),
+    max_queue: int = typer.Option(256, min=1, help="Queued requests per model before answering 429."),
+    gpu_port: int = typer.Option(7070, help="Port of the GPU server started for assisted workers."),
+    gpu_device: str = typer.Option("auto", help="GPU server device: auto, cpu or cuda:N."),
+    token_file: Optional[Path] = typer.Option(None, help="Shared GPU-server token file."),
+    shrink: bool = typer.Option(False, help="Zoo models: 2 layers, 64 wide, random weights."),
+    task: Optional[str] = typer.Option(None, help="Override the model task (e.g. classification)."),
+    worker_threads: Optional[int] = typer.Option(None, help="Torch threads per worker (default: cores / workers)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Start the router, a GPU server and the workers on this machine, and serve until Ctrl-C."""
+    _setup_logging(verbose)
+    import asyncio
+
+    from caserve.serving.launch import ServeConfig
+    from caserve.serving.launch import serve as run_serve
+    from caserve.serving.policies import POLICIES
+
+    if policy not in POLICIES:
+        raise typer.BadParameter(f"choose one of {', '.join(POLICIES)}", param_hint="--policy")
+    cfg = ServeConfig(host=host, port=port, native_workers=native_workers, assisted_workers=assisted_workers,
+                      cpu_workers=cpu_workers, policy=policy, max_batch=max_batch, max_queue=max_queue,
+                      gpu_port=gpu_port, gpu_device=gpu_device, token_file=token_file, shrink=shrink, task=task,
+                      worker_threads=worker_threads, verbose=verbose)
+    if model:
+        cfg.model = model
+    try:
+        asyncio.run(run_serve(cfg, announce=lambda text: typer.echo(text)))
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command("worker")
+def worker(
+    router: str = typer.Option(..., help="Router URL, e.g. http://10.0.0.1:8000."),
+    kind: str = typer.Option(..., help="native, assisted or cpu."),
+    model: Optional[str] = typer.Option(None, help="Model to serve (default: caserve/tiny-gpt2)."),
+    gpu_server: Optional[str] = typer.Option(None, help="host:port of the GPU server (assisted workers)."),
+    token_file: Optional[Path] = typer.Option(None, help="File holding the GPU server token."),
+    worker_id: Optional[str] = typer.Option(None, help="Stable worker id (default: kind-host-pid)."),
+    max_batch: int = typer.Option(8, min=1, help="Most requests this worker runs as one batch."),
+    shrink: bool = typer.Option(False, help="Zoo models: 2 layers, 64 wide, random weights."),
+    task: Optional[str] = typer.Option(None, help="Override the model task (e.g. classification)."),
+    threads: Optional[int] = typer.Option(None, help="Torch CPU threads."),
+    step_delay: float = typer.Option(0.0, hidden=True, help="Sleep per decode step (emulates a slow device)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Serve one model for a router: register, heartbeat, run batches until stopped."""
+    _setup_logging(verbose)
+    import asyncio
+
+    from caserve.models import DEFAULT_MODEL
+    from caserve.serving.worker import Worker, WorkerConfig
+
+    try:
+        cfg = WorkerConfig(router_url=router, kind=kind, model=model or DEFAULT_MODEL, gpu_server=gpu_server,
+                           token=token_file.read_text().strip() if token_file else None, worker_id=worker_id,
+                           max_batch=max_batch, shrink=shrink, task=task, threads=threads, step_delay_s=step_delay)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    try:
+        asyncio.run(Worker(cfg).run_forever())
+    except KeyboardInterrupt:
+        pass
+
+
 # --- bench and sim: parse, then call into caserve.bench -------------------------------------------------
 def _csv_floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x.strip()]

@@ -1,0 +1,283 @@
+"""The OpenAI-compatible HTTP API of the router (FastAPI).
+
+Routes are thin: validate (``schemas``), build jobs, hand them to the :class:`Router`, wait or stream,
+render. Every :class:`ServingError` becomes its one HTTP status with an OpenAI-style error body here.
+Timings (router monotonic clock, see ``jobs.Job.timings``) are returned as a top-level ``timings``
+object (one per prompt, a list when a completion request has several prompts), in the last chunk of
+a stream, and as ``x-caserve-*`` headers on non-streamed responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from typing import Any, AsyncIterator, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from caserve.serving import schemas as S
+from caserve.serving.errors import BadRequest, NotFound, RequestCancelled, ServingError, error_body
+from caserve.serving.jobs import TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, Job
+from caserve.serving.metrics import CONTENT_TYPE_LATEST
+from caserve.serving.router import Router
+from caserve.serving.worker_api import make_worker_routes
+
+logger = logging.getLogger(__name__)
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CHAT_DEFAULT_MAX_TOKENS = 256
+
+
+def create_app(router: Router) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reaper = asyncio.create_task(router.reap_forever())
+        try:
+            yield
+        finally:
+            reaper.cancel()
+
+    app = FastAPI(title="caserve", lifespan=lifespan)
+    app.state.router = router
+    app.include_router(make_worker_routes(router))
+    _install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", **router.describe()}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(router.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [S.model_card(m.name, m.created) for m in router.models.values()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> dict[str, Any]:
+        state = router.model(model)
+        return S.model_card(state.name, state.created)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(req: S.CompletionRequest, request: Request) -> Union[JSONResponse, StreamingResponse]:
+        req.check_supported()
+        params = req.sampling_params(COMPLETION_DEFAULT_MAX_TOKENS)
+        jobs = []
+        for prompt in req.prompts():
+            key = "prompt" if isinstance(prompt, str) else "prompt_ids"
+            jobs.append(Job(req.model, TASK_GENERATE, {key: prompt, "params": params},
+                            prompt_units=len(prompt), max_tokens=params["max_tokens"], stream=req.stream))
+        if req.stream and len(jobs) > 1:
+            raise BadRequest("streaming supports a single prompt", param="prompt")
+        return await _run_generation(router, request, req, jobs, chat=False)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(req: S.ChatCompletionRequest, request: Request) -> Union[JSONResponse, StreamingResponse]:
+        req.check_supported()
+        params = req.sampling_params(CHAT_DEFAULT_MAX_TOKENS)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        job = Job(req.model, TASK_GENERATE, {"messages": messages, "params": params},
+                  prompt_units=sum(len(m["content"]) for m in messages), max_tokens=params["max_tokens"],
+                  stream=req.stream)
+        return await _run_generation(router, request, req, [job], chat=True)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: S.EmbeddingRequest, request: Request) -> JSONResponse:
+        inputs = req.inputs()
+        job = Job(req.model, TASK_EMBED, {"inputs": inputs}, prompt_units=sum(len(x) for x in inputs))
+        router.submit([job])
+        await _wait(router, request, [job])
+        vectors: list[list[float]] = job.result
+        if req.dimensions is not None:
+            if vectors and req.dimensions > len(vectors[0]):
+                raise BadRequest(f"dimensions must be at most {len(vectors[0])}", param="dimensions")
+            vectors = [v[: req.dimensions] for v in vectors]
+        data = [{"object": "embedding", "index": i, "embedding": S.encode_embedding(v, req.encoding_format)}
+                for i, v in enumerate(vectors)]
+        body = {"object": "list", "data": data, "model": req.model,
+                "usage": {"prompt_tokens": job.prompt_tokens, "total_tokens": job.prompt_tokens},
+                "timings": job.timings()}
+        return JSONResponse(body, headers=_timing_headers(job))
+
+    @app.post("/v1/classifications")
+    async def classifications(req: S.ClassificationRequest, request: Request) -> JSONResponse:
+        inputs = req.inputs()
+        job = Job(req.model, TASK_CLASSIFY, {"inputs": inputs}, prompt_units=sum(len(x) for x in inputs))
+        router.submit([job])
+        await _wait(router, request, [job])
+        data = [{"index": i, **r} for i, r in enumerate(job.result)]
+        body = {"object": "list", "data": data, "model": req.model,
+                "usage": {"prompt_tokens": job.prompt_tokens, "total_tokens": job.prompt_tokens},
+                "timings": job.timings()}
+        return JSONResponse(body, headers=_timing_headers(job))
+
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServingError)
+    async def serving_error(_: Request, exc: ServingError) -> JSONResponse:
+        return JSONResponse(error_body(exc), status_code=exc.status, headers=exc.headers())
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            message = "We could not parse the JSON body of your request."
+        else:
+            message = "; ".join(_describe(e) for e in errors[:5])
+        return JSONResponse(error_body(BadRequest(message, param=".".join(loc) or None)), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = NotFound(str(exc.detail)) if exc.status_code == 404 else BadRequest(str(exc.detail))
+        return JSONResponse(error_body(err), status_code=exc.status_code)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+    return f"{where}: {error.get('msg')}" if where else str(error.get("msg"))
+
+
+async def _until_disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _wait(router: Router, request: Request, jobs: list[Job]) -> None:
+    """Wait for all jobs; cancel them if the client disconnects first; raise the first job error."""
+    gone = asyncio.create_task(_until_disconnected(request))
+    all_done = asyncio.ensure_future(asyncio.gather(*(j.finished.wait() for j in jobs)))
+    try:
+        await asyncio.wait({gone, all_done}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not all_done.done():
+        all_done.cancel()
+        for job in jobs:
+            router.cancel(job)
+        logger.info("client disconnected; cancelled %d job(s)", len(jobs))
+        raise RequestCancelled("client disconnected")
+    for job in jobs:
+        if job.error is not None:
+            raise job.error
+
+
+def _timing_headers(job: Job) -> dict[str, str]:
+    t = job.timings()
+    return {
+        "x-caserve-request-id": job.id,
+        "x-caserve-worker-id": str(t["worker_id"]),
+        "x-caserve-worker-kind": str(t["worker_kind"]),
+        "x-caserve-queue-delay-s": str(t["queue_delay_s"]),
+        "x-caserve-jct-s": str(t["jct_s"]),
+    }
+
+
+async def _run_generation(
+    router: Router, request: Request, req: S._Sampling, jobs: list[Job], *, chat: bool,
+) -> Union[JSONResponse, StreamingResponse]:
+    router.submit(jobs)
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = S.now_unix()
+    if not req.stream:
+        await _wait(router, request, jobs)
+        choices = [_choice(i, job, chat) for i, job in enumerate(jobs)]
+        body = {
+            "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": req.model, "choices": choices, "system_fingerprint": None,
+            "usage": S.usage_body(sum(j.prompt_tokens for j in jobs), sum(j.completion_tokens for j in jobs)),
+            "timings": jobs[0].timings() if len(jobs) == 1 else [j.timings() for j in jobs],
+        }
+        return JSONResponse(body, headers=_timing_headers(jobs[0]))
+
+    job = jobs[0]
+    # Wait for the first event before answering, so that a worker-side error is still a plain 4xx.
+    first = await _first_event(router, request, job)
+    chunks = _sse(job, first, rid, created, req.model, chat=chat, include_usage=req.include_usage)
+    return StreamingResponse(_cancel_on_exit(router, job, chunks), media_type="text/event-stream",
+                             headers={"x-caserve-request-id": job.id})
+
+
+async def _first_event(router: Router, request: Request, job: Job) -> tuple[str, Any]:
+    gone = asyncio.create_task(_until_disconnected(request))
+    first = asyncio.create_task(job.events.get())
+    try:
+        await asyncio.wait({gone, first}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not first.done():
+        first.cancel()
+        router.cancel(job)
+        raise RequestCancelled("client disconnected")
+    kind, value = first.result()
+    if kind == "error":
+        raise value
+    return kind, value
+
+
+async def _cancel_on_exit(router: Router, job: Job, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        # Starlette cancels the response when the client disconnects: stop the job and free its worker.
+        if not job.finished.is_set():
+            logger.info("stream of request %s closed by the client; cancelling", job.id)
+            router.cancel(job)
+
+
+async def _sse(
+    job: Job, first: tuple[str, Any], rid: str, created: int, model: str, *, chat: bool, include_usage: bool,
+) -> AsyncIterator[str]:
+    def chunk(text: Optional[str], finish: Optional[str], **extra: Any) -> str:
+        if chat:
+            delta = {} if text is None else {"content": text}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            obj = "text_completion"
+        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], **extra}
+        return f"data: {json.dumps(body)}\n\n"
+
+    if chat:
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        yield f"data: {json.dumps(body)}\n\n"
+    event = first
+    while True:
+        kind, value = event
+        if kind == "delta":
+            yield chunk(value, None)
+        elif kind == "done":
+            yield chunk(None if chat else "", job.finish_reason, timings=job.timings())
+            break
+        else:  # an error after the stream started: report it in-band, as OpenAI does
+            yield f"data: {json.dumps(error_body(value))}\n\n"
+            return
+        event = await job.events.get()
+    if include_usage:
+        usage = S.usage_body(job.prompt_tokens, job.completion_tokens)
+        body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created, "model": model, "choices": [], "usage": usage}
+        yield f"data: {json.dumps(body)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _choice(index: int, job: Job, chat: bool) -> dict[str, Any]:
+    if chat:
+        return {"index": index, "message": {"role": "assistant", "content": job.text},
+                "finish_reason": job.finish_reason, "logprobs": None}
+    return {"index": index, "text": job.text, "finish_reason": job.finish_reason, "logprobs": None}

@@ -1,0 +1,172 @@
+"""Process layout of ``caserve serve``: the router in this process, everything else as children.
+
+::
+
+    caserve serve
+     ├─ router (this process): uvicorn + FastAPI on --host:--port, one queue per model
+     ├─ caserve gpu-server      (only when --assisted-workers > 0)  on 127.0.0.1:--gpu-port
+     ├─ caserve worker --kind native    × --native-workers
+     ├─ caserve worker --kind assisted  × --assisted-workers  (--gpu-server 127.0.0.1:--gpu-port)
+     └─ caserve worker --kind cpu       × --cpu-workers
+
+Children are started once the router listens and are restarted (after a short pause) when they
+exit; all of them are stopped when the router stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import uvicorn
+
+from caserve.models import DEFAULT_MODEL
+from caserve.serving.api import create_app
+from caserve.serving.router import Router
+
+logger = logging.getLogger(__name__)
+
+RESTART_PAUSE_S = 2.0
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = DEFAULT_MODEL
+    native_workers: int = 1
+    assisted_workers: int = 2
+    cpu_workers: int = 0
+    policy: str = "fcfs"
+    max_batch: int = 8
+    max_queue: int = 256
+    gpu_port: int = 7070
+    gpu_device: str = "auto"
+    token_file: Optional[Path] = None
+    shrink: bool = False
+    task: Optional[str] = None
+    worker_threads: Optional[int] = None
+    verbose: bool = False
+
+    @property
+    def n_workers(self) -> int:
+        return self.native_workers + self.assisted_workers + self.cpu_workers
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "caserve.cli", *args]
+
+
+def child_commands(cfg: ServeConfig, router_url: str) -> list[tuple[str, list[str]]]:
+    """(name, argv) of every child process, GPU server first."""
+    out: list[tuple[str, list[str]]] = []
+    common = ["--verbose"] if cfg.verbose else []
+    if cfg.assisted_workers:
+        gpu = ["gpu-server", "--host", "127.0.0.1", "--port", str(cfg.gpu_port), "--device", cfg.gpu_device]
+        if cfg.token_file:
+            gpu += ["--token-file", str(cfg.token_file)]
+        out.append(("gpu-server", _cli(*gpu, *common)))
+    threads = cfg.worker_threads or max(1, (os.cpu_count() or 1) // max(1, cfg.n_workers))
+    for kind, count in (("native", cfg.native_workers), ("assisted", cfg.assisted_workers), ("cpu", cfg.cpu_workers)):
+        for i in range(count):
+            argv = ["worker", "--router", router_url, "--kind", kind, "--model", cfg.model,
+                    "--max-batch", str(cfg.max_batch), "--threads", str(threads),
+                    "--worker-id", f"{kind}-{i}", *common]
+            if kind == "assisted":
+                argv += ["--gpu-server", f"127.0.0.1:{cfg.gpu_port}"]
+                if cfg.token_file:
+                    argv += ["--token-file", str(cfg.token_file)]
+            if cfg.shrink:
+                argv.append("--shrink")
+            if cfg.task:
+                argv += ["--task", cfg.task]
+            out.append((f"{kind}-{i}", _cli(*argv)))
+    return out
+
+
+def usage_text(url: str, model: str) -> str:
+    return (
+        f"caserve is serving {model} at {url}\n"
+        f"  curl {url}/v1/completions -H 'Content-Type: application/json' \\\n"
+        f"       -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
+        f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='none'); "
+        f"print(c.completions.create(model='{model}', prompt='Hello').choices[0].text)\"\n"
+        f"  health: {url}/health   metrics: {url}/metrics   Ctrl-C stops everything"
+    )
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when ``caserve serve`` dies, even by SIGKILL."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGINT/SIGTERM once it has stopped, which would kill us before the children
+    are stopped; ``serve`` handles those signals itself instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+class _Child:
+    def __init__(self, name: str, argv: list[str]) -> None:
+        self.name, self.argv = name, argv
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        logger.info("started %s (pid %d)", self.name, self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+async def serve(cfg: ServeConfig, announce: Callable[[str], None]) -> None:
+    router = Router(policy=cfg.policy, max_queue=cfg.max_queue, models=[cfg.model])
+    server = _Server(uvicorn.Config(create_app(router), host=cfg.host, port=cfg.port,
+                                           log_level="info" if cfg.verbose else "warning"))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        if serving.done():
+            await serving  # surfaces the bind error
+            return
+        await asyncio.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://{cfg.host}:{port}"
+    children = [_Child(name, argv) for name, argv in child_commands(cfg, url)]
+    for child in children:
+        child.start()
+    announce(usage_text(url, cfg.model))
+    try:
+        while not serving.done():
+            await asyncio.sleep(0.5)
+            for child in children:
+                if child.proc is not None and child.proc.poll() is not None and not server.should_exit:
+                    logger.warning("%s exited with %s; restarting in %.0fs", child.name, child.proc.returncode,
+                                   RESTART_PAUSE_S)
+                    await asyncio.sleep(RESTART_PAUSE_S)
+                    child.start()
+    finally:
+        for child in reversed(children):
+            child.stop()
+        await serving

@@ -1,0 +1,331 @@
+"""The router: one queue per model, worker sessions, dispatch through a policy, requeue on loss.
+
+Everything here runs on the router's asyncio loop (no locks). The HTTP layers call in:
+``api`` submits and cancels jobs, ``worker_api`` registers workers and feeds their events.
+Exactly-once: a job accepts events only from the dispatch it is currently running under
+(``Job.dispatch_id``); a requeued job ignores whatever its previous worker still sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+from caserve.serving.errors import (
+    WORKER_ERROR_TYPES, BadRequest, ModelNotFound, NotFound, QueueFull, RequestCancelled, RequestFailed,
+    ServingError,
+)
+from caserve.serving.jobs import MODEL_TASKS, Job, JobState
+from caserve.serving.metrics import ServingMetrics
+from caserve.serving.policies import ServiceModel, make_policy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class WorkerSession:
+    """One registration of a worker. A worker that re-registers gets a new session."""
+
+    id: str
+    kind: str
+    model: str
+    task: str
+    max_batch: int
+    max_context: int
+    session: str = field(default_factory=lambda: uuid.uuid4().hex)
+    outbox: "asyncio.Queue[Optional[dict[str, Any]]]" = field(default_factory=asyncio.Queue)
+    jobs: dict[str, Job] = field(default_factory=dict)  # dispatch id -> job, running here
+    batch: list[Job] = field(default_factory=list)
+    idle_since: Optional[float] = field(default_factory=time.monotonic)
+    busy_since: Optional[float] = None
+    batch_estimate_s: float = 0.0
+    last_seen: float = field(default_factory=time.monotonic)
+    channel_open: bool = False
+    alive: bool = True
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "kind": self.kind, "task": self.task, "max_batch": self.max_batch,
+            "busy": self.idle_since is None, "channel_open": self.channel_open,
+            "running": [j.id for j in self.jobs.values()],
+        }
+
+
+@dataclass(eq=False)
+class ModelState:
+    name: str
+    task: Optional[str] = None
+    max_context: Optional[int] = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    queue: list[Job] = field(default_factory=list)  # sorted by Job.seq (arrival order)
+    workers: dict[str, WorkerSession] = field(default_factory=dict)
+
+
+class Router:
+    def __init__(
+        self, *, policy: str = "fcfs", max_queue: int = 256, heartbeat_timeout_s: float = 10.0,
+        max_attempts: int = 3, models: Iterable[str] = (),
+    ) -> None:
+        self.service = ServiceModel()
+        self.policy = make_policy(policy, self.service)
+        self.max_queue = max_queue
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.max_attempts = max_attempts
+        self.metrics = ServingMetrics()
+        self.models: dict[str, ModelState] = {m: ModelState(m) for m in models}
+
+    # ------------------------------------------------------------------------------------ client side
+
+    def model(self, name: str, task: Optional[str] = None) -> ModelState:
+        """The model's state; 404 when unknown, 400 when its workers cannot run ``task``."""
+        state = self.models.get(name)
+        if state is None:
+            raise ModelNotFound(f"The model '{name}' does not exist", param="model")
+        if task is not None and state.task is not None and task not in MODEL_TASKS.get(state.task, set()):
+            raise BadRequest(f"model '{name}' is a {state.task} model and cannot serve {task} requests",
+                             param="model")
+        return state
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Admit all of ``jobs`` (one request) into their model's queue, or none (429)."""
+        state = self.model(jobs[0].model, jobs[0].task)
+        if len(state.queue) + len(jobs) > self.max_queue:
+            self.metrics.rejected.labels(state.name).inc()
+            raise QueueFull(
+                f"queue for model '{state.name}' is full ({len(state.queue)} waiting)",
+                retry_after_s=self._retry_after(state),
+            )
+        for job in jobs:
+            self._enqueue(state, job)
+        self._schedule(state)
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: drop a queued job, or stop a running one and free its worker."""
+        if job.state is JobState.QUEUED:
+            state = self.models.get(job.model)
+            if state is not None and job in state.queue:
+                state.queue.remove(job)
+                self._update_queue_gauge(state)
+        elif job.state is JobState.RUNNING:
+            ws = self._session_of(job)
+            if ws is not None and job.dispatch_id is not None:
+                ws.outbox.put_nowait({"type": "cancel", "dispatch": job.dispatch_id})
+                ws.jobs.pop(job.dispatch_id, None)
+        else:
+            return
+        self._finish(job, JobState.CANCELLED, RequestCancelled("client disconnected"))
+
+    # ------------------------------------------------------------------------------------ worker side
+
+    def register(self, *, worker_id: str, kind: str, model: str, task: str, max_batch: int,
+                 max_context: int) -> WorkerSession:
+        if task not in MODEL_TASKS:
+            raise BadRequest(f"unknown model task {task!r}", param="task")
+        state = self.models.setdefault(model, ModelState(model))
+        old = state.workers.get(worker_id)
+        if old is not None:
+            self.worker_lost(old, "re-registered")
+        state.task = state.task or task
+        state.max_context = max_context
+        ws = WorkerSession(worker_id, kind, model, task, max(1, max_batch), max_context)
+        state.workers[worker_id] = ws
+        self._update_worker_gauge(state)
+        logger.info("worker %s (%s) registered for %s, max_batch=%d", worker_id, kind, model, ws.max_batch)
+        return ws
+
+    def session(self, worker_id: str, session: str) -> WorkerSession:
+        for state in self.models.values():
+            ws = state.workers.get(worker_id)
+            if ws is not None and ws.session == session and ws.alive:
+                ws.last_seen = time.monotonic()
+                return ws
+        raise NotFound(f"no live session {session!r} for worker {worker_id!r}; register again")
+
+    def channel_opened(self, ws: WorkerSession) -> None:
+        ws.channel_open = True
+        self._schedule(self.models[ws.model])
+
+    def worker_lost(self, ws: WorkerSession, reason: str) -> None:
+        """Forget a worker session and requeue (continuing, not restarting) whatever it was running."""
+        if not ws.alive:
+            return
+        ws.alive = False
+        ws.outbox.put_nowait(None)  # closes the channel if it is still open
+        state = self.models[ws.model]
+        if state.workers.get(ws.id) is ws:
+            del state.workers[ws.id]
+        self._account_busy(ws, time.monotonic())
+        logger.warning("worker %s lost (%s); requeueing %d job(s)", ws.id, reason, len(ws.jobs))
+        for job in list(ws.jobs.values()):
+            if job.state is not JobState.RUNNING:
+                continue
+            if job.attempts >= self.max_attempts:
+                self._finish(job, JobState.FAILED, RequestFailed(
+                    f"request failed: its worker was lost {job.attempts} times (last: {reason})"))
+                continue
+            job.state, job.dispatch_id = JobState.QUEUED, None
+            self.metrics.requeues.labels(job.model).inc()
+            self._enqueue(state, job)
+        ws.jobs.clear()
+        self._update_worker_gauge(state)
+        self._schedule(state)
+
+    def handle_events(self, ws: WorkerSession, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            kind = event.get("type")
+            if kind == "batch_done":
+                self._batch_done(ws, event)
+                continue
+            job = ws.jobs.get(str(event.get("dispatch")))
+            if job is None or job.state is not JobState.RUNNING or job.dispatch_id != event.get("dispatch"):
+                continue  # a stale dispatch (job requeued, cancelled or finished): exactly-once
+            now = time.monotonic()
+            if kind == "tokens":
+                ids = list(event.get("ids", []))
+                job.generated_ids.extend(ids)
+                text = str(event.get("text", ""))
+                job.text += text
+                if job.first_token is None:
+                    job.first_token = now
+                self.metrics.tokens.labels(job.model, ws.id, ws.kind).inc(len(ids))
+                if text:
+                    job.events.put_nowait(("delta", text))
+            elif kind == "done":
+                job.finish_reason = event.get("finish_reason", "stop")
+                job.prompt_tokens = int(event.get("prompt_tokens", 0))
+                job.result = event.get("result")
+                job.worker_durations = dict(event.get("durations", {}))
+                if job.first_token is None:
+                    job.first_token = now
+                job.completion_tokens = len(job.generated_ids)
+                del ws.jobs[job.dispatch_id]
+                self._finish(job, JobState.DONE, None)
+            elif kind == "error":
+                error_type = WORKER_ERROR_TYPES.get(str(event.get("error_type")), RequestFailed)
+                del ws.jobs[job.dispatch_id]
+                self._finish(job, JobState.FAILED, error_type(str(event.get("message", "worker error"))))
+
+    async def reap_forever(self, period_s: float = 1.0) -> None:
+        """Drop workers whose heartbeats stopped (a channel that closes is noticed at once, not here)."""
+        while True:
+            await asyncio.sleep(period_s)
+            now = time.monotonic()
+            for state in list(self.models.values()):
+                for ws in list(state.workers.values()):
+                    if now - ws.last_seen > self.heartbeat_timeout_s:
+                        self.worker_lost(ws, f"no heartbeat for {now - ws.last_seen:.1f}s")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.name,
+            "models": {
+                name: {"task": s.task, "max_context": s.max_context, "queue": len(s.queue),
+                       "workers": [w.describe() for w in s.workers.values()]}
+                for name, s in self.models.items()
+            },
+            "service_estimates": self.service.snapshot(),
+        }
+
+    # ------------------------------------------------------------------------------------ internals
+
+    def _enqueue(self, state: ModelState, job: Job) -> None:
+        bisect.insort(state.queue, job, key=lambda j: j.seq)
+        self._update_queue_gauge(state)
+
+    def _schedule(self, state: ModelState) -> None:
+        workers = [w for w in state.workers.values() if w.channel_open and w.alive]
+        if not state.queue or not any(w.idle_since is not None for w in workers):
+            return
+        now = time.monotonic()
+        for ws, batch in self.policy.assign(list(state.queue), workers, now):
+            self._dispatch(state, ws, batch, now)
+        self._update_queue_gauge(state)
+
+    def _dispatch(self, state: ModelState, ws: WorkerSession, batch: list[Job], now: float) -> None:
+        rows = []
+        for job in batch:
+            state.queue.remove(job)
+            job.state, job.dispatch_id = JobState.RUNNING, uuid.uuid4().hex
+            job.attempts += 1
+            job.dispatch, job.worker_id, job.worker_kind = now, ws.id, ws.kind
+            if job.first_dispatch is None:
+                job.first_dispatch = now
+                self.metrics.queue_delay.labels(job.model).observe(now - job.arrival)
+            ws.jobs[job.dispatch_id] = job
+            rows.append({"dispatch": job.dispatch_id, "job": job.id, **job.worker_payload()})
+        ws.idle_since, ws.busy_since, ws.batch = None, now, list(batch)
+        ws.batch_estimate_s = self.service.estimate_batch(ws.id, ws.kind, batch)
+        self.metrics.batch_size.labels(state.name).observe(len(batch))
+        ws.outbox.put_nowait({"type": "run", "rows": rows})
+        logger.debug("dispatched %d job(s) to %s", len(batch), ws.id)
+
+    def _batch_done(self, ws: WorkerSession, event: dict[str, Any]) -> None:
+        if ws.idle_since is not None:
+            return
+        now = time.monotonic()
+        observed = now - (ws.busy_since or now)
+        prefill_s, decode_s = float(event.get("prefill_s", 0.0)), float(event.get("decode_s", 0.0))
+        steps = int(event.get("steps", 0))
+        self.service.observe(
+            ws.id, ws.kind, prompt_units=sum(j.prompt_units for j in ws.batch), steps=steps,
+            prefill_s=prefill_s, decode_s=decode_s, observed_s=observed)
+        generated = int(event.get("generated_tokens", 0))
+        if observed > 0:
+            self.metrics.tokens_per_second.labels(ws.id, ws.kind).set(generated / observed)
+        self._account_busy(ws, now)
+        for dispatch_id in [d for d, j in ws.jobs.items() if j in ws.batch]:
+            job = ws.jobs.pop(dispatch_id)  # the worker ended the batch without answering this job
+            if job.state is JobState.RUNNING:
+                self._finish(job, JobState.FAILED, RequestFailed("worker finished the batch without a result"))
+        ws.idle_since, ws.busy_since, ws.batch = now, None, []
+        self._schedule(self.models[ws.model])
+
+    def _account_busy(self, ws: WorkerSession, now: float) -> None:
+        if ws.busy_since is not None:
+            self.metrics.busy_seconds.labels(ws.id, ws.kind).inc(max(0.0, now - ws.busy_since))
+
+    def _finish(self, job: Job, final: JobState, error: Optional[ServingError]) -> None:
+        job.state, job.error, job.finish = final, error, time.monotonic()
+        job.events.put_nowait(("error", error) if error is not None else ("done", None))
+        job.finished.set()
+        outcome = final.value
+        self.metrics.requests.labels(job.model, outcome).inc()
+        t = job.timings()
+        if final is JobState.DONE:
+            self.metrics.jct.labels(job.model).observe(t["jct_s"])
+            if t["ttft_s"] is not None:
+                self.metrics.ttft.labels(job.model).observe(t["ttft_s"])
+        logger.info(
+            "request %s model=%s outcome=%s worker=%s kind=%s attempts=%d queue_delay_s=%s ttft_s=%s "
+            "jct_s=%s prompt_tokens=%d completion_tokens=%d",
+            job.id, job.model, outcome, job.worker_id, job.worker_kind, job.attempts, t["queue_delay_s"],
+            t["ttft_s"], t["jct_s"], job.prompt_tokens, job.completion_tokens)
+
+    def _session_of(self, job: Job) -> Optional[WorkerSession]:
+        state = self.models.get(job.model)
+        ws = state.workers.get(job.worker_id or "") if state else None
+        return ws if ws is not None and job.dispatch_id in ws.jobs else None
+
+    def _retry_after(self, state: ModelState) -> int:
+        workers = list(state.workers.values())
+        if not workers:
+            return 5
+        total = sum(
+            sum(self.service.estimate(w.id, w.kind, j.prompt_units, j.expected_output) for w in workers)
+            / len(workers)
+            for j in state.queue)
+        return max(1, min(60, math.ceil(total / len(workers))))
+
+    def _update_queue_gauge(self, state: ModelState) -> None:
+        self.metrics.queue_length.labels(state.name).set(len(state.queue))
+
+    def _update_worker_gauge(self, state: ModelState) -> None:
+        for kind in ("native", "assisted", "cpu"):
+            self.metrics.workers.labels(state.name, kind).set(
+                sum(1 for w in state.workers.values() if w.kind == kind))

@@ -1,0 +1,249 @@
+"""A worker process: loads one model on its device, registers with the router and runs the batches
+the router dispatches to it (protocol: ``worker_api``).
+
+The three worker kinds differ only in :func:`open_device`: ``native`` runs on the local GPU (CPU when
+there is none), ``cpu`` on the local CPU, ``assisted`` on a remote ``caserve`` device whose ops run on
+a GPU server. Losing the router (it restarted) means registering again with backoff; losing the GPU
+server means leaving the router (so it requeues the running jobs), reconnecting with backoff,
+reloading the weights and registering again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import httpx
+import torch
+
+from caserve.models import load_model
+from caserve.serving.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("native", "assisted", "cpu")
+
+
+class RouterLost(Exception):
+    """The router closed our channel or forgot our session: register again."""
+
+
+class DeviceLost(Exception):
+    """The device (GPU server) is gone: reconnect and reload before serving again."""
+
+
+@dataclass
+class WorkerConfig:
+    router_url: str
+    kind: str
+    model: str
+    gpu_server: Optional[str] = None
+    token: Optional[str] = None
+    worker_id: Optional[str] = None
+    max_batch: int = 8
+    shrink: bool = False
+    task: Optional[str] = None
+    threads: Optional[int] = None
+    step_delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}")
+        if self.kind == "assisted" and not self.gpu_server:
+            raise ValueError("an assisted worker needs --gpu-server host:port")
+        self.router_url = self.router_url.rstrip("/")
+        self.worker_id = self.worker_id or f"{self.kind}-{socket.gethostname()}-{os.getpid()}"
+
+
+def open_device(kind: str, gpu_server: Optional[str], token: Optional[str]) -> Union[str, torch.device]:
+    """The one place where worker kinds differ: where the model's ops run."""
+    if kind == "native":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cpu":
+        return "cpu"
+    from caserve.remote import connect  # the remote GPU runtime
+
+    assert gpu_server is not None
+    return connect(gpu_server, token=token)
+
+
+def device_lost_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from caserve.remote.errors import ConnectionLost
+    except ImportError:
+        return ()
+    return (ConnectionLost,)
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.engine: Optional[Engine] = None
+
+    async def run_forever(self) -> None:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per event POST otherwise
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        while True:
+            if self.engine is None:
+                self.engine = await self._load_with_backoff()
+            try:
+                await self._serve_router()
+            except DeviceLost:
+                logger.warning("worker %s: device lost; reconnecting and reloading", self.config.worker_id)
+                self.engine = None
+
+    async def _load_with_backoff(self) -> Engine:
+        delay = 0.5
+        while True:
+            try:
+                return await asyncio.to_thread(self._load)
+            except ImportError:
+                raise
+            except (OSError, RuntimeError, *device_lost_errors()) as exc:
+                logger.warning("worker %s: cannot open device/model (%s: %s); retrying in %.1fs",
+                               self.config.worker_id, type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _load(self) -> Engine:
+        c = self.config
+        device = open_device(c.kind, c.gpu_server, c.token)
+        lm = load_model(c.model, device=device, shrink=c.shrink, task=c.task)  # type: ignore[arg-type]
+        logger.info("worker %s: loaded %s (%s) on %s", c.worker_id, lm.label, lm.task, device)
+        return Engine(lm, step_delay_s=c.step_delay_s)
+
+    async def _serve_router(self) -> None:
+        """Register and serve; on losing the router, register again with backoff. Raises DeviceLost."""
+        delay = 0.2
+        async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0)) as client:
+            while True:
+                try:
+                    session = await self._register(client)
+                    delay = 0.2
+                    await _Session(self, client, session).run()
+                except (httpx.HTTPError, RouterLost) as exc:
+                    logger.warning("worker %s: router unavailable (%s); registering again in %.1fs",
+                                   self.config.worker_id, type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _register(self, client: httpx.AsyncClient) -> str:
+        assert self.engine is not None
+        c, lm = self.config, self.engine.lm
+        resp = await client.post(f"{c.router_url}/internal/workers/register", json={
+            "worker_id": c.worker_id, "kind": c.kind, "model": c.model, "task": lm.task,
+            "max_batch": c.max_batch, "max_context": lm.max_context})
+        resp.raise_for_status()
+        logger.info("worker %s: registered with %s", c.worker_id, c.router_url)
+        return str(resp.json()["session"])
+
+
+class _Session:
+    """One registration: a channel reader, a heartbeat, an in-order event sender and at most one batch."""
+
+    def __init__(self, worker: Worker, client: httpx.AsyncClient, session: str) -> None:
+        self.worker, self.client, self.session = worker, client, session
+        self.base = f"{worker.config.router_url}/internal/workers/{worker.config.worker_id}"
+        self.outbox: asyncio.Queue[Optional[dict[str, Any]]] = asyncio.Queue()  # None: leave the router
+        self.cancelled: set[str] = set()
+        self.cancel_all = threading.Event()
+        self.batch: Optional[asyncio.Task[None]] = None
+        self.device_lost = False
+
+    async def run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._read_channel())
+                tg.create_task(self._heartbeat())
+                tg.create_task(self._send_events())
+        except* DeviceLost:
+            raise DeviceLost() from None
+        except* RouterLost as group:
+            raise group.exceptions[0] from None
+        except* httpx.HTTPError as group:
+            raise group.exceptions[0] from None
+        finally:
+            await self._stop_batch()
+
+    async def _stop_batch(self) -> None:
+        if self.batch is not None and not self.batch.done():
+            self.cancel_all.set()
+            await asyncio.gather(self.batch, return_exceptions=True)
+
+    async def _read_channel(self) -> None:
+        timeout = httpx.Timeout(10.0, connect=5.0, read=10.0)  # the router pings every second
+        async with self.client.stream("GET", f"{self.base}/channel", params={"session": self.session},
+                                      timeout=timeout) as resp:
+            if resp.status_code == 404:
+                raise RouterLost("session unknown")
+            resp.raise_for_status()
+            async for line in resp.aiter_lines():
+                if not line:
+                    continue
+                message = json.loads(line)
+                if message["type"] == "run":
+                    if self.batch is not None and not self.batch.done():
+                        logger.error("router sent a batch while one is running; ignoring it")
+                        continue
+                    self.batch = asyncio.create_task(self._run_batch(message["rows"]))
+                elif message["type"] == "cancel":
+                    self.cancelled.add(message["dispatch"])
+        raise RouterLost("channel closed")
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            resp = await self.client.post(f"{self.base}/heartbeat", json={"session": self.session})
+            if resp.status_code == 404:
+                raise RouterLost("session unknown")
+            resp.raise_for_status()
+
+    async def _send_events(self) -> None:
+        while True:
+            events = [await self.outbox.get()]
+            while not self.outbox.empty() and events[-1] is not None:
+                events.append(self.outbox.get_nowait())
+            leave = events[-1] is None
+            payload = [e for e in events if e is not None]
+            if payload:
+                resp = await self.client.post(f"{self.base}/events", json={"session": self.session, "events": payload})
+                if resp.status_code == 404:
+                    raise RouterLost("session unknown")
+                resp.raise_for_status()
+            if leave:
+                await self.client.post(f"{self.base}/unregister", json={"session": self.session})
+                raise DeviceLost()
+
+    async def _run_batch(self, rows: list[dict[str, Any]]) -> None:
+        engine = self.worker.engine
+        assert engine is not None
+        loop = asyncio.get_running_loop()
+
+        def emit(event: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(self.outbox.put_nowait, event)
+
+        def is_cancelled(dispatch: str) -> bool:
+            return self.cancel_all.is_set() or dispatch in self.cancelled
+
+        try:
+            stats = await asyncio.to_thread(engine.run, rows, emit, is_cancelled)
+        except device_lost_errors() as exc:
+            logger.warning("worker %s: lost the GPU server mid-batch: %s", self.worker.config.worker_id, exc)
+            self.outbox.put_nowait(None)  # flush what was generated, then leave: the router requeues
+            return
+        except Exception as exc:  # a bug or an op the device refused: fail these rows, keep serving
+            logger.exception("worker %s: batch failed", self.worker.config.worker_id)
+            for row in rows:
+                self.outbox.put_nowait({"type": "error", "dispatch": row["dispatch"], "error_type": "internal",
+                                        "message": f"{type(exc).__name__}: {exc}"})
+            self.outbox.put_nowait({"type": "batch_done"})
+            return
+        self.cancelled.difference_update(r["dispatch"] for r in rows)
+        self.outbox.put_nowait(stats.event())

@@ -1,0 +1,227 @@
+"""The OpenAI-compatible API end to end: ``caserve serve`` (router + native + cpu worker processes) plus
+workers for an encoder, a classifier and a seq2seq model, called over loopback HTTP with the official
+``openai`` client and with raw HTTP for the error cases."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+import openai
+import pytest
+
+from serving_procs import TINY, Cluster, openai_client
+
+EMB, CLS, S2S = "bert-base-uncased", "distilbert-base-uncased", "t5-small"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    c = Cluster(tmp_path_factory.mktemp("api"))
+    try:
+        c.router("--native-workers", "1", "--cpu-workers", "1", "--max-batch", "4", "--worker-threads", "1")
+        c.worker("emb-0", "--shrink", model=EMB)
+        c.worker("cls-0", "--shrink", "--task", "classification", model=CLS)
+        c.worker("s2s-0", "--shrink", model=S2S)
+        c.wait_workers({"native-0", "cpu-0"})
+        c.wait_workers({"emb-0"}, model=EMB)
+        c.wait_workers({"cls-0"}, model=CLS)
+        c.wait_workers({"s2s-0"}, model=S2S)
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster: Cluster):
+    return openai_client(cluster.url)
+
+
+def test_models_lists_every_registered_model(client) -> None:
+    ids = {m.id for m in client.models.list().data}
+    assert {TINY, EMB, CLS, S2S} <= ids
+    assert client.models.retrieve(TINY).id == TINY
+
+
+def test_completion_with_timings_and_usage(client) -> None:
+    resp = client.completions.create(model=TINY, prompt="Hello there", max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    choice = resp.choices[0]
+    assert choice.finish_reason == "length"
+    assert resp.usage.completion_tokens == 12
+    assert resp.usage.prompt_tokens == len("Hello there".encode())  # byte-level tokenizer
+    t = resp.model_extra["timings"]
+    assert t["worker_kind"] in ("native", "cpu") and t["worker_id"] in ("native-0", "cpu-0")
+    assert t["arrival"] <= t["dispatch"] <= t["first_token"] <= t["finish"]
+    assert t["jct_s"] == pytest.approx(t["finish"] - t["arrival"], abs=1e-5)
+    assert t["queue_delay_s"] == pytest.approx(t["dispatch"] - t["arrival"], abs=1e-5)
+    assert t["attempts"] == 1
+
+
+def test_greedy_is_deterministic_and_seeded_sampling_repeats(client) -> None:
+    def gen(**kw):
+        return client.completions.create(model=TINY, prompt="abc", max_tokens=20,
+                                         extra_body={"ignore_eos": True}, **kw).choices[0].text
+
+    assert gen(temperature=0) == gen(temperature=0)
+    assert gen(temperature=1.0, seed=7) == gen(temperature=1.0, seed=7)
+    samples = {gen(temperature=1.5, top_p=1.0, seed=s) for s in range(4)}
+    assert len(samples) > 1  # sampling really samples
+
+
+def test_stop_sequence_truncates(client) -> None:
+    full = client.completions.create(model=TINY, prompt="abc", max_tokens=30, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[3:5]
+    assert len(stop) == 2
+    resp = client.completions.create(model=TINY, prompt="abc", max_tokens=30, temperature=0, stop=[stop],
+                                      extra_body={"ignore_eos": True})
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.choices[0].text == full[: full.index(stop)]
+
+
+def test_chat_completion_and_stream_agree(client) -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    resp = client.chat.completions.create(model=TINY, messages=messages, max_tokens=10, temperature=0)
+    assert resp.object == "chat.completion"
+    assert resp.choices[0].message.role == "assistant"
+    text = resp.choices[0].message.content
+    stream = client.chat.completions.create(model=TINY, messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    parts, finish, usage, timings = [], None, None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            parts.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+            timings = (chunk.model_extra or {}).get("timings") or timings
+    assert "".join(parts) == text
+    assert finish == resp.choices[0].finish_reason
+    assert usage.completion_tokens == resp.usage.completion_tokens
+    assert timings["first_token"] >= timings["dispatch"]
+
+
+def test_completion_stream(client) -> None:
+    ref = client.completions.create(model=TINY, prompt="stream me", max_tokens=16, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    chunks = list(client.completions.create(model=TINY, prompt="stream me", max_tokens=16, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    assert len(chunks) >= 3  # really streamed, not one blob
+    assert "".join(c.choices[0].text for c in chunks) == ref.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_multiple_prompts_give_one_choice_each(client) -> None:
+    resp = client.completions.create(model=TINY, prompt=["one", "two", "three"], max_tokens=4, temperature=0)
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    single = client.completions.create(model=TINY, prompt="two", max_tokens=4, temperature=0)
+    assert resp.choices[1].text == single.choices[0].text
+
+
+def test_token_id_prompt(client) -> None:
+    by_ids = client.completions.create(model=TINY, prompt=list(b"abc"), max_tokens=5, temperature=0)
+    by_text = client.completions.create(model=TINY, prompt="abc", max_tokens=5, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+
+
+def test_embeddings_float_and_base64(client) -> None:
+    resp = client.embeddings.create(model=EMB, input=["hello world", "a"], encoding_format="float")
+    assert len(resp.data) == 2
+    v0 = resp.data[0].embedding
+    assert math.sqrt(sum(x * x for x in v0)) == pytest.approx(1.0, abs=1e-4)  # mean-pooled, normalised
+    assert resp.usage.prompt_tokens > 0
+    default = client.embeddings.create(model=EMB, input="hello world")  # the client asks for base64
+    assert default.data[0].embedding == pytest.approx(v0, abs=1e-5)
+    assert v0 != pytest.approx(resp.data[1].embedding, abs=1e-3)
+
+
+def test_classification(cluster: Cluster) -> None:
+    r = httpx.post(f"{cluster.url}/v1/classifications", json={"model": CLS, "input": ["good", "bad"]}, timeout=60)
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert len(data) == 2 and all(d["label"].startswith("LABEL_") for d in data)
+    assert all(sum(d["scores"]) == pytest.approx(1.0, abs=1e-4) for d in data)
+
+
+def test_seq2seq_generation(client) -> None:
+    resp = client.completions.create(model=S2S, prompt="translate: hello", max_tokens=6, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert resp.usage.completion_tokens == 6
+    again = client.completions.create(model=S2S, prompt="translate: hello", max_tokens=6, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert again.choices[0].text == resp.choices[0].text
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"model": TINY, "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"model": TINY, "prompt": "x", "temperature": 5}, "temperature"),
+    ({"model": TINY, "prompt": "x", "n": 2}, "n"),
+    ({"model": TINY}, "prompt"),
+    ({"model": TINY, "prompt": "x", "stream": True, "prompt_extra": 1, "top_p": 0}, "top_p"),
+])
+def test_bad_parameters_are_400(cluster: Cluster, body: dict, param: str) -> None:
+    r = httpx.post(f"{cluster.url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and param in (err["param"] or "") + err["message"]
+
+
+def test_malformed_json_is_400(cluster: Cluster) -> None:
+    r = httpx.post(f"{cluster.url}/v1/chat/completions", content=b'{"model": ', timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_model_is_404(client) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="no/such-model", prompt="x")
+    assert info.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="no/such-model", input="x")
+
+
+def test_wrong_task_for_model_is_400(client) -> None:
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model=TINY, input="x")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=EMB, prompt="x")
+
+
+def test_prompt_longer_than_context_is_400(client) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=TINY, prompt="x" * 1100, max_tokens=4)  # context is 1024
+    assert info.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):  # streamed requests fail the same way, before the stream
+        client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "y" * 1100}], stream=True)
+    ok = client.completions.create(model=TINY, prompt="still fine", max_tokens=2)  # workers unharmed
+    assert ok.usage.completion_tokens >= 1
+
+
+def test_health_and_metrics(cluster: Cluster, client) -> None:
+    client.completions.create(model=TINY, prompt="count me", max_tokens=3, temperature=0,
+                              extra_body={"ignore_eos": True})
+    health = cluster.health()
+    kinds = {w["kind"] for w in health["models"][TINY]["workers"]}
+    assert kinds == {"native", "cpu"}
+    text = httpx.get(f"{cluster.url}/metrics", timeout=10).text
+    for name in ("caserve_queue_length", "caserve_queue_delay_seconds_bucket", "caserve_jct_seconds_bucket",
+                 "caserve_worker_busy_seconds_total", "caserve_worker_tokens_per_second",
+                 "caserve_generated_tokens_total"):
+        assert name in text, name
+    assert cluster.metric("caserve_jct_seconds_count", model=TINY) >= 1
+    assert cluster.metric("caserve_generated_tokens_total", model=TINY) >= 3
+    assert cluster.metric("caserve_worker_busy_seconds_total") > 0
+
+
+def test_sse_wire_format(cluster: Cluster) -> None:
+    with httpx.stream("POST", f"{cluster.url}/v1/completions", timeout=60, json={
+            "model": TINY, "prompt": "wire", "max_tokens": 3, "stream": True, "ignore_eos": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2][len("data: "):])
+    assert last["choices"][0]["finish_reason"] == "length" and "timings" in last
