@@ -204,6 +204,8 @@ def bench_compare_cmd(
     seed: int = _SEED,
     goodput: list[str] = typer.Option([], help="SLO for goodput, repeatable: ttft:MS, tpot:MS, e2el:MS."),
     warmup: int = typer.Option(2, help="Unmeasured warm-up requests per configuration."),
+    server_args: str = typer.Option("", help="Extra arguments for every server, e.g. '--max-batch 1 --policy ect'."),
+    shrink: bool = typer.Option(False, help="Zoo models: the shrunk architecture (random weights)."),
     out_dir: Path = typer.Option(Path("results/compare"), help="Directory for compare.json, .md and plots."),
     progress: bool = typer.Option(True),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -215,7 +217,8 @@ def bench_compare_cmd(
 
     wl = _workload(dataset, dataset_path, num_requests, arrivals, rate, cv, trace, time_scale, output_len, max_prompt_words, seed)
     res = compare(model, wl, native=native, assisted=_csv_ints(assisted), server_cmd=_server_cmd(server, server_cmd),
-                  out_dir=out_dir, endpoint=endpoint, slos=parse_slos(goodput), warmup=warmup, progress=progress)
+                  out_dir=out_dir, endpoint=endpoint, slos=parse_slos(goodput), warmup=warmup, progress=progress,
+                  server_args=server_args, shrink=shrink)
     typer.echo(markdown_table(res["rows"]))
     typer.echo(f"wrote {out_dir}/compare.json, compare.md, jct_cdf.png, queue_delay.png")
 
@@ -230,6 +233,8 @@ def bench_matrix_cmd(
     native: int = typer.Option(1), assisted: int = typer.Option(1),
     server: str = typer.Option("caserve", help="caserve | ref"),
     server_cmd: Optional[str] = typer.Option(None, help="Custom server command template."),
+    server_args: str = typer.Option("", help="Extra arguments for every server."),
+    shrink: bool = typer.Option(True, help="Shrunk zoo models (small CPU version); --no-shrink: full size."),
     seed: int = _SEED,
     out_dir: Path = typer.Option(Path("results/matrix")),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -240,7 +245,7 @@ def bench_matrix_cmd(
 
     spec = MatrixSpec(models=[m for m in models.split(",") if m], datasets=[d for d in datasets.split(",") if d],
                       num_requests=num_requests, output_len=output_len, load=load, native=native, assisted=assisted,
-                      server_cmd=_server_cmd(server, server_cmd), seed=seed)
+                      server_cmd=_server_cmd(server, server_cmd), server_args=server_args, shrink=shrink, seed=seed)
     res = run_matrix(spec, out_dir)
     typer.echo(markdown(res))
 

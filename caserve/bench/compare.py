@@ -28,16 +28,17 @@ from caserve.bench.datasets import REPO_ROOT
 from caserve.bench.loadgen import LoadGenConfig, LoadGenError, run_load_sync, wait_healthy
 from caserve.bench.metrics import jct_values, reduction_pct
 from caserve.bench.run import WorkloadSpec, bench_serve, records_of, save_result
+from caserve.bench.zoo import weights_are_random
 
 logger = logging.getLogger(__name__)
 
 SERVE_CMD = (
-    "{python} -m caserve.cli serve --model {model} --port {port} "
-    "--native-workers {native} --assisted-workers {assisted}"
+    "{python} -m caserve.cli serve --model {model} --port {port} --gpu-port {gpu_port} "
+    "--native-workers {native} --assisted-workers {assisted} {extra}"
 )
 REF_CMD = (
     "{python} -m caserve.bench.refserver --model {model} --port {port} "
-    "--native-workers {native} --assisted-workers {assisted}"
+    "--native-workers {native} --assisted-workers {assisted} {extra}"
 )
 SERVER_CMDS = {"caserve": SERVE_CMD, "ref": REF_CMD}
 
@@ -70,11 +71,14 @@ def subprocess_env() -> dict[str, str]:
 
 
 @contextmanager
-def launched_server(template: str, *, model: str, cfg: Config, startup_timeout_s: float = 300.0, log_path: Optional[Path] = None) -> Iterator[str]:
-    """Start the server from ``template`` in its own process group; yield its URL; always stop it."""
+def launched_server(template: str, *, model: str, cfg: Config, startup_timeout_s: float = 300.0,
+                    log_path: Optional[Path] = None, extra: str = "") -> Iterator[str]:
+    """Start the server from ``template`` in its own process group; yield its URL; always stop it.
+
+    Template fields: ``{python} {model} {port} {gpu_port} {native} {assisted} {extra}``."""
     port = free_port()
     cmd = template.format(python=shlex.quote(sys.executable), model=shlex.quote(model), port=port,
-                          native=cfg.native, assisted=cfg.assisted)
+                          gpu_port=free_port(), native=cfg.native, assisted=cfg.assisted, extra=extra)
     logger.info("starting: %s", cmd)
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -128,18 +132,24 @@ def compare(
     warmup: int = 2,
     progress: bool = True,
     startup_timeout_s: float = 300.0,
+    server_args: str = "",
+    shrink: bool = False,
 ) -> dict[str, Any]:
     """Run every configuration and return the comparison document (also written to ``out_dir``)."""
     configs = [Config(native, 0)] + [Config(native, k) for k in assisted if k > 0]
     runs: list[dict[str, Any]] = []
     for cfg in configs:
         log_path = Path(out_dir) / f"server_{cfg.native}n_{cfg.assisted}a.log" if out_dir else None
-        with launched_server(server_cmd, model=model, cfg=cfg, startup_timeout_s=startup_timeout_s, log_path=log_path) as url:
+        extra = " ".join(a for a in (server_args, "--shrink" if shrink else "") if a)
+        with launched_server(server_cmd, model=model, cfg=cfg, startup_timeout_s=startup_timeout_s, log_path=log_path,
+                             extra=extra) as url:
             warm_up(url, workload, n=warmup, endpoint=endpoint)
             doc = bench_serve(url, workload, model=None, endpoint=endpoint, slos=slos, label=cfg.label,
                               progress=progress,
                               extra_meta={"workers": {"native": cfg.native, "assisted": cfg.assisted},
-                                          "requested_model": model})
+                                          "requested_model": model, "server_command": server_cmd, "server_args": extra})
+        if doc["meta"]["random_weights"] == "unknown":
+            doc["meta"]["random_weights"] = weights_are_random(model, shrink=shrink)
         runs.append(doc)
     result = {"schema": "caserve-compare/1", "model": model, "workload": asdict(workload), "rows": table_rows(runs), "runs": runs}
     if out_dir:

@@ -30,6 +30,7 @@ from caserve.bench import plots
 from caserve.bench.compare import SERVE_CMD, Config, launched_server, markdown_table, table_rows
 from caserve.bench.loadgen import LoadGenConfig, run_load_sync
 from caserve.bench.run import WorkloadSpec, bench_serve, save_result
+from caserve.bench.zoo import model_task, weights_are_random
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +53,10 @@ class MatrixSpec:
     native: int = 1
     assisted: int = 1
     server_cmd: str = SERVE_CMD
+    server_args: str = ""
+    shrink: bool = True  # small version: shrunk zoo models (random weights)
     calibration_requests: int = 3
     seed: int = 0
-
-
-def model_task(name: str) -> str:
-    """The zoo's task for ``name`` (``causal-lm`` for names outside the zoo)."""
-    from caserve.models import ZOO
-
-    entry = ZOO.get(name)
-    return entry.task if entry is not None else "causal-lm"
 
 
 def cell_plan(model: str, dataset: str, spec: MatrixSpec) -> tuple[str, WorkloadSpec]:
@@ -105,7 +100,9 @@ def run_matrix(spec: MatrixSpec, out_dir: Path, *, progress: bool = False) -> di
         for cfg in configs:
             key = f"{model.replace('/', '_')}_{cfg.native}n_{cfg.assisted}a"
             try:
-                with launched_server(spec.server_cmd, model=model, cfg=cfg, log_path=out_dir / "logs" / f"{key}.log") as url:
+                extra = " ".join(a for a in (spec.server_args, "--shrink" if spec.shrink else "") if a)
+                with launched_server(spec.server_cmd, model=model, cfg=cfg, log_path=out_dir / "logs" / f"{key}.log",
+                                     extra=extra) as url:
                     for ds in spec.datasets:
                         endpoint, wl = cell_plan(model, ds, spec)
                         if ds not in rates:  # native-only config runs first: calibrate there
@@ -114,6 +111,8 @@ def run_matrix(spec: MatrixSpec, out_dir: Path, *, progress: bool = False) -> di
                         doc = bench_serve(url, wl, endpoint=endpoint, label=cfg.label, progress=progress,
                                           extra_meta={"workers": {"native": cfg.native, "assisted": cfg.assisted},
                                                       "requested_model": model})
+                        if doc["meta"]["random_weights"] == "unknown":
+                            doc["meta"]["random_weights"] = weights_are_random(model, shrink=spec.shrink)
                         cells.setdefault(f"{model}|{ds}", {"model": model, "dataset": ds, "endpoint": endpoint, "runs": []})["runs"].append(doc)
             except Exception as exc:  # noqa: BLE001 - one model failing must not lose the others' results
                 logger.error("matrix: %s %s failed: %s", model, cfg.label, exc)

@@ -58,7 +58,7 @@ class SleepWork:
 class ModelWork:
     """Real forward passes; one lock-free model shared by the worker threads (inference only)."""
 
-    def __init__(self, model: str, *, shrink: bool = True, max_input_tokens: int = 256):
+    def __init__(self, model: str, *, shrink: bool = False, max_input_tokens: int = 256):
         import torch
 
         from caserve.models import load_model
@@ -284,11 +284,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--prefill-ms", type=float, default=5.0)
     p.add_argument("--per-token-ms", type=float, default=2.0)
     p.add_argument("--assisted-factor", type=float, default=1.0)
-    p.add_argument("--no-shrink", action="store_true")
+    p.add_argument("--shrink", action="store_true", help="zoo models: the shrunk architecture")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     work = (SleepWork(a.prefill_ms, a.per_token_ms, a.assisted_factor) if a.model == "sleep"
-            else ModelWork(a.model, shrink=not a.no_shrink))
+            else ModelWork(a.model, shrink=a.shrink))
     import uvicorn
 
     uvicorn.run(build_app(work, native=a.native_workers, assisted=a.assisted_workers), host=a.host, port=a.port,
