@@ -27,7 +27,8 @@ def gpu_server(
     device: str = typer.Option("auto", help="cuda:N, cpu, or auto (CUDA when present)."),
     token_file: Optional[Path] = typer.Option(None, help="File holding the shared client token."),
     tenant_memory_limit: str = typer.Option("0", help="Per-tenant device memory limit, e.g. 8GiB (0: none)."),
-    unix_socket: Optional[Path] = typer.Option(None, help="Also listen on this Unix socket path."),
+    unix_socket: Optional[Path] = typer.Option(None, help="Unix socket path (default: one per port in the temp dir)."),
+    no_unix_socket: bool = typer.Option(False, "--no-unix-socket", help="Listen on TCP only."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Own one device and execute the op streams of many CPU-node clients on it."""
@@ -40,7 +41,7 @@ def gpu_server(
         device=device,
         token=token_file.read_text().strip() if token_file else None,
         tenant_memory_limit=tenant_memory_limit,
-        unix_socket=str(unix_socket) if unix_socket else None,
+        unix_socket=None if no_unix_socket else (str(unix_socket) if unix_socket else "auto"),
     )
 
 

@@ -1,0 +1,75 @@
+"""The remote GPU runtime: a ``torch.device`` on a GPU-less node whose ATen ops run on a GPU server.
+
+    import caserve.remote
+    dev = caserve.remote.connect("gpu-node:7070", token="...")
+    model.to(dev)
+    out = model.generate(**inputs.to(dev))
+
+Layout: :mod:`~caserve.remote.protocol` (the wire format), :mod:`~caserve.remote.transport` (sockets),
+:mod:`~caserve.remote.session`, :mod:`~caserve.remote.tensor`, :mod:`~caserve.remote.dispatch` and
+:mod:`~caserve.remote.device` (the client), :mod:`~caserve.remote.server` and
+:mod:`~caserve.remote.executor` (the GPU server).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from caserve.remote import protocol as P
+from caserve.remote.errors import ConnectionLost, HandshakeError, QuotaExceeded, RemoteError, RemoteOpError
+
+__all__ = [
+    "connect", "disconnect", "stats", "server_stats", "ConnectionLost", "HandshakeError", "QuotaExceeded",
+    "RemoteError", "RemoteOpError",
+]
+
+
+def connect(address: str | None = None, token: str | None = None, *, transport: str = "auto",
+            server: Any = None, timeout: float = 10.0) -> torch.device:
+    """Open a session on a GPU server and return its ``torch.device("caserve", N)``.
+
+    ``address`` is ``host:port``; on the same host the server's Unix socket is used when it exists
+    (``transport="tcp"`` forces TCP). ``token`` defaults to ``$CASERVE_TOKEN``. ``server`` connects to an
+    in-process :class:`caserve.remote.server.GPUServer` instead (tests, single-process use).
+    """
+    from caserve.remote import device, session
+    from caserve.remote.server import LocalChannel
+    from caserve.remote.transport import SocketChannel
+
+    device.install()
+    token = token if token is not None else os.environ.get("CASERVE_TOKEN") or None
+    if server is not None:
+        channel = LocalChannel(server)
+    elif address is None:
+        raise ValueError("connect() needs a GPU server address host:port (or server=)")
+    else:
+        channel = SocketChannel.connect(address, transport=transport, timeout=timeout)
+    sess = session.register(lambda index: session.Session.open(channel, token, index))
+    # The remote generator starts from the local seed, so torch.manual_seed() before connect() counts.
+    sess.emit(P.Seed(torch.initial_seed()))
+    return sess.device
+
+
+def disconnect(device: torch.device | str) -> None:
+    """Close the device's session; the server frees everything it held."""
+    from caserve.remote.session import session_of
+
+    session_of(device).close()
+
+
+def stats(device: torch.device | str) -> dict[str, Any]:
+    """Client-side counters of the device's session (ops, frames, bytes, syncs)."""
+    from caserve.remote.session import session_of
+
+    return session_of(device).stats.snapshot()
+
+
+def server_stats(device: torch.device | str) -> dict[str, Any]:
+    """The GPU server's figures as seen from this tenant (one round trip)."""
+    from caserve.remote.session import session_of
+
+    value, _ = session_of(device).sync(P.Stats())
+    return value

@@ -1,0 +1,68 @@
+"""Torch-side vocabulary shared by both ends: dtype names and what an op's schema says about aliasing.
+
+The wire format itself is in :mod:`caserve.remote.protocol`; this module maps its names to torch
+objects, so that the client and the server agree on every rule by calling the same function.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name)
+    for name in (
+        "float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "bool",
+        "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64",
+    )
+    if hasattr(torch, name)
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+LAYOUTS: dict[str, torch.layout] = {"strided": torch.strided}
+MEMORY_FORMATS: dict[str, torch.memory_format] = {
+    "contiguous_format": torch.contiguous_format,
+    "preserve_format": torch.preserve_format,
+    "channels_last": torch.channels_last,
+    "channels_last_3d": torch.channels_last_3d,
+}
+MEMORY_FORMAT_NAMES = {v: k for k, v in MEMORY_FORMATS.items()}
+
+
+def extent(size: tuple[int, ...], stride: tuple[int, ...], offset: int) -> int:
+    """Elements of storage a view needs: one past its furthest element (0 for an empty view)."""
+    if any(s == 0 for s in size):
+        return 0
+    return offset + 1 + sum((s - 1) * st for s, st in zip(size, stride))
+
+
+@functools.lru_cache(maxsize=None)
+def written_args(func: torch._ops.OpOverload) -> frozenset[str]:
+    """Names of the arguments the op writes to (in-place ``self``, ``out=`` tensors)."""
+    return frozenset(a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write)
+
+
+@functools.lru_cache(maxsize=None)
+def fresh_returns(func: torch._ops.OpOverload) -> tuple[bool, ...]:
+    """Per schema return: True when it is a new tensor (or list of them), False when it is a written arg."""
+    return tuple(not (r.alias_info is not None and r.alias_info.is_write) for r in func._schema.returns)
+
+
+@functools.lru_cache(maxsize=None)
+def takes_generator(func: torch._ops.OpOverload) -> bool:
+    return any(a.name == "generator" for a in func._schema.arguments)
+
+
+def flatten_fresh(func: torch._ops.OpOverload, result: object) -> list[torch.Tensor]:
+    """The fresh output tensors of ``result``, in return order (lists flattened)."""
+    results = result if isinstance(result, tuple) else (result,)
+    out: list[torch.Tensor] = []
+    for is_fresh, value in zip(fresh_returns(func), results):
+        if not is_fresh:
+            continue
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif isinstance(value, (list, tuple)):
+            out.extend(v for v in value if isinstance(v, torch.Tensor))
+    return out

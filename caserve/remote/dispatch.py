@@ -1,0 +1,459 @@
+"""Client-side dispatch: every ATen op on a caserve tensor comes through :func:`dispatch`.
+
+For each op the client
+
+1. builds a *signature*: the op plus each argument's value, or for a tensor its dtype and geometry;
+2. looks up the signature's *plan* (computed once with meta kernels): the output geometry, and which
+   outputs are fresh, which are views of an input (never sent) and which are written inputs;
+3. mints handles for fresh outputs, appends a ``Run`` record to the frame buffer and returns at once.
+
+Sync points (``.item()``, ``.cpu()``, data-dependent shapes) flush the buffer and wait once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import DynamicOutputShapeException
+
+from caserve.remote import protocol as P
+from caserve.remote.codec import DTYPE_NAMES, DTYPES, MEMORY_FORMAT_NAMES, extent, fresh_returns, written_args
+from caserve.remote.errors import RemoteError
+from caserve.remote.session import Session
+from caserve.remote.tensor import LAZY, LIVE, RemoteStorage, RemoteTensor, resize_empty
+
+logger = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+SHARE_MIN_BYTES = 64 * 1024  # uploads this large are weights: stored once for all tenants
+MAX_CACHE = 16384
+_F, _B, _CPU = "f", "b", "cpu"  # key tags that keep 1, 1.0 and True apart
+
+
+# ---------------------------------------------------------------------------------------------
+# Signatures
+
+
+def _sig(x: Any, slots: list[RemoteTensor]) -> Any:
+    tx = type(x)
+    if tx is RemoteTensor:
+        slots.append(x)
+        return x._cs
+    if tx is int or tx is str or x is None:
+        return x
+    if tx is float:
+        return (_F, x)
+    if tx is bool:
+        return (_B, x)
+    if tx is list or tx is tuple:
+        return tuple([_sig(e, slots) for e in x])
+    if isinstance(x, RemoteTensor):
+        slots.append(x)
+        return x._cs
+    if isinstance(x, torch.Tensor):
+        if x.device.type == "cpu" and x.dim() == 0:
+            return (_CPU, x.dtype, x.item())
+        raise RuntimeError(
+            f"Expected all tensors to be on the same device, but found a {x.device} tensor of shape "
+            f"{tuple(x.shape)} among caserve tensors"
+        )
+    return x  # dtype, device, layout, memory format: hashable and exact
+
+
+def _session_of(slots: list[RemoteTensor], args: Any, kwargs: dict) -> Session:
+    if slots:
+        return slots[0]._st.session
+    from caserve.remote.session import session_of
+
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.device) and v.type == "caserve":
+            return session_of(v)
+    raise RemoteError("op has no caserve tensor or device argument")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans
+
+
+@dataclass
+class Plan:
+    tid: int  # template id on the server (0: nothing to send, the op is a view)
+    out: Any  # output tree, see _build
+    nfresh: int
+    write_slots: tuple[int, ...]
+    replace: tuple[tuple[int, tuple], ...] = ()  # (slot, (dtype, size, stride)): out= args given new storage
+    sync: bool = False  # run with Execute (no meta kernel, or data-dependent output shapes)
+
+
+def _meta_arg(x: Any) -> Any:
+    tx = type(x)
+    if tx is RemoteTensor or isinstance(x, RemoteTensor):
+        dtype, size, stride, offset = x._cs
+        base = torch.empty((extent(size, stride, offset),), dtype=dtype, device="meta")
+        return base.as_strided(size, stride, offset)
+    if tx is list or tx is tuple:
+        return tx(_meta_arg(e) for e in x)
+    if tx is torch.device and x.type == "caserve":
+        return torch.device("meta")
+    return x
+
+
+def _spec(x: Any, slots: list[RemoteTensor], geoms: dict[int, tuple]) -> Any:
+    """The argument skeleton for DefineOp (see protocol.DefineOp)."""
+    tx = type(x)
+    if isinstance(x, RemoteTensor):
+        i = len(slots)
+        slots.append(x)
+        dtype, size, stride, offset = geoms.get(i, x._cs)
+        return {"$t": [i, DTYPE_NAMES[dtype], list(size), list(stride), offset]}
+    if tx is list or tx is tuple:
+        return [_spec(e, slots, geoms) for e in x]
+    if isinstance(x, torch.Tensor):
+        return {"$cpu": [DTYPE_NAMES[x.dtype], x.item()]}
+    if tx is torch.dtype:
+        return {"$dtype": DTYPE_NAMES[x]}
+    if tx is torch.device:
+        if x.type != "caserve":
+            raise RuntimeError(f"a caserve op cannot target device {x}")
+        return {"$dev": x.index or 0}
+    if tx is torch.layout:
+        return {"$layout": str(x).split(".")[-1]}
+    if tx is torch.memory_format:
+        return {"$mf": MEMORY_FORMAT_NAMES[x]}
+    if x is None or tx in (bool, int, float, str):
+        return x
+    raise NotImplementedError(f"caserve cannot send an argument of type {tx.__name__}")
+
+
+def _geom(t: torch.Tensor) -> tuple:
+    return (t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset())
+
+
+def _node(kind: str, index: int, g: tuple) -> tuple:
+    """A plan leaf: kind, slot or output index, dtype, size, stride, offset, storage bytes."""
+    return (kind, index, *g, extent(g[1], g[2], g[3]) * g[0].itemsize)
+
+
+def _make_plan(session: Session, func, args, kwargs, slots: list[RemoteTensor]) -> Plan:
+    session.stats.meta_misses += 1
+    margs, mkwargs = _meta_arg(args), {k: _meta_arg(v) for k, v in kwargs.items()}
+    try:
+        mout = func(*margs, **mkwargs)
+    except (DynamicOutputShapeException, NotImplementedError, RuntimeError) as exc:
+        logger.debug("%s: no usable meta kernel (%s); running it as a sync op", func, exc)
+        return _define(session, func, args, kwargs, Plan(0, None, 0, (), sync=True), {})
+    slot_of = {id(t): i for i, t in enumerate(slots)}
+    written = written_args(func)
+    write_slots: list[int] = []
+    replace: dict[int, tuple] = {}
+    schema = func._schema
+    # Which slot each written argument is (in-place self, out=).
+    written_slot: dict[str, int] = {}
+    for i, a in enumerate(schema.arguments):
+        if a.name in written:
+            value = kwargs.get(a.name) if a.kwarg_only or i >= len(args) else args[i]
+            if isinstance(value, RemoteTensor):
+                written_slot[a.name] = slot_of[id(value)]
+                write_slots.append(slot_of[id(value)])
+    ret_writes = [
+        next((a.name for a in schema.arguments if a.alias_info is not None and r.alias_info is not None
+              and a.alias_info.before_set == r.alias_info.before_set and a.name in written), None)
+        for r in schema.returns
+    ]
+    in_dtype = slots[0].dtype if slots else None
+    local_view = func.is_view and all(
+        not isinstance(o, torch.Tensor) or o.dtype == in_dtype for o in _leaves(mout)
+    )
+    nfresh = 0
+
+    def node(value: Any, write_name: str | None) -> Any:
+        nonlocal nfresh
+        if isinstance(value, torch.Tensor):
+            g = _geom(value)
+            if write_name is not None:
+                slot = written_slot[write_name]
+                if g != slots[slot]._cs:
+                    if slots[slot].numel() != 0:
+                        raise NotImplementedError(f"{func}: resizing a non-empty out= tensor on a caserve device")
+                    replace[slot] = g
+                    return ("R", slot)
+                return ("S", slot)
+            if local_view:
+                return _node("V", 0, g)
+            nfresh += 1
+            return _node("F", nfresh - 1, g)
+        if isinstance(value, (list, tuple)):
+            return ("L" if isinstance(value, list) else "T", [node(v, write_name) for v in value])
+        return ("C", value)
+
+    if len(schema.returns) == 1:
+        out = node(mout, ret_writes[0])
+    else:
+        out = ("T", [node(v, w) for v, w in zip(mout, ret_writes)])
+    plan = Plan(0, out, nfresh, tuple(write_slots), tuple(replace.items()))
+    if local_view and not write_slots:
+        return plan  # a pure view: nothing to run on the server
+    return _define(session, func, args, kwargs, plan, replace)
+
+
+def _leaves(x: Any):
+    if isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _leaves(v)
+    else:
+        yield x
+
+
+def _define(session: Session, func, args, kwargs, plan: Plan, replace: dict[int, tuple]) -> Plan:
+    slots: list[RemoteTensor] = []
+    geoms = {i: g for i, g in replace.items()}
+    spec_args = [_spec(a, slots, geoms) for a in args]
+    spec_kwargs = {k: _spec(v, slots, geoms) for k, v in kwargs.items()}
+    outs = []
+
+    def collect(n: Any) -> None:
+        if n[0] == "F":
+            outs.append((DTYPE_NAMES[n[2]], n[3], n[4], n[5]))
+        elif n[0] in ("L", "T"):
+            for c in n[1]:
+                collect(c)
+
+    if plan.out is not None:
+        collect(plan.out)
+    plan.tid = next(session.template_ids)
+    session.emit(P.DefineOp(plan.tid, str(func), spec_args, spec_kwargs, outs))
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a plan
+
+
+def _ready(st: RemoteStorage) -> None:
+    """Allocate a lazy storage on the server before its first use."""
+    if st.state == LAZY:
+        size, stride = st.alloc
+        st.session.emit(P.Alloc(st.handle, DTYPE_NAMES[st.dtype], size, stride))
+        st.state = LIVE
+
+
+def _unshare(st: RemoteStorage) -> None:
+    """Copy-on-write: the first write to a shared weight gives this tenant a private copy."""
+    new = st.session.new_handle()
+    st.session.emit(P.CopyStorage(new, st.handle))
+    st.session.free(st.handle)
+    st.handle, st.shared = new, False
+    logger.debug("copy-on-write of a shared weight (storage %d)", new)
+
+
+def _build(n: Any, slots: list[RemoteTensor], fresh: list[RemoteStorage]) -> Any:
+    k = n[0]
+    if k == "F":
+        return RemoteTensor(fresh[n[1]], n[2], n[3], n[4], n[5], n[6])
+    if k == "S" or k == "R":
+        return slots[n[1]]
+    if k == "V":
+        return RemoteTensor(slots[n[1]]._st, n[2], n[3], n[4], n[5], n[6])
+    if k == "L":
+        return [_build(c, slots, fresh) for c in n[1]]
+    if k == "T":
+        return tuple(_build(c, slots, fresh) for c in n[1])
+    return n[1]
+
+
+def dispatch(func, args: tuple, kwargs: dict) -> Any:
+    """Entry point from ``RemoteTensor.__torch_dispatch__``."""
+    special = SPECIAL.get(func)
+    if special is not None:
+        return special(args, kwargs)
+    return run_op(func, args, kwargs)
+
+
+def run_op(func, args: tuple, kwargs: dict) -> Any:
+    """Send one op through the signature cache (see the module docstring)."""
+    slots: list[RemoteTensor] = []
+    key = (func, _sig(args, slots), _sig(tuple(kwargs.items()), slots) if kwargs else None)
+    session = _session_of(slots, args, kwargs)
+    with session.lock:
+        session.stats.ops += 1
+        plan = session.cache.get(key)
+        if plan is None:
+            session.check_open()
+            if len(session.cache) >= MAX_CACHE:
+                session.cache.clear()
+                session.emit(P.ResetTemplates())
+            plan = session.cache[key] = _make_plan(session, func, args, kwargs, slots)
+        if plan.tid == 0:
+            return _build(plan.out, slots, [])
+        session.check_open()
+        for slot, g in plan.replace:
+            resize_empty(slots[slot], *g)
+        for t in slots:
+            if t._st.state == LAZY:
+                _ready(t._st)
+        for i in plan.write_slots:
+            if slots[i]._st.shared:
+                _unshare(slots[i]._st)
+        handles = [t._st.handle for t in slots]
+        if plan.sync:
+            return _execute(session, func, args, kwargs, plan, slots, handles)
+        fresh = [RemoteStorage(session, None) for _ in range(plan.nfresh)]  # type: ignore[arg-type]
+        session.emit(P.Run(plan.tid, handles, [st.handle for st in fresh]))
+        return _build(plan.out, slots, fresh)
+
+
+def _execute(session: Session, func, args, kwargs, plan: Plan, slots, handles) -> Any:
+    """Run now on the server and rebuild the outputs it describes (data-dependent shapes)."""
+    first = session.new_handle()
+    value, _ = session.sync(P.Execute(plan.tid, handles, first))
+    last = first
+
+    def rebuild(v: Any, write_name: str | None = None) -> Any:
+        nonlocal last
+        if isinstance(v, dict) and "$t" in v:
+            h, dtype, size, stride, offset = v["$t"]
+            st = RemoteStorage.__new__(RemoteStorage)
+            st.session, st.handle, st.dtype, st.state, st.shared, st.alloc = session, h, DTYPES[dtype], LIVE, False, None
+            last = max(last, h)
+            return RemoteTensor(st, DTYPES[dtype], tuple(size), tuple(stride), offset)
+        if isinstance(v, dict) and "$dtype" in v:
+            return DTYPES[v["$dtype"]]
+        if isinstance(v, list):
+            return [rebuild(e) for e in v]
+        return v
+
+    rets = func._schema.returns
+    fresh = fresh_returns(func)
+    if len(rets) == 1:
+        out = rebuild(value) if fresh[0] else _written_return(func, args, kwargs, 0)
+    else:
+        out = tuple(rebuild(v) if f else _written_return(func, args, kwargs, i) for i, (v, f) in enumerate(zip(value, fresh)))
+    while session.new_handle() < last:  # skip past the handles the server bound
+        pass
+    return out
+
+
+def _written_return(func, args, kwargs, ret_index: int) -> Any:
+    r = func._schema.returns[ret_index]
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is not None and r.alias_info is not None and a.alias_info.before_set == r.alias_info.before_set:
+            return kwargs.get(a.name) if a.kwarg_only or i >= len(args) else args[i]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Data movement: uploads and sync points
+
+
+def upload(dst: RemoteTensor, src: torch.Tensor) -> RemoteTensor:
+    """``dst.copy_(src)`` for a CPU ``src``: send its bytes (weights only once per server)."""
+    session = dst._st.session
+    if src.dtype != dst.dtype:
+        src = src.to(dst.dtype)
+    if tuple(src.shape) != tuple(dst.shape):
+        src = src.expand(dst.shape)
+    owned = src.is_contiguous() and src.data_ptr() != 0
+    host = src.contiguous() if not owned else src
+    data = memoryview(host.reshape(-1).view(torch.uint8).numpy()) if host.numel() else memoryview(b"")
+    st = dst._st
+    with session.lock:
+        session.check_open()
+        session.stats.ops += 1
+        dtype, size, stride, offset = dst._cs
+        whole = st.state == LAZY and st.alloc == (size, stride) and offset == 0 and dst.is_contiguous()
+        if whole:
+            share = len(data) >= SHARE_MIN_BYTES
+            st.state = LIVE
+            if share:
+                digest = hashlib.blake2b(data, digest_size=20).digest()
+                have, _ = session.sync(P.HasBlobs([digest]))
+                st.shared = True
+                if have[0]:
+                    session.emit(P.BindBlob(st.handle, digest))
+                    return dst
+            # Keep the caller's memory untouched until it is sent: snapshot small tensors, send large ones now.
+            if owned and len(data) < session_flush_bytes():
+                host = host.clone()
+                data = memoryview(host.reshape(-1).view(torch.uint8).numpy())
+            index = session.add_payload(data, host)
+            session.emit(P.Upload(st.handle, DTYPE_NAMES[dtype], size, index, share))
+        else:
+            _ready(st)
+            if st.shared:
+                _unshare(st)
+            if owned and len(data) < session_flush_bytes():
+                host = host.clone()
+                data = memoryview(host.reshape(-1).view(torch.uint8).numpy()) if host.numel() else memoryview(b"")
+            index = session.add_payload(data, host)
+            session.emit(P.CopyIn(st.handle, DTYPE_NAMES[dtype], size, stride, offset, DTYPE_NAMES[host.dtype],
+                                  tuple(host.shape), index))
+        if session.payload_bytes >= session_flush_bytes():
+            session.flush()
+    return dst
+
+
+def session_flush_bytes() -> int:
+    from caserve.remote.session import FLUSH_BYTES
+
+    return FLUSH_BYTES
+
+
+def fetch(t: RemoteTensor) -> torch.Tensor:
+    """The tensor's values as a new CPU tensor (one round trip)."""
+    st = t._st
+    dtype, size, stride, offset = t._cs
+    session = st.session
+    with session.lock:
+        session.stats.ops += 1
+        if st.state == LAZY:  # never written: its contents are undefined, like torch.empty's
+            return torch.empty(size, dtype=dtype)
+        _, payloads = session.sync(P.Fetch(st.handle, DTYPE_NAMES[dtype], size, stride, offset))
+    numel = 1
+    for s in size:
+        numel *= s
+    if numel == 0:
+        return torch.empty(size, dtype=dtype)
+    return torch.frombuffer(payloads[0], dtype=torch.uint8).view(dtype).reshape(size)
+
+
+def _to_copy(args: tuple, kwargs: dict) -> Any:
+    (src,) = args
+    device = kwargs.get("device")
+    if device is not None and torch.device(device).type == "cpu":
+        out = fetch(src)
+        dtype = kwargs.get("dtype")
+        if dtype is not None and dtype != out.dtype:
+            out = out.to(dtype)
+        return out
+    return run_op(aten._to_copy.default, args, kwargs)
+
+
+def _copy_(args: tuple, kwargs: dict) -> Any:
+    dst, src = args[0], args[1]
+    if isinstance(dst, RemoteTensor) and not isinstance(src, RemoteTensor):
+        if src.device.type != "cpu":
+            raise RuntimeError(f"cannot copy from {src.device} to a caserve tensor")
+        return upload(dst, src)
+    if isinstance(src, RemoteTensor) and not isinstance(dst, RemoteTensor):
+        return dst.copy_(fetch(src))
+    return run_op(aten.copy_.default, args, kwargs)
+
+
+def _local_scalar_dense(args: tuple, kwargs: dict) -> Any:
+    return fetch(args[0]).item()
+
+
+def _is_pinned(args: tuple, kwargs: dict) -> bool:
+    return False
+
+
+SPECIAL: dict[Any, Any] = {
+    aten._to_copy.default: _to_copy,
+    aten.copy_.default: _copy_,
+    aten._local_scalar_dense.default: _local_scalar_dense,
+    aten.is_pinned.default: _is_pinned,
+}

@@ -1,0 +1,353 @@
+"""The caserve remote wire protocol: every message a CPU node and a GPU server exchange.
+
+Read this module top to bottom to know the whole protocol. Nothing else in caserve encodes or decodes
+bytes on the wire.
+
+Framing
+-------
+Every message is one frame::
+
+    0        4      5          9                     9+H                          len+4
+    +--------+------+----------+---------------------+------------------------------+
+    | len    | kind | H        | header              | payload segments             |
+    | u32 LE | u8   | u32 LE   | msgpack, H bytes    | raw bytes, sizes in header   |
+    +--------+------+----------+---------------------+------------------------------+
+
+``len`` counts every byte after itself. The header is a msgspec-encoded struct chosen by ``kind``.
+Tensor bytes never go through msgpack: they follow the header as raw payload segments (sent from the
+tensor's memory with ``sendmsg``, received into one buffer that the server wraps without a copy), and
+the header names them by index.
+
+Session
+-------
+::
+
+    client                                  server
+      | HELLO {version}                       |
+      |-------------------------------------->|   version mismatch -> ERROR, close
+      |             CHALLENGE {version, nonce}|
+      |<--------------------------------------|
+      | AUTH {mac = HMAC-SHA256(token, nonce)}|
+      |-------------------------------------->|   bad mac -> ERROR, close
+      |        WELCOME {tenant, device, ...}  |
+      |<--------------------------------------|
+      | SUBMIT {ops..., sync: None}           |   streamed, never answered
+      |-------------------------------------->|
+      | SUBMIT {ops..., sync: Fetch(...)}     |   a sync point: one round trip
+      |-------------------------------------->|
+      |                 REPLY {seq, error, ..}|
+      |<--------------------------------------|
+
+With no token configured the server accepts only loopback peers and the MAC is empty.
+
+Ops
+---
+The client mints every handle, so ops stream without waiting. A *storage handle* names one device
+allocation of the tenant; a tensor argument is a view of one: ``(handle, dtype, size, stride, offset)``.
+Each distinct op signature is sent once as a :class:`DefineOp` template (op name, argument skeleton,
+expected output geometry); later calls are a :class:`Run` naming the template and the storage
+handles to plug into its tensor slots.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import struct
+from typing import Any, Union
+
+import msgspec
+
+# Bump on any change to the structs or framing below; tests/test_protocol.py pins a digest of the
+# schema so that a change without a bump fails.
+PROTOCOL_VERSION = 1
+
+FRAME_PREFIX = struct.Struct("<IBI")  # len, kind, header length
+MAX_HANDSHAKE_FRAME = 64 * 1024  # before authentication a peer may not make us buffer more
+DEFAULT_MAX_FRAME = 4 * 1024**3  # after it, one frame carries at most this much (4 GiB)
+
+
+class Kind(enum.IntEnum):
+    """Message kinds. The numbers are part of the protocol: never reuse or renumber one."""
+
+    HELLO = 1
+    CHALLENGE = 2
+    AUTH = 3
+    WELCOME = 4
+    SUBMIT = 5
+    REPLY = 6
+    ERROR = 7
+
+
+# ---------------------------------------------------------------------------------------------
+# Handshake
+
+
+class Hello(msgspec.Struct, frozen=True):
+    version: int
+    client: str = ""
+
+
+class Challenge(msgspec.Struct, frozen=True):
+    version: int
+    nonce: bytes
+    auth_required: bool
+
+
+class Auth(msgspec.Struct, frozen=True):
+    mac: bytes
+
+
+class Welcome(msgspec.Struct, frozen=True):
+    tenant: int
+    device: str  # the server device, e.g. "cuda:0" or "cpu"
+    device_name: str
+    memory_limit: int  # bytes, 0 = unlimited
+    max_frame: int
+
+
+class Error(msgspec.Struct, frozen=True):
+    """Sent before the server closes a connection it refuses (version, auth, malformed frames)."""
+
+    code: str
+    message: str
+
+
+def auth_mac(token: str, nonce: bytes) -> bytes:
+    """The challenge response: HMAC-SHA256 of the server's nonce under the shared token."""
+    return hmac.new(token.encode(), b"caserve-auth-v1:" + nonce, hashlib.sha256).digest()
+
+
+def check_mac(token: str, nonce: bytes, mac: bytes) -> bool:
+    return hmac.compare_digest(auth_mac(token, nonce), mac)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops (inside SUBMIT). Array-like tagged structs keep the hot records a few bytes each.
+
+Geometry = tuple[tuple[int, ...], tuple[int, ...], int]  # size, stride, storage offset (elements)
+
+
+class DefineOp(msgspec.Struct, array_like=True, tag=1):
+    """Template ``tid``: the ATen op ``name`` called with ``args``/``kwargs``.
+
+    Inside ``args``/``kwargs`` special values are one-key maps (ATen arguments are never maps):
+    ``{"$t": [slot, dtype, size, stride, offset]}`` a tensor slot, ``{"$dtype": "float32"}``,
+    ``{"$dev": 0}`` the tenant's device, ``{"$layout": "strided"}``, ``{"$mf": "contiguous_format"}``,
+    ``{"$cpu": [dtype, value]}`` a 0-dim CPU tensor constant.
+    ``outs`` is the expected ``[dtype, size, stride, offset]`` of each fresh output, in order.
+    """
+
+    tid: int
+    name: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    outs: list[tuple[str, tuple[int, ...], tuple[int, ...], int]]
+
+
+class Run(msgspec.Struct, array_like=True, tag=2):
+    """Call template ``tid`` with the storages ``slots`` and bind its fresh outputs to ``outs``."""
+
+    tid: int
+    slots: list[int]
+    outs: list[int]
+
+
+class Alloc(msgspec.Struct, array_like=True, tag=3):
+    """New uninitialized storage ``handle`` laid out as ``size``/``stride``."""
+
+    handle: int
+    dtype: str
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+class Upload(msgspec.Struct, array_like=True, tag=4):
+    """New storage ``handle``: contiguous ``size`` of ``dtype`` from payload segment ``payload``.
+
+    ``share``: the bytes are a weight; the server stores identical contents once for all tenants
+    (by its own hash of the bytes) and the handle becomes read-only.
+    """
+
+    handle: int
+    dtype: str
+    size: tuple[int, ...]
+    payload: int
+    share: bool
+
+
+class CopyIn(msgspec.Struct, array_like=True, tag=5):
+    """Copy payload segment ``payload`` (contiguous ``size`` of ``src_dtype``) into a view."""
+
+    handle: int
+    dtype: str
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    src_dtype: str
+    src_size: tuple[int, ...]
+    payload: int
+
+
+class BindBlob(msgspec.Struct, array_like=True, tag=6):
+    """New read-only storage ``handle`` bound to the shared blob with this digest (see HasBlobs)."""
+
+    handle: int
+    digest: bytes
+
+
+class CopyStorage(msgspec.Struct, array_like=True, tag=7):
+    """New private storage ``handle``, a copy of storage ``src`` (copy-on-write of a shared weight)."""
+
+    handle: int
+    src: int
+
+
+class Free(msgspec.Struct, array_like=True, tag=8):
+    handles: list[int]
+
+
+class Seed(msgspec.Struct, array_like=True, tag=9):
+    """Seed the tenant's own device generator (``torch.manual_seed`` on the client)."""
+
+    seed: int
+
+
+class ResetTemplates(msgspec.Struct, array_like=True, tag=10):
+    """Forget every template of the tenant (the client's signature cache was cleared)."""
+
+
+Op = Union[DefineOp, Run, Alloc, Upload, CopyIn, BindBlob, CopyStorage, Free, Seed, ResetTemplates]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sync requests (at most one per SUBMIT, answered by one REPLY)
+
+
+class Fetch(msgspec.Struct, tag="fetch"):
+    """Reply with the bytes of a view, contiguous, as payload segment 0."""
+
+    handle: int
+    dtype: str
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+
+class Execute(msgspec.Struct, tag="exec"):
+    """Run template ``tid`` now and describe its outputs (data-dependent shapes, missing meta kernels).
+
+    Fresh output tensors are bound to handles ``first_handle``, ``first_handle + 1``, ...; the reply's
+    ``value`` mirrors the op's return with each tensor as ``{"$t": [handle, dtype, size, stride, offset]}``.
+    """
+
+    tid: int
+    slots: list[int]
+    first_handle: int
+
+
+class HasBlobs(msgspec.Struct, tag="has_blobs"):
+    digests: list[bytes]
+
+
+class Barrier(msgspec.Struct, tag="barrier"):
+    """Wait until every op so far has run (and, on a GPU, finished)."""
+
+
+class Stats(msgspec.Struct, tag="stats"):
+    """Server-wide and tenant figures: memory, tenants, ops executed, CPU time."""
+
+
+SyncRequest = Union[Fetch, Execute, HasBlobs, Barrier, Stats]
+
+
+class Submit(msgspec.Struct):
+    ops: list[Op]
+    payloads: list[int]  # byte length of each payload segment after the header
+    sync: SyncRequest | None = None
+    seq: int = 0
+
+
+class RemoteFailure(msgspec.Struct, frozen=True):
+    """The first op that failed since the last reply: its name and the server's message."""
+
+    op: str
+    message: str
+    code: str = "op_failed"
+
+
+class Reply(msgspec.Struct):
+    seq: int
+    error: RemoteFailure | None = None
+    value: Any = None
+    payloads: list[int] = []
+
+
+HEADERS: dict[Kind, type] = {
+    Kind.HELLO: Hello,
+    Kind.CHALLENGE: Challenge,
+    Kind.AUTH: Auth,
+    Kind.WELCOME: Welcome,
+    Kind.SUBMIT: Submit,
+    Kind.REPLY: Reply,
+    Kind.ERROR: Error,
+}
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODERS = {kind: msgspec.msgpack.Decoder(cls) for kind, cls in HEADERS.items()}
+
+
+class ProtocolError(Exception):
+    """A frame that does not follow this protocol."""
+
+
+def encode_header(msg: Any) -> bytes:
+    return _ENCODER.encode(msg)
+
+
+def decode_header(kind: int, data: bytes | memoryview) -> Any:
+    try:
+        decoder = _DECODERS[Kind(kind)]
+    except ValueError:
+        raise ProtocolError(f"unknown message kind {kind}") from None
+    try:
+        return decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"malformed {Kind(kind).name} header: {exc}") from None
+
+
+def frame_prefix(kind: Kind, header_len: int, payload_len: int) -> bytes:
+    return FRAME_PREFIX.pack(1 + 4 + header_len + payload_len, kind, header_len)
+
+
+def split_frame(body: memoryview) -> tuple[int, memoryview, memoryview]:
+    """Split a frame body (everything after ``len``) into kind, header bytes and payload bytes."""
+    if len(body) < 5:
+        raise ProtocolError(f"frame of {len(body)} bytes is shorter than its prefix")
+    kind = body[0]
+    (hlen,) = struct.unpack_from("<I", body, 1)
+    if hlen > len(body) - 5:
+        raise ProtocolError(f"header length {hlen} exceeds frame of {len(body)} bytes")
+    return kind, body[5 : 5 + hlen], body[5 + hlen :]
+
+
+def split_payloads(data: memoryview, sizes: list[int]) -> list[memoryview]:
+    """Cut the payload area into the segments the header declares; they must add up exactly."""
+    if any(s < 0 for s in sizes) or sum(sizes) != len(data):
+        raise ProtocolError(f"payload sizes {sum(sizes)} do not match the {len(data)} payload bytes")
+    out, pos = [], 0
+    for s in sizes:
+        out.append(data[pos : pos + s])
+        pos += s
+    return out
+
+
+def schema_digest() -> str:
+    """A digest of every struct's fields and tags, pinned by a test against PROTOCOL_VERSION."""
+    parts = [f"{k.name}={k.value}" for k in Kind]
+    for cls in (*HEADERS.values(), *Op.__args__, *SyncRequest.__args__, RemoteFailure):  # type: ignore[attr-defined]
+        info = msgspec.structs.fields(cls)
+        tag = getattr(cls, "__struct_config__").tag
+        parts.append(f"{cls.__name__}[{tag}]:" + ",".join(f"{f.name}:{f.type}" for f in info))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

@@ -1,0 +1,201 @@
+"""The client side of one connection: op buffer, handle minting, flushes and sync round trips.
+
+Ops are appended to a buffer and sent in frames without waiting; only :meth:`Session.sync` waits for
+the server, once. The first remote failure since the last sync is raised there.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from caserve.remote import protocol as P
+from caserve.remote.errors import ConnectionLost, HandshakeError, QuotaExceeded, RemoteOpError
+from caserve.remote.transport import Channel
+
+logger = logging.getLogger(__name__)
+
+FLUSH_OPS = 32  # ops per frame when no sync point comes first
+FLUSH_BYTES = 1 << 20  # payload bytes per frame (uploads are sent soon, from the caller's memory)
+
+
+@dataclass
+class SessionStats:
+    """Counters for benchmarks: what crossed the wire."""
+
+    ops: int = 0  # ATen ops intercepted (including view ops that never leave the client)
+    records: int = 0  # op records sent
+    frames: int = 0
+    bytes_sent: int = 0
+    syncs: int = 0
+    meta_misses: int = 0
+    sync_wait_s: float = 0.0
+    by_op: collections.Counter = field(default_factory=collections.Counter)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "by_op"}
+
+
+class Session:
+    """One tenant connection to a GPU server, behind one ``torch.device("caserve", index)``."""
+
+    def __init__(self, channel: Channel, welcome: P.Welcome, index: int) -> None:
+        self.channel = channel
+        self.welcome = welcome
+        self.index = index
+        self.device = torch.device("caserve", index)
+        self.lock = threading.RLock()
+        self.handles = itertools.count(1)
+        self.template_ids = itertools.count(1)
+        self.ops: list[Any] = []
+        self.payloads: list[memoryview | bytes] = []
+        self._keepalive: list[Any] = []  # tensors whose memory the pending payloads point into
+        self.payload_bytes = 0
+        self.freed: collections.deque[int] = collections.deque()
+        self.seq = 0
+        self.closed: str | None = None
+        self.stats = SessionStats()
+        self.cache: dict[Any, Any] = {}  # op signature -> dispatch plan (caserve.remote.dispatch)
+
+    # -- handshake ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, channel: Channel, token: str | None, index: int) -> "Session":
+        channel.send(P.Kind.HELLO, P.Hello(P.PROTOCOL_VERSION, "caserve-client"))
+        kind, msg, _ = channel.recv()
+        if kind == P.Kind.ERROR:
+            raise HandshakeError(msg.code, msg.message)
+        if kind != P.Kind.CHALLENGE:
+            raise HandshakeError("protocol", f"expected CHALLENGE, got kind {kind}")
+        if msg.auth_required and not token:
+            channel.close()
+            raise HandshakeError("auth", "the GPU server requires a token (token= or CASERVE_TOKEN)")
+        channel.send(P.Kind.AUTH, P.Auth(P.auth_mac(token, msg.nonce) if msg.auth_required else b""))
+        kind, msg, _ = channel.recv()
+        if kind == P.Kind.ERROR:
+            channel.close()
+            raise HandshakeError(msg.code, msg.message)
+        if kind != P.Kind.WELCOME:
+            raise HandshakeError("protocol", f"expected WELCOME, got kind {kind}")
+        if hasattr(channel, "max_frame"):
+            channel.max_frame = msg.max_frame
+        return cls(channel, msg, index)
+
+    # -- the op stream --------------------------------------------------------------------------
+
+    def new_handle(self) -> int:
+        return next(self.handles)
+
+    def emit(self, op: Any) -> None:
+        self.ops.append(op)
+        if len(self.ops) >= FLUSH_OPS:
+            self.flush()
+
+    def add_payload(self, data: memoryview, owner: Any) -> int:
+        """Queue bytes to travel with the next frame; ``owner`` keeps their memory alive until then."""
+        self.payloads.append(data)
+        self._keepalive.append(owner)
+        self.payload_bytes += len(data)
+        return len(self.payloads) - 1
+
+    def free(self, handle: int) -> None:
+        """Called from RemoteStorage finalizers, on any thread: freed with the next frame."""
+        self.freed.append(handle)
+
+    def check_open(self) -> None:
+        if self.closed is not None:
+            raise ConnectionLost(f"the GPU server connection of {self.device} is closed: {self.closed}")
+
+    def flush(self, sync: P.SyncRequest | None = None) -> None:
+        with self.lock:
+            self.check_open()
+            if self.freed:
+                handles = []
+                while self.freed:
+                    handles.append(self.freed.popleft())
+                self.ops.append(P.Free(handles))
+            if not self.ops and sync is None:
+                return
+            self.seq += 1
+            msg = P.Submit(self.ops, [len(p) for p in self.payloads], sync, self.seq)
+            payloads = self.payloads
+            self.stats.records += len(self.ops)
+            self.stats.frames += 1
+            self.stats.bytes_sent += self.payload_bytes
+            self.ops, self.payloads, self._keepalive, self.payload_bytes = [], [], [], 0
+            try:
+                self.channel.send(P.Kind.SUBMIT, msg, payloads)
+            except ConnectionLost as exc:
+                self._lost(exc)
+
+    def sync(self, request: P.SyncRequest) -> tuple[Any, list[memoryview]]:
+        """Flush, send ``request`` and wait for its reply; raises the first remote failure."""
+        with self.lock:
+            start = time.perf_counter()
+            self.flush(request)
+            seq = self.seq
+            try:
+                kind, reply, payloads = self.channel.recv()
+            except (ConnectionLost, P.ProtocolError) as exc:
+                self._lost(exc)
+            self.stats.syncs += 1
+            self.stats.sync_wait_s += time.perf_counter() - start
+            if kind == P.Kind.ERROR:
+                self._lost(ConnectionLost(f"server closed the connection ({reply.code}): {reply.message}"))
+            if kind != P.Kind.REPLY or reply.seq != seq:
+                self._lost(ConnectionLost(f"out-of-order reply (kind {kind}) from the server"))
+            if reply.error is not None:
+                err = reply.error
+                cls = QuotaExceeded if err.code == "quota_exceeded" else RemoteOpError
+                raise cls(err.op, err.message, err.code)
+            return reply.value, payloads
+
+    def _lost(self, exc: Exception) -> None:
+        self.closed = str(exc)
+        try:
+            self.channel.close()
+        except Exception:  # noqa: BLE001 - already failing; the original error matters
+            pass
+        raise ConnectionLost(f"lost the GPU server connection of {self.device}: {exc}") from exc
+
+    def close(self) -> None:
+        with self.lock:
+            if self.closed is None:
+                try:
+                    self.flush()
+                except ConnectionLost:
+                    pass
+                self.closed = "closed by the client"
+                self.channel.close()
+
+
+# One session per device index; a reconnect gets a new index.
+SESSIONS: list[Session | None] = []
+_REGISTRY_LOCK = threading.Lock()
+
+
+def register(make: Any) -> Session:
+    with _REGISTRY_LOCK:
+        session = make(len(SESSIONS))
+        SESSIONS.append(session)
+        return session
+
+
+def session_of(device: torch.device | int | str) -> Session:
+    index = torch.device(device).index if not isinstance(device, int) else device
+    if index is None:
+        index = 0
+    if not 0 <= index < len(SESSIONS) or SESSIONS[index] is None:
+        raise ValueError(f"caserve device {index} is not connected; call caserve.remote.connect() first")
+    return SESSIONS[index]  # type: ignore[return-value]
+
+
+def live_sessions() -> Sequence[Session]:
+    return [s for s in SESSIONS if s is not None and s.closed is None]

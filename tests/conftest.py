@@ -1,0 +1,98 @@
+"""Shared fixtures: GPU servers in subprocesses on loopback, tiny models."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+class GPUServerProcess:
+    """``caserve gpu-server`` in a subprocess; stopped by the fixture that made it."""
+
+    def __init__(self, tmp: Path, token: str | None = None, limit: str = "0", unix: bool = True) -> None:
+        self.port = free_port()
+        self.token = token
+        args = [sys.executable, "-m", "caserve.cli", "gpu-server", "--port", str(self.port), "--device", "cpu",
+                "--tenant-memory-limit", limit]
+        if token:
+            tf = tmp / f"token-{self.port}"
+            tf.write_text(token)
+            args += ["--token-file", str(tf)]
+        if not unix:
+            args += ["--no-unix-socket"]
+        self.log = open(tmp / f"gpu-server-{self.port}.log", "w+")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log, text=True, env=subprocess_env())
+        line = self.proc.stdout.readline()
+        if "listening on" not in line:
+            self.stop()
+            self.log.seek(0)
+            raise RuntimeError(f"gpu-server did not start: {line!r} {self.log.read()[-2000:]}")
+        self.address = f"127.0.0.1:{self.port}"
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def gpu_server(tmp_path_factory):
+    """A token-protected GPU server shared by the tests of a session."""
+    token = secrets.token_hex(16)
+    server = GPUServerProcess(tmp_path_factory.mktemp("gpu"), token=token)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_gpu_server(tmp_path):
+    servers: list[GPUServerProcess] = []
+
+    def make(**kwargs) -> GPUServerProcess:
+        servers.append(GPUServerProcess(tmp_path, **kwargs))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
