@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -86,6 +87,7 @@ def launched_server(template: str, *, model: str, cfg: Config, startup_timeout_s
     proc = subprocess.Popen(shlex.split(cmd), env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    restore = _exit_on_sigterm()
     try:
         try:
             wait_healthy(url, timeout_s=startup_timeout_s, proc=proc)
@@ -96,6 +98,19 @@ def launched_server(template: str, *, model: str, cfg: Config, startup_timeout_s
         _stop(proc)
         if log_path:
             log.close()
+        restore()
+
+
+def _exit_on_sigterm():
+    """While a server runs, turn SIGTERM into SystemExit so the ``finally`` above stops the server."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
@@ -111,12 +126,19 @@ def _stop(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
         pass
 
 
-def warm_up(url: str, workload: WorkloadSpec, *, n: int = 2, endpoint: str = "auto") -> None:
-    """A few sequential, unmeasured requests (first-call costs: allocation, lazy init)."""
+def warm_up(url: str, workload: WorkloadSpec, *, n: int = 2, endpoint: str = "auto", workers: int = 1) -> None:
+    """Unmeasured requests paying first-call costs (allocation, lazy init, remote op planning) on every
+    worker: ``n`` rounds of ``workers`` concurrent requests."""
     if n <= 0:
         return
-    reqs, _ = WorkloadSpec(**{**asdict(workload), "num_requests": n, "process": "poisson", "rate": float("inf")}).build()
-    run_load_sync(reqs, np.zeros(len(reqs)), LoadGenConfig(url=url, endpoint=endpoint, progress=False, max_concurrency=1))
+    reqs, _ = WorkloadSpec(**{**asdict(workload), "num_requests": n * workers, "process": "poisson",
+                              "rate": float("inf"), "seed": workload.seed + 7}).build()
+    cfg = LoadGenConfig(url=url, endpoint=endpoint, progress=False)
+    for i in range(n):
+        recs, _ = run_load_sync(reqs[i * workers:(i + 1) * workers], np.zeros(workers), cfg)
+        failed = [r.error for r in recs if not r.success]
+        if failed:
+            logger.warning("warm-up: %d/%d requests failed: %s", len(failed), workers, failed[0])
 
 
 def compare(
@@ -143,7 +165,7 @@ def compare(
         extra = " ".join(a for a in (server_args, "--shrink" if shrink else "") if a)
         with launched_server(server_cmd, model=model, cfg=cfg, startup_timeout_s=startup_timeout_s, log_path=log_path,
                              extra=extra) as url:
-            warm_up(url, workload, n=warmup, endpoint=endpoint)
+            warm_up(url, workload, n=warmup, endpoint=endpoint, workers=cfg.native + cfg.assisted)
             doc = bench_serve(url, workload, model=None, endpoint=endpoint, slos=slos, label=cfg.label,
                               progress=progress,
                               extra_meta={"workers": {"native": cfg.native, "assisted": cfg.assisted},

@@ -27,6 +27,7 @@ from caserve.bench.datasets import BenchRequest
 from caserve.bench.metrics import RequestRecord, ServerTimings
 
 logger = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
 
 Endpoint = Literal["completions", "chat", "embeddings", "auto"]
 PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions", "embeddings": "/v1/embeddings"}
@@ -208,6 +209,8 @@ async def run_load(
     if len(requests) != len(offsets):
         raise LoadGenError(f"{len(requests)} requests but {len(offsets)} arrival offsets")
     records = [RequestRecord(index=i, scheduled=float(o)) for i, o in enumerate(offsets)]
+    if cfg.model is None:  # servers such as caserve serve require "model": use the server's first
+        cfg.model = server_info(cfg.url).get("id")
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     bar = _progress(len(requests), cfg.progress)

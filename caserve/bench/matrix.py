@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from caserve.bench import plots
-from caserve.bench.compare import SERVE_CMD, Config, launched_server, markdown_table, table_rows
+from caserve.bench.compare import SERVE_CMD, Config, launched_server, markdown_table, table_rows, warm_up
 from caserve.bench.loadgen import LoadGenConfig, run_load_sync
 from caserve.bench.run import WorkloadSpec, bench_serve, save_result
 from caserve.bench.zoo import model_task, weights_are_random
@@ -48,7 +48,7 @@ class MatrixSpec:
     num_requests: int = 8
     output_len: int = 16
     classify_tokens: int = 2
-    max_prompt_words: int = 64
+    max_prompt_words: int = 24  # random-weight models tokenize bytes: 24 words ~ 150 tokens < 512
     load: float = 1.0
     native: int = 1
     assisted: int = 1
@@ -56,6 +56,7 @@ class MatrixSpec:
     server_args: str = ""
     shrink: bool = True  # small version: shrunk zoo models (random weights)
     calibration_requests: int = 3
+    warmup: int = 2  # rounds of one request per worker, per cell
     seed: int = 0
 
 
@@ -105,6 +106,7 @@ def run_matrix(spec: MatrixSpec, out_dir: Path, *, progress: bool = False) -> di
                                      extra=extra) as url:
                     for ds in spec.datasets:
                         endpoint, wl = cell_plan(model, ds, spec)
+                        warm_up(url, wl, n=spec.warmup, endpoint=endpoint, workers=cfg.native + cfg.assisted)
                         if ds not in rates:  # native-only config runs first: calibrate there
                             rates[ds] = calibrate(url, wl, endpoint, n=spec.calibration_requests, load=spec.load, native=spec.native)
                         wl = replace(wl, rate=rates[ds])
@@ -140,6 +142,7 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
             "assisted_mean_jct_s": best["mean_jct_s"] if best else None,
             "native_mean_queue_s": base["mean_queue_delay_s"] if base else None,
             "assisted_mean_queue_s": best["mean_queue_delay_s"] if best else None,
+            "failed": [row["failed"] for row in r],
             "jct_reduction_pct": best["jct_reduction_pct"] if best else None,
             "queue_delay_reduction_pct": best["queue_delay_reduction_pct"] if best else None,
             "errors": c.get("errors", []),
@@ -157,14 +160,15 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# caserve bench matrix\n",
         f"hardware: {hw}; native={spec['native']} vs native={spec['native']} + assisted={spec['assisted']}; "
-        f"{spec['num_requests']} requests per cell at load {spec['load']}; elapsed {result['elapsed_s']:.0f}s\n",
-        "| model | dataset | weights | endpoint | native mean JCT (s) | assisted mean JCT (s) | JCT reduction | native mean queue (s) | assisted mean queue (s) | queue reduction |",
-        "|" + "---|" * 10,
+        f"{spec['num_requests']} requests per cell at load {spec['load']}; elapsed {result['elapsed_s']:.0f}s. "
+        "Means are over successful requests; a cell with failures compares different request sets.\n",
+        "| model | dataset | weights | endpoint | failed (native / +assisted) | native mean JCT (s) | assisted mean JCT (s) | JCT reduction | native mean queue (s) | assisted mean queue (s) | queue reduction |",
+        "|" + "---|" * 11,
     ]
     for r in summary_rows(result):
         w = "random" if r["random_weights"] is True else ("real" if r["random_weights"] is False else str(r["random_weights"]))
         lines.append(
-            f"| {r['model']} | {r['dataset']} | {w} | {r['endpoint']} | {_f(r['native_mean_jct_s'])} | {_f(r['assisted_mean_jct_s'])} | "
+            f"| {r['model']} | {r['dataset']} | {w} | {r['endpoint']} | {' / '.join(map(str, r['failed'])) or 'n/a'} | {_f(r['native_mean_jct_s'])} | {_f(r['assisted_mean_jct_s'])} | "
             f"{_f(r['jct_reduction_pct'], '{:.1f}%')} | {_f(r['native_mean_queue_s'])} | {_f(r['assisted_mean_queue_s'])} | "
             f"{_f(r['queue_delay_reduction_pct'], '{:.1f}%')} |" + (f" errors: {'; '.join(r['errors'])}" if r["errors"] else "")
         )
