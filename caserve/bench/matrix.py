@@ -154,6 +154,13 @@ def _f(v: Optional[float], fmt: str = "{:.3f}") -> str:
     return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else fmt.format(v)
 
 
+def _pct(v: Optional[float], failed: Sequence[int]) -> str:
+    """A reduction, or why it is not one: with failed requests the means cover different request sets."""
+    if any(failed):
+        return f"n/a (failures; raw {_f(v, '{:.0f}%')})"
+    return _f(v, "{:.1f}%")
+
+
 def markdown(result: dict[str, Any]) -> str:
     spec = result["spec"]
     hw = next((r["hardware"] for c in result["cells"] for r in c.get("rows", [])), "unknown")
@@ -161,7 +168,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"# caserve bench matrix\n",
         f"hardware: {hw}; native={spec['native']} vs native={spec['native']} + assisted={spec['assisted']}; "
         f"{spec['num_requests']} requests per cell at load {spec['load']}; elapsed {result['elapsed_s']:.0f}s. "
-        "Means are over successful requests; a cell with failures compares different request sets.\n",
+        "Means are over successful requests; where any request failed the two configurations served different "
+        "request sets, so no reduction is claimed (the raw figure is shown in brackets).\n",
         "| model | dataset | weights | endpoint | failed (native / +assisted) | native mean JCT (s) | assisted mean JCT (s) | JCT reduction | native mean queue (s) | assisted mean queue (s) | queue reduction |",
         "|" + "---|" * 11,
     ]
@@ -169,8 +177,8 @@ def markdown(result: dict[str, Any]) -> str:
         w = "random" if r["random_weights"] is True else ("real" if r["random_weights"] is False else str(r["random_weights"]))
         lines.append(
             f"| {r['model']} | {r['dataset']} | {w} | {r['endpoint']} | {' / '.join(map(str, r['failed'])) or 'n/a'} | {_f(r['native_mean_jct_s'])} | {_f(r['assisted_mean_jct_s'])} | "
-            f"{_f(r['jct_reduction_pct'], '{:.1f}%')} | {_f(r['native_mean_queue_s'])} | {_f(r['assisted_mean_queue_s'])} | "
-            f"{_f(r['queue_delay_reduction_pct'], '{:.1f}%')} |" + (f" errors: {'; '.join(r['errors'])}" if r["errors"] else "")
+            f"{_pct(r['jct_reduction_pct'], r['failed'])} | {_f(r['native_mean_queue_s'])} | {_f(r['assisted_mean_queue_s'])} | "
+            f"{_pct(r['queue_delay_reduction_pct'], r['failed'])} |" + (f" errors: {'; '.join(r['errors'])}" if r["errors"] else "")
         )
     return "\n".join(lines) + "\n"
 
@@ -182,10 +190,10 @@ def write_outputs(result: dict[str, Any], out_dir: Path, models: Sequence[str], 
     for metric, name in (("jct_reduction_pct", "jct"), ("queue_delay_reduction_pct", "queue_delay")):
         grid = np.full((len(models), len(datasets)), np.nan)
         for r in summary_rows(result):
-            if r[metric] is not None and r["model"] in models and r["dataset"] in datasets:
+            if r[metric] is not None and not any(r["failed"]) and r["model"] in models and r["dataset"] in datasets:
                 grid[list(models).index(r["model"]), list(datasets).index(r["dataset"])] = r[metric]
         plots.reduction_heatmap(list(models), list(datasets), grid, out_dir / f"matrix_{name}_reduction.png",
-                                title=f"{name.replace('_', ' ')} reduction with assisted workers")
+                                title=f"{name.replace('_', ' ')} reduction with assisted workers (blank: failures or not run)")
     for c in result["cells"]:
         if c.get("rows"):
             logger.debug("%s/%s\n%s", c["model"], c["dataset"], markdown_table(c["rows"]))
