@@ -258,6 +258,7 @@ def sim_cmd(
     cpu_nodes: str = typer.Option("0,10,100,300,1000", help="Comma-separated CPU-node counts to sweep."),
     tenants_per_gpu: int = typer.Option(8, help="Max assisted workers sharing one GPU."),
     tenant_slowdown: float = typer.Option(0.0, help="Assisted service x (1 + s*(tenants-1))."),
+    assisted_factor: float = typer.Option(1.0, help="If no assisted run was measured: assisted = factor x native."),
     policy: str = typer.Option("fifo", help="fifo | ect"),
     load: float = typer.Option(0.95, help="Poisson rate as a multiple of native-only capacity."),
     rate: Optional[float] = typer.Option(None, help="Absolute rate (req/s), overrides --load."),
@@ -273,7 +274,8 @@ def sim_cmd(
 
     typer.echo(run_sim(bench_json, gpus=gpus, cpu_nodes=_csv_ints(cpu_nodes), tenants_per_gpu=tenants_per_gpu,
                        tenant_slowdown=tenant_slowdown, policy=policy, load=load, rate=rate,
-                       num_requests=num_requests, validate=validate, seed=seed, out_dir=out_dir))
+                       num_requests=num_requests, validate=validate, seed=seed, out_dir=out_dir,
+                       assisted_factor=assisted_factor))
 
 
 if __name__ == "__main__":

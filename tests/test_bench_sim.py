@@ -69,3 +69,13 @@ def test_tenant_slowdown_and_errors():
         simulate(np.zeros(2), svc, ClusterSpec(policy="random"))
     with pytest.raises(SimError):
         ServiceModel({})
+
+
+def test_assisted_factor_only_when_unmeasured():
+    native = ServiceModel({"native": np.full(4, 2.0)})
+    both = native.with_assisted_factor(1.5)
+    assert both.mean("assisted") == pytest.approx(3.0) and both.mean("native") == pytest.approx(2.0)
+    measured = ServiceModel({"native": np.ones(3), "assisted": np.full(3, 5.0)})
+    assert measured.with_assisted_factor(2.0).mean("assisted") == pytest.approx(5.0)
+    with pytest.raises(SimError):
+        native.with_assisted_factor(0.0)

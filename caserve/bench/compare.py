@@ -229,11 +229,21 @@ def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    head = "| config | mean JCT (s) | p50 JCT (s) | p99 JCT (s) | mean queue delay (s) | throughput (req/s) | JCT reduction | queue-delay reduction |"
-    lines = [head, "|" + "---|" * 8]
+    """Reductions are only claimed when neither run lost requests (otherwise the means cover different
+    request sets); the raw figure is then shown in brackets."""
+    head = ("| config | completed | failed | mean JCT (s) | p50 JCT (s) | p99 JCT (s) | mean queue delay (s) | "
+            "throughput (req/s) | JCT reduction | queue-delay reduction |")
+    lines = [head, "|" + "---|" * 10]
+    base_failed = rows[0]["failed"] if rows else 0
+
+    def pct(v: Optional[float], failed: int) -> str:
+        if v is None:
+            return "n/a"
+        return f"n/a (failures; raw {v:.0f}%)" if (failed or base_failed) else f"{v:.1f}%"
+
     for r in rows:
         q = "n/a" if r["mean_queue_delay_s"] is None else f"{r['mean_queue_delay_s']:.3f}"
-        qr = "n/a" if r["queue_delay_reduction_pct"] is None else f"{r['queue_delay_reduction_pct']:.1f}%"
-        lines.append(f"| {r['config']} | {r['mean_jct_s']:.3f} | {r['p50_jct_s']:.3f} | {r['p99_jct_s']:.3f} | {q} | "
-                     f"{r['throughput_rps']:.2f} | {r['jct_reduction_pct']:.1f}% | {qr} |")
+        lines.append(f"| {r['config']} | {r['completed']} | {r['failed']} | {r['mean_jct_s']:.3f} | {r['p50_jct_s']:.3f} | "
+                     f"{r['p99_jct_s']:.3f} | {q} | {r['throughput_rps']:.2f} | {pct(r['jct_reduction_pct'], r['failed'])} | "
+                     f"{pct(r['queue_delay_reduction_pct'], r['failed'])} |")
     return "\n".join(lines)

@@ -92,6 +92,15 @@ class ServiceModel:
                 merged.setdefault(k, []).append(v)
         return cls({k: np.concatenate(v) for k, v in merged.items()})
 
+    def with_assisted_factor(self, factor: float) -> "ServiceModel":
+        """When no assisted service time was measured, assume ``factor`` x the native samples."""
+        if ASSISTED in self.samples or NATIVE not in self.samples:
+            return self
+        if not factor > 0:
+            raise SimError(f"assisted factor must be > 0, got {factor}")
+        logger.warning("no measured assisted service times: assuming %.2f x native", factor)
+        return ServiceModel({**self.samples, ASSISTED: self.samples[NATIVE] * factor})
+
     def to_json(self) -> dict[str, Any]:
         return {k: {"n": int(len(v)), "mean_s": float(v.mean()), "p50_s": float(np.median(v))} for k, v in self.samples.items()}
 

@@ -46,11 +46,14 @@ def run_sim(
     validate: bool = False,
     seed: int = 0,
     out_dir: Optional[Path] = None,
+    assisted_factor: float = 1.0,
 ) -> str:
     """Run the sweep (and optional validation), write ``sim.json``/``sim.md``/``sim_jct.png``; return the
     markdown report."""
     docs = bench_docs(paths)
-    service = ServiceModel.from_results(docs)
+    measured = ServiceModel.from_results(docs)
+    service = measured.with_assisted_factor(assisted_factor)
+    assumed = "" if service is measured else f" (assisted: not measured, assumed {assisted_factor:g} x native)"
     proj = project(service, gpus=gpus, cpu_nodes=cpu_nodes, rate_rps=rate, load=load, num_requests=num_requests,
                    tenants_per_gpu=tenants_per_gpu, tenant_slowdown=tenant_slowdown, policy=policy, seed=seed)
     validations = []
@@ -67,7 +70,8 @@ def run_sim(
         f"# caserve sim: {gpus} GPUs, policy {policy}, {tenants_per_gpu} tenants/GPU, "
         f"{proj.rate_rps:.1f} req/s, {num_requests} requests",
         "",
-        f"service times (s): {json.dumps(service.to_json())}",
+        f"hardware of the measured runs: {sorted({d.get('meta', {}).get('hardware', '?') for d in docs})}",
+        f"service times (s){assumed}: {json.dumps(service.to_json())}",
         "",
         "| CPU nodes | assisted workers | mean queue delay (s) | p99 queue delay (s) | mean JCT (s) | p99 JCT (s) | JCT reduction | queue-delay reduction |",
         "|" + "---|" * 8,
@@ -83,7 +87,7 @@ def run_sim(
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "sim.json").write_text(json.dumps({"schema": "caserve-sim/1", "service": service.to_json(),
+        (out / "sim.json").write_text(json.dumps({"schema": "caserve-sim/1", "service": service.to_json(), "assisted_assumed": bool(assumed),
                                                   "projection": proj.to_json(), "validation": validations}, indent=1))
         (out / "sim.md").write_text(report)
         xs = [r["cpu_nodes"] for r in proj.rows]
