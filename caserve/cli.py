@@ -259,6 +259,7 @@ def sim_cmd(
     tenants_per_gpu: int = typer.Option(8, help="Max assisted workers sharing one GPU."),
     tenant_slowdown: float = typer.Option(0.0, help="Assisted service x (1 + s*(tenants-1))."),
     assisted_factor: float = typer.Option(1.0, help="If no assisted run was measured: assisted = factor x native."),
+    cv: float = typer.Option(1.0, help="Burstiness: coefficient of variation of inter-arrival gaps (1 = Poisson)."),
     policy: str = typer.Option("fifo", help="fifo | ect"),
     load: float = typer.Option(0.95, help="Poisson rate as a multiple of native-only capacity."),
     rate: Optional[float] = typer.Option(None, help="Absolute rate (req/s), overrides --load."),
@@ -275,7 +276,7 @@ def sim_cmd(
     typer.echo(run_sim(bench_json, gpus=gpus, cpu_nodes=_csv_ints(cpu_nodes), tenants_per_gpu=tenants_per_gpu,
                        tenant_slowdown=tenant_slowdown, policy=policy, load=load, rate=rate,
                        num_requests=num_requests, validate=validate, seed=seed, out_dir=out_dir,
-                       assisted_factor=assisted_factor))
+                       assisted_factor=assisted_factor, cv=cv))
 
 
 if __name__ == "__main__":

@@ -274,18 +274,20 @@ def project(
     tenant_slowdown: float = 0.0,
     policy: str = "fifo",
     arrivals: Optional[np.ndarray] = None,
+    cv: float = 1.0,
     seed: int = 0,
 ) -> Projection:
     """Queue delay and JCT for ``gpus`` GPUs and each CPU-node count in ``cpu_nodes``.
 
-    Without ``rate_rps`` or ``arrivals`` the load is Poisson at ``load`` times the native-only capacity
+    Without ``arrivals`` the requests arrive with gamma gaps of coefficient of variation ``cv`` (1: Poisson);
+    without ``rate_rps`` either, the rate is ``load`` times the native-only capacity
     (``gpus / mean native service``), so the GPU-only baseline is busy but stable."""
     if arrivals is None:
         if rate_rps is None:
             rate_rps = load * gpus / service.mean(NATIVE)
-        from caserve.bench.arrivals import poisson
+        from caserve.bench.arrivals import gamma
 
-        arrivals = poisson(num_requests, rate_rps, seed=seed)
+        arrivals = gamma(num_requests, rate_rps, cv=cv, seed=seed)
     else:
         rate_rps = float(len(arrivals) / max(arrivals[-1] - arrivals[0], 1e-9))
     proj = Projection(gpus=gpus, rate_rps=float(rate_rps), cpu_nodes=list(cpu_nodes))

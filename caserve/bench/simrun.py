@@ -47,6 +47,7 @@ def run_sim(
     seed: int = 0,
     out_dir: Optional[Path] = None,
     assisted_factor: float = 1.0,
+    cv: float = 1.0,
 ) -> str:
     """Run the sweep (and optional validation), write ``sim.json``/``sim.md``/``sim_jct.png``; return the
     markdown report."""
@@ -55,7 +56,7 @@ def run_sim(
     service = measured.with_assisted_factor(assisted_factor)
     assumed = "" if service is measured else f" (assisted: not measured, assumed {assisted_factor:g} x native)"
     proj = project(service, gpus=gpus, cpu_nodes=cpu_nodes, rate_rps=rate, load=load, num_requests=num_requests,
-                   tenants_per_gpu=tenants_per_gpu, tenant_slowdown=tenant_slowdown, policy=policy, seed=seed)
+                   tenants_per_gpu=tenants_per_gpu, tenant_slowdown=tenant_slowdown, policy=policy, cv=cv, seed=seed)
     validations = []
     if validate:
         for d in docs:
@@ -68,7 +69,7 @@ def run_sim(
             validations.append(v)
     lines = [
         f"# caserve sim: {gpus} GPUs, policy {policy}, {tenants_per_gpu} tenants/GPU, "
-        f"{proj.rate_rps:.1f} req/s, {num_requests} requests",
+        f"{proj.rate_rps:.1f} req/s (arrival CV {cv:g}), {num_requests} requests",
         "",
         f"hardware of the measured runs: {sorted({d.get('meta', {}).get('hardware', '?') for d in docs})}",
         f"service times (s){assumed}: {json.dumps(service.to_json())}",
