@@ -59,3 +59,14 @@ def test_bench_serve_document(serve_app, tmp_path):  # noqa: F811
     assert m["jct_ms"]["count"] == 8 and doc["meta"]["random_weights"] is False and "CPU" in doc["meta"]["hardware"]
     path = save_result(doc, tmp_path / "r.json")
     assert load_result(path)["metrics"]["completed"] == 8
+
+
+def test_error_chunk_mid_stream_fails_the_request(serve_app):  # noqa: F811
+    class Boom(SleepWork):
+        def generate(self, prompt, max_tokens, emit, kind):
+            emit(" one")
+            raise RuntimeError("device lost")
+
+    url = serve_app(build_app(Boom(prefill_ms=1), native=1))
+    (r,), _ = run_load_sync(synthetic(1, output_len=4), np.zeros(1), LoadGenConfig(url=url, progress=False))
+    assert not r.success and "device lost" in r.error

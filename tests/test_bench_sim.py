@@ -79,3 +79,14 @@ def test_assisted_factor_only_when_unmeasured():
     assert measured.with_assisted_factor(2.0).mean("assisted") == pytest.approx(5.0)
     with pytest.raises(SimError):
         native.with_assisted_factor(0.0)
+
+
+def test_trace_driven_replay_is_lindley():
+    a = np.array([0.0, 0.1, 0.15, 1.0])
+    st = np.array([0.3, 0.1, 0.2, 0.05])
+    svc = ServiceModel({"native": np.ones(2)})
+    res = simulate(a, svc, ClusterSpec(gpus=1), service_times=st)
+    # W_{i+1} = max(0, W_i + S_i - (a_{i+1} - a_i))
+    assert np.allclose(res.start, [0.0, 0.3, 0.4, 1.0]) and np.allclose(res.finish, [0.3, 0.4, 0.6, 1.05])
+    with pytest.raises(SimError):
+        simulate(a, svc, ClusterSpec(), service_times=st[:2])

@@ -176,6 +176,10 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict, rec: RequestR
                 continue
             data = json.loads(data_s)
             now = time.perf_counter()
+            if data.get("error"):  # an error reported mid-stream fails the request
+                err = data["error"]
+                rec.error = f"stream error: {err.get('message', err) if isinstance(err, dict) else err}"
+                return
             if data.get("choices"):
                 if chunks == 0:
                     rec.ttft = now - st
