@@ -260,6 +260,8 @@ def sim_cmd(
     tenant_slowdown: float = typer.Option(0.0, help="Assisted service x (1 + s*(tenants-1))."),
     assisted_factor: float = typer.Option(1.0, help="If no assisted run was measured: assisted = factor x native."),
     cv: float = typer.Option(1.0, help="Burstiness: coefficient of variation of inter-arrival gaps (1 = Poisson)."),
+    trace: Optional[Path] = typer.Option(None, help="Replay an Azure trace's arrivals instead (overrides load/rate/cv)."),
+    time_scale: float = typer.Option(1.0, help="Multiply trace offsets by this (0.01 = 100x denser)."),
     policy: str = typer.Option("fifo", help="fifo | ect"),
     load: float = typer.Option(0.95, help="Poisson rate as a multiple of native-only capacity."),
     rate: Optional[float] = typer.Option(None, help="Absolute rate (req/s), overrides --load."),
@@ -276,7 +278,7 @@ def sim_cmd(
     typer.echo(run_sim(bench_json, gpus=gpus, cpu_nodes=_csv_ints(cpu_nodes), tenants_per_gpu=tenants_per_gpu,
                        tenant_slowdown=tenant_slowdown, policy=policy, load=load, rate=rate,
                        num_requests=num_requests, validate=validate, seed=seed, out_dir=out_dir,
-                       assisted_factor=assisted_factor, cv=cv))
+                       assisted_factor=assisted_factor, cv=cv, trace=trace, time_scale=time_scale))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
+from bench_helpers import SHARED_DATASETS
 from caserve.cli import app
 
 runner = CliRunner()
@@ -42,6 +43,14 @@ def test_compare_then_sim(tmp_path):
     assert jct[0] > jct[1] >= jct[2] * 0.999
     assert len(sim["validation"]) == 3 and all(v["relative_error"] < 0.15 for v in sim["validation"])
     assert (tmp_path / "sim" / "sim_jct.png").stat().st_size > 0
+
+    trace = SHARED_DATASETS / "azure_llm_trace_2023_conv.csv"
+    t = runner.invoke(app, ["sim", "--bench-json", str(out / "compare.json"), "--gpus", "2", "--cpu-nodes", "0,4",
+                            "--num-requests", "400", "--trace", str(trace), "--time-scale", "0.01",
+                            "--out-dir", str(tmp_path / "simtrace")])
+    assert t.exit_code == 0, t.output
+    proj = json.loads((tmp_path / "simtrace" / "sim.json").read_text())["projection"]
+    assert proj["rows"][0]["requests"] == 400 and proj["rows"][1]["mean_jct_s"] < proj["rows"][0]["mean_jct_s"]
 
 
 def test_bench_serve_cli_against_reference_server(tmp_path):

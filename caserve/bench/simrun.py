@@ -48,6 +48,8 @@ def run_sim(
     out_dir: Optional[Path] = None,
     assisted_factor: float = 1.0,
     cv: float = 1.0,
+    trace: Optional[Path] = None,
+    time_scale: float = 1.0,
 ) -> str:
     """Run the sweep (and optional validation), write ``sim.json``/``sim.md``/``sim_jct.png``; return the
     markdown report."""
@@ -55,7 +57,13 @@ def run_sim(
     measured = ServiceModel.from_results(docs)
     service = measured.with_assisted_factor(assisted_factor)
     assumed = "" if service is measured else f" (assisted: not measured, assumed {assisted_factor:g} x native)"
+    arrivals = None
+    if trace is not None:  # replay an Azure trace's arrival times (time_scale < 1 compresses it)
+        from caserve.bench.arrivals import azure_trace
+
+        arrivals = azure_trace(trace, n=num_requests, time_scale=time_scale).offsets
     proj = project(service, gpus=gpus, cpu_nodes=cpu_nodes, rate_rps=rate, load=load, num_requests=num_requests,
+                   arrivals=arrivals,
                    tenants_per_gpu=tenants_per_gpu, tenant_slowdown=tenant_slowdown, policy=policy, cv=cv, seed=seed)
     validations = []
     if validate:
@@ -69,7 +77,8 @@ def run_sim(
             validations.append(v)
     lines = [
         f"# caserve sim: {gpus} GPUs, policy {policy}, {tenants_per_gpu} tenants/GPU, "
-        f"{proj.rate_rps:.1f} req/s (arrival CV {cv:g}), {num_requests} requests",
+        f"{proj.rate_rps:.1f} req/s ({'trace ' + str(trace) + f' x{time_scale:g}' if trace else f'arrival CV {cv:g}'}), "
+        f"{num_requests} requests",
         "",
         f"hardware of the measured runs: {sorted({d.get('meta', {}).get('hardware', '?') for d in docs})}",
         f"service times (s){assumed}: {json.dumps(service.to_json())}",
