@@ -29,12 +29,17 @@ def gpu_server(
     tenant_memory_limit: str = typer.Option("0", help="Per-tenant device memory limit, e.g. 8GiB (0: none)."),
     unix_socket: Optional[Path] = typer.Option(None, help="Unix socket path (default: one per port in the temp dir)."),
     no_unix_socket: bool = typer.Option(False, "--no-unix-socket", help="Listen on TCP only."),
+    threads: int = typer.Option(0, help="torch intra-op CPU threads (0: torch's default)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Own one device and execute the op streams of many CPU-node clients on it."""
     _setup_logging(verbose)
     from caserve.remote.server import serve_forever
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     serve_forever(
         host=host,
         port=port,
@@ -279,6 +284,36 @@ def sim_cmd(
                        tenant_slowdown=tenant_slowdown, policy=policy, load=load, rate=rate,
                        num_requests=num_requests, validate=validate, seed=seed, out_dir=out_dir,
                        assisted_factor=assisted_factor, cv=cv, trace=trace, time_scale=time_scale))
+
+
+@bench_app.command("remote-overhead")
+def bench_remote_overhead(
+    models: str = typer.Option("tiny-gpt2,gpt2-124m", help="Comma-separated: tiny-gpt2, gpt2-124m."),
+    modes: str = typer.Option("eager,graph", help="Comma-separated: eager (dynamic KV cache), graph (graph mode)."),
+    server: Optional[str] = typer.Option(None, help="host:port of a running GPU server (default: start one here)."),
+    device: str = typer.Option("auto", help="Device of the GPU server this command starts."),
+    native_device: str = typer.Option("cpu", help="Device of the native baseline (cuda on a GPU node)."),
+    transport: str = typer.Option("auto", help="auto (Unix socket on one host), tcp or unix."),
+    new_tokens: int = typer.Option(32, help="Tokens generated per run."),
+    runs: int = typer.Option(3, help="Runs per configuration; medians are reported."),
+    threads: int = typer.Option(1, help="torch CPU threads, for this process and the server it starts."),
+    out: Path = typer.Option(Path("results/remote_overhead.json"), help="JSON result file."),
+) -> None:
+    """Native vs remote ms/token, ops, frames and bytes per token, server CPU per token."""
+    _setup_logging(False)
+    from caserve.bench import remote_overhead as ro
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in ro.MODELS]
+    if unknown:
+        raise typer.BadParameter(f"unknown model(s) {unknown}; choose from {sorted(ro.MODELS)}")
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    if not mode_list or any(m not in ro.MODES for m in mode_list):
+        raise typer.BadParameter(f"modes must be among {sorted(ro.MODES)}")
+    results = ro.run(names, mode_list, server=server, device=device, transport=transport, native_device=native_device,
+                     new_tokens=new_tokens, runs=runs, threads=threads, out=out)
+    ro.print_table(results)
+    typer.echo(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -126,3 +126,23 @@ def test_seeded_sampling_is_reproducible(dev):
             runs.append(model.generate(ids, **kw).cpu())
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "facebook/opt-125m", "EleutherAI/pythia-160m", "Qwen/Qwen2.5-0.5B",
+                                  "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "bert-base-uncased",
+                                  "distilbert-base-uncased", "roberta-base", "t5-small"])
+def test_zoo_models_under_inference_mode_match_local(name, dev):
+    """What serving workers do: the zoo's models, padded batches, torch.inference_mode()."""
+    from caserve.models import load_model
+
+    local = load_model(name, shrink=True)
+    remote = load_model(name, shrink=True, device=dev)
+    enc = local.tokenizer(["a longer prompt for the first row", "short"], padding=True, return_tensors="pt")
+    renc = {k: v.to(dev) for k, v in enc.items()}
+    with torch.inference_mode():
+        if local.task in ("causal-lm", "seq2seq"):
+            kw = dict(max_new_tokens=6, do_sample=False)
+            assert torch.equal(remote.model.generate(**renc, **kw).cpu(), local.model.generate(**enc, **kw))
+        else:
+            torch.testing.assert_close(remote.model(**renc).last_hidden_state.cpu(),
+                                       local.model(**enc).last_hidden_state, rtol=1e-4, atol=1e-5)

@@ -22,7 +22,7 @@ from caserve.remote import protocol as P
 from caserve.remote.errors import ConnectionLost, HandshakeError, QuotaExceeded, RemoteError, RemoteOpError
 
 __all__ = [
-    "connect", "disconnect", "stats", "server_stats", "ConnectionLost", "HandshakeError", "QuotaExceeded",
+    "connect", "disconnect", "graph_mode", "stats", "server_stats", "ConnectionLost", "HandshakeError", "QuotaExceeded",
     "RemoteError", "RemoteOpError",
 ]
 
@@ -53,6 +53,14 @@ def connect(address: str | None = None, token: str | None = None, *, transport: 
     return sess.device
 
 
+def graph_mode(model: torch.nn.Module) -> torch.nn.Module:
+    """Record ``model``'s forward on its caserve device and replay repeats with one message each
+    (see :mod:`caserve.remote.graph`); returns the model."""
+    from caserve.remote.graph import enable
+
+    return enable(model)
+
+
 def disconnect(device: torch.device | str) -> None:
     """Close the device's session; the server frees everything it held."""
     from caserve.remote.session import session_of
@@ -64,7 +72,9 @@ def stats(device: torch.device | str) -> dict[str, Any]:
     """Client-side counters of the device's session (ops, frames, bytes, syncs)."""
     from caserve.remote.session import session_of
 
-    return session_of(device).stats.snapshot()
+    session = session_of(device)
+    return {**session.stats.snapshot(), "graph_replays": session.graph_cache.replays,
+            "graph_fallbacks": session.graph_cache.fallbacks, "graphs": len(session.graph_cache.graphs)}
 
 
 def server_stats(device: torch.device | str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import DynamicOutputShapeException
 from caserve.remote import protocol as P
 from caserve.remote.codec import DTYPE_NAMES, DTYPES, MEMORY_FORMAT_NAMES, extent, fresh_returns, written_args
 from caserve.remote.errors import RemoteError
-from caserve.remote.session import Session
+from caserve.remote.session import FLUSH_BYTES, Session
 from caserve.remote.tensor import LAZY, LIVE, RemoteStorage, RemoteTensor, resize_empty
 
 logger = logging.getLogger(__name__)
@@ -257,7 +257,12 @@ def _build(n: Any, slots: list[RemoteTensor], fresh: list[RemoteStorage]) -> Any
     if k == "S" or k == "R":
         return slots[n[1]]
     if k == "V":
-        return RemoteTensor(slots[n[1]]._st, n[2], n[3], n[4], n[5], n[6])
+        base = slots[n[1]]
+        if torch.is_inference_mode_enabled() and not base.is_inference():
+            # A view of a normal tensor must be a normal tensor: torch shares the base's version counter.
+            with torch.inference_mode(False):
+                return RemoteTensor(base._st, n[2], n[3], n[4], n[5], n[6])
+        return RemoteTensor(base._st, n[2], n[3], n[4], n[5], n[6])
     if k == "L":
         return [_build(c, slots, fresh) for c in n[1]]
     if k == "T":
@@ -270,14 +275,40 @@ def dispatch(func, args: tuple, kwargs: dict) -> Any:
     special = SPECIAL.get(func)
     if special is not None:
         return special(args, kwargs)
+    if _composite(func):
+        # Under inference mode, composite ops (aten.to, aten.item, ...) arrive whole; run their
+        # decomposition so that only primitive ops are planned and sent.
+        return func.decompose(*args, **kwargs)
     return run_op(func, args, kwargs)
+
+
+_COMPOSITE: dict[Any, bool] = {}
+
+
+def _composite(func) -> bool:
+    known = _COMPOSITE.get(func)
+    if known is None:
+        known = _COMPOSITE[func] = torch._C._dispatch_has_kernel_for_dispatch_key(
+            func.name(), "CompositeImplicitAutograd"
+        )
+    return known
 
 
 def run_op(func, args: tuple, kwargs: dict) -> Any:
     """Send one op through the signature cache (see the module docstring)."""
     slots: list[RemoteTensor] = []
-    key = (func, _sig(args, slots), _sig(tuple(kwargs.items()), slots) if kwargs else None)
-    session = _session_of(slots, args, kwargs)
+    parts = []
+    for a in args:  # _sig inlined for the common top-level cases: this runs for every op
+        ta = type(a)
+        if ta is RemoteTensor:
+            slots.append(a)
+            parts.append(a._cs)
+        elif ta is int or a is None:
+            parts.append(a)
+        else:
+            parts.append(_sig(a, slots))
+    key = (func, tuple(parts), _sig(tuple(kwargs.items()), slots) if kwargs else None)
+    session = slots[0]._st.session if slots else _session_of(slots, args, kwargs)
     with session.lock:
         session.stats.ops += 1
         plan = session.cache.get(key)
@@ -292,18 +323,25 @@ def run_op(func, args: tuple, kwargs: dict) -> Any:
         session.check_open()
         for slot, g in plan.replace:
             resize_empty(slots[slot], *g)
-        for t in slots:
-            if t._st.state == LAZY:
-                _ready(t._st)
         for i in plan.write_slots:
             if slots[i]._st.shared:
                 _unshare(slots[i]._st)
-        handles = [t._st.handle for t in slots]
+        handles = []
+        for t in slots:
+            st = t._st
+            if st.state == LAZY:
+                _ready(st)
+            handles.append(st.handle)
         if plan.sync:
             return _execute(session, func, args, kwargs, plan, slots, handles)
+        out = plan.out
+        if out[0] == "F":  # one fresh tensor: the common case, built without the generic walk
+            st = RemoteStorage(session, out[2])
+            session.emit(P.Run(plan.tid, handles, [st.handle]))
+            return RemoteTensor(st, out[2], out[3], out[4], out[5], out[6])
         fresh = [RemoteStorage(session, None) for _ in range(plan.nfresh)]  # type: ignore[arg-type]
         session.emit(P.Run(plan.tid, handles, [st.handle for st in fresh]))
-        return _build(plan.out, slots, fresh)
+        return _build(out, slots, fresh)
 
 
 def _execute(session: Session, func, args, kwargs, plan: Plan, slots, handles) -> Any:
@@ -332,8 +370,7 @@ def _execute(session: Session, func, args, kwargs, plan: Plan, slots, handles) -
         out = rebuild(value) if fresh[0] else _written_return(func, args, kwargs, 0)
     else:
         out = tuple(rebuild(v) if f else _written_return(func, args, kwargs, i) for i, (v, f) in enumerate(zip(value, fresh)))
-    while session.new_handle() < last:  # skip past the handles the server bound
-        pass
+    session.next_handle = max(session.next_handle, last + 1)  # the server bound handles up to ``last``
     return out
 
 
@@ -356,8 +393,10 @@ def upload(dst: RemoteTensor, src: torch.Tensor) -> RemoteTensor:
         src = src.to(dst.dtype)
     if tuple(src.shape) != tuple(dst.shape):
         src = src.expand(dst.shape)
-    owned = src.is_contiguous() and src.data_ptr() != 0
-    host = src.contiguous() if not owned else src
+    # Does ``host`` still point into the caller's memory? Then small payloads are snapshotted, since the
+    # caller may overwrite its tensor before the frame goes out; large ones are sent before returning.
+    aliases_caller = src.is_contiguous() and src.data_ptr() != 0
+    host = src if aliases_caller else src.contiguous()
     data = memoryview(host.reshape(-1).view(torch.uint8).numpy()) if host.numel() else memoryview(b"")
     st = dst._st
     with session.lock:
@@ -375,8 +414,7 @@ def upload(dst: RemoteTensor, src: torch.Tensor) -> RemoteTensor:
                 if have[0]:
                     session.emit(P.BindBlob(st.handle, digest))
                     return dst
-            # Keep the caller's memory untouched until it is sent: snapshot small tensors, send large ones now.
-            if owned and len(data) < session_flush_bytes():
+            if aliases_caller and len(data) < FLUSH_BYTES:
                 host = host.clone()
                 data = memoryview(host.reshape(-1).view(torch.uint8).numpy())
             index = session.add_payload(data, host)
@@ -385,21 +423,15 @@ def upload(dst: RemoteTensor, src: torch.Tensor) -> RemoteTensor:
             _ready(st)
             if st.shared:
                 _unshare(st)
-            if owned and len(data) < session_flush_bytes():
+            if aliases_caller and len(data) < FLUSH_BYTES:
                 host = host.clone()
                 data = memoryview(host.reshape(-1).view(torch.uint8).numpy()) if host.numel() else memoryview(b"")
             index = session.add_payload(data, host)
             session.emit(P.CopyIn(st.handle, DTYPE_NAMES[dtype], size, stride, offset, DTYPE_NAMES[host.dtype],
                                   tuple(host.shape), index))
-        if session.payload_bytes >= session_flush_bytes():
+        if session.payload_bytes >= FLUSH_BYTES:
             session.flush()
     return dst
-
-
-def session_flush_bytes() -> int:
-    from caserve.remote.session import FLUSH_BYTES
-
-    return FLUSH_BYTES
 
 
 def fetch(t: RemoteTensor) -> torch.Tensor:

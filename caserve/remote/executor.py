@@ -7,50 +7,32 @@ and a failing op is reported back to that tenant (at its next sync) without affe
 
 from __future__ import annotations
 
-import hashlib
-import keyword
 import logging
-import threading
-import time
-from dataclasses import dataclass, field
+
+import msgspec
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from caserve.remote import protocol as P
-from caserve.remote.codec import (
-    DTYPE_NAMES,
-    DTYPES,
-    LAYOUTS,
-    MEMORY_FORMATS,
-    extent,
-    flatten_fresh,
-    takes_generator,
-    written_args,
+from caserve.remote.blobs import BlobStore
+from caserve.remote.codec import DTYPE_NAMES, extent, flatten_fresh
+from caserve.remote.templates import (
+    MAX_TEMPLATES,
+    QuotaError,
+    Slot,
+    Template,
+    TenantError,
+    check_geom,
+    compile_template,
 )
 
 logger = logging.getLogger(__name__)
 
-# Ops a client may never run: they touch files, raw memory or process state rather than tensors.
-DENIED_OPS = frozenset(
-    {"from_file", "_from_file", "set_", "record_stream", "_pin_memory", "pin_memory", "_cudnn_init_dropout_state",
-     "_fused_adam_", "_fused_adamw_", "_use_cudnn_ctc_loss", "save", "_local_scalar_dense", "item"}
-)
-MAX_TEMPLATES = 65536
-MAX_DIMS = 64
-
-
-class TenantError(Exception):
-    """An op or request of one tenant failed; reported to that tenant only."""
-
-    def __init__(self, message: str, code: str = "op_failed") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class QuotaError(TenantError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "quota_exceeded")
+MAX_PINS = 4096
+MAX_GRAPHS = 1024
+MAX_GRAPH_OPS = 100_000
 
 
 def parse_size(text: str | int | None) -> int:
@@ -69,82 +51,6 @@ def parse_size(text: str | int | None) -> int:
     return int(float(num) * units[unit])
 
 
-# ---------------------------------------------------------------------------------------------
-# Shared weights
-
-
-@dataclass
-class Blob:
-    tensor: torch.Tensor
-    nbytes: int
-    refs: int = 0
-
-
-class BlobStore:
-    """Weights shared by all tenants: one read-only copy per distinct content (server-side hash)."""
-
-    def __init__(self) -> None:
-        self._blobs: dict[bytes, Blob] = {}
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def digest(data: memoryview) -> bytes:
-        return hashlib.blake2b(data, digest_size=20).digest()
-
-    def acquire(self, digest: bytes, make: Callable[[], torch.Tensor] | None = None) -> Blob | None:
-        with self._lock:
-            blob = self._blobs.get(digest)
-            if blob is None:
-                if make is None:
-                    return None
-                t = make()
-                blob = self._blobs[digest] = Blob(t, t.numel() * t.element_size())
-            blob.refs += 1
-            return blob
-
-    def release(self, digest: bytes) -> None:
-        with self._lock:
-            blob = self._blobs[digest]
-            blob.refs -= 1
-            if blob.refs == 0:
-                del self._blobs[digest]
-
-    def has(self, digests: list[bytes]) -> list[bool]:
-        with self._lock:
-            return [d in self._blobs for d in digests]
-
-    @property
-    def nbytes(self) -> int:
-        with self._lock:
-            return sum(b.nbytes for b in self._blobs.values())
-
-    def __len__(self) -> int:
-        return len(self._blobs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Templates
-
-
-@dataclass(frozen=True)
-class Slot:
-    dtype: torch.dtype
-    geom: tuple[tuple[int, ...], tuple[int, ...], int]
-    extent: int
-
-
-@dataclass
-class Template:
-    name: str
-    fn: torch._ops.OpOverload
-    build: Callable[[list[torch.Tensor]], tuple[tuple, dict]]
-    slots: list[Slot]
-    outs: list[tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]]
-    out_nbytes: list[int]
-    write_slots: frozenset[int]
-    random: bool
-
-
 @dataclass
 class Storage:
     tensor: torch.Tensor
@@ -152,124 +58,6 @@ class Storage:
     numel: int
     nbytes: int
     blob: bytes | None = None  # digest when this is a shared, read-only weight
-
-
-_OP_CACHE: dict[str, torch._ops.OpOverload] = {}
-
-
-def resolve_op(name: str) -> torch._ops.OpOverload:
-    """``"aten.add.Tensor"`` -> the OpOverload; only ATen ops, never a denied one."""
-    op = _OP_CACHE.get(name)
-    if op is not None:
-        return op
-    parts = name.split(".")
-    if len(parts) != 3 or parts[0] != "aten" or not all(p.isidentifier() for p in parts):
-        raise TenantError(f"op {name!r} is not an ATen op name (aten.NAME.OVERLOAD)", "unknown_op")
-    if parts[1] in DENIED_OPS:
-        raise TenantError(f"op {name} is not allowed on the GPU server", "denied_op")
-    try:
-        op = getattr(getattr(torch.ops.aten, parts[1]), parts[2])
-    except (AttributeError, RuntimeError):
-        raise TenantError(f"unknown op {name}", "unknown_op") from None
-    _OP_CACHE[name] = op
-    return op
-
-
-def _check_geom(dtype: Any, size: Any, stride: Any, offset: Any) -> tuple[torch.dtype, tuple, tuple, int]:
-    dt = DTYPES.get(dtype) if isinstance(dtype, str) else None
-    if dt is None:
-        raise TenantError(f"unknown dtype {dtype!r}")
-    if not (isinstance(size, (list, tuple)) and isinstance(stride, (list, tuple)) and len(size) == len(stride)):
-        raise TenantError("tensor geometry needs size and stride of equal rank")
-    if len(size) > MAX_DIMS or not all(type(v) is int and v >= 0 for v in (*size, *stride, offset)):
-        raise TenantError("tensor geometry must be non-negative integers")
-    return dt, tuple(size), tuple(stride), offset
-
-
-class _SpecCompiler:
-    """Turns a DefineOp argument skeleton into a fast builder ``T -> (args, kwargs)``.
-
-    The builder's source holds only ``T[i]`` (slot tensors), ``C[j]`` (constants kept out of the source)
-    and the schema's own argument names, so no client text is ever evaluated.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.consts: list[Any] = []
-        self.slots: list[Slot] = []
-
-    def const(self, value: Any) -> str:
-        self.consts.append(value)
-        return f"C[{len(self.consts) - 1}]"
-
-    def expr(self, value: Any) -> str:
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return self.const(value)
-        if isinstance(value, list):
-            return "[" + "".join(self.expr(v) + "," for v in value) + "]"
-        if isinstance(value, dict) and len(value) == 1:
-            (key, arg), = value.items()
-            if key == "$t":
-                if not (isinstance(arg, list) and len(arg) == 5 and arg[0] == len(self.slots)):
-                    raise TenantError("tensor slots must be numbered in order")
-                dt, size, stride, offset = _check_geom(*arg[1:])
-                self.slots.append(Slot(dt, (size, stride, offset), extent(size, stride, offset)))
-                return f"T[{arg[0]}]"
-            if key == "$dtype" and arg in DTYPES:
-                return self.const(DTYPES[arg])
-            if key == "$dev":
-                return self.const(self.device)
-            if key == "$layout" and arg in LAYOUTS:
-                return self.const(LAYOUTS[arg])
-            if key == "$mf" and arg in MEMORY_FORMATS:
-                return self.const(MEMORY_FORMATS[arg])
-            if key == "$cpu" and isinstance(arg, list) and len(arg) == 2 and arg[0] in DTYPES:
-                if not isinstance(arg[1], (bool, int, float)):
-                    raise TenantError("a CPU scalar tensor constant must hold a number")
-                return self.const(torch.tensor(arg[1], dtype=DTYPES[arg[0]]))
-        raise TenantError(f"cannot decode argument {value!r}")
-
-    def compile(self, fn: torch._ops.OpOverload, args: list[Any], kwargs: dict[str, Any]) -> Callable:
-        names = {a.name for a in fn._schema.arguments}
-        for k in kwargs:
-            if k not in names or keyword.iskeyword(k) or k == "generator":
-                raise TenantError(f"{fn} has no keyword argument {k!r}")
-        if len(args) > len(fn._schema.arguments):
-            raise TenantError(f"{fn} takes at most {len(fn._schema.arguments)} arguments")
-        src = "lambda T: ((" + "".join(self.expr(a) + "," for a in args) + "), {"
-        src += "".join(f"{k!r}: {self.expr(v)}," for k, v in kwargs.items()) + "})"
-        return eval(src, {"C": self.consts, "__builtins__": {}})  # noqa: S307 - source built above
-
-
-def compile_template(op: P.DefineOp, device: torch.device) -> Template:
-    fn = resolve_op(op.name)
-    comp = _SpecCompiler(device)
-    build = comp.compile(fn, op.args, op.kwargs)
-    outs, out_nbytes = [], []
-    for out in op.outs:
-        dt, size, stride, offset = _check_geom(*out)
-        outs.append((dt, size, stride, offset))
-        out_nbytes.append(extent(size, stride, offset) * dt.itemsize)
-    written = written_args(fn)
-    write_slots: set[int] = set()
-    if written:
-        positional = [a.name for a in fn._schema.arguments if not a.kwarg_only]
-        sub = _SpecCompiler(device)
-        for i, a in enumerate(op.args):
-            before = len(sub.slots)
-            sub.expr(a)
-            if i < len(positional) and positional[i] in written:
-                write_slots.update(range(before, len(sub.slots)))
-        for k, v in op.kwargs.items():
-            before = len(sub.slots)
-            sub.expr(v)
-            if k in written:
-                write_slots.update(range(before, len(sub.slots)))
-    return Template(op.name, fn, build, comp.slots, outs, out_nbytes, frozenset(write_slots), takes_generator(fn))
-
-
-# ---------------------------------------------------------------------------------------------
-# The tenant
 
 
 @dataclass
@@ -291,11 +79,13 @@ class Tenant:
         self.memory_limit = memory_limit
         self.storages: dict[int, Storage] = {}
         self.templates: dict[int, Template] = {}
+        self.graphs: dict[int, list[tuple]] = {}  # graph mode: recorded records, templates resolved
         self.bytes = 0
         self.error: P.RemoteFailure | None = None
         self.stats = TenantStats()
         self.gen = torch.Generator(device=device)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.pinned: dict[bytes, int] = {}  # shared weights found by HasBlobs, held until bound
 
     # -- storages -----------------------------------------------------------------------------
 
@@ -348,6 +138,23 @@ class Tenant:
         """Free everything this tenant holds (its connection ended)."""
         self.free(list(self.storages))
         self.templates.clear()
+        for digest, pins in self.pinned.items():
+            for _ in range(pins):
+                self.blobs.release(digest)
+        self.pinned.clear()
+
+    def _pin_blobs(self, digests: list[bytes]) -> list[bool]:
+        """Which weights the server holds; each one found stays pinned for this tenant's next BindBlob,
+        so that another tenant letting go of it in between cannot make the answer wrong."""
+        if len(digests) > MAX_PINS or sum(self.pinned.values()) + len(digests) > MAX_PINS:
+            raise TenantError(f"more than {MAX_PINS} shared weights asked for and not yet bound", "limit")
+        found = []
+        for digest in digests:
+            blob = self.blobs.acquire(digest)
+            if blob is not None:
+                self.pinned[digest] = self.pinned.get(digest, 0) + 1
+            found.append(blob is not None)
+        return found
 
     # -- ops ----------------------------------------------------------------------------------
 
@@ -356,12 +163,17 @@ class Tenant:
             try:
                 self._dispatch(op, payloads)
             except Exception as exc:  # noqa: BLE001 - any failure of a tenant's op is reported to it
-                self._fail(op, exc)
+                self.fail(self.op_name(op), exc)
 
-    def _fail(self, op: Any, exc: Exception) -> None:
+    def op_name(self, op: Any) -> str:
+        """What to call a record in an error report: its ATen op's name when it runs a template."""
+        tpl = self.templates.get(getattr(op, "tid", None)) if type(op) is P.Run else None
+        return tpl.name if tpl is not None else type(op).__name__
+
+    def fail(self, name: str, exc: Exception) -> None:
+        """Record a failure of this tenant's op ``name``; the first since the last reply is reported."""
         self.stats.errors += 1
         if self.error is None:  # later failures are usually consequences of the first
-            name = getattr(self.templates.get(getattr(op, "tid", -1)), "name", type(op).__name__)
             code = exc.code if isinstance(exc, TenantError) else "op_failed"
             self.error = P.RemoteFailure(name, f"{type(exc).__name__}: {exc}", code)
             logger.warning("tenant %d: %s failed: %s", self.id, name, exc)
@@ -382,7 +194,7 @@ class Tenant:
         elif t is P.Free:
             self.free(op.handles)
         elif t is P.Alloc:
-            dt, size, stride, _ = _check_geom(op.dtype, op.size, op.stride, 0)
+            dt, size, stride, _ = check_geom(op.dtype, op.size, op.stride, 0)
             self._charge(extent(size, stride, 0) * dt.itemsize, "alloc")
             self._bind(op.handle, torch.empty_strided(size, stride, dtype=dt, device=self.device))
         elif t is P.Upload:
@@ -390,7 +202,12 @@ class Tenant:
         elif t is P.CopyIn:
             self._copy_in(op, self._payload(payloads, op.payload))
         elif t is P.BindBlob:
-            blob = self.blobs.acquire(op.digest)
+            pins = self.pinned.get(op.digest, 0)
+            if pins:  # the reference HasBlobs took for this tenant becomes the handle's
+                self.pinned[op.digest] = pins - 1
+                blob = self.blobs.peek(op.digest)
+            else:
+                blob = self.blobs.acquire(op.digest)
             if blob is None:
                 raise TenantError("no shared weight with that digest")
             try:
@@ -407,8 +224,13 @@ class Tenant:
             self._bind(op.handle, src.tensor.clone(memory_format=torch.preserve_format))
         elif t is P.Seed:
             self.gen.manual_seed(op.seed)
+        elif t is P.Replay:
+            self._replay(op, payloads)
+        elif t is P.DefineGraph:
+            self._define_graph(op)
         elif t is P.ResetTemplates:
             self.templates.clear()
+            self.graphs.clear()
         else:  # pragma: no cover - the decoder admits only the types above
             raise TenantError(f"unknown op record {t.__name__}")
 
@@ -430,7 +252,7 @@ class Tenant:
         return torch.frombuffer(data, dtype=torch.uint8).view(dtype).view(size)
 
     def _upload(self, op: P.Upload, data: memoryview) -> None:
-        dt, size, _, _ = _check_geom(op.dtype, op.size, [0] * len(op.size), 0)
+        dt, size, _, _ = check_geom(op.dtype, op.size, [0] * len(op.size), 0)
         nbytes = len(data)
         self._charge(nbytes, "upload")
         if not op.share:
@@ -453,8 +275,8 @@ class Tenant:
         self._bind(op.handle, blob.tensor, blob=digest)
 
     def _copy_in(self, op: P.CopyIn, data: memoryview) -> None:
-        dt, size, stride, offset = _check_geom(op.dtype, op.size, op.stride, op.offset)
-        src_dt, src_size, _, _ = _check_geom(op.src_dtype, op.src_size, [0] * len(op.src_size), 0)
+        dt, size, stride, offset = check_geom(op.dtype, op.size, op.stride, op.offset)
+        src_dt, src_size, _, _ = check_geom(op.src_dtype, op.src_size, [0] * len(op.src_size), 0)
         st = self.storages.get(op.handle)
         if st is not None and st.blob is not None:
             raise TenantError(f"storage {op.handle} is a shared read-only weight")
@@ -465,25 +287,86 @@ class Tenant:
         tpl = self.templates.get(op.tid)
         if tpl is None:
             raise TenantError(f"unknown op template {op.tid}")
-        if len(op.slots) != len(tpl.slots) or len(op.outs) != len(tpl.outs):
+        self._run_template(tpl, op.slots, op.outs)
+
+    def _run_template(self, tpl: Template, slots: list[int], outs: list[int]) -> None:
+        if len(slots) != len(tpl.slots) or len(outs) != len(tpl.outs):
             raise TenantError(f"{tpl.name}: expected {len(tpl.slots)} inputs and {len(tpl.outs)} outputs")
-        tensors = [self._view(h, s) for h, s in zip(op.slots, tpl.slots)]
+        storages = self.storages
+        tensors = []
+        for h, slot in zip(slots, tpl.slots):
+            st = storages.get(h)
+            # Fast path: the slot is the storage's own layout (most arguments are whole tensors).
+            if st is not None and st.geom == slot.geom and st.tensor.dtype is slot.dtype:
+                tensors.append(st.tensor)
+            else:
+                tensors.append(self._view(h, slot))
         if tpl.write_slots:
             for i in tpl.write_slots:
-                if self.storages[op.slots[i]].blob is not None:
-                    raise TenantError(f"{tpl.name} writes to storage {op.slots[i]}, a shared read-only weight")
-        if tpl.outs:
-            self._charge(sum(tpl.out_nbytes), tpl.name)
+                if storages[slots[i]].blob is not None:
+                    raise TenantError(f"{tpl.name} writes to storage {slots[i]}, a shared read-only weight")
+        if self.memory_limit and tpl.total_out_nbytes:
+            self._charge(tpl.total_out_nbytes, tpl.name)
         args, kwargs = tpl.build(tensors)
         if tpl.random:
             kwargs["generator"] = self.gen
-        result = tpl.fn(*args, **kwargs)
-        if tpl.outs:
+        result = tpl.call(*args, **kwargs)
+        if tpl.single:
+            want = tpl.outs[0]
+            self._bind(outs[0], self._conform(result, want), geom=want[1:], nbytes=tpl.out_nbytes[0])
+        elif tpl.outs:
             fresh = flatten_fresh(tpl.fn, result)
             if len(fresh) != len(tpl.outs):
                 raise TenantError(f"{tpl.name} returned {len(fresh)} tensors, the client expected {len(tpl.outs)}")
-            for handle, tensor, want, nbytes in zip(op.outs, fresh, tpl.outs, tpl.out_nbytes):
+            for handle, tensor, want, nbytes in zip(outs, fresh, tpl.outs, tpl.out_nbytes):
                 self._bind(handle, self._conform(tensor, want), geom=want[1:], nbytes=nbytes)
+
+    # -- graph mode -------------------------------------------------------------------------------
+
+    def _define_graph(self, op: P.DefineGraph) -> None:
+        if len(self.graphs) >= MAX_GRAPHS and op.gid not in self.graphs:
+            raise TenantError(f"more than {MAX_GRAPHS} graphs", "limit")
+        if len(op.ops) > MAX_GRAPH_OPS:
+            raise TenantError(f"a graph may hold at most {MAX_GRAPH_OPS} records", "limit")
+        steps: list[tuple] = []
+        for rec in op.ops:
+            if type(rec) is P.Run:
+                tpl = self.templates.get(rec.tid)
+                if tpl is None:
+                    raise TenantError(f"graph {op.gid} uses unknown op template {rec.tid}")
+                steps.append((tpl, rec.slots, rec.outs))  # the template is resolved once, here
+            else:
+                steps.append((None, rec, None))
+        self.graphs[op.gid] = steps
+
+    def _replay(self, op: P.Replay, payloads: list[memoryview]) -> None:
+        """Run a graph's records with references turned into this replay's handles."""
+        steps = self.graphs.get(op.gid)
+        if steps is None:
+            raise TenantError(f"unknown graph {op.gid}")
+        base, ext = op.base, op.ext
+        if type(base) is not int or base < 0:
+            raise TenantError("invalid graph base handle")
+        n_ext = len(ext)
+
+        def handle(r: int) -> int:
+            if r >= 0:
+                return base + r
+            if -r > n_ext:
+                raise TenantError(f"graph {op.gid} needs external handle {-r - 1}; the replay gave {n_ext}")
+            return ext[-r - 1]
+
+        for tpl, a, b in steps:
+            try:
+                if tpl is not None:
+                    self._run_template(tpl, [handle(r) for r in a], [handle(r) for r in b])
+                else:
+                    fields = {"handle": handle(a.handle)}
+                    if hasattr(a, "payload"):
+                        fields["payload"] = op.payload_base + a.payload
+                    self._dispatch(msgspec.structs.replace(a, **fields), payloads)
+            except Exception as exc:  # noqa: BLE001 - reported like an eager op's failure
+                self.fail(tpl.name if tpl is not None else type(a).__name__, exc)
 
     def _conform(self, t: torch.Tensor, want: tuple[torch.dtype, tuple, tuple, int]) -> torch.Tensor:
         """Give an output exactly the layout the client computed, so that its views stay right."""
@@ -503,14 +386,14 @@ class Tenant:
         self.stats.syncs += 1
         t = type(req)
         if t is P.Fetch:
-            dt, size, stride, offset = _check_geom(req.dtype, req.size, req.stride, req.offset)
+            dt, size, stride, offset = check_geom(req.dtype, req.size, req.stride, req.offset)
             view = self._view(req.handle, Slot(dt, (size, stride, offset), extent(size, stride, offset)))
             host = view.contiguous().cpu().reshape(-1)
             return None, [memoryview(host.view(torch.uint8).numpy()) if host.numel() else b""]
         if t is P.Execute:
             return self._execute(req), []
         if t is P.HasBlobs:
-            return self.blobs.has(list(req.digests[:4096])), []
+            return self._pin_blobs(req.digests), []
         if t is P.Barrier:
             if self.stream is not None:
                 self.stream.synchronize()
@@ -561,11 +444,3 @@ class Tenant:
             raise TenantError(f"{tpl.name} returned an unsupported {type(value).__name__}")
 
         return describe(result)
-
-
-def timed(fn: Callable[[], Any], stats: TenantStats) -> Any:
-    start = time.perf_counter()
-    try:
-        return fn()
-    finally:
-        stats.busy_s += time.perf_counter() - start

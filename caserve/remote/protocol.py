@@ -61,7 +61,7 @@ import msgspec
 
 # Bump on any change to the structs or framing below; tests/test_protocol.py pins a digest of the
 # schema so that a change without a bump fails.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 FRAME_PREFIX = struct.Struct("<IBI")  # len, kind, header length
 MAX_HANDSHAKE_FRAME = 64 * 1024  # before authentication a peer may not make us buffer more
@@ -215,10 +215,34 @@ class Seed(msgspec.Struct, array_like=True, tag=9):
 
 
 class ResetTemplates(msgspec.Struct, array_like=True, tag=10):
-    """Forget every template of the tenant (the client's signature cache was cleared)."""
+    """Forget every template and graph of the tenant (the client's caches were cleared)."""
 
 
-Op = Union[DefineOp, Run, Alloc, Upload, CopyIn, BindBlob, CopyStorage, Free, Seed, ResetTemplates]
+GraphOp = Union[Run, Alloc, Upload, CopyIn]
+
+
+class DefineGraph(msgspec.Struct, array_like=True, tag=11):
+    """Graph ``gid``: a recorded sequence of records to replay as one (graph mode).
+
+    Every handle field of ``ops`` is a *reference*: ``r >= 0`` means handle ``base + r`` of the replay,
+    ``r < 0`` means ``ext[-r - 1]``; payload indices count from the replay's ``payload_base``.
+    """
+
+    gid: int
+    ops: list[GraphOp]
+
+
+class Replay(msgspec.Struct, array_like=True, tag=12):
+    """Run graph ``gid`` with handles counted from ``base`` and external handles ``ext``."""
+
+    gid: int
+    base: int
+    ext: list[int]
+    payload_base: int
+
+
+Op = Union[DefineOp, Run, Alloc, Upload, CopyIn, BindBlob, CopyStorage, Free, Seed, ResetTemplates, DefineGraph,
+           Replay]
 
 
 # ---------------------------------------------------------------------------------------------

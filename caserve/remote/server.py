@@ -19,8 +19,10 @@ import torch
 
 from caserve.remote import protocol as P
 from caserve.remote.errors import ConnectionLost
-from caserve.remote.executor import BlobStore, Tenant, TenantError, parse_size
-from caserve.remote.transport import default_unix_path, is_loopback, recv_frame, send_frame
+from caserve.remote.blobs import BlobStore
+from caserve.remote.executor import Tenant, parse_size
+from caserve.remote.templates import TenantError
+from caserve.remote.transport import as_bytes, default_unix_path, is_loopback, recv_frame, send_frame
 
 logger = logging.getLogger(__name__)
 
@@ -156,10 +158,11 @@ class Connection:
             try:
                 value, out = tenant.sync(msg.sync, self.server.stats)
             except Exception as exc:  # noqa: BLE001 - reported to this tenant
-                tenant._fail(msg.sync, exc if isinstance(exc, TenantError) else TenantError(f"{type(exc).__name__}: {exc}"))
+                tenant.fail(type(msg.sync).__name__, exc if isinstance(exc, TenantError) else TenantError(f"{type(exc).__name__}: {exc}"))
             error = tenant.take_error()
             if error is not None:
                 value, out = None, []
+            out = [as_bytes(p) for p in out]
             return P.Kind.REPLY, P.Reply(msg.seq, error, value, [len(p) for p in out]), out
 
     def close(self) -> None:
@@ -218,9 +221,10 @@ class LocalChannel:
         self.conn = Connection(server, "in-process", loopback=True)
         self._replies: list[tuple[int, Any, list[memoryview]]] = []
 
-    def send(self, kind: P.Kind, header: Any, payloads: Sequence[memoryview | bytes] = ()) -> None:
+    def send(self, kind: P.Kind, header: Any, payloads: Sequence[memoryview | bytes] = ()) -> int:
         data = memoryview(b"".join(bytes(p) for p in payloads)) if payloads else memoryview(b"")
-        decoded = P.decode_header(kind, P.encode_header(header))
+        encoded = P.encode_header(header)
+        decoded = P.decode_header(kind, encoded)
         sizes = getattr(decoded, "payloads", None) or []
         try:
             reply = self.conn.on_frame(kind, decoded, P.split_payloads(memoryview(bytearray(data)), sizes))
@@ -230,6 +234,7 @@ class LocalChannel:
             rkind, rheader, rpayloads = reply
             rdecoded = P.decode_header(rkind, P.encode_header(rheader))
             self._replies.append((rkind, rdecoded, [memoryview(bytearray(p)) for p in rpayloads]))
+        return P.FRAME_PREFIX.size + len(encoded) + len(data)
 
     def recv(self) -> tuple[int, Any, list[memoryview]]:
         if not self._replies:

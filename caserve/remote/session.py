@@ -18,12 +18,15 @@ import torch
 
 from caserve.remote import protocol as P
 from caserve.remote.errors import ConnectionLost, HandshakeError, QuotaExceeded, RemoteOpError
-from caserve.remote.transport import Channel
+from caserve.remote.graph import MAX_REGION_RECORDS, GraphCache, Region
+from caserve.remote.graph import end_region as end_graph_region
+from caserve.remote.transport import Channel, as_bytes
 
 logger = logging.getLogger(__name__)
 
 FLUSH_OPS = 32  # ops per frame when no sync point comes first
 FLUSH_BYTES = 1 << 20  # payload bytes per frame (uploads are sent soon, from the caller's memory)
+_GRAPH_RECORDS = (P.Run, P.Alloc, P.Upload, P.CopyIn)
 
 
 @dataclass
@@ -33,7 +36,7 @@ class SessionStats:
     ops: int = 0  # ATen ops intercepted (including view ops that never leave the client)
     records: int = 0  # op records sent
     frames: int = 0
-    bytes_sent: int = 0
+    bytes_sent: int = 0  # whole frames: prefix, header and payloads
     syncs: int = 0
     meta_misses: int = 0
     sync_wait_s: float = 0.0
@@ -52,7 +55,7 @@ class Session:
         self.index = index
         self.device = torch.device("caserve", index)
         self.lock = threading.RLock()
-        self.handles = itertools.count(1)
+        self.next_handle = 1
         self.template_ids = itertools.count(1)
         self.ops: list[Any] = []
         self.payloads: list[memoryview | bytes] = []
@@ -63,6 +66,9 @@ class Session:
         self.closed: str | None = None
         self.stats = SessionStats()
         self.cache: dict[Any, Any] = {}  # op signature -> dispatch plan (caserve.remote.dispatch)
+        self.region: Region | None = None  # graph mode: the forward being recorded
+        self.region_depth = 0
+        self.graph_cache = GraphCache()
 
     # -- handshake ------------------------------------------------------------------------------
 
@@ -91,15 +97,57 @@ class Session:
     # -- the op stream --------------------------------------------------------------------------
 
     def new_handle(self) -> int:
-        return next(self.handles)
+        h = self.next_handle
+        self.next_handle = h + 1
+        return h
 
     def emit(self, op: Any) -> None:
+        region = self.region
+        if region is not None:
+            t = type(op)
+            if t in _GRAPH_RECORDS:
+                if t is not P.Run and t is not P.Alloc:  # move its payload from the frame to the region
+                    region.payloads.append(self.payloads.pop())
+                    region.owners.append(self._keepalive.pop())
+                    self.payload_bytes -= len(region.payloads[-1])
+                    op.payload = len(region.payloads) - 1
+                region.records.append(op)
+                if len(region.records) > MAX_REGION_RECORDS:
+                    self._abort_region("forward too long to record")
+                return
+            if t is not P.DefineOp:  # definitions go ahead of the region; anything else ends it
+                self._abort_region(f"{t.__name__} inside forward")
         self.ops.append(op)
         if len(self.ops) >= FLUSH_OPS:
             self.flush()
 
+    # -- graph mode (caserve.remote.graph) -------------------------------------------------------
+
+    def begin_region(self) -> None:
+        with self.lock:
+            self.region_depth += 1
+            if self.region_depth == 1:
+                self.region = Region(self.next_handle)
+
+    def end_region(self) -> None:
+        with self.lock:
+            self.region_depth = max(0, self.region_depth - 1)
+            if self.region_depth == 0 and self.region is not None:
+                region, self.region = self.region, None
+                end_graph_region(self, region)
+                if len(self.ops) >= FLUSH_OPS:
+                    self.flush()
+
+    def _abort_region(self, reason: str) -> None:
+        """Send what the region holds as eager records; the rest of this forward runs eagerly."""
+        region, self.region = self.region, None
+        if region is not None:
+            region.aborted = reason
+            end_graph_region(self, region)
+
     def add_payload(self, data: memoryview, owner: Any) -> int:
         """Queue bytes to travel with the next frame; ``owner`` keeps their memory alive until then."""
+        data = as_bytes(data)
         self.payloads.append(data)
         self._keepalive.append(owner)
         self.payload_bytes += len(data)
@@ -116,7 +164,9 @@ class Session:
     def flush(self, sync: P.SyncRequest | None = None) -> None:
         with self.lock:
             self.check_open()
-            if self.freed:
+            if sync is not None and self.region is not None:
+                self._abort_region(f"sync point {type(sync).__name__} inside forward")
+            if self.freed and self.region is None:  # held region records may still use freed handles
                 handles = []
                 while self.freed:
                     handles.append(self.freed.popleft())
@@ -128,10 +178,9 @@ class Session:
             payloads = self.payloads
             self.stats.records += len(self.ops)
             self.stats.frames += 1
-            self.stats.bytes_sent += self.payload_bytes
             self.ops, self.payloads, self._keepalive, self.payload_bytes = [], [], [], 0
             try:
-                self.channel.send(P.Kind.SUBMIT, msg, payloads)
+                self.stats.bytes_sent += self.channel.send(P.Kind.SUBMIT, msg, payloads)
             except ConnectionLost as exc:
                 self._lost(exc)
 
@@ -153,6 +202,11 @@ class Session:
                 self._lost(ConnectionLost(f"out-of-order reply (kind {kind}) from the server"))
             if reply.error is not None:
                 err = reply.error
+                if err.op == "DefineOp":
+                    # The server refused a template this client cached: forget every plan, so that no
+                    # later op names the missing template.
+                    self.cache.clear()
+                    self.emit(P.ResetTemplates())
                 cls = QuotaExceeded if err.code == "quota_exceeded" else RemoteOpError
                 raise cls(err.op, err.message, err.code)
             return reply.value, payloads
@@ -166,6 +220,7 @@ class Session:
         raise ConnectionLost(f"lost the GPU server connection of {self.device}: {exc}") from exc
 
     def close(self) -> None:
+        """End the session and give its device index back (tensors of it raise ConnectionLost)."""
         with self.lock:
             if self.closed is None:
                 try:
@@ -174,17 +229,28 @@ class Session:
                     pass
                 self.closed = "closed by the client"
                 self.channel.close()
+        with _REGISTRY_LOCK:
+            if self.index < len(SESSIONS) and SESSIONS[self.index] is self:
+                SESSIONS[self.index] = None
 
 
-# One session per device index; a reconnect gets a new index.
+# One session per device index; indices of closed sessions are reused (torch keeps them in an int8).
 SESSIONS: list[Session | None] = []
+MAX_SESSIONS = 127
 _REGISTRY_LOCK = threading.Lock()
 
 
 def register(make: Any) -> Session:
     with _REGISTRY_LOCK:
-        session = make(len(SESSIONS))
-        SESSIONS.append(session)
+        free = [i for i, s in enumerate(SESSIONS) if s is None]
+        index = free[0] if free else len(SESSIONS)
+        if index >= MAX_SESSIONS:
+            raise RuntimeError(f"at most {MAX_SESSIONS} caserve devices can be open in one process")
+        session = make(index)
+        if index == len(SESSIONS):
+            SESSIONS.append(session)
+        else:
+            SESSIONS[index] = session
         return session
 
 

@@ -64,6 +64,14 @@ class RemoteTensor(torch.Tensor):
 
         return dispatch(func, args, kwargs or {})
 
+    def tolist(self):
+        return self.cpu().tolist()
+
+    def numpy(self, *, force: bool = False):
+        if not force:
+            raise TypeError("can't convert caserve device tensor to numpy; use .cpu() first (or force=True)")
+        return self.cpu().numpy()
+
     def __repr__(self, *, tensor_contents=None) -> str:  # noqa: D105
         body = repr(self.detach().to("cpu"))
         return body[:-1] + f", device='{self.device}')" if body.endswith(")") else body

@@ -19,7 +19,9 @@ from caserve.remote.errors import ConnectionLost
 class Channel(Protocol):
     """A bidirectional, ordered stream of frames."""
 
-    def send(self, kind: P.Kind, header: Any, payloads: Sequence[memoryview | bytes] = ()) -> None: ...
+    def send(self, kind: P.Kind, header: Any, payloads: Sequence[memoryview | bytes] = ()) -> int:
+        """Send one frame; returns the bytes it took on the wire."""
+        ...
 
     def recv(self) -> tuple[int, Any, list[memoryview]]:
         """The next frame: kind, decoded header, payload segments."""
@@ -44,18 +46,27 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def send_frame(sock: socket.socket, kind: P.Kind, header: Any, payloads: Sequence[memoryview | bytes] = ()) -> None:
-    """Write one frame; tensor payloads go from their own memory (no concatenation)."""
+def send_frame(sock: socket.socket, kind: P.Kind, header: Any, payloads: Sequence[memoryview | bytes] = ()) -> int:
+    """Write one frame and return its size; tensor payloads go from their own memory (no concatenation)."""
     hdr = P.encode_header(header)
-    total = sum(len(p) for p in payloads)
-    buffers = [P.frame_prefix(kind, len(hdr), total), hdr, *payloads]
+    segments = [as_bytes(p) for p in payloads]
+    total = sum(len(p) for p in segments)
+    buffers: list[Any] = [P.frame_prefix(kind, len(hdr), total), hdr, *segments]
+    size = P.FRAME_PREFIX.size + len(hdr) + total
     while buffers:
         sent = sock.sendmsg(buffers[:512])
         while buffers and sent >= len(buffers[0]):
             sent -= len(buffers[0])
             buffers.pop(0)
-        if sent:
+        if sent and buffers:
             buffers[0] = memoryview(buffers[0])[sent:]
+    return size
+
+
+def as_bytes(data: memoryview | bytes) -> memoryview:
+    """A flat byte view of a payload (a tensor's memoryview counts elements, not bytes)."""
+    view = memoryview(data)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytearray:
@@ -118,9 +129,9 @@ class SocketChannel:
     def kind(self) -> str:
         return "unix" if self.sock.family == socket.AF_UNIX else "tcp"
 
-    def send(self, kind: P.Kind, header: Any, payloads: Sequence[memoryview | bytes] = ()) -> None:
+    def send(self, kind: P.Kind, header: Any, payloads: Sequence[memoryview | bytes] = ()) -> int:
         try:
-            send_frame(self.sock, kind, header, payloads)
+            return send_frame(self.sock, kind, header, payloads)
         except OSError as exc:
             raise ConnectionLost(f"send failed: {exc}") from exc
 

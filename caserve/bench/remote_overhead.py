@@ -1,0 +1,168 @@
+"""``caserve bench remote-overhead``: what forwarding ATen ops to a GPU server costs per token.
+
+For each model, the same greedy decode runs natively (in this process, on ``--native-device``) and on a
+caserve device backed by a GPU server subprocess on this host. Reported per generated token: wall
+milliseconds, ATen ops intercepted, op records and frames sent, bytes sent, and CPU-seconds of the GPU
+server process next to the native process's own. Both runs are warmed up with one identical generate
+first, so every op plan is cached, as in a serving steady state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MODELS = {
+    "tiny-gpt2": dict(n_layer=4, n_embd=64, n_head=4, vocab_size=512, n_positions=1024),
+    "gpt2-124m": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
+}
+
+
+@dataclass
+class Result:
+    model: str
+    mode: str  # eager (dynamic KV cache) or graph (graph mode, static KV cache; native uses it too)
+    new_tokens: int
+    native_ms_per_token: float
+    remote_ms_per_token: float
+    ratio: float
+    aten_ops_per_token: float
+    records_per_token: float
+    frames_per_token: float
+    bytes_per_token: float
+    syncs_per_token: float
+    native_cpu_s_per_token: float
+    server_cpu_s_per_token: float
+    server_cpu_vs_native: float
+    runs: int
+
+
+def _start_server(device: str, threads: int) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "caserve.cli", "gpu-server", "--port", "0", "--device", device, "--threads", str(threads)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )
+    line = proc.stdout.readline() if proc.stdout else ""
+    if "listening on" not in line:
+        proc.kill()
+        raise RuntimeError(f"the GPU server did not start: {line!r}")
+    return proc, line.split("listening on ")[1].split()[0]
+
+
+def _generate(model, ids, n: int, cache: str) -> None:
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                       cache_implementation=cache)
+
+
+MODES = {"eager": "dynamic", "graph": "static"}  # mode -> KV cache: graph mode needs shapes that repeat
+
+
+def measure(name: str, mode: str, address: str, transport: str, native_device: str, new_tokens: int,
+            runs: int) -> Result:
+    """Native and remote runs alternate, so that drift on a shared machine hits both alike."""
+    import transformers
+
+    import caserve.remote as R
+
+    cache = MODES[mode]
+    config = transformers.GPT2Config(**MODELS[name])
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    native = model.to(native_device)
+    nids = ids.to(native_device)
+    native_sync = torch.cuda.synchronize if native_device.startswith("cuda") else (lambda: None)
+
+    dev = R.connect(address, transport=transport)
+    remote = transformers.GPT2LMHeadModel(config).eval()
+    remote.load_state_dict(model.state_dict())
+    remote = remote.to(dev)
+    if mode == "graph":
+        R.graph_mode(remote)
+    rids = ids.to(dev)
+    remote_sync = lambda: torch.caserve.synchronize(dev)  # noqa: E731
+    native_runs, remote_runs, server_cpu, counts = [], [], [], []
+    _generate(native, nids, new_tokens, cache)  # warm-up: caches, op plans, graphs, allocators
+    _generate(remote, rids, new_tokens, cache)
+    _generate(remote, rids, new_tokens, cache)
+    for _ in range(runs):
+        native_runs.append(_timed_once(native, nids, new_tokens, cache, native_sync))
+        before = R.server_stats(dev)["cpu_seconds"]
+        s0 = R.stats(dev)
+        wall, _ = _timed_once(remote, rids, new_tokens, cache, remote_sync)
+        s1 = R.stats(dev)
+        server_cpu.append(R.server_stats(dev)["cpu_seconds"] - before)
+        remote_runs.append(wall)
+        counts.append({k: s1[k] - s0[k] for k in ("ops", "records", "frames", "bytes_sent", "syncs")})
+    R.disconnect(dev)
+
+    per = lambda x: x / new_tokens  # noqa: E731
+    native_ms = per(statistics.median(w for w, _ in native_runs)) * 1e3
+    remote_ms = per(statistics.median(remote_runs)) * 1e3
+    native_cpu = per(statistics.median(c for _, c in native_runs))
+    server = per(statistics.median(server_cpu))
+    med = {k: per(statistics.median(c[k] for c in counts)) for k in counts[0]}
+    return Result(name, mode, new_tokens, native_ms, remote_ms, remote_ms / native_ms, med["ops"], med["records"],
+                  med["frames"], med["bytes_sent"], med["syncs"], native_cpu, server, server / native_cpu, runs)
+
+
+def _timed_once(model, ids, n: int, cache: str, sync) -> tuple[float, float]:
+    sync()
+    wall, cpu = time.perf_counter(), time.process_time()
+    _generate(model, ids, n, cache)
+    sync()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def run(models: list[str], modes: list[str], *, server: str | None, device: str, transport: str, native_device: str,
+        new_tokens: int, runs: int, threads: int, out: Path) -> list[Result]:
+    torch.set_num_threads(threads)
+    proc = None
+    if server is None:
+        proc, server = _start_server(device, threads)
+    try:
+        results = [measure(m, mode, server, transport, native_device, new_tokens, runs) for m in models for mode in modes]
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+    report = {
+        "benchmark": "remote-overhead",
+        "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                     "gpu_server_device": device, "native_device": native_device,
+                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "transport": transport, "threads": threads, "torch": torch.__version__,
+        "results": [asdict(r) for r in results],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    return results
+
+
+def print_table(results: list[Result]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="caserve remote overhead (median per generated token)")
+    for col in ("model", "mode", "native ms", "remote ms", "remote/native", "ATen ops", "records", "frames", "bytes",
+                "server CPU / native CPU"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(r.model, r.mode, f"{r.native_ms_per_token:.2f}", f"{r.remote_ms_per_token:.2f}", f"{r.ratio:.2f}",
+                      f"{r.aten_ops_per_token:.0f}", f"{r.records_per_token:.0f}", f"{r.frames_per_token:.1f}",
+                      f"{r.bytes_per_token:.0f}", f"{r.server_cpu_vs_native:.2f}")
+    Console(width=160).print(table)

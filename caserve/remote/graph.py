@@ -1,0 +1,162 @@
+"""Graph mode: a model's forward recorded once, replayed on the GPU server with one message.
+
+In eager mode every op of every forward is one record that the server decodes, looks up and runs. In
+graph mode the records of one forward call (a *region*) are held back. When the region ends its
+records are written with *references* instead of handles (``r >= 0``: the r-th handle minted since the
+region began; ``r < 0``: an external handle such as a weight or the KV cache) and that form is the
+region's signature:
+
+- seen for the first time: the records go out as in eager mode;
+- seen a second time: the graph is sent once (``DefineGraph``, templates resolved by the server),
+  then replayed;
+- known: one ``Replay`` record carries the graph id, the first handle and the external handles.
+
+Replaying sends exactly the records eager mode would send, so results never differ from eager. A
+region that syncs (``.item()`` inside forward), copies a shared weight or reseeds falls back to eager
+for that call, with a debug log line saying why. Shapes must repeat for a graph to pay off: decoding
+with a static KV cache (``generate(..., cache_implementation="static")``) repeats them every step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+import torch
+
+from caserve.remote import protocol as P
+
+logger = logging.getLogger(__name__)
+
+MAX_SIGNATURES = 256  # regions seen once and remembered, per session
+MAX_REGION_RECORDS = 20_000  # a longer forward is sent eagerly, as it goes
+
+
+class Region:
+    """The records of one forward call being recorded."""
+
+    __slots__ = ("base", "records", "payloads", "owners", "aborted")
+
+    def __init__(self, base: int) -> None:
+        self.base = base
+        self.records: list[Any] = []
+        self.payloads: list[memoryview] = []
+        self.owners: list[Any] = []
+        self.aborted: str | None = None
+
+
+class GraphCache:
+    """Per-session graphs: signature -> graph id, and signatures seen once."""
+
+    def __init__(self) -> None:
+        self.graphs: dict[tuple, int] = {}
+        self.seen: set[tuple] = set()
+        self.ids = itertools.count(1)
+        self.replays = 0
+        self.fallbacks = 0
+
+
+def _refs(region: Region) -> tuple[tuple, list[tuple], list[int]]:
+    """The region in reference form: its signature, its records as tuples, and the external handles."""
+    base = region.base
+    ext: list[int] = []
+    index: dict[int, int] = {}
+
+    def ref(h: int) -> int:
+        if h >= base:
+            return h - base
+        i = index.get(h)
+        if i is None:
+            i = index[h] = len(ext)
+            ext.append(h)
+        return -i - 1
+
+    recs: list[tuple] = []
+    for r in region.records:
+        t = type(r)
+        if t is P.Run:
+            recs.append((P.Run, r.tid, tuple([ref(h) for h in r.slots]), tuple([h - base for h in r.outs])))
+        elif t is P.Alloc:
+            recs.append((P.Alloc, ref(r.handle), r.dtype, r.size, r.stride))
+        elif t is P.Upload:
+            recs.append((P.Upload, ref(r.handle), r.dtype, r.size, r.payload, r.share))
+        else:  # CopyIn
+            recs.append((P.CopyIn, ref(r.handle), r.dtype, r.size, r.stride, r.offset, r.src_dtype, r.src_size,
+                         r.payload))
+    return tuple(recs), recs, ext
+
+
+def _struct(rec: tuple) -> Any:
+    cls, *fields = rec
+    if cls is P.Run:
+        return P.Run(fields[0], list(fields[1]), list(fields[2]))
+    return cls(*fields)
+
+
+def end_region(session: Any, region: Region) -> None:
+    """Send a finished region: replayed, defined and replayed, or eagerly (called under the session lock)."""
+    cache: GraphCache = session.graph_cache
+    payload_base = len(session.payloads)
+    for data, owner in zip(region.payloads, region.owners):
+        session.add_payload(data, owner)
+    if region.aborted is not None or not region.records:
+        if region.aborted is not None:
+            cache.fallbacks += 1
+            logger.debug("graph mode: forward ran eagerly (%s)", region.aborted)
+        _send_eagerly(session, region, payload_base)
+        return
+    key, recs, ext = _refs(region)
+    gid = cache.graphs.get(key)
+    if gid is None and key in cache.seen:
+        gid = cache.graphs[key] = next(cache.ids)
+        session.ops.append(P.DefineGraph(gid, [_struct(r) for r in recs]))
+        logger.debug("graph mode: graph %d defined (%d records, %d external handles)", gid, len(recs), len(ext))
+    if gid is None:
+        if len(cache.seen) >= MAX_SIGNATURES:
+            cache.seen.clear()
+        cache.seen.add(key)
+        logger.debug("graph mode: new forward signature (%d records); sent eagerly", len(recs))
+        _send_eagerly(session, region, payload_base)
+        return
+    cache.replays += 1
+    session.ops.append(P.Replay(gid, region.base, ext, payload_base))
+
+
+def _send_eagerly(session: Any, region: Region, payload_base: int) -> None:
+    for r in region.records:
+        if type(r) in (P.Upload, P.CopyIn):
+            r.payload += payload_base
+        session.ops.append(r)
+
+
+def enable(model: torch.nn.Module) -> torch.nn.Module:
+    """Record ``model``'s forward calls as graph regions on its caserve device (see the module docstring).
+
+    Returns the model. Calls on a non-caserve device, or nested inside another region, run as before.
+    """
+    from caserve.remote.session import session_of
+
+    if getattr(model, "_caserve_graph_mode", False):
+        return model
+
+    def session_for(module: torch.nn.Module) -> Any:
+        p = next(module.parameters(), None)
+        if p is None or p.device.type != "caserve":
+            return None
+        return session_of(p.device)
+
+    def pre_hook(module: torch.nn.Module, args: Any) -> None:
+        session = session_for(module)
+        if session is not None:
+            session.begin_region()
+
+    def post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+        session = session_for(module)
+        if session is not None:
+            session.end_region()
+
+    model.register_forward_pre_hook(pre_hook)
+    model.register_forward_hook(post_hook, always_call=True)
+    model._caserve_graph_mode = True
+    return model
