@@ -70,15 +70,16 @@ def serve(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Start the router, a GPU server and the workers on this machine, and serve until Ctrl-C."""
+    from caserve.serving.policies import POLICIES
+
+    if policy not in POLICIES:
+        raise typer.BadParameter(f"choose one of {', '.join(POLICIES)}", param_hint="--policy")
     _setup_logging(verbose)
     import asyncio
 
     from caserve.serving.launch import ServeConfig
     from caserve.serving.launch import serve as run_serve
-    from caserve.serving.policies import POLICIES
 
-    if policy not in POLICIES:
-        raise typer.BadParameter(f"choose one of {', '.join(POLICIES)}", param_hint="--policy")
     cfg = ServeConfig(host=host, port=port, native_workers=native_workers, assisted_workers=assisted_workers,
                       cpu_workers=cpu_workers, policy=policy, max_batch=max_batch, max_queue=max_queue,
                       gpu_port=gpu_port, gpu_device=gpu_device, token_file=token_file, shrink=shrink, task=task,

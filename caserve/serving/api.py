@@ -98,7 +98,7 @@ def create_app(router: Router) -> FastAPI:
         if req.dimensions is not None:
             if vectors and req.dimensions > len(vectors[0]):
                 raise BadRequest(f"dimensions must be at most {len(vectors[0])}", param="dimensions")
-            vectors = [v[: req.dimensions] for v in vectors]
+            vectors = [_unit(v[: req.dimensions]) for v in vectors]  # shortened, then unit length again
         data = [{"object": "embedding", "index": i, "embedding": S.encode_embedding(v, req.encoding_format)}
                 for i, v in enumerate(vectors)]
         body = {"object": "list", "data": data, "model": req.model,
@@ -119,6 +119,11 @@ def create_app(router: Router) -> FastAPI:
         return JSONResponse(body, headers=_timing_headers(job))
 
     return app
+
+
+def _unit(v: list[float]) -> list[float]:
+    norm = sum(x * x for x in v) ** 0.5
+    return [x / norm for x in v] if norm > 0 else v
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -186,7 +191,7 @@ def _timing_headers(job: Job) -> dict[str, str]:
 
 
 async def _run_generation(
-    router: Router, request: Request, req: S._Sampling, jobs: list[Job], *, chat: bool,
+    router: Router, request: Request, req: S.SamplingRequest, jobs: list[Job], *, chat: bool,
 ) -> Union[JSONResponse, StreamingResponse]:
     router.submit(jobs)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

@@ -90,7 +90,9 @@ class Engine:
     def run(self, rows: list[dict[str, Any]], emit: Emit, cancelled: IsCancelled) -> BatchStats:
         """Run one batch; every row gets exactly one ``done`` or ``error`` event (unless the device fails)."""
         task = rows[0]["task"]
-        with torch.inference_mode():
+        # no_grad, not inference_mode: under inference_mode ``.cpu()`` reaches the remote device as
+        # aten.to.dtype_layout, which the caserve device does not handle (it handles aten._to_copy).
+        with torch.no_grad():
             if task == TASK_GENERATE:
                 return self._generate(rows, emit, cancelled)
             if task == TASK_EMBED:
@@ -129,7 +131,8 @@ class Engine:
                            f"but the prompt has {len(prompt)} tokens.")
         max_new = min(int(params["max_tokens"]) - len(prefix), ctx - used - (1 if self.seq2seq else 0))
         return _Row(row["dispatch"], prompt, max_new, float(params["temperature"]), float(params["top_p"]),
-                    bool(params.get("ignore_eos")), TextTracker(self.tok, list(params.get("stop") or []), prefix),
+                    bool(params.get("ignore_eos")), TextTracker(self.tok, list(params.get("stop") or []), prefix,
+                                                    row.get("prefix_chars_sent")),
                     make_generator(params.get("seed")))
 
     def _generate(self, raw_rows: list[dict[str, Any]], emit: Emit, cancelled: IsCancelled) -> BatchStats:

@@ -85,7 +85,9 @@ class Job:
         return self.max_tokens
 
     def worker_payload(self) -> dict[str, Any]:
-        return {**self.payload, "task": self.task, "prefix_ids": list(self.generated_ids)}
+        # A requeued job continues: the tokens generated so far, and how much of their text the client has.
+        return {**self.payload, "task": self.task, "prefix_ids": list(self.generated_ids),
+                "prefix_chars_sent": len(self.text)}
 
     def timings(self) -> dict[str, Any]:
         """The per-request timing record returned to clients and logged (router monotonic clock)."""
@@ -94,6 +96,7 @@ class Job:
             return None if a is None or b is None else round(a - b, 6)
 
         return {
+            "request_id": self.id,
             "clock": "router-monotonic",
             "arrival": self.arrival,
             "arrival_unix": self.arrival_unix,

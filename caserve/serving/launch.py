@@ -141,7 +141,8 @@ class _Child:
 async def serve(cfg: ServeConfig, announce: Callable[[str], None]) -> None:
     router = Router(policy=cfg.policy, max_queue=cfg.max_queue, models=[cfg.model])
     server = _Server(uvicorn.Config(create_app(router), host=cfg.host, port=cfg.port,
-                                           log_level="info" if cfg.verbose else "warning"))
+                                           log_level="info" if cfg.verbose else "warning",
+                                    timeout_graceful_shutdown=5))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
@@ -158,7 +159,7 @@ async def serve(cfg: ServeConfig, announce: Callable[[str], None]) -> None:
         child.start()
     announce(usage_text(url, cfg.model))
     try:
-        while not serving.done():
+        while not serving.done() and not server.should_exit:
             await asyncio.sleep(0.5)
             for child in children:
                 if child.proc is not None and child.proc.poll() is not None and not server.should_exit:
@@ -167,6 +168,8 @@ async def serve(cfg: ServeConfig, announce: Callable[[str], None]) -> None:
                     await asyncio.sleep(RESTART_PAUSE_S)
                     child.start()
     finally:
+        # Children first: their worker channels are open streams that would hold up uvicorn's shutdown.
         for child in reversed(children):
-            child.stop()
+            await asyncio.to_thread(child.stop)
+        server.should_exit = True
         await serving

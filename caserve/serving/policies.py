@@ -49,7 +49,7 @@ class ServiceModel:
     batches showed: decode seconds per generated step and prefill seconds per prompt unit (from the
     durations the worker reports), and a fixed overhead (router-observed batch time minus both).
     A worker without samples borrows the mean rates of workers of the same kind, else of all workers,
-    else zero: an unknown worker looks fast, so it gets tried and measured.
+    else zero (used for busy-time and Retry-After estimates; ECT treats unmeasured workers as free).
     """
 
     def __init__(self, alpha: float = 0.3) -> None:
@@ -73,6 +73,10 @@ class ServiceModel:
             r.step_s = self._ewma(r.step_s, decode_s / steps, first)
         r.overhead_s = self._ewma(r.overhead_s, max(0.0, observed_s - prefill_s - decode_s), first)
         r.samples += 1
+
+    def known(self, worker_id: str) -> bool:
+        r = self._rates.get(worker_id)
+        return r is not None and r.samples > 0
 
     def forget(self, worker_id: str) -> None:
         self._rates.pop(worker_id, None)
@@ -175,7 +179,9 @@ class EctPolicy(DispatchPolicy):
     ``max_batch - 1`` compatible jobs behind it); otherwise the job stays queued and reserves the
     worker (``free_at[w] += estimate``), so later jobs see it as taken. A job therefore waits for a
     busy fast worker instead of taking an idle slow one when the fast one is expected to finish it
-    sooner, while later jobs may still use the slow one.
+    sooner, while later jobs may still use the slow one. A worker that has not finished a batch yet
+    is estimated at zero cost (optimism), so every worker gets measured once instead of borrowing
+    rates that could hide that it is faster.
     """
 
     name = "ect"
@@ -201,7 +207,9 @@ class EctPolicy(DispatchPolicy):
             job = queue[i]
             best, best_key = None, None
             for w in workers:
-                t = free_at[w.id] + self.service.estimate(w.id, w.kind, job.prompt_units, job.expected_output)
+                cost = (self.service.estimate(w.id, w.kind, job.prompt_units, job.expected_output)
+                        if self.service.known(w.id) else 0.0)
+                t = free_at[w.id] + cost
                 startable = w.idle_since is not None and w.id not in claimed
                 key = (t, not startable, w.id)  # ties go to a worker that can start now
                 if best_key is None or key < best_key:
@@ -211,7 +219,8 @@ class EctPolicy(DispatchPolicy):
             if not best_key[1]:
                 batch = fill_batch(queue, i, best.max_batch, taken)
                 claimed.add(best.id)
-                free_at[best.id] = now + self.service.estimate_batch(best.id, best.kind, batch)
+                free_at[best.id] = now + (self.service.estimate_batch(best.id, best.kind, batch)
+                                          if self.service.known(best.id) else 0.0)
                 out.append((best, batch))
             else:
                 free_at[best.id] = best_key[0]  # reserve: the job will wait for this worker

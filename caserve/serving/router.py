@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import json
 import logging
 import math
 import time
@@ -46,14 +47,18 @@ class WorkerSession:
     busy_since: Optional[float] = None
     batch_estimate_s: float = 0.0
     last_seen: float = field(default_factory=time.monotonic)
+    registered_at: float = field(default_factory=time.monotonic)
     channel_open: bool = False
     alive: bool = True
+    batches_done: int = 0
+    last_batch: dict[str, Any] = field(default_factory=dict)  # the worker's own report of its last batch
 
     def describe(self) -> dict[str, Any]:
         return {
             "id": self.id, "kind": self.kind, "task": self.task, "max_batch": self.max_batch,
             "busy": self.idle_since is None, "channel_open": self.channel_open,
-            "running": [j.id for j in self.jobs.values()],
+            "running": [j.id for j in self.jobs.values()], "registered_at": self.registered_at,
+            "batches_done": self.batches_done, "last_batch": self.last_batch,
         }
 
 
@@ -212,7 +217,8 @@ class Router:
                 self._finish(job, JobState.FAILED, error_type(str(event.get("message", "worker error"))))
 
     async def reap_forever(self, period_s: float = 1.0) -> None:
-        """Drop workers whose heartbeats stopped (a channel that closes is noticed at once, not here)."""
+        """Drop workers whose heartbeats stopped (a channel that closes is noticed at once, not here),
+        and re-run the policy, whose estimates change with time even when no event arrives."""
         while True:
             await asyncio.sleep(period_s)
             now = time.monotonic()
@@ -220,6 +226,7 @@ class Router:
                 for ws in list(state.workers.values()):
                     if now - ws.last_seen > self.heartbeat_timeout_s:
                         self.worker_lost(ws, f"no heartbeat for {now - ws.last_seen:.1f}s")
+                self._schedule(state)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -279,6 +286,9 @@ class Router:
         if observed > 0:
             self.metrics.tokens_per_second.labels(ws.id, ws.kind).set(generated / observed)
         self._account_busy(ws, now)
+        ws.batches_done += 1
+        ws.last_batch = {"steps": steps, "generated_tokens": generated, "jobs": len(ws.batch),
+                         "prefill_s": prefill_s, "decode_s": decode_s, "observed_s": observed}
         for dispatch_id in [d for d, j in ws.jobs.items() if j in ws.batch]:
             job = ws.jobs.pop(dispatch_id)  # the worker ended the batch without answering this job
             if job.state is JobState.RUNNING:
@@ -303,9 +313,9 @@ class Router:
                 self.metrics.ttft.labels(job.model).observe(t["ttft_s"])
         logger.info(
             "request %s model=%s outcome=%s worker=%s kind=%s attempts=%d queue_delay_s=%s ttft_s=%s "
-            "jct_s=%s prompt_tokens=%d completion_tokens=%d",
+            "jct_s=%s prompt_tokens=%d completion_tokens=%d timings=%s",
             job.id, job.model, outcome, job.worker_id, job.worker_kind, job.attempts, t["queue_delay_s"],
-            t["ttft_s"], t["jct_s"], job.prompt_tokens, job.completion_tokens)
+            t["ttft_s"], t["jct_s"], job.prompt_tokens, job.completion_tokens, json.dumps(t))
 
     def _session_of(self, job: Job) -> Optional[WorkerSession]:
         state = self.models.get(job.model)

@@ -31,7 +31,7 @@ def split_prompt(p: Prompt, param: str) -> list[Union[str, list[int]]]:
     return list(p)  # type: ignore[arg-type]
 
 
-class _Request(BaseModel):
+class ModelRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are ignored, like OpenAI does
     model: str = Field(min_length=1)
     user: Optional[str] = None
@@ -41,7 +41,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(_Request):
+class SamplingRequest(ModelRequest):
     max_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -85,7 +85,7 @@ class _Sampling(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: Prompt
 
     def prompts(self) -> list[Union[str, list[int]]]:
@@ -109,7 +109,7 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
 
@@ -120,7 +120,7 @@ class ChatCompletionRequest(_Sampling):
         return params
 
 
-class EmbeddingRequest(_Request):
+class EmbeddingRequest(ModelRequest):
     input: Prompt
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Optional[int] = Field(default=None, ge=1)
@@ -129,7 +129,7 @@ class EmbeddingRequest(_Request):
         return split_prompt(self.input, "input")
 
 
-class ClassificationRequest(_Request):
+class ClassificationRequest(ModelRequest):
     """caserve extension: ``POST /v1/classifications`` with ``input`` text(s)."""
 
     input: Union[str, list[str]]

@@ -28,6 +28,7 @@ from caserve.serving.engine import Engine
 logger = logging.getLogger(__name__)
 
 KINDS = ("native", "assisted", "cpu")
+PROBE_EVERY = 2  # heartbeats between device probes of an idle worker
 
 
 class RouterLost(Exception):
@@ -73,6 +74,15 @@ def open_device(kind: str, gpu_server: Optional[str], token: Optional[str]) -> U
     return connect(gpu_server, token=token)
 
 
+def probe_device(device: Union[str, torch.device, None]) -> None:
+    """One round trip to a remote device's GPU server (raises ConnectionLost when it is gone); local
+    devices need no probe."""
+    if isinstance(device, torch.device) and device.type == "caserve":
+        from caserve.remote import server_stats
+
+        server_stats(device)
+
+
 def device_lost_errors() -> tuple[type[BaseException], ...]:
     try:
         from caserve.remote.errors import ConnectionLost
@@ -85,6 +95,7 @@ class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.engine: Optional[Engine] = None
+        self.device: Union[str, torch.device, None] = None
 
     async def run_forever(self) -> None:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per event POST otherwise
@@ -110,11 +121,11 @@ class Worker:
                 logger.warning("worker %s: cannot open device/model (%s: %s); retrying in %.1fs",
                                self.config.worker_id, type(exc).__name__, exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, 5.0)
 
     def _load(self) -> Engine:
         c = self.config
-        device = open_device(c.kind, c.gpu_server, c.token)
+        device = self.device = open_device(c.kind, c.gpu_server, c.token)
         lm = load_model(c.model, device=device, shrink=c.shrink, task=c.task)  # type: ignore[arg-type]
         logger.info("worker %s: loaded %s (%s) on %s", c.worker_id, lm.label, lm.task, device)
         return Engine(lm, step_delay_s=c.step_delay_s)
@@ -163,12 +174,16 @@ class _Session:
                 tg.create_task(self._read_channel())
                 tg.create_task(self._heartbeat())
                 tg.create_task(self._send_events())
-        except* DeviceLost:
-            raise DeviceLost() from None
-        except* RouterLost as group:
-            raise group.exceptions[0] from None
-        except* httpx.HTTPError as group:
-            raise group.exceptions[0] from None
+        except ExceptionGroup as group:
+            # Several tasks may fail together (leaving the router closes the channel): the device
+            # matters most, then the router; anything else is a bug and propagates.
+            if self.device_lost or group.subgroup(DeviceLost) is not None:
+                raise DeviceLost() from None
+            for kind in (RouterLost, httpx.HTTPError):
+                sub = group.subgroup(kind)
+                if sub is not None:
+                    raise sub.exceptions[0] from None
+            raise
         finally:
             await self._stop_batch()
 
@@ -187,7 +202,10 @@ class _Session:
             async for line in resp.aiter_lines():
                 if not line:
                     continue
-                message = json.loads(line)
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    raise RouterLost(f"unreadable channel line {line[:80]!r}") from None
                 if message["type"] == "run":
                     if self.batch is not None and not self.batch.done():
                         logger.error("router sent a batch while one is running; ignoring it")
@@ -198,12 +216,25 @@ class _Session:
         raise RouterLost("channel closed")
 
     async def _heartbeat(self) -> None:
+        beats = 0
         while True:
             await asyncio.sleep(1.0)
+            beats += 1
+            if beats % PROBE_EVERY == 0 and (self.batch is None or self.batch.done()):
+                await self._probe_device()
             resp = await self.client.post(f"{self.base}/heartbeat", json={"session": self.session})
             if resp.status_code == 404:
                 raise RouterLost("session unknown")
             resp.raise_for_status()
+
+    async def _probe_device(self) -> None:
+        """An idle assisted worker notices a dead GPU server without waiting for a request."""
+        try:
+            await asyncio.to_thread(probe_device, self.worker.device)
+        except device_lost_errors() as exc:
+            logger.warning("worker %s: GPU server unreachable: %s", self.worker.config.worker_id, exc)
+            self.device_lost = True
+            self.outbox.put_nowait(None)
 
     async def _send_events(self) -> None:
         while True:
@@ -236,6 +267,7 @@ class _Session:
             stats = await asyncio.to_thread(engine.run, rows, emit, is_cancelled)
         except device_lost_errors() as exc:
             logger.warning("worker %s: lost the GPU server mid-batch: %s", self.worker.config.worker_id, exc)
+            self.device_lost = True
             self.outbox.put_nowait(None)  # flush what was generated, then leave: the router requeues
             return
         except Exception as exc:  # a bug or an op the device refused: fail these rows, keep serving

@@ -1,0 +1,189 @@
+"""Dispatch policies, the service-time model, the router's requeue bookkeeping, sampling and text
+deltas: in-process and fast (no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from caserve.models import byte_level_tokenizer
+from caserve.serving.errors import ModelNotFound, QueueFull
+from caserve.serving.jobs import TASK_EMBED, TASK_GENERATE, Job, JobState
+from caserve.serving.policies import EctPolicy, FcfsPolicy, ServiceModel, make_policy
+from caserve.serving.router import Router
+from caserve.serving.sampling import TextTracker, make_generator, sample_token
+
+
+@dataclass
+class W:
+    id: str
+    kind: str = "cpu"
+    max_batch: int = 1
+    idle_since: Optional[float] = 0.0
+    busy_since: Optional[float] = None
+    batch_estimate_s: float = 0.0
+
+
+def job(units: int = 10, max_tokens: int = 10, task: str = TASK_GENERATE) -> Job:
+    return Job("m", task, {"prompt": "x" * units, "params": {}}, prompt_units=units, max_tokens=max_tokens)
+
+
+def test_factory_builds_both_policies_and_refuses_others() -> None:
+    assert isinstance(make_policy("fcfs"), FcfsPolicy)
+    assert isinstance(make_policy("ect"), EctPolicy)
+    with pytest.raises(ValueError):
+        make_policy("random")
+
+
+def test_fcfs_longest_idle_worker_takes_the_head_with_a_batch() -> None:
+    q = [job(), job(), job()]
+    a, b = W("a", max_batch=2, idle_since=5.0), W("b", max_batch=2, idle_since=3.0)
+    out = make_policy("fcfs").assign(q, [a, b], now=10.0)
+    assert [(w.id, batch) for w, batch in out] == [("b", [q[0], q[1]]), ("a", [q[2]])]
+
+
+def test_fcfs_skips_busy_workers_and_batches_only_compatible_jobs() -> None:
+    q = [job(), job(task=TASK_EMBED), job()]
+    busy = W("busy", max_batch=4, idle_since=None, busy_since=1.0)
+    idle = W("idle", max_batch=4)
+    out = make_policy("fcfs").assign(q, [busy, idle], now=2.0)
+    assert [(w.id, batch) for w, batch in out] == [("idle", [q[0], q[2]])]
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_jobs=st.integers(0, 12), caps=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+       idle=st.lists(st.booleans(), min_size=4, max_size=4))
+def test_fcfs_serves_exactly_the_oldest_jobs_that_fit(n_jobs: int, caps: list[int], idle: list[bool]) -> None:
+    q = [job() for _ in range(n_jobs)]
+    workers = [W(f"w{i}", max_batch=c, idle_since=float(i) if idle[i] else None) for i, c in enumerate(caps)]
+    out = make_policy("fcfs").assign(q, workers, now=10.0)
+    assigned = [j for _, batch in out for j in batch]
+    capacity = sum(w.max_batch for w in workers if w.idle_since is not None)
+    assert len(assigned) == len(set(map(id, assigned))) == min(n_jobs, capacity)
+    assert set(map(id, assigned)) == set(map(id, q[: len(assigned)]))
+    assert all(w.idle_since is not None and len(b) <= w.max_batch for w, b in out)
+    assert len({w.id for w, _ in out}) == len(out)
+
+
+def trained(fast_step: float, slow_step: float) -> ServiceModel:
+    svc = ServiceModel()
+    svc.observe("fast", "native", prompt_units=10, steps=100, prefill_s=0.01, decode_s=100 * fast_step, observed_s=100 * fast_step + 0.01)
+    svc.observe("slow", "assisted", prompt_units=10, steps=100, prefill_s=0.01, decode_s=100 * slow_step, observed_s=100 * slow_step + 0.01)
+    return svc
+
+
+def test_service_model_learns_linear_rates_and_lends_them_to_new_workers() -> None:
+    svc = trained(0.001, 0.01)
+    assert svc.estimate("fast", "native", 10, 100) == pytest.approx(0.11, rel=1e-6)
+    assert svc.estimate("slow", "assisted", 10, 200) == pytest.approx(2.01, rel=1e-6)
+    assert svc.estimate("new", "assisted", 10, 100) == svc.estimate("slow", "assisted", 10, 100)
+    assert ServiceModel().estimate("anyone", "cpu", 100, 100) == 0.0  # unknown: looks fast, gets tried
+
+
+def test_ect_waits_for_the_fast_worker_when_it_finishes_sooner() -> None:
+    svc = trained(fast_step=0.001, slow_step=0.05)
+    fast = W("fast", "native", idle_since=None, busy_since=9.9, batch_estimate_s=0.2)  # free at 10.1
+    slow = W("slow", "assisted")
+    q = [job(max_tokens=100)]
+    assert EctPolicy(svc).assign(q, [fast, slow], now=10.0) == []  # 10.1 + 0.11 < 10 + 5.01
+    assert [(w.id, b) for w, b in FcfsPolicy(svc).assign(q, [fast, slow], now=10.0)] == [("slow", q)]
+
+
+def test_ect_later_jobs_take_the_slow_worker_once_the_fast_one_is_reserved() -> None:
+    svc = trained(fast_step=0.01, slow_step=0.02)
+    fast = W("fast", "native", idle_since=None, busy_since=9.9, batch_estimate_s=0.2)
+    slow = W("slow", "assisted")
+    q = [job(max_tokens=100) for _ in range(3)]
+    out = EctPolicy(svc).assign(q, [fast, slow], now=10.0)
+    # job 0: fast at 10.1 + 1.01 beats slow at 10 + 2.01 -> waits; job 1: fast would be 12.13, slow 12.01
+    assert [(w.id, b) for w, b in out] == [("slow", [q[1]])]
+
+
+def test_ect_tries_an_unmeasured_worker_before_waiting_for_a_measured_one() -> None:
+    svc = trained(fast_step=0.001, slow_step=0.05)
+    fast = W("fast", "native")  # idle and known fast
+    new = W("new", "assisted")  # never measured: it would borrow slow's rates, but ECT explores it
+    assert svc.estimate("new", "assisted", 10, 100) > svc.estimate("fast", "native", 10, 100)
+    out = EctPolicy(svc).assign([job(max_tokens=100)], [fast, new], now=1.0)
+    assert [w.id for w, _ in out] == ["new"]
+
+
+def test_ect_uses_idle_workers_when_nothing_is_known() -> None:
+    q = [job(), job()]
+    out = EctPolicy(ServiceModel()).assign(q, [W("a", idle_since=None, busy_since=0.0), W("b"), W("c")], now=1.0)
+    assert sorted(w.id for w, _ in out) == ["b", "c"]
+
+
+def test_router_requeues_a_lost_workers_job_and_ignores_its_late_events() -> None:
+    async def scenario() -> None:
+        router = Router(policy="fcfs", max_queue=2)
+        with pytest.raises(ModelNotFound):
+            router.submit([job()])
+        a = router.register(worker_id="a", kind="cpu", model="m", task="causal-lm", max_batch=1, max_context=64)
+        router.channel_opened(a)
+        j = job()
+        router.submit([j])
+        assert j.state is JobState.RUNNING and j.worker_id == "a"
+        first = j.dispatch_id
+        router.handle_events(a, [{"type": "tokens", "dispatch": first, "ids": [1, 2], "text": "ab"}])
+        b = router.register(worker_id="b", kind="cpu", model="m", task="causal-lm", max_batch=1, max_context=64)
+        router.channel_opened(b)
+        router.worker_lost(a, "killed")
+        assert j.state is JobState.RUNNING and j.worker_id == "b" and j.attempts == 2
+        run = b.outbox.get_nowait()
+        assert run["type"] == "run" and run["rows"][0]["prefix_ids"] == [1, 2]  # continue, do not restart
+        router.handle_events(a, [{"type": "tokens", "dispatch": first, "ids": [9], "text": "z"}])  # stale
+        router.handle_events(b, [{"type": "tokens", "dispatch": j.dispatch_id, "ids": [3], "text": "c"},
+                                 {"type": "done", "dispatch": j.dispatch_id, "finish_reason": "length",
+                                  "prompt_tokens": 1},
+                                 {"type": "done", "dispatch": j.dispatch_id, "finish_reason": "stop"}])
+        assert j.state is JobState.DONE and j.text == "abc" and j.completion_tokens == 3
+        assert j.finish_reason == "length"
+        events = []
+        while not j.events.empty():
+            events.append(j.events.get_nowait())
+        assert events == [("delta", "ab"), ("delta", "c"), ("done", None)]  # answered exactly once
+
+    asyncio.run(scenario())
+
+
+def test_router_admission_control_refuses_beyond_max_queue() -> None:
+    async def scenario() -> None:
+        router = Router(max_queue=2)
+        router.register(worker_id="a", kind="cpu", model="m", task="causal-lm", max_batch=1, max_context=64)
+        router.submit([job(), job()])  # no open channel yet: both wait
+        with pytest.raises(QueueFull) as info:
+            router.submit([job()])
+        assert info.value.status == 429 and int(info.value.headers()["Retry-After"]) >= 1
+
+    asyncio.run(scenario())
+
+
+def test_text_tracker_holds_back_possible_stop_strings() -> None:
+    tok = byte_level_tokenizer()
+    t = TextTracker(tok, ["XY"])
+    out = [t.add(i) for i in tok("abXYcd")["input_ids"]]
+    assert "".join(out) == "ab" and t.stopped
+    t = TextTracker(tok, [])
+    ids = tok("é!")["input_ids"]  # é is two byte tokens: nothing is emitted for its first half
+    assert [t.add(i) for i in ids] == ["", "é", "!"]
+    t = TextTracker(tok, [], prefix_ids=tok("hi")["input_ids"])
+    assert t.add(tok("!")["input_ids"][0]) == "!" and t.flush() == ""
+    # a requeued row: the earlier attempt delivered "ab" and held "X" back (it could start "XY")
+    t = TextTracker(tok, ["XY"], prefix_ids=tok("abX")["input_ids"], prefix_chars_sent=2)
+    assert t.add(tok("c")["input_ids"][0]) == "X" and t.flush() == "c"
+
+
+def test_sampling_greedy_top_p_and_seed() -> None:
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.9])
+    assert sample_token(logits, 0.0, 1.0, make_generator(None)) == 1
+    assert {sample_token(logits, 1.0, 0.01, make_generator(s)) for s in range(20)} == {1}
+    draws = [sample_token(logits, 1.0, 1.0, make_generator(5)) for _ in range(3)]
+    assert len(set(draws)) == 1
+    assert len({sample_token(logits, 2.0, 1.0, make_generator(s)) for s in range(50)}) > 2
