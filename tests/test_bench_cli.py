@@ -41,7 +41,7 @@ def test_compare_then_sim(tmp_path):
     sim = json.loads((tmp_path / "sim" / "sim.json").read_text())
     jct = [row["mean_jct_s"] for row in sim["projection"]["rows"]]
     assert jct[0] > jct[1] >= jct[2] * 0.999
-    assert len(sim["validation"]) == 3 and all(v["relative_error"] < 0.15 for v in sim["validation"])
+    assert len(sim["validation"]) == 3 and all(v["replay_relative_error"] < 0.15 for v in sim["validation"]), sim["validation"]
     assert (tmp_path / "sim" / "sim_jct.png").stat().st_size > 0
 
     trace = SHARED_DATASETS / "azure_llm_trace_2023_conv.csv"
