@@ -2,7 +2,7 @@
 
 The measured side is real model work: the FIFO reference server (caserve.bench.refserver) in its own
 process, serving caserve/tiny-gpt2 (random weights) with real greedy decoding in one worker thread,
-under open-loop Poisson load at about 70% of its (sequentially calibrated) capacity. The simulator gets
+under open-loop Poisson load at about 90% of its (sequentially calibrated) capacity. The simulator gets
 the run's arrival times and measured service times and replays the FIFO.
 
 The assertion is on the trace-driven simulation (each request keeps its measured service time), which checks
@@ -26,7 +26,7 @@ def test_sim_matches_real_fifo_run():
     wl = WorkloadSpec(dataset="synthetic", num_requests=120, output_len=24, seed=0)
     with launched_server(REF_CMD, model="caserve/tiny-gpt2", cfg=cfg, startup_timeout_s=120) as url:
         warm_up(url, wl, n=3)
-        rate = calibrate(url, wl, "completions", n=5, load=0.7, native=1)
+        rate = calibrate(url, wl, "completions", n=5, load=0.9, native=1)
         doc = bench_serve(url, replace(wl, rate=rate), progress=False,
                           extra_meta={"workers": {"native": 1, "assisted": 0}})
     m = doc["metrics"]
