@@ -165,7 +165,7 @@ def markdown(result: dict[str, Any]) -> str:
     spec = result["spec"]
     hw = next((r["hardware"] for c in result["cells"] for r in c.get("rows", [])), "unknown")
     lines = [
-        f"# caserve bench matrix\n",
+        "# caserve bench matrix\n",
         f"hardware: {hw}; native={spec['native']} vs native={spec['native']} + assisted={spec['assisted']}; "
         f"{spec['num_requests']} requests per cell at load {spec['load']}; elapsed {result['elapsed_s']:.0f}s. "
         "Means are over successful requests; where any request failed the two configurations served different "
