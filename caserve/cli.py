@@ -213,6 +213,7 @@ def bench_compare_cmd(
     warmup: int = typer.Option(2, help="Unmeasured warm-up requests per configuration."),
     server_args: str = typer.Option("", help="Extra arguments for every server, e.g. '--max-batch 1 --policy ect'."),
     shrink: bool = typer.Option(False, help="Zoo models: the shrunk architecture (random weights)."),
+    load: Optional[float] = typer.Option(None, help="Set the rate to LOAD x native-only capacity (calibrated)."),
     out_dir: Path = typer.Option(Path("results/compare"), help="Directory for compare.json, .md and plots."),
     progress: bool = typer.Option(True),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -225,7 +226,7 @@ def bench_compare_cmd(
     wl = _workload(dataset, dataset_path, num_requests, arrivals, rate, cv, trace, time_scale, output_len, max_prompt_words, seed)
     res = compare(model, wl, native=native, assisted=_csv_ints(assisted), server_cmd=_server_cmd(server, server_cmd),
                   out_dir=out_dir, endpoint=endpoint, slos=parse_slos(goodput), warmup=warmup, progress=progress,
-                  server_args=server_args, shrink=shrink)
+                  server_args=server_args, shrink=shrink, load=load)
     typer.echo(markdown_table(res["rows"]))
     typer.echo(f"wrote {out_dir}/compare.json, compare.md, jct_cdf.png, queue_delay.png")
 

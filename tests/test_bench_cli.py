@@ -19,14 +19,16 @@ SLEEP_CMD = ("{python} -m caserve.bench.refserver --model {model} --port {port} 
 def test_compare_then_sim(tmp_path):
     out = tmp_path / "cmp"
     r = runner.invoke(app, ["bench", "compare", "--model", "sleep", "--server-cmd", SLEEP_CMD, "--assisted", "1,3",
-                            "-n", "30", "--rate", "40", "--output-len", "1", "--out-dir", str(out), "--no-progress"])
+                            "-n", "30", "--load", "1.6", "--output-len", "1", "--out-dir", str(out), "--no-progress"])
     assert r.exit_code == 0, r.output
     doc = json.loads((out / "compare.json").read_text())
     rows = doc["rows"]
     assert [row["workers"] for row in rows] == [{"native": 1, "assisted": 0}, {"native": 1, "assisted": 1},
                                                 {"native": 1, "assisted": 3}]
     assert all(row["completed"] == 30 and row["jct_source"] == "server" for row in rows)
-    # 25 req/s of capacity against 40 req/s: the native-only queue grows; assisted workers drain it
+    # ~25 req/s of native capacity (40 ms per request), calibrated, times 1.6: the native-only queue grows;
+    # assisted workers drain it
+    assert doc["load"] == 1.6 and 25 < doc["workload"]["rate"] < 42
     assert rows[0]["mean_queue_delay_s"] > 0.1
     assert rows[1]["jct_reduction_pct"] > 30 and rows[2]["queue_delay_reduction_pct"] > 80
     for f in ("compare.md", "jct_cdf.png", "queue_delay.png"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from caserve.bench.compare import REF_CMD, Config, launched_server, warm_up
-from caserve.bench.matrix import calibrate
+from caserve.bench.compare import calibrate
 from caserve.bench.run import WorkloadSpec, bench_serve
 from caserve.bench.sim import validate_against
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -140,6 +140,17 @@ def warm_up(url: str, workload: WorkloadSpec, *, n: int = 2, endpoint: str = "au
             logger.warning("warm-up: %d/%d requests failed: %s", len(failed), workers, failed[0])
 
 
+def calibrate(url: str, wl: WorkloadSpec, endpoint: str, *, n: int, load: float, native: int) -> float:
+    """Arrival rate (req/s) giving ``load`` x the native-only capacity, from ``n`` sequential requests
+    (the first one discarded as warm-up)."""
+    reqs, _ = replace(wl, num_requests=n + 1, rate=float("inf"), seed=wl.seed + 1000).build()
+    recs, _ = run_load_sync(reqs, np.zeros(len(reqs)), LoadGenConfig(url=url, endpoint=endpoint, progress=False, max_concurrency=1))
+    lat = [r.server.service if r.server is not None else r.latency for r in recs[1:] if r.success]
+    if not lat:
+        raise CompareError(f"calibration of {wl.dataset} at {url} failed: {recs[-1].error}")
+    return load * native / max(float(np.mean(lat)), 1e-4)
+
+
 def compare(
     model: str,
     workload: WorkloadSpec,
@@ -155,8 +166,12 @@ def compare(
     startup_timeout_s: float = 300.0,
     server_args: str = "",
     shrink: bool = False,
+    load: Optional[float] = None,
 ) -> dict[str, Any]:
-    """Run every configuration and return the comparison document (also written to ``out_dir``)."""
+    """Run every configuration and return the comparison document (also written to ``out_dir``).
+
+    With ``load``, the workload's rate is replaced by ``load`` x the native-only capacity, calibrated on the
+    native-only server (first configuration) and then used unchanged for every configuration."""
     configs = [Config(native, 0)] + [Config(native, k) for k in assisted if k > 0]
     runs: list[dict[str, Any]] = []
     for cfg in configs:
@@ -165,6 +180,9 @@ def compare(
         with launched_server(server_cmd, model=model, cfg=cfg, startup_timeout_s=startup_timeout_s, log_path=log_path,
                              extra=extra) as url:
             warm_up(url, workload, n=warmup, endpoint=endpoint, workers=cfg.native + cfg.assisted)
+            if load is not None and not runs:
+                workload = replace(workload, rate=calibrate(url, workload, endpoint, n=5, load=load, native=cfg.native))
+                logger.info("calibrated rate: %.3f req/s (%.2fx native-only capacity)", workload.rate, load)
             doc = bench_serve(url, workload, model=None, endpoint=endpoint, slos=slos, label=cfg.label,
                               progress=progress,
                               extra_meta={"workers": {"native": cfg.native, "assisted": cfg.assisted},
@@ -172,7 +190,8 @@ def compare(
         if doc["meta"]["random_weights"] == "unknown":
             doc["meta"]["random_weights"] = weights_are_random(model, shrink=shrink)
         runs.append(doc)
-    result = {"schema": "caserve-compare/1", "model": model, "workload": asdict(workload), "rows": table_rows(runs), "runs": runs}
+    result = {"schema": "caserve-compare/1", "model": model, "workload": asdict(workload), "load": load,
+              "rows": table_rows(runs), "runs": runs}
     if out_dir:
         write_outputs(result, Path(out_dir))
     return result

@@ -27,8 +27,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from caserve.bench import plots
-from caserve.bench.compare import SERVE_CMD, Config, launched_server, markdown_table, table_rows, warm_up
-from caserve.bench.loadgen import LoadGenConfig, run_load_sync
+from caserve.bench.compare import SERVE_CMD, Config, calibrate, launched_server, markdown_table, table_rows, warm_up
 from caserve.bench.run import WorkloadSpec, bench_serve, save_result
 from caserve.bench.zoo import model_task, weights_are_random
 
@@ -72,17 +71,6 @@ def cell_plan(model: str, dataset: str, spec: MatrixSpec) -> tuple[str, Workload
     wl = WorkloadSpec(dataset=dataset, num_requests=spec.num_requests, process="poisson", rate=1.0,
                       output_len=out_len, max_prompt_words=spec.max_prompt_words, seed=spec.seed)
     return endpoint, wl
-
-
-def calibrate(url: str, wl: WorkloadSpec, endpoint: str, *, n: int, load: float, native: int) -> float:
-    """Arrival rate (req/s) giving ``load`` x the native-only capacity, from ``n`` sequential requests
-    (the first one discarded as warm-up)."""
-    reqs, _ = replace(wl, num_requests=n + 1, rate=float("inf"), seed=wl.seed + 1000).build()
-    recs, _ = run_load_sync(reqs, np.zeros(len(reqs)), LoadGenConfig(url=url, endpoint=endpoint, progress=False, max_concurrency=1))
-    lat = [r.server.service if r.server is not None else r.latency for r in recs[1:] if r.success]
-    if not lat:
-        raise MatrixError(f"calibration of {wl.dataset} at {url} failed: {recs[-1].error}")
-    return load * native / max(float(np.mean(lat)), 1e-4)
 
 
 def run_matrix(spec: MatrixSpec, out_dir: Path, *, progress: bool = False) -> dict[str, Any]:
