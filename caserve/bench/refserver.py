@@ -150,6 +150,7 @@ class FifoPool:
             def emit(text: str) -> None:
                 tm.setdefault("first_token", time.time())
                 job.loop.call_soon_threadsafe(job.out.put_nowait, ("tok", text))
+                time.sleep(0)  # yield the GIL so the event loop streams this token now, not after decoding
 
             try:
                 if job.kind == "embed":
