@@ -81,3 +81,29 @@ def test_matrix_small(tmp_path):
     md = (out / "matrix.md").read_text()
     assert "| gpt2 | wikitext2 | random |" in md
     assert (out / "matrix_jct_reduction.png").stat().st_size > 0
+
+
+def test_bench_serve_against_caserve_serve(tmp_path):
+    """The load generator parses caserve serve's own stream format and per-request timings."""
+    from caserve.bench.compare import SERVE_CMD, Config, launched_server
+
+    with launched_server(SERVE_CMD, model="caserve/tiny-gpt2", cfg=Config(1, 0), extra="--max-batch 1",
+                         startup_timeout_s=120) as url:
+        r = runner.invoke(app, ["bench", "serve", "--url", url, "-n", "4", "--rate", "inf", "--output-len", "6",
+                                "--out", str(tmp_path / "c.json"), "--no-progress"])
+        e = runner.invoke(app, ["bench", "serve", "--url", url, "-n", "2", "--rate", "inf", "--dataset", "sst2",
+                                "--endpoint", "embeddings", "--out", str(tmp_path / "e.json"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "c.json").read_text())
+    m = doc["metrics"]
+    from caserve.bench.run import WorkloadSpec
+
+    asked = [q.output_len for q in WorkloadSpec(**doc["meta"]["workload"]).build()[0]]
+    assert m["completed"] == 4 and m["server_timings"] == 4
+    assert m["total_output_tokens"] == sum(asked)  # usage.completion_tokens, with ignore_eos
+    assert set(m["service_ms_by_kind"]) == {"native"} and m["jct_ms"]["mean"] >= m["queue_delay_ms"]["mean"]
+    assert all(q["itl"] and q["ttft"] > 0 for q in doc["requests"]) and doc["meta"]["model"] == "caserve/tiny-gpt2"
+    # embeddings from a causal LM: caserve serve refuses with 400; the generator records the failures
+    edoc = json.loads((tmp_path / "e.json").read_text())
+    assert e.exit_code == 0 and edoc["metrics"]["failed"] == 2
+    assert all("HTTP 400" in q["error"] for q in edoc["requests"])
