@@ -24,15 +24,17 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+# Benchmark name -> caserve.models name. Weights are random unless the model is found locally.
 MODELS = {
-    "tiny-gpt2": dict(n_layer=4, n_embd=64, n_head=4, vocab_size=512, n_positions=1024),
-    "gpt2-124m": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
+    "tiny-gpt2": "caserve/tiny-gpt2",  # 4 layers, 64 wide
+    "gpt2-124m": "gpt2",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
 }
 
 
 @dataclass
 class Result:
-    model: str
+    model: str  # says "(random weights)" unless real weights were found locally
     mode: str  # eager (dynamic KV cache) or graph (graph mode, static KV cache; native uses it too)
     new_tokens: int
     native_ms_per_token: float
@@ -74,23 +76,19 @@ MODES = {"eager": "dynamic", "graph": "static"}  # mode -> KV cache: graph mode 
 def measure(name: str, mode: str, address: str, transport: str, native_device: str, new_tokens: int,
             runs: int) -> Result:
     """Native and remote runs alternate, so that drift on a shared machine hits both alike."""
-    import transformers
-
     import caserve.remote as R
+    from caserve.models import load_model
 
     cache = MODES[mode]
-    config = transformers.GPT2Config(**MODELS[name])
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    ids = torch.randint(0, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
-    native = model.to(native_device)
+    loaded = load_model(MODELS[name], device=native_device)  # the same random weights every load
+    native = loaded.model
+    vocab = native.config.vocab_size
+    ids = torch.randint(0, min(vocab, 256), (1, 8), generator=torch.Generator().manual_seed(0))
     nids = ids.to(native_device)
     native_sync = torch.cuda.synchronize if native_device.startswith("cuda") else (lambda: None)
 
     dev = R.connect(address, transport=transport)
-    remote = transformers.GPT2LMHeadModel(config).eval()
-    remote.load_state_dict(model.state_dict())
-    remote = remote.to(dev)
+    remote = load_model(MODELS[name], device=dev).model
     if mode == "graph":
         R.graph_mode(remote)
     rids = ids.to(dev)
@@ -116,7 +114,7 @@ def measure(name: str, mode: str, address: str, transport: str, native_device: s
     native_cpu = per(statistics.median(c for _, c in native_runs))
     server = per(statistics.median(server_cpu))
     med = {k: per(statistics.median(c[k] for c in counts)) for k in counts[0]}
-    return Result(name, mode, new_tokens, native_ms, remote_ms, remote_ms / native_ms, med["ops"], med["records"],
+    return Result(loaded.label, mode, new_tokens, native_ms, remote_ms, remote_ms / native_ms, med["ops"], med["records"],
                   med["frames"], med["bytes_sent"], med["syncs"], native_cpu, server, server / native_cpu, runs)
 
 

@@ -24,7 +24,7 @@ from caserve.remote import protocol as P
 from caserve.remote.codec import DTYPE_NAMES, DTYPES, MEMORY_FORMAT_NAMES, extent, fresh_returns, written_args
 from caserve.remote.errors import RemoteError
 from caserve.remote.session import FLUSH_BYTES, Session
-from caserve.remote.tensor import LAZY, LIVE, RemoteStorage, RemoteTensor, resize_empty
+from caserve.remote.tensor import _DISPATCH, LAZY, LIVE, RemoteStorage, RemoteTensor, resize_empty
 
 logger = logging.getLogger(__name__)
 
@@ -271,27 +271,25 @@ def _build(n: Any, slots: list[RemoteTensor], fresh: list[RemoteStorage]) -> Any
 
 
 def dispatch(func, args: tuple, kwargs: dict) -> Any:
-    """Entry point from ``RemoteTensor.__torch_dispatch__``."""
+    """Entry point from ``RemoteTensor.__torch_dispatch__``: each op's route is decided once."""
+    route = _ROUTES.get(id(func))  # OpOverloads live as long as torch; id() hashes faster than they do
+    if route is None:
+        route = _ROUTES[id(func)] = _route(func)
+    return route(func, args, kwargs)
+
+
+def _route(func):
     special = SPECIAL.get(func)
     if special is not None:
-        return special(args, kwargs)
-    if _composite(func):
+        return lambda func, args, kwargs: special(args, kwargs)
+    if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
         # Under inference mode, composite ops (aten.to, aten.item, ...) arrive whole; run their
         # decomposition so that only primitive ops are planned and sent.
-        return func.decompose(*args, **kwargs)
-    return run_op(func, args, kwargs)
+        return lambda func, args, kwargs: func.decompose(*args, **kwargs)
+    return run_op
 
 
-_COMPOSITE: dict[Any, bool] = {}
-
-
-def _composite(func) -> bool:
-    known = _COMPOSITE.get(func)
-    if known is None:
-        known = _COMPOSITE[func] = torch._C._dispatch_has_kernel_for_dispatch_key(
-            func.name(), "CompositeImplicitAutograd"
-        )
-    return known
+_ROUTES: dict[Any, Any] = {}
 
 
 def run_op(func, args: tuple, kwargs: dict) -> Any:
@@ -307,7 +305,7 @@ def run_op(func, args: tuple, kwargs: dict) -> Any:
             parts.append(a)
         else:
             parts.append(_sig(a, slots))
-    key = (func, tuple(parts), _sig(tuple(kwargs.items()), slots) if kwargs else None)
+    key = (id(func), tuple(parts), _sig(tuple(kwargs.items()), slots) if kwargs else None)
     session = slots[0]._st.session if slots else _session_of(slots, args, kwargs)
     with session.lock:
         session.stats.ops += 1
@@ -350,12 +348,13 @@ def _execute(session: Session, func, args, kwargs, plan: Plan, slots, handles) -
     value, _ = session.sync(P.Execute(plan.tid, handles, first))
     last = first
 
-    def rebuild(v: Any, write_name: str | None = None) -> Any:
+    def rebuild(v: Any) -> Any:
         nonlocal last
         if isinstance(v, dict) and "$t" in v:
             h, dtype, size, stride, offset = v["$t"]
-            st = RemoteStorage.__new__(RemoteStorage)
-            st.session, st.handle, st.dtype, st.state, st.shared, st.alloc = session, h, DTYPES[dtype], LIVE, False, None
+            if not first <= h < first + 65536:
+                raise RemoteError(f"the server bound output handle {h}, outside the range it was given")
+            st = RemoteStorage.bound(session, h, DTYPES[dtype])
             last = max(last, h)
             return RemoteTensor(st, DTYPES[dtype], tuple(size), tuple(stride), offset)
         if isinstance(v, dict) and "$dtype" in v:
@@ -489,3 +488,4 @@ SPECIAL: dict[Any, Any] = {
     aten._local_scalar_dense.default: _local_scalar_dense,
     aten.is_pinned.default: _is_pinned,
 }
+_DISPATCH[0] = dispatch

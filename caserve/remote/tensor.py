@@ -13,6 +13,7 @@ from caserve.remote.codec import extent
 from caserve.remote.session import Session
 
 LAZY, LIVE = 0, 1
+_DISPATCH: list = [None]  # caserve.remote.dispatch.dispatch, set when that module loads
 EMPTY_ROOM = 1 << 48  # nominal storage bytes of an empty wrapper (it has no data either way)
 
 
@@ -30,6 +31,13 @@ class RemoteStorage:
         self.state = LAZY if alloc is not None else LIVE
         self.alloc = alloc
         self.shared = False  # a read-only weight shared with other tenants (copy-on-write)
+
+    @classmethod
+    def bound(cls, session: Session, handle: int, dtype: torch.dtype) -> "RemoteStorage":
+        """A storage the server already bound to ``handle`` (outputs of a sync ``Execute``)."""
+        st = cls.__new__(cls)
+        st.session, st.handle, st.dtype, st.state, st.shared, st.alloc = session, handle, dtype, LIVE, False, None
+        return st
 
     def __del__(self) -> None:
         if self.state == LIVE:
@@ -60,9 +68,7 @@ class RemoteTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        from caserve.remote.dispatch import dispatch
-
-        return dispatch(func, args, kwargs or {})
+        return _DISPATCH[0](func, args, kwargs or {})
 
     def tolist(self):
         return self.cpu().tolist()
