@@ -48,6 +48,14 @@ def test_fcfs_longest_idle_worker_takes_the_head_with_a_batch() -> None:
     assert [(w.id, batch) for w, batch in out] == [("b", [q[0], q[1]]), ("a", [q[2]])]
 
 
+def test_fcfs_spreads_a_queue_over_idle_workers() -> None:
+    q = [job() for _ in range(6)]
+    out = make_policy("fcfs").assign(q, [W("a", max_batch=8, idle_since=1.0), W("b", max_batch=8, idle_since=2.0),
+                                         W("c", max_batch=1, idle_since=3.0)], now=5.0)
+    assert [(w.id, len(b)) for w, b in out] == [("a", 3), ("b", 2), ("c", 1)]
+    assert [j for _, b in out for j in b] == q
+
+
 def test_fcfs_skips_busy_workers_and_batches_only_compatible_jobs() -> None:
     q = [job(), job(task=TASK_EMBED), job()]
     busy = W("busy", max_batch=4, idle_since=None, busy_since=1.0)
@@ -66,6 +74,9 @@ def test_fcfs_serves_exactly_the_oldest_jobs_that_fit(n_jobs: int, caps: list[in
     assigned = [j for _, batch in out for j in batch]
     capacity = sum(w.max_batch for w in workers if w.idle_since is not None)
     assert len(assigned) == len(set(map(id, assigned))) == min(n_jobs, capacity)
+    for w1, b1 in out:  # spread, not piled on one worker: a batch 2+ longer than another means
+        for w2, b2 in out:  # the other worker is at its max_batch
+            assert len(b1) <= len(b2) + 1 or len(b2) == w2.max_batch
     assert set(map(id, assigned)) == set(map(id, q[: len(assigned)]))
     assert all(w.idle_since is not None and len(b) <= w.max_batch for w, b in out)
     assert len({w.id for w, _ in out}) == len(out)

@@ -36,8 +36,10 @@ def running(c: Cluster) -> list[str]:
     return [j for w in c.workers() for j in w["running"]]
 
 
-def wait_idle(c: Cluster) -> dict:
-    c.wait_for("worker idle", lambda: not running(c) and not c.health()["models"][TINY]["queue"], timeout=60)
+def wait_idle(c: Cluster, batches_before: int = 0) -> dict:
+    """The single worker once it has reported the end of its batch (``busy`` clears only then)."""
+    c.wait_for("worker idle", lambda: not c.health()["models"][TINY]["queue"] and all(
+        not w["busy"] and w["batches_done"] > batches_before for w in c.workers()), timeout=60)
     return c.workers()[0]
 
 
@@ -77,12 +79,14 @@ def test_full_queue_answers_429_with_retry_after(one_slow_worker: Cluster) -> No
 def test_stream_disconnect_cancels_and_frees_the_worker(one_slow_worker: Cluster) -> None:
     c = one_slow_worker
     before = c.metric("caserve_requests_total", outcome="cancelled")
+    batches = c.workers()[0]["batches_done"]
     with httpx.stream("POST", f"{c.url}/v1/completions", timeout=60, json={
             "model": TINY, "prompt": "long", "max_tokens": 800, "stream": True, "ignore_eos": True}) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i >= 6:
                 break  # leaving the block closes the connection mid-stream
-    worker = wait_idle(c)
+    worker = wait_idle(c, batches)
+    assert worker["batches_done"] == batches + 1 and worker["last_batch"]["jobs"] == 1
     assert worker["last_batch"]["generated_tokens"] < 800  # the worker stopped generating early
     assert c.metric("caserve_requests_total", outcome="cancelled") == before + 1
     assert complete(c.url, 3).status_code == 200
@@ -91,10 +95,12 @@ def test_stream_disconnect_cancels_and_frees_the_worker(one_slow_worker: Cluster
 def test_non_stream_disconnect_cancels_and_frees_the_worker(one_slow_worker: Cluster) -> None:
     c = one_slow_worker
     before = c.metric("caserve_requests_total", outcome="cancelled")
+    batches = c.workers()[0]["batches_done"]
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{c.url}/v1/completions", timeout=httpx.Timeout(60, read=1.0), json={
             "model": TINY, "prompt": "long", "max_tokens": 800, "ignore_eos": True})
-    worker = wait_idle(c)
+    worker = wait_idle(c, batches)
+    assert worker["batches_done"] == batches + 1 and worker["last_batch"]["jobs"] == 1
     assert worker["last_batch"]["generated_tokens"] < 800
     assert c.metric("caserve_requests_total", outcome="cancelled") == before + 1
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from transformers import StaticCache
 
 from caserve.models import LoadedModel
 from caserve.serving.jobs import TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, MODEL_TASKS
@@ -27,6 +28,7 @@ from caserve.serving.sampling import TextTracker, make_generator, sample_token
 logger = logging.getLogger(__name__)
 
 Emit = Callable[[dict[str, Any]], None]
+STATIC_CACHE_ROUND = 64  # static cache lengths are rounded up, so few distinct shapes (graphs) occur
 IsCancelled = Callable[[str], bool]
 
 
@@ -66,7 +68,7 @@ class BatchStats:
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel, *, step_delay_s: float = 0.0) -> None:
+    def __init__(self, lm: LoadedModel, *, step_delay_s: float = 0.0, static_cache: bool = False) -> None:
         self.lm = lm
         self.step_delay_s = step_delay_s  # emulates a slower device (tests, benchmarks); 0 in production
         self.model, self.tok = lm.model, lm.tokenizer
@@ -82,6 +84,9 @@ class Engine:
         self._takes_positions = "position_ids" in params
         # transformers >= 5.2x names the KV cache argument ``cache`` (``past_key_values`` before).
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        # A static KV cache makes every decode step of a batch the same shapes and, with a 4-D mask,
+        # free of device syncs inside forward: what a remote device wants (causal LMs only).
+        self.static_cache = static_cache and not self.seq2seq and "cache_position" in params
 
     @property
     def tasks(self) -> set[str]:
@@ -90,9 +95,7 @@ class Engine:
     def run(self, rows: list[dict[str, Any]], emit: Emit, cancelled: IsCancelled) -> BatchStats:
         """Run one batch; every row gets exactly one ``done`` or ``error`` event (unless the device fails)."""
         task = rows[0]["task"]
-        # no_grad, not inference_mode: under inference_mode ``.cpu()`` reaches the remote device as
-        # aten.to.dtype_layout, which the caserve device does not handle (it handles aten._to_copy).
-        with torch.no_grad():
+        with torch.inference_mode():
             if task == TASK_GENERATE:
                 return self._generate(rows, emit, cancelled)
             if task == TASK_EMBED:
@@ -207,25 +210,41 @@ class Engine:
         seqs = [r.prompt_ids + r.text.ids for r in rows]  # text.ids starts with an earlier attempt's tokens
         ids, mask = _left_pad(seqs, self.pad_id)  # [B, T] each
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        kwargs: dict[str, Any] = {"attention_mask": mask.to(self.device), "use_cache": True}
+        kwargs: dict[str, Any] = {"use_cache": True}
+        if self.static_cache:  # mask [B, L]: the whole cache length, future positions masked out
+            width = ids.shape[1]
+            length = -(-(width + max(r.max_new for r in rows)) // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND
+            mask = torch.cat([mask, torch.zeros(len(rows), length - width, dtype=mask.dtype)], dim=1)
+            kwargs["cache_position"] = torch.arange(width).to(self.device)
+            kwargs[self._cache_arg] = StaticCache(config=self.model.config, max_cache_len=length)
+        kwargs["attention_mask"] = mask.to(self.device)
         if self._takes_positions:
             kwargs["position_ids"] = positions.to(self.device)
         out = self.model(input_ids=ids.to(self.device), **kwargs)
-        state = {"past": _cache_of(out), "mask": mask, "pos": positions[:, -1:]}
+        past = kwargs[self._cache_arg] if self.static_cache else _cache_of(out)
+        state = {"past": past, "mask": mask, "pos": positions[:, -1:], "t": ids.shape[1]}
         return out.logits[:, -1, :].float().cpu(), state
 
     def _decode_step(self, last: list[int], state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         if self.seq2seq:
             return self._decode_seq2seq(last, state)
-        batch = len(last)
-        mask = torch.cat([state["mask"], torch.ones(batch, 1, dtype=state["mask"].dtype)], dim=1)  # [B, T+1]
+        batch, t = len(last), state["t"]
+        kwargs: dict[str, Any] = {"use_cache": True, self._cache_arg: state["past"]}
+        if self.static_cache:
+            mask = state["mask"].clone()  # a new tensor: an uploaded one may still be in flight
+            mask[:, t] = 1  # [B, L]
+            kwargs["cache_position"] = torch.tensor([t]).to(self.device)
+        else:
+            mask = torch.cat([state["mask"], torch.ones(batch, 1, dtype=state["mask"].dtype)], dim=1)  # [B, t+1]
         pos = state["pos"] + 1  # [B, 1]
-        kwargs: dict[str, Any] = {"attention_mask": mask.to(self.device), "use_cache": True,
-                                  self._cache_arg: state["past"]}
+        # Static: a 4-D boolean mask [B, 1, 1, L] is used as given; a 2-D one makes transformers read its
+        # values on every step (to skip masking), which is a device sync.
+        kwargs["attention_mask"] = (mask.bool()[:, None, None, :] if self.static_cache else mask).to(self.device)
         if self._takes_positions:
             kwargs["position_ids"] = pos.to(self.device)
         out = self.model(input_ids=torch.tensor(last).view(batch, 1).to(self.device), **kwargs)
-        return out.logits[:, -1, :].float().cpu(), {"past": _cache_of(out), "mask": mask, "pos": pos}
+        past = state["past"] if self.static_cache else _cache_of(out)
+        return out.logits[:, -1, :].float().cpu(), {"past": past, "mask": mask, "pos": pos, "t": t + 1}
 
     def _prefill_seq2seq(self, rows: list[_Row]) -> tuple[torch.Tensor, dict[str, Any]]:
         start = int(self.model.config.decoder_start_token_id or 0)

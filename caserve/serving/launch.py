@@ -97,10 +97,12 @@ def usage_text(url: str, model: str) -> str:
     return (
         f"caserve is serving {model} at {url}\n"
         f"  curl {url}/v1/completions -H 'Content-Type: application/json' \\\n"
-        f"       -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
+        f"       -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 16, \"temperature\": 0}}'\n"
         f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='none'); "
-        f"print(c.completions.create(model='{model}', prompt='Hello').choices[0].text)\"\n"
+        f"print(c.completions.create(model='{model}', prompt='Hello', max_tokens=16, temperature=0).choices[0].text)\"\n"
         f"  health: {url}/health   metrics: {url}/metrics   Ctrl-C stops everything"
+        + ("\n  (caserve/tiny-gpt2 has random weights: its text is noise, its timings are real)"
+           if model == DEFAULT_MODEL else "")
     )
 
 

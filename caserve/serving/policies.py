@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import math
 from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
 
@@ -131,6 +132,20 @@ def fill_batch(queue: Sequence[Job], head: int, max_batch: int, taken: set[int])
     return batch
 
 
+def share_out(n_jobs: int, idle: Sequence[WorkerView]) -> dict[str, int]:
+    """Batch size per idle worker: ``n_jobs`` spread evenly, capped by each worker's ``max_batch``
+    (water-filling, smallest cap first, so that the total is ``min(n_jobs, total capacity)``).
+    ``idle`` is in dispatch order."""
+    sizes: dict[str, int] = {}
+    left = n_jobs
+    order = {w.id: i for i, w in enumerate(idle)}  # among equal caps, the longest idle gets the larger share
+    ordered = sorted(idle, key=lambda w: (w.max_batch, order[w.id]))
+    for i, w in enumerate(ordered):
+        sizes[w.id] = min(w.max_batch, math.ceil(left / (len(ordered) - i))) if left > 0 else 0
+        left -= sizes[w.id]
+    return sizes
+
+
 class DispatchPolicy(abc.ABC):
     """Decides, for one model, which queued jobs start now on which idle workers."""
 
@@ -148,14 +163,18 @@ class FcfsPolicy(DispatchPolicy):
     """First come, first served over one shared FIFO queue (the reference system).
 
     Algorithm: while the queue is not empty and some worker is idle, the worker that has been idle
-    longest takes the job at the head of the queue together with up to ``max_batch - 1`` compatible
-    jobs behind it. Worker speed is ignored: a slow idle worker is always used rather than wait.
+    longest takes the job at the head of the queue together with compatible jobs behind it. Batch
+    sizes share the queue out among the idle workers (water-filling: each gets ``ceil(jobs left /
+    workers left)``, at most its ``max_batch``, smallest ``max_batch`` first), so idle workers are
+    not left waiting while one of them takes a large batch. Worker speed is ignored: a slow idle
+    worker is always used rather than wait.
     """
 
     name = "fcfs"
 
     def assign(self, queue: Sequence[Job], workers: Sequence[WorkerView], now: float) -> list[Assignment]:
         idle = sorted((w for w in workers if w.idle_since is not None), key=lambda w: (w.idle_since, w.id))
+        sizes = share_out(len(queue), idle)
         taken: set[int] = set()
         out: list[Assignment] = []
         head = 0
@@ -164,7 +183,7 @@ class FcfsPolicy(DispatchPolicy):
                 head += 1
             if head >= len(queue):
                 break
-            out.append((worker, fill_batch(queue, head, worker.max_batch, taken)))
+            out.append((worker, fill_batch(queue, head, max(1, sizes[worker.id]), taken)))
         return out
 
 
@@ -175,8 +194,9 @@ class EctPolicy(DispatchPolicy):
     has a *free-at* time, ``now`` when idle, else its batch's dispatch time plus the service model's
     estimate for that batch (never before ``now``). For each job, the expected completion on worker
     ``w`` is ``free_at[w] + estimate(w, prompt length, max_tokens)``; the job picks the minimum.
-    If that worker is idle and still unclaimed in this round, the job is dispatched to it (with up to
-    ``max_batch - 1`` compatible jobs behind it); otherwise the job stays queued and reserves the
+    If that worker is idle and still unclaimed in this round, the job is dispatched to it (with
+    compatible jobs behind it, up to ``max_batch`` and an even share of the queue among the idle
+    workers); otherwise the job stays queued and reserves the
     worker (``free_at[w] += estimate``), so later jobs see it as taken. A job therefore waits for a
     busy fast worker instead of taking an idle slow one when the fast one is expected to finish it
     sooner, while later jobs may still use the slow one. A worker that has not finished a batch yet
@@ -217,7 +237,9 @@ class EctPolicy(DispatchPolicy):
             if best is None or best_key is None:
                 break
             if not best_key[1]:
-                batch = fill_batch(queue, i, best.max_batch, taken)
+                startable = sum(1 for w in workers if w.idle_since is not None and w.id not in claimed)
+                share = math.ceil((min(len(queue), self.window) - len(taken)) / max(1, startable))
+                batch = fill_batch(queue, i, max(1, min(best.max_batch, share)), taken)
                 claimed.add(best.id)
                 free_at[best.id] = now + (self.service.estimate_batch(best.id, best.kind, batch)
                                           if self.service.known(best.id) else 0.0)
