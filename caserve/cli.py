@@ -128,6 +128,168 @@ def worker(
         pass
 
 
+# --- bench and sim: parse, then call into caserve.bench -------------------------------------------------
+def _csv_floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def _csv_ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def _workload(dataset, dataset_path, num_requests, arrivals, rate, cv, trace, time_scale, output_len, max_prompt_words, seed):
+    from caserve.bench.run import WorkloadSpec
+
+    return WorkloadSpec(
+        dataset=dataset, dataset_path=str(dataset_path) if dataset_path else None, num_requests=num_requests,
+        process=arrivals, rate=rate, cv=cv, trace_path=str(trace) if trace else None, time_scale=time_scale,
+        output_len=output_len, max_prompt_words=max_prompt_words, seed=seed,
+    )
+
+
+_DATASET = typer.Option("synthetic", help="synthetic | sharegpt | wikitext2 | sst2 | agnews")
+_DATASET_PATH = typer.Option(None, help="File of the dataset's format (default: ../shared/datasets/...).")
+_NUM = typer.Option(50, "--num-requests", "-n", help="Requests to send.")
+_ARRIVALS = typer.Option("poisson", help="poisson | gamma | azure (trace replay)")
+_RATE = typer.Option(2.0, help="Mean request rate (req/s; inf: all at once). Ignored for azure.")
+_CV = typer.Option(1.0, help="Gamma inter-arrival coefficient of variation (burstiness; 1 = Poisson).")
+_TRACE = typer.Option(None, help="Azure trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens).")
+_TSCALE = typer.Option(1.0, help="Multiply trace offsets by this (0.1 = 10x faster).")
+_OUTLEN = typer.Option(None, help="max_tokens per request (default: dataset's / trace's).")
+_MAXWORDS = typer.Option(None, help="Truncate prompts to this many words.")
+_SEED = typer.Option(0, help="Seed of workload sampling and arrivals.")
+
+
+@bench_app.command("serve")
+def bench_serve_cmd(
+    url: str = typer.Option("http://127.0.0.1:8000", help="Base URL of any OpenAI-compatible server."),
+    model: Optional[str] = typer.Option(None, help="Model name to send (default: the server's first)."),
+    endpoint: str = typer.Option("auto", help="completions | chat | embeddings | auto (by dataset)"),
+    dataset: str = _DATASET, dataset_path: Optional[Path] = _DATASET_PATH, num_requests: int = _NUM,
+    arrivals: str = _ARRIVALS, rate: float = _RATE, cv: float = _CV, trace: Optional[Path] = _TRACE,
+    time_scale: float = _TSCALE, output_len: Optional[int] = _OUTLEN, max_prompt_words: Optional[int] = _MAXWORDS,
+    seed: int = _SEED,
+    goodput: list[str] = typer.Option([], help="SLO for goodput, repeatable: ttft:MS, tpot:MS, e2el:MS."),
+    percentiles: str = typer.Option("50,90,99", help="Percentiles to report."),
+    max_concurrency: Optional[int] = typer.Option(None, help="Cap on requests in flight."),
+    out: Path = typer.Option(Path("results/bench.json"), help="JSON result file."),
+    label: str = typer.Option("", help="Label stored in the result."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Open-loop load against a server; vLLM-style metrics plus caserve queue delay / JCT."""
+    _setup_logging(verbose)
+    from caserve.bench.metrics import parse_slos
+    from caserve.bench.run import bench_serve, format_summary, save_result
+
+    wl = _workload(dataset, dataset_path, num_requests, arrivals, rate, cv, trace, time_scale, output_len, max_prompt_words, seed)
+    doc = bench_serve(url, wl, model=model, endpoint=endpoint, slos=parse_slos(goodput), percentiles=_csv_floats(percentiles),
+                      label=label, max_concurrency=max_concurrency, progress=progress)
+    save_result(doc, out)
+    typer.echo(format_summary(doc))
+
+
+def _server_cmd(server: str, server_cmd: Optional[str]) -> str:
+    from caserve.bench.compare import SERVER_CMDS
+
+    if server_cmd:
+        return server_cmd
+    if server not in SERVER_CMDS:
+        raise typer.BadParameter(f"--server must be one of {', '.join(SERVER_CMDS)}")
+    return SERVER_CMDS[server]
+
+
+@bench_app.command("compare")
+def bench_compare_cmd(
+    model: str = typer.Option("caserve/tiny-gpt2", help="Model every configuration serves."),
+    native: int = typer.Option(1, help="GPU-native workers in every configuration."),
+    assisted: str = typer.Option("1,2", help="Comma-separated K: assisted workers added to native."),
+    server: str = typer.Option("caserve", help="caserve (caserve serve) | ref (FIFO reference server)."),
+    server_cmd: Optional[str] = typer.Option(None, help="Custom command template ({python} {model} {port} {native} {assisted})."),
+    endpoint: str = typer.Option("auto", help="completions | chat | embeddings | auto"),
+    dataset: str = _DATASET, dataset_path: Optional[Path] = _DATASET_PATH, num_requests: int = _NUM,
+    arrivals: str = _ARRIVALS, rate: float = _RATE, cv: float = _CV, trace: Optional[Path] = _TRACE,
+    time_scale: float = _TSCALE, output_len: Optional[int] = _OUTLEN, max_prompt_words: Optional[int] = _MAXWORDS,
+    seed: int = _SEED,
+    goodput: list[str] = typer.Option([], help="SLO for goodput, repeatable: ttft:MS, tpot:MS, e2el:MS."),
+    warmup: int = typer.Option(2, help="Unmeasured warm-up requests per configuration."),
+    server_args: str = typer.Option("", help="Extra arguments for every server, e.g. '--max-batch 1 --policy ect'."),
+    shrink: bool = typer.Option(False, help="Zoo models: the shrunk architecture (random weights)."),
+    load: Optional[float] = typer.Option(None, help="Set the rate to LOAD x native-only capacity (calibrated)."),
+    out_dir: Path = typer.Option(Path("results/compare"), help="Directory for compare.json, .md and plots."),
+    progress: bool = typer.Option(True),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Same arrivals against native-only and native + K assisted workers: table, JSON, plots."""
+    _setup_logging(verbose)
+    from caserve.bench.compare import compare, markdown_table
+    from caserve.bench.metrics import parse_slos
+
+    wl = _workload(dataset, dataset_path, num_requests, arrivals, rate, cv, trace, time_scale, output_len, max_prompt_words, seed)
+    res = compare(model, wl, native=native, assisted=_csv_ints(assisted), server_cmd=_server_cmd(server, server_cmd),
+                  out_dir=out_dir, endpoint=endpoint, slos=parse_slos(goodput), warmup=warmup, progress=progress,
+                  server_args=server_args, shrink=shrink, load=load)
+    typer.echo(markdown_table(res["rows"]))
+    typer.echo(f"wrote {out_dir}/compare.json, compare.md, jct_cdf.png, queue_delay.png")
+
+
+@bench_app.command("matrix")
+def bench_matrix_cmd(
+    models: str = typer.Option("", help="Comma-separated models (default: the 10 LMs of the zoo)."),
+    datasets: str = typer.Option("sharegpt,wikitext2,sst2,agnews", help="Comma-separated datasets."),
+    num_requests: int = typer.Option(8, "--num-requests", "-n", help="Requests per cell."),
+    output_len: int = typer.Option(16, help="max_tokens for generation datasets."),
+    load: float = typer.Option(1.0, help="Arrival rate as a multiple of native-only capacity."),
+    native: int = typer.Option(1), assisted: int = typer.Option(1),
+    server: str = typer.Option("caserve", help="caserve | ref"),
+    server_cmd: Optional[str] = typer.Option(None, help="Custom server command template."),
+    server_args: str = typer.Option("", help="Extra arguments for every server."),
+    shrink: bool = typer.Option(True, help="Shrunk zoo models (small CPU version); --no-shrink: full size."),
+    seed: int = _SEED,
+    out_dir: Path = typer.Option(Path("results/matrix")),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Models x datasets, native-only vs native + assisted: markdown + JSON summary and heatmaps."""
+    _setup_logging(verbose)
+    from caserve.bench.matrix import MatrixSpec, markdown, run_matrix
+
+    spec = MatrixSpec(models=[m for m in models.split(",") if m], datasets=[d for d in datasets.split(",") if d],
+                      num_requests=num_requests, output_len=output_len, load=load, native=native, assisted=assisted,
+                      server_cmd=_server_cmd(server, server_cmd), server_args=server_args, shrink=shrink, seed=seed)
+    res = run_matrix(spec, out_dir)
+    typer.echo(markdown(res))
+
+
+@app.command("sim")
+def sim_cmd(
+    bench_json: list[Path] = typer.Option(..., "--bench-json", help="Bench/compare result JSON(s) giving service times."),
+    gpus: int = typer.Option(100, help="GPUs (each with --native-per-gpu native workers)."),
+    cpu_nodes: str = typer.Option("0,10,100,300,1000", help="Comma-separated CPU-node counts to sweep."),
+    tenants_per_gpu: int = typer.Option(8, help="Max assisted workers sharing one GPU."),
+    tenant_slowdown: float = typer.Option(0.0, help="Assisted service x (1 + s*(tenants-1))."),
+    assisted_factor: float = typer.Option(1.0, help="If no assisted run was measured: assisted = factor x native."),
+    cv: float = typer.Option(1.0, help="Burstiness: coefficient of variation of inter-arrival gaps (1 = Poisson)."),
+    trace: Optional[Path] = typer.Option(None, help="Replay an Azure trace's arrivals instead (overrides load/rate/cv)."),
+    time_scale: float = typer.Option(1.0, help="Multiply trace offsets by this (0.01 = 100x denser)."),
+    policy: str = typer.Option("fifo", help="fifo | ect"),
+    load: float = typer.Option(0.95, help="Poisson rate as a multiple of native-only capacity."),
+    rate: Optional[float] = typer.Option(None, help="Absolute rate (req/s), overrides --load."),
+    num_requests: int = typer.Option(20000, help="Simulated requests."),
+    validate: bool = typer.Option(False, help="Also replay each input run and compare mean JCT."),
+    seed: int = _SEED,
+    out_dir: Path = typer.Option(Path("results/sim")),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Project queue delay and JCT to large clusters from measured service times."""
+    _setup_logging(verbose)
+    from caserve.bench.simrun import run_sim
+
+    typer.echo(run_sim(bench_json, gpus=gpus, cpu_nodes=_csv_ints(cpu_nodes), tenants_per_gpu=tenants_per_gpu,
+                       tenant_slowdown=tenant_slowdown, policy=policy, load=load, rate=rate,
+                       num_requests=num_requests, validate=validate, seed=seed, out_dir=out_dir,
+                       assisted_factor=assisted_factor, cv=cv, trace=trace, time_scale=time_scale))
+
+
 @bench_app.command("remote-overhead")
 def bench_remote_overhead(
     models: str = typer.Option("tiny-gpt2,gpt2-124m", help="Comma-separated: tiny-gpt2, gpt2-124m."),
