@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -12,21 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from serving_procs import child_env, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
 
 
 class GPUServerProcess:
@@ -44,7 +32,7 @@ class GPUServerProcess:
         if not unix:
             args += ["--no-unix-socket"]
         self.log = open(tmp / f"gpu-server-{self.port}.log", "w+")
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log, text=True, env=subprocess_env())
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log, text=True, env=child_env())
         line = self.proc.stdout.readline()
         if "listening on" not in line:
             self.stop()

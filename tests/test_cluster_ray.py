@@ -26,15 +26,10 @@ from caserve.cluster import deploy
 from caserve.cluster.config import parse_config
 from caserve.cluster.errors import NotRunning, StartupTimeout
 from caserve.models import DEFAULT_MODEL
+from serving_procs import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "ctest"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def free_port_pair() -> int:
