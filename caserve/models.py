@@ -251,8 +251,10 @@ def max_context_of(config: transformers.PretrainedConfig) -> int:
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
-            # RoBERTa reserves two positions for its padding offset.
-            return value - 2 if config.model_type in ("roberta", "xlm-roberta") else value
+            if config.model_type in ("roberta", "xlm-roberta", "camembert"):
+                # RoBERTa counts positions from its padding id + 1 (2 for roberta-base: 512 usable).
+                return value - (getattr(config, "pad_token_id", None) or 1) - 1
+            return value
     return 512  # relative-position models (T5) have no hard limit; 512 is what they were trained on
 
 

@@ -146,3 +146,14 @@ def test_zoo_models_under_inference_mode_match_local(name, dev):
         else:
             torch.testing.assert_close(remote.model(**renc).last_hidden_state.cpu(),
                                        local.model(**enc).last_hidden_state, rtol=1e-4, atol=1e-5)
+
+
+def test_roberta_max_context_counts_its_position_offset():
+    """RoBERTa numbers positions from its padding id + 1: the advertised context must fit the table."""
+    from caserve.models import load_model
+
+    lm = load_model("roberta-base", shrink=True)
+    with torch.no_grad():
+        assert lm.model(input_ids=torch.full((1, lm.max_context), 65)).last_hidden_state.shape[1] == lm.max_context
+        with pytest.raises((IndexError, RuntimeError)):  # one more token runs off the position table
+            lm.model(input_ids=torch.full((1, lm.max_context + 1), 65))
