@@ -31,8 +31,7 @@ from caserve.remote import protocol as P
 
 logger = logging.getLogger(__name__)
 
-MAX_SIGNATURES = 256  # regions seen once and remembered, per session
-MAX_REGION_RECORDS = 20_000  # a longer forward is sent eagerly, as it goes
+MAX_SIGNATURES = 4096  # segments seen once and remembered, per session
 
 
 class Region:

@@ -18,13 +18,14 @@ import torch
 
 from caserve.remote import protocol as P
 from caserve.remote.errors import ConnectionLost, HandshakeError, QuotaExceeded, RemoteOpError
-from caserve.remote.graph import MAX_REGION_RECORDS, GraphCache, Region
+from caserve.remote.graph import GraphCache, Region
 from caserve.remote.graph import end_region as end_graph_region
 from caserve.remote.transport import Channel, as_bytes
 
 logger = logging.getLogger(__name__)
 
 FLUSH_OPS = 32  # ops per frame when no sync point comes first
+GRAPH_CHUNK = 64  # graph mode: records per recorded segment of a forward
 FLUSH_BYTES = 1 << 20  # payload bytes per frame (uploads are sent soon, from the caller's memory)
 _GRAPH_RECORDS = (P.Run, P.Alloc, P.Upload, P.CopyIn)
 
@@ -112,8 +113,11 @@ class Session:
                     self.payload_bytes -= len(region.payloads[-1])
                     op.payload = len(region.payloads) - 1
                 region.records.append(op)
-                if len(region.records) > MAX_REGION_RECORDS:
-                    self._abort_region("forward too long to record")
+                if len(region.records) >= GRAPH_CHUNK:
+                    # Chunks keep the server busy while the client is still in forward; each chunk is
+                    # matched and replayed on its own, and repeats as long as the forward does.
+                    self._cut_region()
+                    self.flush()
                 return
             if t is not P.DefineOp:  # definitions go ahead of the region; anything else ends it
                 self._abort_region(f"{t.__name__} inside forward")
