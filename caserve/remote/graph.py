@@ -1,8 +1,9 @@
 """Graph mode: a model's forward recorded once, replayed on the GPU server with one message.
 
 In eager mode every op of every forward is one record that the server decodes, looks up and runs. In
-graph mode the records of one forward call (a *region*) are held back. When the region ends its
-records are written with *references* instead of handles (``r >= 0``: the r-th handle minted since the
+graph mode the records of a forward call are held back in *regions* of up to ``GRAPH_CHUNK`` records
+(so the server keeps working while the client is still in forward). When a region ends its records
+are written with *references* instead of handles (``r >= 0``: the r-th handle minted since the
 region began; ``r < 0``: an external handle such as a weight or the KV cache) and that form is the
 region's signature:
 
