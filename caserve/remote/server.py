@@ -85,7 +85,8 @@ class GPUServer:
         return {
             "device": str(self.device),
             "device_name": self.device_name,
-            "tenants": [{"id": t.id, "bytes": t.bytes, "storages": len(t.storages), "ops": t.stats.ops} for t in tenants],
+            "tenants": [{"id": t.id, "bytes": t.bytes, "storages": len(t.storages), "ops": t.stats.ops,
+                         "busy_s": round(t.stats.busy_s, 6)} for t in tenants],
             "tenant_bytes": sum(t.bytes for t in tenants),
             # What the device actually holds for tenants: private storages plus one copy of each shared weight.
             "stored_bytes": sum(t.private_bytes for t in tenants) + self.blobs.nbytes,
@@ -93,6 +94,7 @@ class GPUServer:
             "shared_bytes": self.blobs.nbytes,
             "device_allocated": torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None,
             "cpu_seconds": usage.user + usage.system,
+            "uptime_s": time.time() - self.started,
             "ops": self.total_ops + sum(t.stats.ops for t in tenants),
         }
 

@@ -11,7 +11,7 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -41,10 +41,9 @@ class SessionStats:
     syncs: int = 0
     meta_misses: int = 0
     sync_wait_s: float = 0.0
-    by_op: collections.Counter = field(default_factory=collections.Counter)
 
     def snapshot(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "by_op"}
+        return dict(self.__dict__)
 
 
 class Session:
