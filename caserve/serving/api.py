@@ -88,12 +88,16 @@ def create_app(router: Router) -> FastAPI:
                   stream=req.stream)
         return await _run_generation(router, request, req, [job], chat=True)
 
-    @app.post("/v1/embeddings")
-    async def embeddings(req: S.EmbeddingRequest, request: Request) -> JSONResponse:
-        inputs = req.inputs()
-        job = Job(req.model, TASK_EMBED, {"inputs": inputs}, prompt_units=sum(len(x) for x in inputs))
+    async def run_encoder(model: str, task: str, inputs: list, request: Request) -> Job:
+        """Queue one embedding or classification job and wait for it."""
+        job = Job(model, task, {"inputs": inputs}, prompt_units=sum(len(x) for x in inputs))
         router.submit([job])
         await _wait(router, request, [job])
+        return job
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: S.EmbeddingRequest, request: Request) -> JSONResponse:
+        job = await run_encoder(req.model, TASK_EMBED, req.inputs(), request)
         vectors: list[list[float]] = job.result
         if req.dimensions is not None:
             if vectors and req.dimensions > len(vectors[0]):
@@ -108,10 +112,7 @@ def create_app(router: Router) -> FastAPI:
 
     @app.post("/v1/classifications")
     async def classifications(req: S.ClassificationRequest, request: Request) -> JSONResponse:
-        inputs = req.inputs()
-        job = Job(req.model, TASK_CLASSIFY, {"inputs": inputs}, prompt_units=sum(len(x) for x in inputs))
-        router.submit([job])
-        await _wait(router, request, [job])
+        job = await run_encoder(req.model, TASK_CLASSIFY, req.inputs(), request)
         data = [{"index": i, **r} for i, r in enumerate(job.result)]
         body = {"object": "list", "data": data, "model": req.model,
                 "usage": {"prompt_tokens": job.prompt_tokens, "total_tokens": job.prompt_tokens},
