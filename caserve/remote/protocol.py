@@ -61,7 +61,7 @@ import msgspec
 
 # Bump on any change to the structs or framing below; tests/test_protocol.py pins a digest of the
 # schema so that a change without a bump fails.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 FRAME_PREFIX = struct.Struct("<IBI")  # len, kind, header length
 MAX_HANDSHAKE_FRAME = 64 * 1024  # before authentication a peer may not make us buffer more
@@ -240,13 +240,19 @@ class DefineGraph(msgspec.Struct, array_like=True, tag=11):
 
 class Replay(msgspec.Struct, array_like=True, tag=12):
     """Run graph ``gid`` with handles counted from ``base``, external handles ``ext``, and the values of
-    every scalar slot of its Run records, in order."""
+    every scalar slot of its Run records, in order.
+
+    ``keep`` is ``None`` when the client recorded the call itself (it holds every handle the graph
+    mints and frees them as usual). A captured step sends the references it keeps (its outputs): the
+    server names only those; everything else the graph makes is dropped when the replay ends.
+    """
 
     gid: int
     base: int
     ext: list[int]
     payload_base: int
     scalars: list[Number] = []
+    keep: list[int] | None = None
 
 
 Op = Union[DefineOp, Run, Alloc, Upload, CopyIn, BindBlob, CopyStorage, Free, Seed, ResetTemplates, DefineGraph,
