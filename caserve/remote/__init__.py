@@ -53,12 +53,13 @@ def connect(address: str | None = None, token: str | None = None, *, transport: 
     return sess.device
 
 
-def graph_mode(model: torch.nn.Module) -> torch.nn.Module:
+def graph_mode(model: torch.nn.Module, capture: bool = True) -> torch.nn.Module:
     """Record ``model``'s forward on its caserve device and replay repeats with one message each
-    (see :mod:`caserve.remote.graph`); returns the model."""
+    (see :mod:`caserve.remote.graph`); with ``capture``, a forward that repeats exactly is replayed
+    without running its Python (:mod:`caserve.remote.capture`). Returns the model."""
     from caserve.remote.graph import enable
 
-    return enable(model)
+    return enable(model, capture)
 
 
 def disconnect(device: torch.device | str) -> None:
@@ -74,6 +75,7 @@ def stats(device: torch.device | str) -> dict[str, Any]:
 
     session = session_of(device)
     return {**session.stats.snapshot(), "graph_replays": session.graph_cache.replays,
+            "step_replays": session.graph_cache.step_replays,
             "graph_fallbacks": session.graph_cache.fallbacks, "graphs": len(session.graph_cache.graphs)}
 
 

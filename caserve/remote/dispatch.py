@@ -353,8 +353,7 @@ def run_op(func, args: tuple, kwargs: dict) -> Any:
         if plan is None:
             session.check_open()
             if len(session.cache) >= MAX_CACHE:
-                session.cache.clear()
-                session.emit(P.ResetTemplates())
+                session.reset_templates()
             plan = session.cache[key] = _make_plan(session, func, args, kwargs, slots)
         if plan.tid == 0:
             return _build(plan.out, slots, [])

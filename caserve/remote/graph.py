@@ -22,13 +22,16 @@ with a static KV cache (``generate(..., cache_implementation="static")``) repeat
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
-from typing import Any
+import types
+from typing import Any, Callable
 
 import torch
 
 from caserve.remote import protocol as P
+from caserve.remote.capture import MAX_GRAPHS, Capture, Uncapturable, call_key
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +58,10 @@ class GraphCache:
         self.graphs: dict[tuple, int] = {}
         self.seen: set[tuple] = set()
         self.ids = itertools.count(1)
-        self.replays = 0
+        self.replays = 0  # recorded regions replayed
+        self.step_replays = 0  # captured steps replayed (caserve.remote.capture)
         self.fallbacks = 0
+        self.defined = 0  # graphs defined on the server since the last template reset
 
 
 def _refs(region: Region) -> tuple[tuple, list[tuple], list[int], list]:
@@ -114,8 +119,9 @@ def end_region(session: Any, region: Region) -> None:
         return
     key, recs, ext, scalars = _refs(region)
     gid = cache.graphs.get(key)
-    if gid is None and key in cache.seen:
+    if gid is None and key in cache.seen and cache.defined < MAX_GRAPHS:
         gid = cache.graphs[key] = next(cache.ids)
+        cache.defined += 1
         session.ops.append(P.DefineGraph(gid, [_struct(r) for r in recs]))
         logger.debug("graph mode: graph %d defined (%d records, %d external handles)", gid, len(recs), len(ext))
     if gid is None:
@@ -136,33 +142,66 @@ def _send_eagerly(session: Any, region: Region, payload_base: int) -> None:
         session.ops.append(r)
 
 
-def enable(model: torch.nn.Module) -> torch.nn.Module:
-    """Record ``model``'s forward calls as graph regions on its caserve device (see the module docstring).
+def enable(model: torch.nn.Module, capture: bool = True) -> torch.nn.Module:
+    """Record ``model``'s forward calls as graph regions on its caserve device (see the module docstring);
+    with ``capture``, repeated calls become captured steps replayed without running forward's Python
+    (:mod:`caserve.remote.capture`).
 
     Returns the model. Calls on a non-caserve device, or nested inside another region, run as before.
     """
+    if getattr(model, "_caserve_graph_mode", None) is not None:
+        return model
+    original = model.forward
+    model._caserve_graph_mode = GraphForward(original, Capture(model) if capture else None)
+
+    def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return _graph_forward(self, *args, **kwargs)
+
+    # Callers read forward's signature (generate passes only the arguments forward names): keep it.
+    sig = inspect.signature(original)
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    forward.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])  # type: ignore[attr-defined]
+    forward.__doc__ = original.__doc__
+    model.forward = types.MethodType(forward, model)
+    return model
+
+
+class GraphForward:
+    """A model's original forward and its captured steps."""
+
+    def __init__(self, forward: Callable[..., Any], capture: Capture | None) -> None:
+        self.forward = forward
+        self.capture = capture
+
+
+def _graph_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     from caserve.remote.session import session_of
 
-    if getattr(model, "_caserve_graph_mode", False):
-        return model
-
-    def session_for(module: torch.nn.Module) -> Any:
-        p = next(module.parameters(), None)
-        if p is None or p.device.type != "caserve":
-            return None
-        return session_of(p.device)
-
-    def pre_hook(module: torch.nn.Module, args: Any) -> None:
-        session = session_for(module)
-        if session is not None:
-            session.begin_region()
-
-    def post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-        session = session_for(module)
-        if session is not None:
-            session.end_region()
-
-    model.register_forward_pre_hook(pre_hook)
-    model.register_forward_hook(post_hook, always_call=True)
-    model._caserve_graph_mode = True
-    return model
+    state: GraphForward = self._caserve_graph_mode
+    p = next(self.parameters(), None)
+    if p is None or p.device.type != "caserve":
+        return state.forward(*args, **kwargs)
+    session = session_of(p.device)
+    if session.region_depth:  # nested inside another model's region: part of that one
+        return state.forward(*args, **kwargs)
+    capture, key, leaves = state.capture, None, []
+    if capture is not None:
+        try:
+            key = call_key(args, kwargs, leaves) + (self.training,)
+        except Uncapturable as exc:
+            logger.debug("graph mode: forward not captured (%s)", exc)
+        if key is not None:
+            out = capture.replay(session, key, leaves)
+            if out is not None:
+                return out
+            if not capture.wants(key):
+                key = None
+    session.begin_region(watch=key is not None)
+    log = None
+    try:
+        out = state.forward(*args, **kwargs)
+    finally:
+        log = session.end_region()
+    if key is not None and log is not None:
+        capture.observe(session, key, args, kwargs, leaves, out, log, self.training)
+    return out

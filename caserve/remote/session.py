@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from caserve.remote import protocol as P
+from caserve.remote.capture import CallLog
 from caserve.remote.errors import ConnectionLost, HandshakeError, QuotaExceeded, RemoteOpError
 from caserve.remote.graph import GraphCache, Region
 from caserve.remote.graph import end_region as end_graph_region
@@ -69,6 +70,8 @@ class Session:
         self.region: Region | None = None  # graph mode: the forward being recorded
         self.region_depth = 0
         self.graph_cache = GraphCache()
+        self.call_log: CallLog | None = None  # graph mode: the forward being watched for capture
+        self.epoch = 0  # bumped whenever the server forgets this session's templates and graphs
 
     # -- handshake ------------------------------------------------------------------------------
 
@@ -106,7 +109,12 @@ class Session:
         if region is not None:
             t = type(op)
             if t in _GRAPH_RECORDS:
+                log = self.call_log
+                if log is not None:
+                    log.records.append(op)
                 if t is not P.Run and t is not P.Alloc:  # move its payload from the frame to the region
+                    if log is not None:
+                        log.bad = "forward uploads host data"
                     region.payloads.append(self.payloads.pop())
                     region.owners.append(self._keepalive.pop())
                     self.payload_bytes -= len(region.payloads[-1])
@@ -126,20 +134,38 @@ class Session:
 
     # -- graph mode (caserve.remote.graph) -------------------------------------------------------
 
-    def begin_region(self) -> None:
+    def begin_region(self, watch: bool = False) -> None:
+        """A forward call begins; ``watch`` keeps a log of it for capture (caserve.remote.capture)."""
         with self.lock:
             self.region_depth += 1
             if self.region_depth == 1:
                 self.region = Region(self.next_handle)
+                self.call_log = CallLog(self.next_handle, epoch=self.epoch) if watch else None
 
-    def end_region(self) -> None:
+    def end_region(self) -> CallLog | None:
+        """The forward call ended; returns its log if it was watched."""
         with self.lock:
             self.region_depth = max(0, self.region_depth - 1)
-            if self.region_depth == 0 and self.region is not None:
+            if self.region_depth != 0:
+                return None
+            log, self.call_log = self.call_log, None
+            if self.region is not None:
                 region, self.region = self.region, None
                 end_graph_region(self, region)
                 if len(self.ops) >= FLUSH_OPS:
                     self.flush()
+            if log is not None and log.epoch != self.epoch:
+                log.bad = "the server's templates were reset during forward"
+            return log
+
+    def reset_templates(self) -> None:
+        """Forget every plan and graph, here and on the server (a template was refused, or too many)."""
+        self.cache.clear()
+        self.graph_cache.graphs.clear()
+        self.graph_cache.seen.clear()
+        self.graph_cache.defined = 0
+        self.epoch += 1
+        self.emit(P.ResetTemplates())
 
     def _cut_region(self) -> None:
         """A sync point inside forward: what was recorded so far goes out as a graph segment of its own
@@ -152,6 +178,8 @@ class Session:
     def _abort_region(self, reason: str) -> None:
         """Send what the region holds as eager records; the rest of this forward runs eagerly."""
         region, self.region = self.region, None
+        if self.call_log is not None:
+            self.call_log.bad = reason
         if region is not None:
             region.aborted = reason
             end_graph_region(self, region)
@@ -167,6 +195,9 @@ class Session:
     def free(self, handle: int) -> None:
         """Called from RemoteStorage finalizers, on any thread: freed with the next frame."""
         self.freed.append(handle)
+        log = self.call_log
+        if log is not None:
+            log.freed.add(handle)
 
     def check_open(self) -> None:
         if self.closed is not None:
@@ -176,6 +207,8 @@ class Session:
         with self.lock:
             self.check_open()
             if sync is not None and self.region is not None:
+                if self.call_log is not None:
+                    self.call_log.bad = "forward waits for data (a sync point)"
                 self._cut_region()
             if self.freed and (self.region is None or not self.region.records):  # held records may use them
                 handles = []
@@ -216,8 +249,7 @@ class Session:
                 if err.op == "DefineOp":
                     # The server refused a template this client cached: forget every plan, so that no
                     # later op names the missing template.
-                    self.cache.clear()
-                    self.emit(P.ResetTemplates())
+                    self.reset_templates()
                 cls = QuotaExceeded if err.code == "quota_exceeded" else RemoteOpError
                 raise cls(err.op, err.message, err.code)
             return reply.value, payloads

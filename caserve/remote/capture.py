@@ -1,0 +1,318 @@
+"""Captured steps: a repeated forward call replayed without running its Python at all.
+
+Graph mode (:mod:`caserve.remote.graph`) still runs the model's Python for every call: each ATen op is
+intercepted, planned and recorded on the client, and only the wire traffic shrinks. A decode step
+with a static KV cache is the same function of the same shapes every time, so graph mode goes one
+step further, the way CUDA graphs and ``torch.compile`` do for such steps:
+
+1. Each call gets a *key*: the structure of its arguments, every tensor's dtype and geometry, every
+   other value, and the same for the plain objects passed in (a ``StaticCache``, its layers), plus
+   grad/inference mode and ``model.training``.
+2. A call is recorded as usual, and watched: its records, the tensors it reads that it did not make
+   (*sources*: an input's tensor, found by its place in the key, or one of the model's parameters and
+   buffers), the handles it mints, what it returns, and whether the objects it was given look the same
+   after the call as before.
+3. When two calls with the same key behave identically (same records, scalar values, sources,
+   outputs), the call becomes a *step*: the server gets its records once (``DefineGraph``) and later
+   calls with that key send one ``Replay`` carrying this call's source handles and the output handles
+   to keep; the client builds the outputs from the recorded layouts without running forward.
+
+A call is never captured when it syncs (its Python depends on data), uploads host data, runs eagerly
+(copy-on-write, reseeding), changes the Python state of what it was given, or keeps a tensor it made
+anywhere but in its return value. A step is not replayed, but recorded again, when the model's
+parameters or buffers are no longer the same tensors or the inputs alias each other differently.
+
+The contract is that of CUDA graphs: a forward whose Python reads nothing but its arguments, the
+model's tensors and the shapes of both behaves the same on every call with the same key. Models from
+Transformers with a static cache are written for exactly that (``torch.compile`` relies on it).
+``caserve.remote.graph_mode(model, capture=False)`` turns captured steps off.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from caserve.remote import protocol as P
+
+logger = logging.getLogger(__name__)
+
+MAX_STEPS = 256  # captured steps per model (one per shape family: prompt lengths, batch sizes)
+MAX_TRIES = 4  # recordings of one key that may fail to capture before it is given up on
+MAX_DEPTH = 3  # how deep the objects passed to forward are looked into
+MAX_GRAPHS = 1000  # graphs a session defines before it starts afresh (the server holds at most 1024)
+
+_SIMPLE = frozenset({int, str, type(None)})
+_TAGGED = frozenset({float, bool, torch.dtype, torch.device, torch.layout, torch.memory_format})
+
+
+class Uncapturable(Exception):
+    """This call cannot become a step (the message says why)."""
+
+
+@dataclass
+class CallLog:
+    """What the session saw during one recorded call (filled in by :class:`~caserve.remote.session.Session`)."""
+
+    base: int  # the first handle minted in the call
+    epoch: int = 0  # the session's template epoch when the call began
+    records: list[Any] = field(default_factory=list)
+    freed: set[int] = field(default_factory=set)
+    bad: str | None = None  # why the call cannot be captured, if the session saw a reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Call keys
+
+
+def call_key(args: tuple, kwargs: dict, leaves: list[Any]) -> tuple:
+    """The key of a call; ``leaves`` receives every caserve tensor and plain object in it, in order."""
+    return (_walk(args, leaves, 0), _walk(kwargs, leaves, 0), torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled())
+
+
+def _walk(x: Any, leaves: list[Any], depth: int) -> Any:
+    from caserve.remote.tensor import RemoteTensor
+
+    t = type(x)
+    if t is RemoteTensor:
+        leaves.append(x)
+        return x._cs
+    if t in _SIMPLE:
+        return x
+    if t in _TAGGED:
+        return (t, x)
+    if t is tuple or t is list:
+        return (t, tuple([_walk(v, leaves, depth) for v in x]))
+    if t is dict:
+        return (t, tuple([(k, _walk(v, leaves, depth)) for k, v in x.items()]))
+    if isinstance(x, torch.Tensor):
+        raise Uncapturable(f"a {x.device} tensor is passed to forward")
+    if isinstance(x, torch.nn.Module) or not hasattr(x, "__dict__"):
+        raise Uncapturable(f"forward is given a {t.__name__}")
+    if depth >= MAX_DEPTH:
+        raise Uncapturable(f"a {t.__name__} nested too deeply in forward's arguments")
+    # A plain object (a KV cache, its layers): its class and attributes, the same way.
+    leaves.append(x)
+    return (t, tuple([(k, _walk(v, leaves, depth + 1)) for k, v in vars(x).items()]))
+
+
+def _model_tensors(model: torch.nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
+    """Every parameter and buffer as (the dict holding it, its name, the tensor)."""
+    out = []
+    for module in model.modules():
+        for d in (module._parameters, module._buffers):
+            for name, t in d.items():
+                if t is not None:
+                    out.append((d, name, t))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+
+
+@dataclass(eq=False)
+class Step:
+    gid: int
+    minted: int  # handles the call mints: a replay reserves as many
+    sources: tuple[tuple[str, int], ...]  # ("a", leaf index) or ("m", index in ``weights``), per external
+    scalars: list[Any]
+    keep: list[int]  # references of the output storages
+    outs: list[tuple]  # per output leaf, see Capture._outputs
+    spec: pytree.TreeSpec
+    aliases: tuple[int, ...]  # per leaf: the first leaf sharing its storage (or -1)
+    weights: list[tuple[dict, str, torch.Tensor]]  # the model's tensors it reads, where they live
+    epoch: int  # the session's template epoch the graph was defined in
+
+
+def _aliases(leaves: list[Any]) -> tuple[int, ...]:
+    first: dict[int, int] = {}
+    out = []
+    for i, x in enumerate(leaves):
+        st = getattr(x, "_st", None)
+        out.append(-1 if st is None else first.setdefault(id(st), i))
+    return tuple(out)
+
+
+class Capture:
+    """The captured steps of one model (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.steps: dict[tuple, Step] = {}
+        self.seen: dict[tuple, tuple] = {}  # key -> the last recorded call's behaviour
+        self.tries: dict[tuple, int] = {}
+        self.replays = 0
+
+    def wants(self, key: tuple) -> bool:
+        return self.tries.get(key, 0) < MAX_TRIES
+
+    # -- replaying ---------------------------------------------------------------------------------
+
+    def replay(self, session: Any, key: tuple, leaves: list[Any]) -> Any:
+        """The outputs of a replayed step, or ``None`` when the call has to be recorded instead."""
+        from caserve.remote.dispatch import _ready
+        from caserve.remote.tensor import LAZY, RemoteStorage, RemoteTensor
+
+        step = self.steps.get(key)
+        if step is None:
+            return None
+        if step.epoch != session.epoch:  # the server forgot its graph
+            del self.steps[key]
+            return None
+        mt = []
+        for d, name, t in step.weights:
+            if d.get(name) is not t:
+                logger.debug("graph mode: the model's %s changed; step %d dropped", name, step.gid)
+                del self.steps[key]
+                return None
+            mt.append(t)
+        if _aliases(leaves) != step.aliases:
+            return None
+        with session.lock:
+            session.check_open()
+            ext = []
+            for kind, i in step.sources:
+                st = (leaves[i] if kind == "a" else mt[i])._st
+                if st.state == LAZY:
+                    _ready(st)
+                ext.append(st.handle)
+            base = session.next_handle
+            session.next_handle = base + step.minted
+            session.emit(P.Replay(step.gid, base, ext, 0, step.scalars, step.keep))
+            session.flush()  # the server runs the step while the client goes on
+            self.replays += 1
+            session.graph_cache.step_replays += 1
+            storages: dict[int, Any] = {}
+            values = []
+            for o in step.outs:
+                kind = o[0]
+                if kind == "n":
+                    r, dtype, size, stride, offset = o[1:]
+                    st = storages.get(r)
+                    if st is None:
+                        st = storages[r] = RemoteStorage.bound(session, base + r, dtype)
+                    values.append(RemoteTensor(st, dtype, size, stride, offset))
+                elif kind == "a":
+                    values.append(leaves[o[1]])
+                elif kind == "x":
+                    (skind, i), dtype, size, stride, offset = o[1:]
+                    src = leaves[i] if skind == "a" else mt[i]
+                    values.append(RemoteTensor(src._st, dtype, size, stride, offset))
+                else:
+                    values.append(o[1])
+            return pytree.tree_unflatten(values, step.spec)
+
+    # -- recording ---------------------------------------------------------------------------------
+
+    def observe(self, session: Any, key: tuple, args: tuple, kwargs: dict, leaves: list[Any], out: Any,
+                log: CallLog, training: bool) -> None:
+        """Watch a recorded call; the second identical one becomes a step."""
+        try:
+            seen = self._behaviour(session, key, args, kwargs, leaves, out, log, training)
+        except Uncapturable as exc:
+            self.tries[key] = self.tries.get(key, 0) + 1
+            self.seen.pop(key, None)
+            logger.debug("graph mode: forward not captured (%s)", exc)
+            return
+        if self.seen.get(key) != seen[0]:
+            self.seen[key] = seen[0]
+            return
+        del self.seen[key]
+        if len(self.steps) >= MAX_STEPS:
+            self.steps.clear()
+        if session.graph_cache.defined >= MAX_GRAPHS:
+            # The server keeps a bounded number of graphs: start afresh (templates and graphs alike).
+            with session.lock:
+                session.reset_templates()
+            self.steps.clear()
+            return
+        sig, minted, sources, scalars, keep, outs, spec, aliases = seen[0]
+        recs, weights = seen[1]
+        gid = next(session.graph_cache.ids)
+        from caserve.remote.graph import _struct
+
+        with session.lock:
+            session.emit(P.DefineGraph(gid, [_struct(r) for r in recs]))
+            session.graph_cache.defined += 1
+        self.steps[key] = Step(gid, minted, sources, list(scalars), list(keep), list(outs), spec, aliases,
+                               weights, log.epoch)
+        logger.debug("graph mode: step %d captured (%d records, %d sources, %d handles kept)", gid, len(recs),
+                     len(sources), len(keep))
+
+    def _behaviour(self, session: Any, key: tuple, args: tuple, kwargs: dict, leaves: list[Any], out: Any,
+                   log: CallLog, training: bool) -> tuple[tuple, tuple]:
+        from caserve.remote.graph import Region, _refs
+        from caserve.remote.tensor import RemoteTensor
+
+        if log.bad is not None:
+            raise Uncapturable(log.bad)
+        if call_key(args, kwargs, []) + (training,) != key:
+            raise Uncapturable("forward changed the Python state of its arguments")
+        base, end = log.base, session.next_handle
+        region = Region(base)
+        region.records = log.records
+        sig, recs, ext, scalars = _refs(region)
+        # Where each tensor read but not made here comes from: an input, else a weight or buffer.
+        where: dict[int, tuple[str, int]] = {}
+        for i, x in enumerate(leaves):
+            if type(x) is RemoteTensor:
+                where.setdefault(x._st.handle, ("a", i))
+        weights: list[tuple[dict, str, torch.Tensor]] = []
+        held_by_model = {}
+        for entry in _model_tensors(self.model):
+            st = getattr(entry[2], "_st", None)
+            if st is not None:
+                held_by_model.setdefault(st.handle, entry)
+        sources = []
+        for h in ext:
+            src = where.get(h)
+            if src is None:
+                entry = held_by_model.get(h)
+                if entry is None:
+                    raise Uncapturable(f"forward reads storage {h}, neither an input's nor the model's")
+                src = where[h] = ("m", len(weights))
+                weights.append(entry)
+            sources.append(src)
+        # What it returns: its own new tensors, its inputs, views of either, plain values.
+        objects = {id(x): i for i, x in enumerate(leaves)}
+        values, spec = pytree.tree_flatten(out, is_leaf=lambda x: id(x) in objects)
+        outs: list[tuple] = []
+        keep: list[int] = []
+        for v in values:
+            if id(v) in objects:
+                outs.append(("a", objects[id(v)]))
+            elif type(v) is RemoteTensor:
+                h = v._st.handle
+                if base <= h < end:
+                    if h - base not in keep:
+                        keep.append(h - base)
+                    outs.append(("n", h - base, *v._cs))
+                elif h in where:
+                    outs.append(("x", where[h], *v._cs))
+                else:
+                    raise Uncapturable("forward returns a tensor it did not make from its inputs")
+            elif type(v) in _SIMPLE or type(v) in _TAGGED:
+                outs.append(("c", v))
+            else:
+                raise Uncapturable(f"forward returns a {type(v).__name__}")
+        # Every handle it made and used must be freed by now, or be returned: anything else is held
+        # somewhere (module or object state) that a replay would not update.
+        made = {h for r in log.records for h in _handles(r) if base <= h < end}
+        held = made - log.freed - {base + r for r in keep}
+        if held:
+            raise Uncapturable(f"forward keeps {len(held)} tensors it made outside its return value")
+        behaviour = (sig, end - base, tuple(sources), tuple(scalars), tuple(keep), tuple(outs), spec,
+                     _aliases(leaves))
+        return behaviour, (recs, weights)
+
+
+def _handles(rec: Any) -> list[int]:
+    if type(rec) is P.Run:
+        return rec.outs
+    return [rec.handle]
