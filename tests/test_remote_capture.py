@@ -1,0 +1,195 @@
+"""Captured steps: a repeated forward replayed without its Python gives exactly the eager results, and
+anything a replay could get wrong is recorded instead."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import caserve.remote as R
+from caserve.remote.server import GPUServer
+
+from test_remote_models import DECODERS
+
+
+@pytest.fixture
+def dev():
+    device = R.connect(server=GPUServer("cpu"))
+    yield device
+    R.disconnect(device)
+
+
+class Box:
+    """A plain object passed to forward, like a KV cache."""
+
+    def __init__(self, state: torch.Tensor) -> None:
+        self.state = state
+        self.calls = 0
+
+
+class Accumulate(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x: torch.Tensor, box: Box, scale: float = 1.0) -> dict:
+        y = torch.tanh(x @ self.w) * scale
+        box.state.add_(y.sum(0))  # in place, like a static KV cache
+        return {"y": y, "box": box, "n": 3}
+
+
+def _pair(dev, cls=Accumulate, **kw):
+    torch.manual_seed(0)
+    local = cls(**kw)
+    remote = cls(**kw)
+    remote.load_state_dict(local.state_dict())
+    return local, R.graph_mode(remote.to(dev))
+
+
+def test_step_replays_match_eager_and_return_inputs_by_identity(dev):
+    local, remote = _pair(dev)
+    lbox, rbox = Box(torch.zeros(4)), Box(torch.zeros(4).to(dev))
+    for i in range(6):
+        x = torch.randn(2, 4)
+        with torch.no_grad():
+            want = local(x, lbox, 0.5)
+            got = remote(x.to(dev), rbox, 0.5)
+        assert got["box"] is rbox and got["n"] == 3
+        torch.testing.assert_close(got["y"].cpu(), want["y"])
+        torch.testing.assert_close(rbox.state.cpu(), lbox.state)
+    # The first call plans its ops (and torch holds its first intermediates a while): from the third
+    # call at the latest, every call is a replay.
+    assert R.stats(dev)["step_replays"] >= 3
+
+
+def test_a_new_scalar_value_is_a_new_key(dev):
+    local, remote = _pair(dev)
+    lbox, rbox = Box(torch.zeros(4)), Box(torch.zeros(4).to(dev))
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        replays = []
+        for scale in (1.0, 1.0, 1.0, 1.0, 2.0):
+            want = local(x, lbox, scale)
+            got = remote(x.to(dev), rbox, scale)
+            torch.testing.assert_close(got["y"].cpu(), want["y"])
+            replays.append(R.stats(dev)["step_replays"])
+    assert replays[3] > 0 and replays[4] == replays[3]  # scale=2.0 is recorded, not replayed
+
+
+def test_forward_that_changes_python_state_is_never_captured(dev):
+    class Counting(Accumulate):
+        def forward(self, x, box, scale=1.0):
+            box.calls += 1  # Python state a replay would not update
+            return super().forward(x, box, scale)
+
+    local, remote = _pair(dev, Counting)
+    rbox = Box(torch.zeros(4).to(dev))
+    x = torch.randn(2, 4).to(dev)
+    with torch.no_grad():
+        for _ in range(5):
+            remote(x, rbox)
+    assert rbox.calls == 5 and R.stats(dev)["step_replays"] == 0
+
+
+def test_forward_that_keeps_a_tensor_it_made_is_never_captured(dev):
+    class Keeping(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 4))
+            self.last = None
+
+        def forward(self, x):
+            y = x @ self.w
+            self.last = y * 2  # held in module state, not returned
+            return y + 1
+
+    model = R.graph_mode(Keeping().to(dev))
+    with torch.no_grad():
+        for k in range(5):
+            x = torch.full((1, 4), float(k)).to(dev)
+            model(x)
+            torch.testing.assert_close(model.last.cpu(), (x.cpu() @ model.w.detach().cpu()) * 2)
+    assert R.stats(dev)["step_replays"] == 0
+
+
+def test_forward_that_syncs_is_never_captured(dev):
+    class Branching(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.eye(2))
+
+        def forward(self, x):
+            return x * 2 if x.sum().item() > 0 else x * 3
+
+    model = R.graph_mode(Branching().to(dev))
+    with torch.no_grad():
+        outs = [model(torch.tensor([s, s]).to(dev)).cpu().tolist() for s in (1.0, 1.0, 1.0, -1.0)]
+    assert outs == [[2.0, 2.0]] * 3 + [[-3.0, -3.0]]
+    assert R.stats(dev)["step_replays"] == 0
+
+
+def test_replaced_weights_are_read_again(dev):
+    local, remote = _pair(dev)
+    rbox = Box(torch.zeros(4).to(dev))
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        for _ in range(4):
+            remote(x.to(dev), rbox)
+        assert R.stats(dev)["step_replays"] >= 1
+        new = torch.randn(4, 4)
+        remote.w = torch.nn.Parameter(new.to(dev))  # a new tensor: the step must not use the old one
+        got = remote(x.to(dev), rbox)["y"].cpu()
+        torch.testing.assert_close(got, torch.tanh(x @ new))
+        remote.w.copy_(torch.ones(4, 4))  # written in place: the same tensor, new values
+        for _ in range(3):
+            got = remote(x.to(dev), rbox)["y"].cpu()
+        torch.testing.assert_close(got, torch.tanh(x @ torch.ones(4, 4)))
+
+
+def test_inputs_that_alias_differently_are_recorded(dev):
+    class Two(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, a, b):
+            a.add_(1)
+            return b * self.w  # sees a's write when b is a
+
+    model = R.graph_mode(Two().to(dev))
+    with torch.no_grad():
+        for _ in range(4):  # captured with a and b the same tensor: one source for both
+            same = torch.zeros(3).to(dev)
+            assert model(same, same).cpu().tolist() == [1.0, 1.0, 1.0]
+        assert R.stats(dev)["step_replays"] >= 1
+        out = model(torch.zeros(3).to(dev), torch.zeros(3).to(dev))
+    assert out.cpu().tolist() == [0.0, 0.0, 0.0]
+
+
+def test_capture_off_runs_python_every_call(dev):
+    torch.manual_seed(0)
+    remote = R.graph_mode(Accumulate().to(dev), capture=False)
+    rbox = Box(torch.zeros(4).to(dev))
+    with torch.no_grad():
+        for _ in range(4):
+            remote(torch.randn(2, 4).to(dev), rbox)
+    stats = R.stats(dev)
+    assert stats["step_replays"] == 0 and stats["graph_replays"] > 0
+
+
+def test_generate_replays_decode_steps_without_python(dev):
+    torch.manual_seed(0)
+    local = transformers.GPT2LMHeadModel(DECODERS["gpt2"]()).eval()
+    remote = transformers.GPT2LMHeadModel(DECODERS["gpt2"]()).eval()
+    remote.load_state_dict(local.state_dict())
+    remote = R.graph_mode(remote.to(dev))
+    ids = torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation="static")
+    with torch.no_grad():
+        for _ in range(2):  # a second generate reuses the steps with a new cache object
+            want = local.generate(ids, **kw)
+            before = R.stats(dev)["step_replays"]
+            got = remote.generate(ids.to(dev), **kw)
+            assert torch.equal(got.cpu(), want)
+            assert R.stats(dev)["step_replays"] - before >= 8
