@@ -107,6 +107,7 @@ def worker(
     task: Optional[str] = typer.Option(None, help="Override the model task (e.g. classification)."),
     threads: Optional[int] = typer.Option(None, help="Torch CPU threads."),
     step_delay: float = typer.Option(0.0, hidden=True, help="Sleep per decode step (emulates a slow device)."),
+    graph: bool = typer.Option(True, "--graph/--no-graph", help="Assisted: replay decode steps as captured graphs."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve one model for a router: register, heartbeat, run batches until stopped."""
@@ -119,7 +120,8 @@ def worker(
     try:
         cfg = WorkerConfig(router_url=router, kind=kind, model=model or DEFAULT_MODEL, gpu_server=gpu_server,
                            token=token_file.read_text().strip() if token_file else None, worker_id=worker_id,
-                           max_batch=max_batch, shrink=shrink, task=task, threads=threads, step_delay_s=step_delay)
+                           max_batch=max_batch, shrink=shrink, task=task, threads=threads, step_delay_s=step_delay,
+                           graph=graph)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     try:

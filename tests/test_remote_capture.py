@@ -193,3 +193,20 @@ def test_generate_replays_decode_steps_without_python(dev):
             got = remote.generate(ids.to(dev), **kw)
             assert torch.equal(got.cpu(), want)
             assert R.stats(dev)["step_replays"] - before >= 8
+
+
+def test_assisted_engine_replays_decode_steps_with_the_same_tokens(dev):
+    """The serving engine as an assisted worker runs it: static cache, 4-D mask, graph mode."""
+    from caserve.models import DEFAULT_MODEL, load_model
+    from caserve.serving.engine import Engine
+
+    from test_serving_engine import rows, run
+
+    want = run(Engine(load_model(DEFAULT_MODEL)), rows())  # dynamic cache, local
+    lm = load_model(DEFAULT_MODEL, device=dev)
+    R.graph_mode(lm.model)
+    engine = Engine(lm, static_cache=True)
+    assert engine.static_cache
+    for _ in range(2):
+        assert run(engine, rows()) == want
+    assert R.stats(dev)["step_replays"] >= 20

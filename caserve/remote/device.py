@@ -99,6 +99,22 @@ def _copy_from(src: torch.Tensor, dst: torch.Tensor, non_blocking: bool = False)
     return run_op(torch.ops.aten.copy_.default, (dst, src), {})
 
 
+# Factories planned and sent as one op (the composite path would send an allocation plus an out= op).
+_FACTORIES = ("arange", "arange.start", "arange.start_step", "full", "zeros", "ones", "scalar_tensor")
+
+
+def _factory_kernel(name: str):
+    op = getattr(torch.ops.aten, name.split(".")[0])
+    op = getattr(op, name.split(".")[1] if "." in name else "default")
+
+    def kernel(*args, **kwargs):
+        if kwargs.get("pin_memory"):
+            raise RuntimeError("pin_memory applies to CPU tensors, not the caserve device")
+        return run_op(op, args, {k: v for k, v in kwargs.items() if v is not None})
+
+    return kernel
+
+
 def _backend_fallback(op, *args, **kwargs):
     """Any other op that reaches the backend without a caserve tensor argument: a factory such as
     ``tril_indices``. It runs on the CPU and its result is uploaded."""
@@ -137,6 +153,8 @@ def install() -> None:
         lib.impl("empty.memory_format", _empty_memory_format, "PrivateUse1")
         lib.impl("empty_strided", _empty_strided, "PrivateUse1")
         lib.impl("_copy_from", _copy_from, "PrivateUse1")
+        for name in _FACTORIES:
+            lib.impl(name, _factory_kernel(name), "PrivateUse1")
         fallback = torch.library.Library("_", "IMPL")
         fallback.fallback(_backend_fallback_boxed, "PrivateUse1")
         _LIBS.extend([lib, fallback])

@@ -86,7 +86,9 @@ class Engine:
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         # A static KV cache makes every decode step of a batch the same shapes and, with a 4-D mask,
         # free of device syncs inside forward: what a remote device wants (causal LMs only).
-        self.static_cache = static_cache and not self.seq2seq and "cache_position" in params
+        # (transformers >= 5.2x tracks the cache position inside StaticCache; older ones take cache_position.)
+        self._takes_cache_position = "cache_position" in params
+        self.static_cache = static_cache and not self.seq2seq and self._cache_arg in params
 
     @property
     def tasks(self) -> set[str]:
@@ -215,7 +217,8 @@ class Engine:
             width = ids.shape[1]
             length = -(-(width + max(r.max_new for r in rows)) // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND
             mask = torch.cat([mask, torch.zeros(len(rows), length - width, dtype=mask.dtype)], dim=1)
-            kwargs["cache_position"] = torch.arange(width).to(self.device)
+            if self._takes_cache_position:
+                kwargs["cache_position"] = torch.arange(width).to(self.device)
             kwargs[self._cache_arg] = StaticCache(config=self.model.config, max_cache_len=length)
         kwargs["attention_mask"] = mask.to(self.device)
         if self._takes_positions:
@@ -233,7 +236,8 @@ class Engine:
         if self.static_cache:
             mask = state["mask"].clone()  # a new tensor: an uploaded one may still be in flight
             mask[:, t] = 1  # [B, L]
-            kwargs["cache_position"] = torch.tensor([t]).to(self.device)
+            if self._takes_cache_position:
+                kwargs["cache_position"] = torch.tensor([t]).to(self.device)
         else:
             mask = torch.cat([state["mask"], torch.ones(batch, 1, dtype=state["mask"].dtype)], dim=1)  # [B, t+1]
         pos = state["pos"] + 1  # [B, 1]

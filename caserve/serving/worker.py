@@ -52,6 +52,7 @@ class WorkerConfig:
     task: Optional[str] = None
     threads: Optional[int] = None
     step_delay_s: float = 0.0
+    graph: bool = True  # assisted: decode steps replayed as captured graphs (caserve.remote.graph_mode)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -128,6 +129,10 @@ class Worker:
         device = self.device = open_device(c.kind, c.gpu_server, c.token)
         lm = load_model(c.model, device=device, shrink=c.shrink, task=c.task)  # type: ignore[arg-type]
         logger.info("worker %s: loaded %s (%s) on %s", c.worker_id, lm.label, lm.task, device)
+        if c.kind == "assisted" and c.graph:
+            from caserve.remote import graph_mode
+
+            graph_mode(lm.model)  # a decode step of a batch shape becomes one message after two steps
         # Assisted: a static KV cache with a 4-D mask keeps decode shapes fixed and needs no device sync
         # inside forward (several times faster per token over the remote runtime; identical outputs).
         return Engine(lm, step_delay_s=c.step_delay_s, static_cache=c.kind == "assisted")
