@@ -32,7 +32,7 @@ from caserve.remote.codec import (
 )
 from caserve.remote.errors import RemoteError
 from caserve.remote.session import FLUSH_BYTES, Session
-from caserve.remote.tensor import _DISPATCH, LAZY, LIVE, RemoteStorage, RemoteTensor, resize_empty
+from caserve.remote.tensor import _DISPATCH, LAZY, LIVE, RemoteStorage, RemoteTensor, resize_empty, wrap
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +142,9 @@ def _geom(t: torch.Tensor) -> tuple:
 
 
 def _node(kind: str, index: int, g: tuple) -> tuple:
-    """A plan leaf: kind, slot or output index, dtype, size, stride, offset, storage bytes."""
-    return (kind, index, *g, extent(g[1], g[2], g[3]) * g[0].itemsize)
+    """A plan leaf: kind, slot or output index, dtype, size, stride, offset, storage bytes, and
+    (dtype, size, stride, offset) again as one tuple, which becomes the output's ``_cs``."""
+    return (kind, index, *g, extent(g[1], g[2], g[3]) * g[0].itemsize, tuple(g))
 
 
 def _make_plan(session: Session, func, args, kwargs, slots: list[RemoteTensor]) -> Plan:
@@ -271,7 +272,7 @@ def _unshare(st: RemoteStorage) -> None:
 def _build(n: Any, slots: list[RemoteTensor], fresh: list[RemoteStorage]) -> Any:
     k = n[0]
     if k == "F":
-        return RemoteTensor(fresh[n[1]], n[2], n[3], n[4], n[5], n[6])
+        return wrap(fresh[n[1]], n[7], n[6])
     if k == "S" or k == "R":
         return slots[n[1]]
     if k == "V":
@@ -279,8 +280,8 @@ def _build(n: Any, slots: list[RemoteTensor], fresh: list[RemoteStorage]) -> Any
         if torch.is_inference_mode_enabled() and not base.is_inference():
             # A view of a normal tensor must be a normal tensor: torch shares the base's version counter.
             with torch.inference_mode(False):
-                return RemoteTensor(base._st, n[2], n[3], n[4], n[5], n[6])
-        return RemoteTensor(base._st, n[2], n[3], n[4], n[5], n[6])
+                return wrap(base._st, n[7], n[6])
+        return wrap(base._st, n[7], n[6])
     if k == "L":
         return [_build(c, slots, fresh) for c in n[1]]
     if k == "T":
@@ -357,7 +358,8 @@ def run_op(func, args: tuple, kwargs: dict) -> Any:
             plan = session.cache[key] = _make_plan(session, func, args, kwargs, slots)
         if plan.tid == 0:
             return _build(plan.out, slots, [])
-        session.check_open()
+        if session.closed is not None:
+            session.check_open()
         for slot, g in plan.replace:
             resize_empty(slots[slot], *g)
         for i in plan.write_slots:
@@ -375,7 +377,7 @@ def run_op(func, args: tuple, kwargs: dict) -> Any:
         if out[0] == "F":  # one fresh tensor: the common case, built without the generic walk
             st = RemoteStorage(session, out[2])
             session.emit(P.Run(plan.tid, handles, [st.handle], scalars))
-            return RemoteTensor(st, out[2], out[3], out[4], out[5], out[6])
+            return wrap(st, out[7], out[6])
         fresh = [RemoteStorage(session, None) for _ in range(plan.nfresh)]  # type: ignore[arg-type]
         session.emit(P.Run(plan.tid, handles, [st.handle for st in fresh], scalars))
         return _build(out, slots, fresh)

@@ -24,7 +24,8 @@ class RemoteStorage:
 
     def __init__(self, session: Session, dtype: torch.dtype, alloc: tuple | None = None) -> None:
         self.session = session
-        self.handle = session.new_handle()
+        self.handle = h = session.next_handle  # Session.new_handle, inlined: this runs for every op
+        session.next_handle = h + 1
         self.dtype = dtype
         # LAZY: created by empty(); allocated on the server only when first used (``alloc`` = size, stride),
         # so a tensor that is immediately overwritten by an upload costs no allocation.
@@ -81,6 +82,19 @@ class RemoteTensor(torch.Tensor):
     def __repr__(self, *, tensor_contents=None) -> str:  # noqa: D105
         body = repr(self.detach().to("cpu"))
         return body[:-1] + f", device='{self.device}')" if body.endswith(")") else body
+
+
+_WRAP = torch.Tensor._make_wrapper_subclass
+
+
+def wrap(st: RemoteStorage, cs: tuple, nbytes: int) -> RemoteTensor:
+    """``RemoteTensor(st, *cs, nbytes)`` for a plan's output, whose ``cs`` tuple is built once per plan."""
+    dtype, size, stride, offset = cs
+    t = _WRAP(RemoteTensor, size, strides=stride, storage_offset=offset, dtype=dtype, device=st.session.device,
+              storage_size=nbytes or EMPTY_ROOM)
+    t._st = st
+    t._cs = cs
+    return t
 
 
 def resize_empty(t: RemoteTensor, dtype: torch.dtype, size: tuple, stride: tuple, offset: int) -> None:
