@@ -295,7 +295,8 @@ def sim_cmd(
 @bench_app.command("remote-overhead")
 def bench_remote_overhead(
     models: str = typer.Option("tiny-gpt2,gpt2-124m", help="Comma-separated: tiny-gpt2, gpt2-124m."),
-    modes: str = typer.Option("eager,graph", help="Comma-separated: eager (dynamic KV cache), graph (graph mode)."),
+    modes: str = typer.Option("eager,graph,engine", help="Comma-separated: eager (generate, dynamic KV cache), "
+                              "graph (generate in graph mode), engine (caserve's serving engine, as workers run it)."),
     server: Optional[str] = typer.Option(None, help="host:port of a running GPU server (default: start one here)."),
     device: str = typer.Option("auto", help="Device of the GPU server this command starts."),
     native_device: str = typer.Option("cpu", help="Device of the native baseline (cuda on a GPU node)."),

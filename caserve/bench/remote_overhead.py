@@ -1,7 +1,10 @@
 """``caserve bench remote-overhead``: what forwarding ATen ops to a GPU server costs per token.
 
 For each model, the same greedy decode runs natively (in this process, on ``--native-device``) and on a
-caserve device backed by a GPU server subprocess on this host. Reported per generated token: wall
+caserve device backed by a GPU server subprocess on this host. Modes: ``eager`` and ``graph`` run
+Transformers' ``generate`` (dynamic KV cache; static cache in graph mode), ``engine`` runs caserve's own
+serving engine the way workers do (native: dynamic cache; assisted: static cache, graph mode, sampling on
+the CPU node). Reported per generated token: wall
 milliseconds, ATen ops intercepted, op records and frames sent, bytes sent, and CPU-seconds of the GPU
 server process next to the native process's own. Both runs are warmed up with one identical generate
 first, so every op plan is cached, as in a serving steady state.
@@ -70,7 +73,14 @@ def _generate(model, ids, n: int, cache: str) -> None:
                        cache_implementation=cache)
 
 
-MODES = {"eager": "dynamic", "graph": "static"}  # mode -> KV cache: graph mode needs shapes that repeat
+def _engine_decode(engine, ids: list[int], n: int) -> None:
+    params = {"max_tokens": n, "temperature": 0, "top_p": 1, "stop": [], "seed": None, "ignore_eos": True}
+    row = {"dispatch": "bench", "task": "generate", "prompt_ids": ids, "params": params}
+    engine.run([row], lambda event: None, lambda dispatch: False)
+
+
+# mode -> KV cache of generate (graph mode needs shapes that repeat); engine: the serving engine's own
+MODES = {"eager": "dynamic", "graph": "static", "engine": "engine"}
 
 
 def measure(name: str, mode: str, address: str, transport: str, native_device: str, new_tokens: int,
@@ -88,20 +98,31 @@ def measure(name: str, mode: str, address: str, transport: str, native_device: s
     native_sync = torch.cuda.synchronize if native_device.startswith("cuda") else (lambda: None)
 
     dev = R.connect(address, transport=transport)
-    remote = load_model(MODELS[name], device=dev).model
-    if mode == "graph":
+    rloaded = load_model(MODELS[name], device=dev)
+    remote = rloaded.model
+    if mode in ("graph", "engine"):
         R.graph_mode(remote)
     rids = ids.to(dev)
+    if mode == "engine":
+        from caserve.serving.engine import Engine
+
+        native_engine, remote_engine = Engine(loaded), Engine(rloaded, static_cache=True)  # as workers run them
+        prompt = ids[0].tolist()
+        run_native = lambda: _engine_decode(native_engine, prompt, new_tokens)  # noqa: E731
+        run_remote = lambda: _engine_decode(remote_engine, prompt, new_tokens)  # noqa: E731
+    else:
+        run_native = lambda: _generate(native, nids, new_tokens, cache)  # noqa: E731
+        run_remote = lambda: _generate(remote, rids, new_tokens, cache)  # noqa: E731
     remote_sync = lambda: torch.caserve.synchronize(dev)  # noqa: E731
     native_runs, remote_runs, server_cpu, counts = [], [], [], []
-    _generate(native, nids, new_tokens, cache)  # warm-up: caches, op plans, graphs, allocators
-    _generate(remote, rids, new_tokens, cache)
-    _generate(remote, rids, new_tokens, cache)
+    run_native()  # warm-up: caches, op plans, graphs, allocators
+    run_remote()
+    run_remote()
     for _ in range(runs):
-        native_runs.append(_timed_once(native, nids, new_tokens, cache, native_sync))
+        native_runs.append(_timed_once(run_native, native_sync))
         before = R.server_stats(dev)["cpu_seconds"]
         s0 = R.stats(dev)
-        wall, _ = _timed_once(remote, rids, new_tokens, cache, remote_sync)
+        wall, _ = _timed_once(run_remote, remote_sync)
         s1 = R.stats(dev)
         server_cpu.append(R.server_stats(dev)["cpu_seconds"] - before)
         remote_runs.append(wall)
@@ -118,10 +139,10 @@ def measure(name: str, mode: str, address: str, transport: str, native_device: s
                   med["frames"], med["bytes_sent"], med["syncs"], native_cpu, server, server / native_cpu, runs)
 
 
-def _timed_once(model, ids, n: int, cache: str, sync) -> tuple[float, float]:
+def _timed_once(fn, sync) -> tuple[float, float]:
     sync()
     wall, cpu = time.perf_counter(), time.process_time()
-    _generate(model, ids, n, cache)
+    fn()
     sync()
     return time.perf_counter() - wall, time.process_time() - cpu
 
