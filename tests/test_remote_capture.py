@@ -210,3 +210,14 @@ def test_assisted_engine_replays_decode_steps_with_the_same_tokens(dev):
     for _ in range(2):
         assert run(engine, rows()) == want
     assert R.stats(dev)["step_replays"] >= 20
+
+
+def test_forward_with_autograd_recording_is_never_captured(dev):
+    torch.manual_seed(0)
+    remote = R.graph_mode(Accumulate().to(dev))
+    rbox = Box(torch.zeros(4).to(dev))
+    x = torch.randn(2, 4).to(dev)
+    for _ in range(4):  # grad enabled: outputs need their autograd history, which only Python builds
+        out = remote(x, rbox)
+    assert out["y"].requires_grad and out["y"].grad_fn is not None
+    assert R.stats(dev)["step_replays"] == 0

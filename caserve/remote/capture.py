@@ -71,8 +71,10 @@ class CallLog:
 
 def call_key(args: tuple, kwargs: dict, leaves: list[Any]) -> tuple:
     """The key of a call; ``leaves`` receives every caserve tensor and plain object in it, in order."""
-    return (_walk(args, leaves, 0), _walk(kwargs, leaves, 0), torch.is_grad_enabled(),
-            torch.is_inference_mode_enabled())
+    if torch.is_grad_enabled():
+        raise Uncapturable("autograd is recording (a replay would return tensors without history)")
+    return (_walk(args, leaves, 0), _walk(kwargs, leaves, 0), torch.is_inference_mode_enabled(),
+            torch.get_default_dtype(), torch.is_autocast_enabled())
 
 
 def _walk(x: Any, leaves: list[Any], depth: int) -> Any:
@@ -89,6 +91,10 @@ def _walk(x: Any, leaves: list[Any], depth: int) -> Any:
     if t is tuple or t is list:
         return (t, tuple([_walk(v, leaves, depth) for v in x]))
     if t is dict:
+        return (t, tuple([(k, _walk(v, leaves, depth)) for k, v in x.items()]))
+    if isinstance(x, (tuple, list)):  # named tuples and other sequence types
+        return (t, tuple([_walk(v, leaves, depth) for v in x]))
+    if isinstance(x, dict):  # ordered dicts, model outputs passed back in
         return (t, tuple([(k, _walk(v, leaves, depth)) for k, v in x.items()]))
     if isinstance(x, torch.Tensor):
         raise Uncapturable(f"a {x.device} tensor is passed to forward")
@@ -307,6 +313,8 @@ class Capture:
         held = made - log.freed - {base + r for r in keep}
         if held:
             raise Uncapturable(f"forward keeps {len(held)} tensors it made outside its return value")
+        if any(base + r not in made for r in keep):
+            raise Uncapturable("forward returns a tensor it never wrote (an empty one)")
         behaviour = (sig, end - base, tuple(sources), tuple(scalars), tuple(keep), tuple(outs), spec,
                      _aliases(leaves))
         return behaviour, (recs, weights)
