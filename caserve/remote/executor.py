@@ -18,6 +18,7 @@ import torch
 from caserve.remote import protocol as P
 from caserve.remote.blobs import BlobStore
 from caserve.remote.codec import DTYPE_NAMES, extent, flatten_fresh
+from caserve.remote.replay import GraphProgram, Output, compile_graph, conform, payload_at, tensor_from_bytes
 from caserve.remote.templates import (
     MAX_TEMPLATES,
     QuotaError,
@@ -52,7 +53,7 @@ def parse_size(text: str | int | None) -> int:
     return int(float(num) * units[unit])
 
 
-@dataclass
+@dataclass(slots=True)
 class Storage:
     tensor: torch.Tensor
     geom: tuple[tuple[int, ...], tuple[int, ...], int]
@@ -80,7 +81,7 @@ class Tenant:
         self.memory_limit = memory_limit
         self.storages: dict[int, Storage] = {}
         self.templates: dict[int, Template] = {}
-        self.graphs: dict[int, list[tuple]] = {}  # graph mode: recorded records, templates resolved
+        self.graphs: dict[int, GraphProgram] = {}  # graph mode: checked and compiled DefineGraphs
         self.bytes = 0
         self.error: P.RemoteFailure | None = None
         self.stats = TenantStats()
@@ -235,22 +236,8 @@ class Tenant:
         else:  # pragma: no cover - the decoder admits only the types above
             raise TenantError(f"unknown op record {t.__name__}")
 
-    @staticmethod
-    def _payload(payloads: list[memoryview], index: int) -> memoryview:
-        if not (type(index) is int and 0 <= index < len(payloads)):
-            raise TenantError(f"payload segment {index!r} does not exist")
-        return payloads[index]
-
-    @staticmethod
-    def _from_bytes(data: memoryview, dtype: torch.dtype, size: tuple[int, ...]) -> torch.Tensor:
-        numel = 1
-        for s in size:
-            numel *= s
-        if numel * dtype.itemsize != len(data):
-            raise TenantError(f"payload of {len(data)} bytes does not hold {size} of {dtype}")
-        if numel == 0:
-            return torch.empty(size, dtype=dtype)
-        return torch.frombuffer(data, dtype=torch.uint8).view(dtype).view(size)
+    _payload = staticmethod(payload_at)
+    _from_bytes = staticmethod(tensor_from_bytes)
 
     def _upload(self, op: P.Upload, data: memoryview) -> None:
         dt, size, _, _ = check_geom(op.dtype, op.size, [0] * len(op.size), 0)
@@ -331,27 +318,79 @@ class Tenant:
             raise TenantError(f"more than {MAX_GRAPHS} graphs", "limit")
         if len(op.ops) > MAX_GRAPH_OPS:
             raise TenantError(f"a graph may hold at most {MAX_GRAPH_OPS} records", "limit")
-        steps: list[tuple] = []
-        for rec in op.ops:
-            if type(rec) is P.Run:
-                tpl = self.templates.get(rec.tid)
-                if tpl is None:
-                    raise TenantError(f"graph {op.gid} uses unknown op template {rec.tid}")
-                steps.append((tpl, rec.slots, rec.outs))  # the template is resolved once, here
-            else:
-                steps.append((None, rec, None))
-        self.graphs[op.gid] = steps
+        self.graphs[op.gid] = compile_graph(op, self.templates, self.device)
 
     def _replay(self, op: P.Replay, payloads: list[memoryview]) -> None:
-        """Run a graph's records with references turned into this replay's handles."""
-        steps = self.graphs.get(op.gid)
-        if steps is None:
+        """Run a graph with references turned into this replay's handles (see caserve.remote.replay).
+
+        ``op.keep`` None: every handle the graph makes is bound. A list: only those references are bound;
+        everything else the graph made is dropped when the replay ends.
+        """
+        prog = self.graphs.get(op.gid)
+        if prog is None:
             raise TenantError(f"unknown graph {op.gid}")
-        base, ext, scalars = op.base, op.ext, op.scalars
+        base = op.base
         if type(base) is not int or base < 0:
             raise TenantError("invalid graph base handle")
+        kept = None if op.keep is None else prog.check_keep(op.keep)
+        views = self._replay_views(prog, op, kept) if prog.run is not None else None
+        if views is None:  # not compiled, or a check failed: the record-by-record path says which op
+            self._replay_records(prog, op, payloads, kept)
+            return
+        regs: list[Any] = [None] * prog.n_regs
+        try:
+            prog.run(regs, views, op.scalars, self.gen, payloads, op.payload_base)
+        except Exception as exc:  # noqa: BLE001 - reported like an eager op's failure
+            step = prog.step_of(exc)
+            self.fail(prog.names[step] if step is not None else "Replay", exc)
+            if kept is None and step is not None:
+                # As if run record by record: what the graph made so far is bound, the rest goes on.
+                self._bind_outputs(base, regs, [o for o in prog.outputs if regs[o.reg] is not None])
+                self._replay_records(prog, op, payloads, None, step + 1)
+            return
+        self._bind_outputs(base, regs, prog.outputs if kept is None else kept)
+
+    def _replay_views(self, prog: GraphProgram, op: P.Replay, kept: list[Output] | None) -> list[Any] | None:
+        """The external views a compiled replay runs on, or None when any check fails: an external handle
+        unknown, of another dtype, too small or a shared weight it writes; scalars that do not fit; a
+        handle it binds already in use; no room for what it makes."""
+        ext, scalars, storages = op.ext, op.scalars, self.storages
+        if len(ext) < prog.n_ext or len(scalars) != prog.n_scalars:
+            return None
+        if scalars and tuple(map(type, scalars)) != prog.scalar_types:
+            return None
+        if self.memory_limit and self.bytes + prog.out_nbytes > self.memory_limit:
+            return None
+        base = op.base
+        for o in prog.outputs if kept is None else kept:
+            if base + o.ref in storages:
+                return None
+        views: list[Any] = [None] * prog.n_views
+        for e in prog.externals:
+            st = storages.get(ext[e.index])
+            if st is None or st.tensor.dtype is not e.dtype or e.extent > st.numel or (e.written and st.blob is not None):
+                return None
+            t = st.tensor
+            for geom, i in e.views.items():
+                views[i] = t if geom == st.geom else t.as_strided(*geom)
+        return views
+
+    def _bind_outputs(self, base: int, regs: list[Any], outputs: list[Output]) -> None:
+        storages = self.storages
+        nbytes = 0
+        for o in outputs:
+            storages[base + o.ref] = Storage(regs[o.reg], o.geom, o.numel, o.nbytes, None)
+            nbytes += o.nbytes
+        self.bytes += nbytes
+
+    def _replay_records(self, prog: GraphProgram, op: P.Replay, payloads: list[memoryview],
+                        kept: list[Output] | None, start: int = 0) -> None:
+        """Run a graph record by record from step ``start``, each through the table like an eager record."""
+        base, ext, scalars = op.base, op.ext, op.scalars
         n_ext = len(ext)
-        used = 0  # scalars consumed so far: each Run step takes as many as its template has slots
+        # A keep-replay binds everything as it goes, then drops what it does not keep (never a handle
+        # that was bound before it began).
+        made = [base + o.ref for o in prog.outputs if base + o.ref not in self.storages] if kept is not None else []
 
         def handle(r: int) -> int:
             if r >= 0:
@@ -360,32 +399,31 @@ class Tenant:
                 raise TenantError(f"graph {op.gid} needs external handle {-r - 1}; the replay gave {n_ext}")
             return ext[-r - 1]
 
-        for tpl, a, b in steps:
-            try:
-                if tpl is not None:
-                    n = len(tpl.scalar_types)
-                    mine, used = scalars[used:used + n], used + n
-                    self._run_template(tpl, [handle(r) for r in a], [handle(r) for r in b], mine)
-                else:
-                    fields = {"handle": handle(a.handle)}
-                    if hasattr(a, "payload"):
-                        fields["payload"] = op.payload_base + a.payload
-                    self._dispatch(msgspec.structs.replace(a, **fields), payloads)
-            except Exception as exc:  # noqa: BLE001 - reported like an eager op's failure
-                self.fail(tpl.name if tpl is not None else type(a).__name__, exc)
-        if used != len(scalars):
-            raise TenantError(f"graph {op.gid} takes {used} scalars; the replay gave {len(scalars)}")
+        try:
+            for i in range(start, len(prog.steps)):
+                tpl, a, b = prog.steps[i]
+                try:
+                    if tpl is not None:
+                        used = prog.scalar_offsets[i]
+                        mine = scalars[used:used + len(tpl.scalar_types)]
+                        self._run_template(tpl, [handle(r) for r in a], [handle(r) for r in b], mine)
+                    else:
+                        fields = {"handle": handle(a.handle)}
+                        if hasattr(a, "payload"):
+                            fields["payload"] = op.payload_base + a.payload
+                        self._dispatch(msgspec.structs.replace(a, **fields), payloads)
+                except Exception as exc:  # noqa: BLE001 - reported like an eager op's failure
+                    self.fail(prog.names[i], exc)
+            if prog.n_scalars != len(scalars):
+                raise TenantError(f"graph {op.gid} takes {prog.n_scalars} scalars; the replay gave {len(scalars)}")
+        finally:
+            if kept is not None:
+                keep = {base + o.ref for o in kept}
+                self.free([h for h in made if h not in keep])
 
-    def _conform(self, t: torch.Tensor, want: tuple[torch.dtype, tuple, tuple, int]) -> torch.Tensor:
-        """Give an output exactly the layout the client computed, so that its views stay right."""
-        dt, size, stride, offset = want
-        if t.dtype is not dt:
-            raise TenantError(f"output dtype {t.dtype} differs from the expected {dt}")
-        if t.stride() == stride and t.shape == size and t.storage_offset() == offset:
-            return t
-        out = torch.empty(extent(size, stride, offset), dtype=dt, device=t.device).as_strided(size, stride, offset)
-        out.copy_(t)
-        return out
+    @staticmethod
+    def _conform(t: torch.Tensor, want: tuple[torch.dtype, tuple, tuple, int]) -> torch.Tensor:
+        return conform(t, want)
 
     # -- sync requests ------------------------------------------------------------------------
 

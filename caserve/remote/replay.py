@@ -1,0 +1,326 @@
+"""Graph programs: a tenant's DefineGraph checked once and compiled into one straight-line function.
+
+A graph's records name values by *reference* (``r >= 0``: a handle the graph makes, ``r < 0``: an
+external handle of the replay). Everything about references is static, so it is checked here, once:
+each value read is made by an earlier record or is external, every template exists and fits its
+record, the geometry of every internal value is known from its template's outputs, so each view of
+one is chosen (the tensor itself or ``as_strided``) and checked at definition time.
+
+What is left for a replay is what only it knows: its external handles (checked once per replay
+against what the program needs of each: dtype, extent, whether it is written), its scalar values and
+its payloads. The program then runs over a register list; its source is generated from register,
+constant and scalar indices and the templates' own builder pieces (see :mod:`caserve.remote.templates`),
+never from client text.
+
+Graphs holding a record the program does not compile (a shared upload) run on the record-by-record
+path in :class:`caserve.remote.executor.Tenant`, which also takes over whenever a replay's up-front
+checks fail, so that errors read exactly as they always have.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from caserve.remote import protocol as P
+from caserve.remote.codec import extent, flatten_fresh
+from caserve.remote.templates import Template, TenantError, check_geom
+
+Geom = tuple[tuple[int, ...], tuple[int, ...], int]
+Want = tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]
+
+_TOKEN = re.compile(r"\b([TSC])\[(\d+)\]")
+
+
+def payload_at(payloads: list[memoryview], index: int) -> memoryview:
+    if not (type(index) is int and 0 <= index < len(payloads)):
+        raise TenantError(f"payload segment {index!r} does not exist")
+    return payloads[index]
+
+
+def tensor_from_bytes(data: memoryview, dtype: torch.dtype, size: tuple[int, ...]) -> torch.Tensor:
+    numel = 1
+    for s in size:
+        numel *= s
+    if numel * dtype.itemsize != len(data):
+        raise TenantError(f"payload of {len(data)} bytes does not hold {size} of {dtype}")
+    if numel == 0:
+        return torch.empty(size, dtype=dtype)
+    return torch.frombuffer(data, dtype=torch.uint8).view(dtype).view(size)
+
+
+def conform(t: torch.Tensor, want: Want) -> torch.Tensor:
+    """Give an output exactly the layout the client computed, so that its views stay right."""
+    dt, size, stride, offset = want
+    if t.dtype is not dt:
+        raise TenantError(f"output dtype {t.dtype} differs from the expected {dt}")
+    if t.stride() == stride and t.shape == size and t.storage_offset() == offset:
+        return t
+    out = torch.empty(extent(size, stride, offset), dtype=dt, device=t.device).as_strided(size, stride, offset)
+    out.copy_(t)
+    return out
+
+
+def _fresh_outputs(fn: torch._ops.OpOverload, result: Any, wants: list[Want], name: str) -> list[torch.Tensor]:
+    fresh = flatten_fresh(fn, result)
+    if len(fresh) != len(wants):
+        raise TenantError(f"{name} returned {len(fresh)} tensors, the client expected {len(wants)}")
+    return [conform(t, w) for t, w in zip(fresh, wants)]
+
+
+def _upload(payloads: list[memoryview], index: int, dtype: torch.dtype, size: tuple[int, ...],
+            device: torch.device) -> torch.Tensor:
+    return tensor_from_bytes(payload_at(payloads, index), dtype, size).to(device)
+
+
+def _copy_in(payloads: list[memoryview], index: int, dst: torch.Tensor, src_dtype: torch.dtype,
+             src_size: tuple[int, ...]) -> None:
+    dst.copy_(tensor_from_bytes(payload_at(payloads, index), src_dtype, src_size))
+
+
+@dataclass
+class Output:
+    """A value the graph makes: reference ``ref``, held in register ``reg`` during a replay."""
+
+    ref: int
+    reg: int
+    geom: Geom
+    numel: int
+    nbytes: int
+
+
+@dataclass
+class External:
+    """What a program needs of external handle ``ext[index]``; ``views`` maps geometry -> X index."""
+
+    index: int
+    dtype: torch.dtype
+    extent: int = 0
+    written: bool = False
+    views: dict[Geom, int] = field(default_factory=dict)
+
+
+@dataclass
+class GraphProgram:
+    gid: int
+    steps: list[tuple]  # the record-by-record form: (template, slot refs, out refs) or (None, record, None)
+    scalar_offsets: list[int]  # per step: the index of its first scalar in a replay's scalars
+    n_scalars: int
+    names: list[str]  # per step: the name failures are reported under
+    outputs: list[Output]
+    by_ref: dict[int, Output]
+    out_nbytes: int  # everything the graph makes, charged while a replay runs
+    # The compiled form; ``run`` is None for graphs that always take the record-by-record path.
+    run: Callable[..., None] | None = None
+    n_regs: int = 0
+    n_views: int = 0
+    n_ext: int = 0  # externals the program reads: a replay gives at least this many
+    scalar_types: tuple[type, ...] = ()
+    externals: list[External] = field(default_factory=list)
+    step_lines: list[int] = field(default_factory=list)  # first source line of each step
+
+    def check_keep(self, keep: list[int]) -> list[Output]:
+        """The outputs a keep-replay names: references this graph makes, each once."""
+        out: list[Output] = []
+        seen: set[int] = set()
+        for r in keep:
+            o = self.by_ref.get(r) if type(r) is int else None
+            if o is None:
+                raise TenantError(f"graph {self.gid} keeps reference {r!r}, which is not a handle it makes")
+            if r in seen:
+                raise TenantError(f"graph {self.gid} keeps reference {r} twice")
+            seen.add(r)
+            out.append(o)
+        return out
+
+    def step_of(self, exc: BaseException) -> int | None:
+        """The step a failure of ``run`` happened in, from the generated function's line."""
+        code = getattr(self.run, "__code__", None)
+        tb = exc.__traceback__
+        line = None
+        while tb is not None:
+            if tb.tb_frame.f_code is code:
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        if line is None:
+            return None
+        return max(0, bisect.bisect_right(self.step_lines, line) - 1)
+
+
+class _Builder:
+    """Generates a program's source: ``R`` registers, ``X`` external views, ``S`` scalars, ``G`` the
+    tenant's generator, ``PL``/``PB`` payloads and payload base; ``K`` holds every constant."""
+
+    def __init__(self, gid: int, device: torch.device) -> None:
+        self.gid = gid
+        self.device = device
+        self.consts: list[Any] = []
+        self.const_ids: dict[int, int] = {}
+        self.lines: list[str] = []
+        self.regs: dict[int, int] = {}  # internal reference -> register
+        self.outputs: list[Output] = []
+        self.by_ref: dict[int, Output] = {}
+        self.dtypes: dict[int, torch.dtype] = {}  # internal reference -> dtype
+        self.externals: dict[int, External] = {}
+        self.n_views = 0
+
+    def k(self, value: Any) -> str:
+        """A constant's place in ``K`` (objects shared by identity, so each template's constants once)."""
+        i = self.const_ids.get(id(value))
+        if i is None or self.consts[i] is not value:
+            i = self.const_ids[id(value)] = len(self.consts)
+            self.consts.append(value)
+        return f"K[{i}]"
+
+    def produce(self, ref: Any, dtype: torch.dtype, geom: Geom, step: int) -> str:
+        if type(ref) is not int or ref < 0:
+            raise TenantError(f"graph {self.gid}: step {step} makes reference {ref!r}; made values are >= 0")
+        if ref in self.regs:
+            raise TenantError(f"graph {self.gid}: reference {ref} is made twice")
+        reg = self.regs[ref] = len(self.regs)
+        numel = extent(*geom)
+        out = Output(ref, reg, geom, numel, numel * dtype.itemsize)
+        self.outputs.append(out)
+        self.by_ref[ref] = out
+        self.dtypes[ref] = dtype
+        return f"R[{reg}]"
+
+    def view(self, ref: Any, dtype: torch.dtype, geom: Geom, ext_: int, written: bool, step: int) -> str:
+        """The expression of a slot: reference ``ref`` seen as ``dtype``/``geom``."""
+        if type(ref) is not int:
+            raise TenantError(f"graph {self.gid}: step {step} reads reference {ref!r}")
+        if ref >= 0:
+            out = self.by_ref.get(ref)
+            if out is None:
+                raise TenantError(f"graph {self.gid}: step {step} reads reference {ref} before a step makes it")
+            if self.dtypes[ref] is not dtype:
+                raise TenantError(f"graph {self.gid}: step {step} reads reference {ref} ({self.dtypes[ref]}) as {dtype}")
+            if ext_ > out.numel:
+                raise TenantError(f"graph {self.gid}: step {step} views {geom} past the {out.numel} elements of "
+                                  f"reference {ref}")
+            reg = f"R[{out.reg}]"
+            if geom == out.geom:
+                return reg
+            return f"{reg}.as_strided({self.k(geom[0])}, {self.k(geom[1])}, {geom[2]})"
+        j = -ref - 1
+        e = self.externals.get(j)
+        if e is None:
+            e = self.externals[j] = External(j, dtype)
+        elif e.dtype is not dtype:
+            raise TenantError(f"graph {self.gid}: external handle {j} is read as {e.dtype} and as {dtype}")
+        e.extent = max(e.extent, ext_)
+        e.written = e.written or written
+        xi = e.views.get(geom)
+        if xi is None:
+            xi = e.views[geom] = self.n_views
+            self.n_views += 1
+        return f"X[{xi}]"
+
+    def run_step(self, tpl: Template, slots: list[int], outs: list[int], so: int, step: int) -> None:
+        if len(slots) != len(tpl.slots) or len(outs) != len(tpl.outs):
+            raise TenantError(f"graph {self.gid}: {tpl.name} takes {len(tpl.slots)} inputs and {len(tpl.outs)} outputs")
+        views = [self.view(r, s.dtype, s.geom, s.extent, i in tpl.write_slots, step)
+                 for i, (r, s) in enumerate(zip(slots, tpl.slots))]
+
+        def token(m: re.Match) -> str:
+            kind, i = m.group(1), int(m.group(2))
+            if kind == "T":
+                return views[i]
+            if kind == "S":
+                return f"S[{so + i}]"
+            return self.k(tpl.consts[i])
+
+        parts = [_TOKEN.sub(token, tpl.args_src)]
+        for name, expr in tpl.kwargs_src:
+            if not name.isidentifier():  # the template compiler admits schema names only; never else
+                raise TenantError(f"{tpl.name}: keyword {name!r}")
+            parts.append(f"{name}={_TOKEN.sub(token, expr)},")
+        if tpl.random:
+            parts.append("generator=G,")
+        call = f"{self.k(tpl.call)}({''.join(parts)})"
+        targets = [self.produce(r, w[0], w[1:], step) for r, w in zip(outs, tpl.outs)]
+        if not targets:
+            self.lines.append(call)
+        elif tpl.single:
+            want = tpl.outs[0]
+            self.lines.append(f"v = {call}")
+            # _conform, inlined for the common case of an output laid out as expected.
+            self.lines.append(f"if v.stride() != {self.k(want[2])} or v.storage_offset() != {want[3]} or "
+                              f"v.shape != {self.k(want[1])} or v.dtype is not {self.k(want[0])}: "
+                              f"v = {self.k(conform)}(v, {self.k(want)})")
+            self.lines.append(f"{targets[0]} = v")
+        else:
+            self.lines.append(f"{', '.join(targets)}, = {self.k(_fresh_outputs)}({self.k(tpl.fn)}, {call}, "
+                              f"{self.k(tpl.outs)}, {self.k(tpl.name)})")
+
+    def source(self) -> str:
+        body = "".join(f"    {line}\n" for line in self.lines) or "    pass\n"
+        return "def program(R, X, S, G, PL, PB):\n" + body
+
+
+def compile_graph(op: P.DefineGraph, templates: dict[int, Template], device: torch.device) -> GraphProgram:
+    """Check graph ``op`` against the tenant's templates and compile it (see the module docstring)."""
+    gid = op.gid
+    b = _Builder(gid, device)
+    steps: list[tuple] = []
+    offsets: list[int] = []
+    names: list[str] = []
+    scalar_types: list[type] = []
+    step_lines: list[int] = []
+    fast = True
+    for i, rec in enumerate(op.ops):
+        step_lines.append(len(b.lines) + 2)  # the body starts on the source's second line
+        offsets.append(len(scalar_types))
+        t = type(rec)
+        if t is P.Run:
+            tpl = templates.get(rec.tid)
+            if tpl is None:
+                raise TenantError(f"graph {gid} uses unknown op template {rec.tid}")
+            steps.append((tpl, rec.slots, rec.outs))  # the template is resolved once, here
+            names.append(tpl.name)
+            b.run_step(tpl, rec.slots, rec.outs, len(scalar_types), i)
+            scalar_types.extend(tpl.scalar_types)
+            continue
+        steps.append((None, rec, None))
+        names.append(t.__name__)
+        if t is P.Alloc:
+            dt, size, stride, _ = check_geom(rec.dtype, rec.size, rec.stride, 0)
+            reg = b.produce(rec.handle, dt, (size, stride, 0), i)
+            b.lines.append(f"{reg} = {b.k(torch.empty_strided)}({b.k(size)}, {b.k(stride)}, dtype={b.k(dt)}, "
+                           f"device={b.k(device)})")
+        elif t is P.Upload:
+            dt, size, _, _ = check_geom(rec.dtype, rec.size, [0] * len(rec.size), 0)
+            if type(rec.payload) is not int:
+                raise TenantError(f"graph {gid}: invalid payload index")
+            if rec.share:  # a shared weight: stays on the record-by-record path with the blob store
+                fast = False
+                b.produce(rec.handle, dt, (size, torch.empty(size, device="meta").stride(), 0), i)
+                continue
+            reg = b.produce(rec.handle, dt, (size, torch.empty(size, device="meta").stride(), 0), i)
+            b.lines.append(f"{reg} = {b.k(_upload)}(PL, PB + {rec.payload}, {b.k(dt)}, {b.k(size)}, {b.k(device)})")
+        elif t is P.CopyIn:
+            dt, size, stride, offset = check_geom(rec.dtype, rec.size, rec.stride, rec.offset)
+            src_dt, src_size, _, _ = check_geom(rec.src_dtype, rec.src_size, [0] * len(rec.src_size), 0)
+            if type(rec.payload) is not int:
+                raise TenantError(f"graph {gid}: invalid payload index")
+            dst = b.view(rec.handle, dt, (size, stride, offset), extent(size, stride, offset), True, i)
+            b.lines.append(f"{b.k(_copy_in)}(PL, PB + {rec.payload}, {dst}, {b.k(src_dt)}, {b.k(src_size)})")
+        else:  # pragma: no cover - DefineGraph's decoder admits only the records above
+            raise TenantError(f"a graph cannot hold {t.__name__} records")
+    prog = GraphProgram(gid, steps, offsets, len(scalar_types), names, b.outputs, b.by_ref,
+                        sum(o.nbytes for o in b.outputs))
+    if fast:
+        namespace: dict[str, Any] = {"K": b.consts, "__builtins__": {}}
+        exec(compile(b.source(), f"<caserve graph {gid}>", "exec"), namespace)  # noqa: S102 - source built above
+        prog.run = namespace["program"]
+        prog.n_regs = len(b.regs)
+        prog.n_views = b.n_views
+        prog.n_ext = max(b.externals, default=-1) + 1
+        prog.scalar_types = tuple(scalar_types)
+        prog.externals = sorted(b.externals.values(), key=lambda e: e.index)
+        prog.step_lines = step_lines
+    return prog
