@@ -343,10 +343,8 @@ class Tenant:
         except Exception as exc:  # noqa: BLE001 - reported like an eager op's failure
             step = prog.step_of(exc)
             self.fail(prog.names[step] if step is not None else "Replay", exc)
-            if kept is None and step is not None:
-                # As if run record by record: what the graph made so far is bound, the rest goes on.
-                self._bind_outputs(base, regs, [o for o in prog.outputs if regs[o.reg] is not None])
-                self._replay_records(prog, op, payloads, None, step + 1)
+            if step is not None:  # the rest goes on record by record, as if it had run that way
+                self._replay_records(prog, op, payloads, kept, step + 1, regs)
             return
         self._bind_outputs(base, regs, prog.outputs if kept is None else kept)
 
@@ -384,22 +382,32 @@ class Tenant:
         self.bytes += nbytes
 
     def _replay_records(self, prog: GraphProgram, op: P.Replay, payloads: list[memoryview],
-                        kept: list[Output] | None, start: int = 0) -> None:
-        """Run a graph record by record from step ``start``, each through the table like an eager record."""
+                        kept: list[Output] | None, start: int = 0, regs: list[Any] | None = None) -> None:
+        """Run a graph record by record from step ``start``, each through the table like an eager record;
+        ``regs``: what a compiled run that failed made so far, bound first."""
         base, ext, scalars = op.base, op.ext, op.scalars
         n_ext = len(ext)
-        # A keep-replay binds everything as it goes, then drops what it does not keep (never a handle
-        # that was bound before it began).
-        made = [base + o.ref for o in prog.outputs if base + o.ref not in self.storages] if kept is not None else []
+        # A keep-replay binds what it does not keep under temporary handles, below every handle in the
+        # table (so never one the client holds), and drops them at the end.
+        temp: dict[int, int] = {}
+        if kept is not None:
+            keep = {o.ref for o in kept}
+            low = min(min(self.storages, default=0), 0) - 1
+            temp = {o.ref: low - i for i, o in enumerate(prog.outputs) if o.ref not in keep}
 
         def handle(r: int) -> int:
             if r >= 0:
-                return base + r
+                return temp.get(r, base + r)
             if -r > n_ext:
                 raise TenantError(f"graph {op.gid} needs external handle {-r - 1}; the replay gave {n_ext}")
             return ext[-r - 1]
 
         try:
+            if regs is not None:
+                storages = self.storages
+                for o in prog.outputs:
+                    if regs[o.reg] is not None and handle(o.ref) not in storages:
+                        self._bind(handle(o.ref), regs[o.reg], geom=o.geom, nbytes=o.nbytes)
             for i in range(start, len(prog.steps)):
                 tpl, a, b = prog.steps[i]
                 try:
@@ -417,9 +425,8 @@ class Tenant:
             if prog.n_scalars != len(scalars):
                 raise TenantError(f"graph {op.gid} takes {prog.n_scalars} scalars; the replay gave {len(scalars)}")
         finally:
-            if kept is not None:
-                keep = {base + o.ref for o in kept}
-                self.free([h for h in made if h not in keep])
+            if temp:
+                self.free(list(temp.values()))
 
     @staticmethod
     def _conform(t: torch.Tensor, want: tuple[torch.dtype, tuple, tuple, int]) -> torch.Tensor:
