@@ -18,7 +18,15 @@ import torch
 from caserve.remote import protocol as P
 from caserve.remote.blobs import BlobStore
 from caserve.remote.codec import DTYPE_NAMES, extent, flatten_fresh
-from caserve.remote.replay import GraphProgram, Output, compile_graph, conform, payload_at, tensor_from_bytes
+from caserve.remote.replay import (
+    GraphProgram,
+    Output,
+    compile_graph,
+    compile_runner,
+    conform,
+    payload_at,
+    tensor_from_bytes,
+)
 from caserve.remote.templates import (
     MAX_TEMPLATES,
     QuotaError,
@@ -161,9 +169,14 @@ class Tenant:
     # -- ops ----------------------------------------------------------------------------------
 
     def run_ops(self, ops: list[P.Op], payloads: list[memoryview]) -> None:
+        stats, run = self.stats, P.Run
         for op in ops:
             try:
-                self._dispatch(op, payloads)
+                if type(op) is run:  # most records: straight to the template's runner
+                    stats.ops += 1
+                    self._run(op)
+                else:
+                    self._dispatch(op, payloads)
             except Exception as exc:  # noqa: BLE001 - any failure of a tenant's op is reported to it
                 self.fail(self.op_name(op), exc)
 
@@ -192,7 +205,9 @@ class Tenant:
         elif t is P.DefineOp:
             if len(self.templates) >= MAX_TEMPLATES and op.tid not in self.templates:
                 raise TenantError(f"more than {MAX_TEMPLATES} op templates", "limit")
-            self.templates[op.tid] = compile_template(op, self.device)
+            tpl = compile_template(op, self.device)
+            tpl.runner = compile_runner(tpl, Storage)
+            self.templates[op.tid] = tpl
         elif t is P.Free:
             self.free(op.handles)
         elif t is P.Alloc:
@@ -275,41 +290,7 @@ class Tenant:
         tpl = self.templates.get(op.tid)
         if tpl is None:
             raise TenantError(f"unknown op template {op.tid}")
-        self._run_template(tpl, op.slots, op.outs, op.scalars)
-
-    def _run_template(self, tpl: Template, slots: list[int], outs: list[int], scalars: list[Any]) -> None:
-        if len(slots) != len(tpl.slots) or len(outs) != len(tpl.outs):
-            raise TenantError(f"{tpl.name}: expected {len(tpl.slots)} inputs and {len(tpl.outs)} outputs")
-        if scalars or tpl.scalar_types:
-            check_scalars(tpl, scalars)
-        storages = self.storages
-        tensors = []
-        for h, slot in zip(slots, tpl.slots):
-            st = storages.get(h)
-            # Fast path: the slot is the storage's own layout (most arguments are whole tensors).
-            if st is not None and st.geom == slot.geom and st.tensor.dtype is slot.dtype:
-                tensors.append(st.tensor)
-            else:
-                tensors.append(self._view(h, slot))
-        if tpl.write_slots:
-            for i in tpl.write_slots:
-                if storages[slots[i]].blob is not None:
-                    raise TenantError(f"{tpl.name} writes to storage {slots[i]}, a shared read-only weight")
-        if self.memory_limit and tpl.total_out_nbytes:
-            self._charge(tpl.total_out_nbytes, tpl.name)
-        args, kwargs = tpl.build(tensors, scalars)
-        if tpl.random:
-            kwargs["generator"] = self.gen
-        result = tpl.call(*args, **kwargs)
-        if tpl.single:
-            want = tpl.outs[0]
-            self._bind(outs[0], self._conform(result, want), geom=want[1:], nbytes=tpl.out_nbytes[0])
-        elif tpl.outs:
-            fresh = flatten_fresh(tpl.fn, result)
-            if len(fresh) != len(tpl.outs):
-                raise TenantError(f"{tpl.name} returned {len(fresh)} tensors, the client expected {len(tpl.outs)}")
-            for handle, tensor, want, nbytes in zip(outs, fresh, tpl.outs, tpl.out_nbytes):
-                self._bind(handle, self._conform(tensor, want), geom=want[1:], nbytes=nbytes)
+        tpl.runner(self, op.slots, op.outs, op.scalars)  # type: ignore[misc]  # compiled with the template
 
     # -- graph mode -------------------------------------------------------------------------------
 
@@ -414,7 +395,7 @@ class Tenant:
                     if tpl is not None:
                         used = prog.scalar_offsets[i]
                         mine = scalars[used:used + len(tpl.scalar_types)]
-                        self._run_template(tpl, [handle(r) for r in a], [handle(r) for r in b], mine)
+                        tpl.runner(self, [handle(r) for r in a], [handle(r) for r in b], mine)
                     else:
                         fields = {"handle": handle(a.handle)}
                         if hasattr(a, "payload"):

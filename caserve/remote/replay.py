@@ -28,7 +28,7 @@ import torch
 
 from caserve.remote import protocol as P
 from caserve.remote.codec import extent, flatten_fresh
-from caserve.remote.templates import Template, TenantError, check_geom
+from caserve.remote.templates import Template, TenantError, check_geom, check_scalars
 
 Geom = tuple[tuple[int, ...], tuple[int, ...], int]
 Want = tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]
@@ -151,6 +151,101 @@ class GraphProgram:
         return max(0, bisect.bisect_right(self.step_lines, line) - 1)
 
 
+def _call_source(tpl: Template, views: list[str], so: int, gen: str, k: Callable[[Any], str]) -> str:
+    """The source of a call of ``tpl``: slot ``i`` is ``views[i]``, scalar ``j`` is ``S[so + j]``, each
+    constant is placed by ``k``, the generator (for random ops) is ``gen``."""
+
+    def token(m: re.Match) -> str:
+        kind, i = m.group(1), int(m.group(2))
+        if kind == "T":
+            return views[i]
+        if kind == "S":
+            return f"S[{so + i}]"
+        return k(tpl.consts[i])
+
+    parts = [_TOKEN.sub(token, tpl.args_src)]
+    for name, expr in tpl.kwargs_src:
+        if not name.isidentifier():  # the template compiler admits schema names only; never else
+            raise TenantError(f"{tpl.name}: keyword {name!r}")
+        parts.append(f"{name}={_TOKEN.sub(token, expr)},")
+    if tpl.random:
+        parts.append(f"generator={gen},")
+    return f"{k(tpl.call)}({''.join(parts)})"
+
+
+def _conform_source(v: str, want: Want, k: Callable[[Any], str]) -> str:
+    """``conform`` inlined for the common case of an output laid out as expected."""
+    return (f"if {v}.stride() != {k(want[2])} or {v}.storage_offset() != {want[3]} or {v}.shape != {k(want[1])} "
+            f"or {v}.dtype is not {k(want[0])}: {v} = {k(conform)}({v}, {k(want)})")
+
+
+def _write_refused(name: str, handle: int) -> None:
+    raise TenantError(f"{name} writes to storage {handle}, a shared read-only weight")
+
+
+class _Consts:
+    """A generated function's constant pool ``K``; objects are shared by identity."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+        self.ids: dict[int, int] = {}
+
+    def __call__(self, value: Any) -> str:
+        i = self.ids.get(id(value))
+        if i is None or self.values[i] is not value:
+            i = self.ids[id(value)] = len(self.values)
+            self.values.append(value)
+        return f"K[{i}]"
+
+
+def compile_runner(tpl: Template, storage: type) -> Callable[[Any, list[int], list[int], list[Any]], None]:
+    """An eager Run of ``tpl`` as one generated function ``run(tenant, slots, outs, scalars)``.
+
+    It does what a Run always did (see ``Tenant._run``): check the record's arity and scalars, resolve
+    each slot (the storage's own tensor when the slot is its whole layout, else a checked view), refuse
+    writes to shared weights, charge the outputs, call the op, conform its outputs and bind them. The
+    source holds only indices, the schema's keyword names and constants kept in ``K``.
+    """
+    k = _Consts()
+    n, m = len(tpl.slots), len(tpl.outs)
+    lines = [f"if len(slots) != {n} or len(outs) != {m}: "
+             f"raise {k(TenantError)}({k(f'{tpl.name}: expected {n} inputs and {m} outputs')})"]
+    if tpl.scalar_types:
+        checks = " or ".join(f"type(S[{i}]) is not {k(t)}" for i, t in enumerate(tpl.scalar_types))
+        lines.append(f"if len(S) != {len(tpl.scalar_types)} or {checks}: {k(check_scalars)}({k(tpl)}, S)")
+    else:
+        lines.append(f"if S: {k(check_scalars)}({k(tpl)}, S)")
+    lines.append("T = self.storages")
+    for i, slot in enumerate(tpl.slots):
+        lines.append(f"h{i} = slots[{i}]; s{i} = T.get(h{i})")
+        lines.append(f"a{i} = s{i}.tensor if s{i} is not None and s{i}.geom == {k(slot.geom)} and "
+                     f"s{i}.tensor.dtype is {k(slot.dtype)} else self._view(h{i}, {k(slot)})")
+    for i in sorted(tpl.write_slots):
+        lines.append(f"if T[h{i}].blob is not None: {k(_write_refused)}({k(tpl.name)}, h{i})")
+    if tpl.total_out_nbytes:
+        lines.append(f"if self.memory_limit: self._charge({tpl.total_out_nbytes}, {k(tpl.name)})")
+    call = _call_source(tpl, [f"a{i}" for i in range(n)], 0, "self.gen", k)
+    if not m:
+        lines.append(call)
+    else:
+        if tpl.single:
+            lines.append(f"v0 = {call}")
+            lines.append(_conform_source("v0", tpl.outs[0], k))
+        else:
+            lines.append(f"{''.join(f'v{i}, ' for i in range(m))}= {k(_fresh_outputs)}({k(tpl.fn)}, {call}, "
+                         f"{k(tpl.outs)}, {k(tpl.name)})")
+        for i, (want, nbytes) in enumerate(zip(tpl.outs, tpl.out_nbytes)):
+            # Tenant._bind, inlined: it raises for a handle that is invalid or already in use.
+            lines.append(f"o = outs[{i}]")
+            lines.append(f"if type(o) is not int or o in T: self._bind(o, v{i})")
+            lines.append(f"T[o] = {k(storage)}(v{i}, {k(want[1:])}, {nbytes // want[0].itemsize}, {nbytes}, None)")
+            lines.append(f"self.bytes += {nbytes}")
+    src = "def run(self, slots, outs, S):\n" + "".join(f"    {line}\n" for line in lines)
+    namespace: dict[str, Any] = {"K": k.values, "__builtins__": {}, "len": len, "type": type, "int": int}
+    exec(compile(src, f"<caserve template {tpl.name}>", "exec"), namespace)  # noqa: S102 - source built above
+    return namespace["run"]
+
+
 class _Builder:
     """Generates a program's source: ``R`` registers, ``X`` external views, ``S`` scalars, ``G`` the
     tenant's generator, ``PL``/``PB`` payloads and payload base; ``K`` holds every constant."""
@@ -158,8 +253,7 @@ class _Builder:
     def __init__(self, gid: int, device: torch.device) -> None:
         self.gid = gid
         self.device = device
-        self.consts: list[Any] = []
-        self.const_ids: dict[int, int] = {}
+        self.k = _Consts()
         self.lines: list[str] = []
         self.regs: dict[int, int] = {}  # internal reference -> register
         self.outputs: list[Output] = []
@@ -167,14 +261,6 @@ class _Builder:
         self.dtypes: dict[int, torch.dtype] = {}  # internal reference -> dtype
         self.externals: dict[int, External] = {}
         self.n_views = 0
-
-    def k(self, value: Any) -> str:
-        """A constant's place in ``K`` (objects shared by identity, so each template's constants once)."""
-        i = self.const_ids.get(id(value))
-        if i is None or self.consts[i] is not value:
-            i = self.const_ids[id(value)] = len(self.consts)
-            self.consts.append(value)
-        return f"K[{i}]"
 
     def produce(self, ref: Any, dtype: torch.dtype, geom: Geom, step: int) -> str:
         if type(ref) is not int or ref < 0:
@@ -225,33 +311,14 @@ class _Builder:
             raise TenantError(f"graph {self.gid}: {tpl.name} takes {len(tpl.slots)} inputs and {len(tpl.outs)} outputs")
         views = [self.view(r, s.dtype, s.geom, s.extent, i in tpl.write_slots, step)
                  for i, (r, s) in enumerate(zip(slots, tpl.slots))]
-
-        def token(m: re.Match) -> str:
-            kind, i = m.group(1), int(m.group(2))
-            if kind == "T":
-                return views[i]
-            if kind == "S":
-                return f"S[{so + i}]"
-            return self.k(tpl.consts[i])
-
-        parts = [_TOKEN.sub(token, tpl.args_src)]
-        for name, expr in tpl.kwargs_src:
-            if not name.isidentifier():  # the template compiler admits schema names only; never else
-                raise TenantError(f"{tpl.name}: keyword {name!r}")
-            parts.append(f"{name}={_TOKEN.sub(token, expr)},")
-        if tpl.random:
-            parts.append("generator=G,")
-        call = f"{self.k(tpl.call)}({''.join(parts)})"
+        call = _call_source(tpl, views, so, "G", self.k)
         targets = [self.produce(r, w[0], w[1:], step) for r, w in zip(outs, tpl.outs)]
         if not targets:
             self.lines.append(call)
         elif tpl.single:
             want = tpl.outs[0]
             self.lines.append(f"v = {call}")
-            # _conform, inlined for the common case of an output laid out as expected.
-            self.lines.append(f"if v.stride() != {self.k(want[2])} or v.storage_offset() != {want[3]} or "
-                              f"v.shape != {self.k(want[1])} or v.dtype is not {self.k(want[0])}: "
-                              f"v = {self.k(conform)}(v, {self.k(want)})")
+            self.lines.append(_conform_source("v", want, self.k))
             self.lines.append(f"{targets[0]} = v")
         else:
             self.lines.append(f"{', '.join(targets)}, = {self.k(_fresh_outputs)}({self.k(tpl.fn)}, {call}, "
@@ -314,7 +381,7 @@ def compile_graph(op: P.DefineGraph, templates: dict[int, Template], device: tor
     prog = GraphProgram(gid, steps, offsets, len(scalar_types), names, b.outputs, b.by_ref,
                         sum(o.nbytes for o in b.outputs))
     if fast:
-        namespace: dict[str, Any] = {"K": b.consts, "__builtins__": {}}
+        namespace: dict[str, Any] = {"K": b.k.values, "__builtins__": {}}
         exec(compile(b.source(), f"<caserve graph {gid}>", "exec"), namespace)  # noqa: S102 - source built above
         prog.run = namespace["program"]
         prog.n_regs = len(b.regs)

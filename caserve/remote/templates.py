@@ -72,6 +72,8 @@ class Template:
     args_src: str = ""
     kwargs_src: tuple[tuple[str, str], ...] = ()
     consts: list[Any] = field(default_factory=list)
+    # ``run(tenant, slots, outs, scalars)``: an eager Run, compiled by the executor when it defines the template.
+    runner: Callable[[Any, list[int], list[int], list[Any]], None] | None = None
 
     def __post_init__(self) -> None:
         self.call = self.fn._op
