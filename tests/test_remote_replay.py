@@ -24,7 +24,7 @@ def out(size: tuple[int, ...], dtype: str = "float32") -> tuple:
     return (dtype, size, tuple(torch.empty(size, device="meta").stride()), 0)
 
 
-ADD, MUL_S, ADD_, MM, INDEX, RAND, SUM = range(1, 8)
+ADD, MUL_S, ADD_, MM, INDEX, RAND, SUM, LN = range(1, 9)
 TEMPLATES = [
     P.DefineOp(ADD, "aten.add.Tensor", [t(0, (4,)), t(1, (4,))], {}, [out((4,))]),
     P.DefineOp(MUL_S, "aten.mul.Tensor", [t(0, (4,)), {"$s": [0, "float"]}], {}, [out((4,))]),
@@ -35,6 +35,9 @@ TEMPLATES = [
     P.DefineOp(RAND, "aten.rand.generator", [[4]], {"dtype": {"$dtype": "float32"}, "device": {"$dev": 0}},
                [out((4,))]),
     P.DefineOp(SUM, "aten.sum.default", [t(0, (4,))], {}, [out(())]),
+    # three fresh outputs and a float constant (ATen's parser imports while checking it)
+    P.DefineOp(LN, "aten.native_layer_norm.default", [t(0, (1, 4)), [4], None, None, 1e-5], {},
+               [out((1, 4)), out((1, 1)), out((1, 1))]),
 ]
 
 
@@ -100,6 +103,17 @@ def test_a_graph_with_a_shared_upload_runs_record_by_record(rig):
     assert rig.tenant.bytes == before + 16 and len(rig.tenant.blobs) == 0  # the shared upload was let go
     assert rig.run(P.Replay(6, 200, [x], 0), payloads=[data]) is None
     assert rig.tenant.storages[200].blob is not None and rig.get(201).tolist() == [3.0] * 4
+
+
+def test_multi_output_ops_with_float_constants_eagerly_and_replayed(rig):
+    x = rig.upload(torch.tensor([[1.0, 2.0, 3.0, 6.0]]))
+    want = torch.ops.aten.native_layer_norm.default(torch.tensor([[1.0, 2.0, 3.0, 6.0]]), [4], None, None, 1e-5)
+    assert rig.run(P.Run(LN, [x], [10, 11, 12]), P.DefineGraph(7, [P.Run(LN, [-1], [0, 1, 2])])) is None
+    assert rig.run(P.Replay(7, 100, [x], 0, keep=[0, 2])) is None
+    for h in (10, 11, 12):
+        assert torch.allclose(rig.get(h), want[h - 10])
+    assert torch.allclose(rig.get(100), want[0]) and torch.allclose(rig.get(102), want[2])
+    assert 101 not in rig.tenant.storages
 
 
 def test_keep_binds_only_the_kept_handles_and_memory_returns(rig):

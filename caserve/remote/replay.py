@@ -10,7 +10,8 @@ What is left for a replay is what only it knows: its external handles (checked o
 against what the program needs of each: dtype, extent, whether it is written), its scalar values and
 its payloads. The program then runs over a register list; its source is generated from register,
 constant and scalar indices and the templates' own builder pieces (see :mod:`caserve.remote.templates`),
-never from client text.
+never from client text. (Generated functions see the real builtins: ATen's argument parser imports
+modules from the calling frame.)
 
 Graphs holding a record the program does not compile (a shared upload) run on the record-by-record
 path in :class:`caserve.remote.executor.Tenant`, which also takes over whenever a replay's up-front
@@ -20,6 +21,7 @@ checks fail, so that errors read exactly as they always have.
 from __future__ import annotations
 
 import bisect
+import builtins
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -241,7 +243,7 @@ def compile_runner(tpl: Template, storage: type) -> Callable[[Any, list[int], li
             lines.append(f"T[o] = {k(storage)}(v{i}, {k(want[1:])}, {nbytes // want[0].itemsize}, {nbytes}, None)")
             lines.append(f"self.bytes += {nbytes}")
     src = "def run(self, slots, outs, S):\n" + "".join(f"    {line}\n" for line in lines)
-    namespace: dict[str, Any] = {"K": k.values, "__builtins__": {}, "len": len, "type": type, "int": int}
+    namespace: dict[str, Any] = {"K": k.values, "__builtins__": builtins}
     exec(compile(src, f"<caserve template {tpl.name}>", "exec"), namespace)  # noqa: S102 - source built above
     return namespace["run"]
 
@@ -381,7 +383,7 @@ def compile_graph(op: P.DefineGraph, templates: dict[int, Template], device: tor
     prog = GraphProgram(gid, steps, offsets, len(scalar_types), names, b.outputs, b.by_ref,
                         sum(o.nbytes for o in b.outputs))
     if fast:
-        namespace: dict[str, Any] = {"K": b.k.values, "__builtins__": {}}
+        namespace: dict[str, Any] = {"K": b.k.values, "__builtins__": builtins}
         exec(compile(b.source(), f"<caserve graph {gid}>", "exec"), namespace)  # noqa: S102 - source built above
         prog.run = namespace["program"]
         prog.n_regs = len(b.regs)
