@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 MAX_PINS = 4096
 MAX_GRAPHS = 1024
 MAX_GRAPH_OPS = 100_000
+MAX_CACHED_VIEWS = 16  # per storage
 
 
 def parse_size(text: str | int | None) -> int:
@@ -68,6 +69,7 @@ class Storage:
     numel: int
     nbytes: int
     blob: bytes | None = None  # digest when this is a shared, read-only weight
+    views: dict | None = None  # graph replays: views of it that programs read, by geometry (see _replay_views)
 
 
 @dataclass
@@ -340,18 +342,33 @@ class Tenant:
             return None
         if self.memory_limit and self.bytes + prog.out_nbytes > self.memory_limit:
             return None
-        base = op.base
-        for o in prog.outputs if kept is None else kept:
-            if base + o.ref in storages:
-                return None
+        refs = prog.out_refs if kept is None else [o.ref for o in kept]
+        if any(map(storages.__contains__, map(op.base.__add__, refs))):
+            return None
         views: list[Any] = [None] * prog.n_views
-        for e in prog.externals:
-            st = storages.get(ext[e.index])
-            if st is None or st.tensor.dtype is not e.dtype or e.extent > st.numel or (e.written and st.blob is not None):
+        get = storages.get
+        for j, dtype, need, written, uses in prog.ext_plan:
+            st = get(ext[j])
+            if st is None:
                 return None
             t = st.tensor
-            for geom, i in e.views.items():
-                views[i] = t if geom == st.geom else t.as_strided(*geom)
+            if t.dtype is not dtype or need > st.numel or (written and st.blob is not None):
+                return None
+            for geom, i in uses:
+                if geom == st.geom:
+                    views[i] = t
+                elif written:  # an op that writes may also restride its argument: a fresh view each time
+                    views[i] = t.as_strided(*geom)
+                else:  # read-only views live with the storage, so that replays after the first reuse them
+                    cache = st.views
+                    if cache is None:
+                        cache = st.views = {}
+                    v = cache.get(geom)
+                    if v is None:
+                        if len(cache) >= MAX_CACHED_VIEWS:
+                            cache.clear()
+                        v = cache[geom] = t.as_strided(*geom)
+                    views[i] = v
         return views
 
     def _bind_outputs(self, base: int, regs: list[Any], outputs: list[Output]) -> None:

@@ -62,6 +62,10 @@ def conform(t: torch.Tensor, want: Want) -> torch.Tensor:
         raise TenantError(f"output dtype {t.dtype} differs from the expected {dt}")
     if t.stride() == stride and t.shape == size and t.storage_offset() == offset:
         return t
+    if t.shape == size and t.storage_offset() == offset and all(
+        a == b or n == 1 for n, a, b in zip(size, t.stride(), stride)
+    ):  # only the strides of size-1 dimensions differ: every element is where the client expects it
+        return t.as_strided(size, stride, offset)
     out = torch.empty(extent(size, stride, offset), dtype=dt, device=t.device).as_strided(size, stride, offset)
     out.copy_(t)
     return out
@@ -123,6 +127,9 @@ class GraphProgram:
     n_ext: int = 0  # externals the program reads: a replay gives at least this many
     scalar_types: tuple[type, ...] = ()
     externals: list[External] = field(default_factory=list)
+    # The same, flat for the replay's checks: (index, dtype, extent, written, ((geometry, X index), ...)).
+    ext_plan: tuple[tuple[int, torch.dtype, int, bool, tuple[tuple[Geom, int], ...]], ...] = ()
+    out_refs: tuple[int, ...] = ()
     step_lines: list[int] = field(default_factory=list)  # first source line of each step
 
     def check_keep(self, keep: list[int]) -> list[Output]:
@@ -391,5 +398,7 @@ def compile_graph(op: P.DefineGraph, templates: dict[int, Template], device: tor
         prog.n_ext = max(b.externals, default=-1) + 1
         prog.scalar_types = tuple(scalar_types)
         prog.externals = sorted(b.externals.values(), key=lambda e: e.index)
+        prog.ext_plan = tuple((e.index, e.dtype, e.extent, e.written, tuple(e.views.items())) for e in prog.externals)
+        prog.out_refs = tuple(o.ref for o in b.outputs)
         prog.step_lines = step_lines
     return prog
