@@ -1,4 +1,5 @@
-"""Graph programs: a tenant's DefineGraph checked once and compiled into one straight-line function.
+"""Compiled server code: a tenant's DefineGraph checked once and compiled into one straight-line
+function (a *graph program*), and each template's eager Run compiled into one function (a *runner*).
 
 A graph's records name values by *reference* (``r >= 0``: a handle the graph makes, ``r < 0``: an
 external handle of the replay). Everything about references is static, so it is checked here, once:
@@ -16,6 +17,9 @@ modules from the calling frame.)
 Graphs holding a record the program does not compile (a shared upload) run on the record-by-record
 path in :class:`caserve.remote.executor.Tenant`, which also takes over whenever a replay's up-front
 checks fail, so that errors read exactly as they always have.
+
+A runner does what an eager Run record always did, with the template's checks and call unrolled (see
+:func:`compile_runner`).
 """
 
 from __future__ import annotations
@@ -284,7 +288,7 @@ class _Builder:
         self.dtypes[ref] = dtype
         return f"R[{reg}]"
 
-    def view(self, ref: Any, dtype: torch.dtype, geom: Geom, ext_: int, written: bool, step: int) -> str:
+    def view(self, ref: Any, dtype: torch.dtype, geom: Geom, need: int, written: bool, step: int) -> str:
         """The expression of a slot: reference ``ref`` seen as ``dtype``/``geom``."""
         if type(ref) is not int:
             raise TenantError(f"graph {self.gid}: step {step} reads reference {ref!r}")
@@ -294,7 +298,7 @@ class _Builder:
                 raise TenantError(f"graph {self.gid}: step {step} reads reference {ref} before a step makes it")
             if self.dtypes[ref] is not dtype:
                 raise TenantError(f"graph {self.gid}: step {step} reads reference {ref} ({self.dtypes[ref]}) as {dtype}")
-            if ext_ > out.numel:
+            if need > out.numel:
                 raise TenantError(f"graph {self.gid}: step {step} views {geom} past the {out.numel} elements of "
                                   f"reference {ref}")
             reg = f"R[{out.reg}]"
@@ -307,7 +311,7 @@ class _Builder:
             e = self.externals[j] = External(j, dtype)
         elif e.dtype is not dtype:
             raise TenantError(f"graph {self.gid}: external handle {j} is read as {e.dtype} and as {dtype}")
-        e.extent = max(e.extent, ext_)
+        e.extent = max(e.extent, need)
         e.written = e.written or written
         xi = e.views.get(geom)
         if xi is None:
