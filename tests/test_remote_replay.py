@@ -267,3 +267,19 @@ def test_a_keep_replay_needs_room_for_everything_the_graph_makes():
     rig.tenant.memory_limit += 1
     assert rig.run(P.Replay(1, 200, [x, y, z], 0, [2.0], keep=[2])) is None
     assert rig.tenant.bytes == before + 16
+
+
+def test_a_long_graph_runs_in_parts_and_failures_name_their_step(rig):
+    x, y = rig.upload(torch.zeros(4)), rig.upload(torch.ones(4))
+    bad, good = rig.upload(torch.tensor([0, 9])), rig.upload(torch.tensor([1, 2]))
+    n = 600  # more than one generated part
+    recs = [P.Run(ADD, [-1, -2], [0])] + [P.Run(ADD, [i, -2], [i + 1]) for i in range(n - 1)]
+    recs += [P.Run(INDEX, [n - 1, -3], [n]), P.Run(ADD, [n - 1, -2], [n + 1])]
+    assert rig.run(P.DefineGraph(8, recs)) is None
+    assert len(rig.tenant.graphs[8].parts) > 1
+    assert rig.run(P.Replay(8, 10_000, [x, y, good], 0, keep=[n, n + 1])) is None
+    assert rig.get(10_000 + n).tolist() == [float(n)] * 2 and rig.get(10_000 + n + 1).tolist() == [n + 1.0] * 4
+    handles = set(rig.tenant.storages)
+    err = rig.run(P.Replay(8, 20_000, [x, y, bad], 0, keep=[n, n + 1]))
+    assert err is not None and err.op == "aten.index_select.default"
+    assert set(rig.tenant.storages) - handles == {20_000 + n + 1}  # the step after the failure still ran

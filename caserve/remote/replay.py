@@ -28,6 +28,7 @@ import bisect
 import builtins
 import re
 from dataclasses import dataclass, field
+from types import CodeType
 from typing import Any, Callable
 
 import torch
@@ -40,6 +41,7 @@ Geom = tuple[tuple[int, ...], tuple[int, ...], int]
 Want = tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]
 
 _TOKEN = re.compile(r"\b([TSC])\[(\d+)\]")
+PART_STEPS = 256  # steps per generated function of a graph program
 
 
 def payload_at(payloads: list[memoryview], index: int) -> memoryview:
@@ -134,7 +136,8 @@ class GraphProgram:
     # The same, flat for the replay's checks: (index, dtype, extent, written, ((geometry, X index), ...)).
     ext_plan: tuple[tuple[int, torch.dtype, int, bool, tuple[tuple[Geom, int], ...]], ...] = ()
     out_refs: tuple[int, ...] = ()
-    step_lines: list[int] = field(default_factory=list)  # first source line of each step
+    # The code object of each generated part -> (its first step, the first source line of each of its steps).
+    parts: dict[CodeType, tuple[int, list[int]]] = field(default_factory=dict)
 
     def check_keep(self, keep: list[int]) -> list[Output]:
         """The outputs a keep-replay names: references this graph makes, each once."""
@@ -151,17 +154,18 @@ class GraphProgram:
         return out
 
     def step_of(self, exc: BaseException) -> int | None:
-        """The step a failure of ``run`` happened in, from the generated function's line."""
-        code = getattr(self.run, "__code__", None)
+        """The step a failure of ``run`` happened in, from the line of the generated part it was in."""
+        found = None
         tb = exc.__traceback__
-        line = None
         while tb is not None:
-            if tb.tb_frame.f_code is code:
-                line = tb.tb_lineno
+            part = self.parts.get(tb.tb_frame.f_code)  # type: ignore[call-overload]
+            if part is not None:
+                found = part, tb.tb_lineno
             tb = tb.tb_next
-        if line is None:
+        if found is None:
             return None
-        return max(0, bisect.bisect_right(self.step_lines, line) - 1)
+        (first, lines), line = found
+        return first + max(0, bisect.bisect_right(lines, line) - 1)
 
 
 def _call_source(tpl: Template, views: list[str], so: int, gen: str, k: Callable[[Any], str]) -> str:
@@ -337,9 +341,33 @@ class _Builder:
             self.lines.append(f"{', '.join(targets)}, = {self.k(_fresh_outputs)}({self.k(tpl.fn)}, {call}, "
                               f"{self.k(tpl.outs)}, {self.k(tpl.name)})")
 
-    def source(self) -> str:
-        body = "".join(f"    {line}\n" for line in self.lines) or "    pass\n"
-        return "def program(R, X, S, G, PL, PB):\n" + body
+    def compile(self, starts: list[int]) -> tuple[Callable[..., None], dict[CodeType, tuple[int, list[int]]]]:
+        """The program, from the lines of each step (``starts``: the index of each step's first line).
+
+        Steps are compiled in parts of ``PART_STEPS``, so that a large graph never holds the interpreter
+        (and every other tenant) in one long compile; ``run`` calls the parts in order."""
+        fns: list[Callable[..., None]] = []
+        parts: dict[CodeType, tuple[int, list[int]]] = {}
+        n = len(starts)
+        for first in range(0, n, PART_STEPS):
+            end = min(first + PART_STEPS, n)
+            lo, hi = starts[first], starts[end] if end < n else len(self.lines)
+            body = "".join(f"    {line}\n" for line in self.lines[lo:hi]) or "    pass\n"
+            namespace: dict[str, Any] = {"K": self.k.values, "__builtins__": builtins}
+            src = "def part(R, X, S, G, PL, PB):\n" + body
+            exec(compile(src, f"<caserve graph {self.gid} steps {first}-{end - 1}>", "exec"), namespace)  # noqa: S102
+            fn = namespace["part"]
+            fns.append(fn)
+            parts[fn.__code__] = (first, [starts[i] - lo + 2 for i in range(first, end)])  # body from line 2
+        if len(fns) == 1:
+            return fns[0], parts
+        seq = tuple(fns)
+
+        def run(R: list, X: list, S: list, G: torch.Generator, PL: list, PB: int) -> None:  # noqa: N803
+            for fn in seq:
+                fn(R, X, S, G, PL, PB)
+
+        return run, parts
 
 
 def compile_graph(op: P.DefineGraph, templates: dict[int, Template], device: torch.device) -> GraphProgram:
@@ -350,10 +378,10 @@ def compile_graph(op: P.DefineGraph, templates: dict[int, Template], device: tor
     offsets: list[int] = []
     names: list[str] = []
     scalar_types: list[type] = []
-    step_lines: list[int] = []
+    starts: list[int] = []
     fast = True
     for i, rec in enumerate(op.ops):
-        step_lines.append(len(b.lines) + 2)  # the body starts on the source's second line
+        starts.append(len(b.lines))
         offsets.append(len(scalar_types))
         t = type(rec)
         if t is P.Run:
@@ -394,9 +422,7 @@ def compile_graph(op: P.DefineGraph, templates: dict[int, Template], device: tor
     prog = GraphProgram(gid, steps, offsets, len(scalar_types), names, b.outputs, b.by_ref,
                         sum(o.nbytes for o in b.outputs))
     if fast:
-        namespace: dict[str, Any] = {"K": b.k.values, "__builtins__": builtins}
-        exec(compile(b.source(), f"<caserve graph {gid}>", "exec"), namespace)  # noqa: S102 - source built above
-        prog.run = namespace["program"]
+        prog.run, prog.parts = b.compile(starts)
         prog.n_regs = len(b.regs)
         prog.n_views = b.n_views
         prog.n_ext = max(b.externals, default=-1) + 1
@@ -404,5 +430,4 @@ def compile_graph(op: P.DefineGraph, templates: dict[int, Template], device: tor
         prog.externals = sorted(b.externals.values(), key=lambda e: e.index)
         prog.ext_plan = tuple((e.index, e.dtype, e.extent, e.written, tuple(e.views.items())) for e in prog.externals)
         prog.out_refs = tuple(o.ref for o in b.outputs)
-        prog.step_lines = step_lines
     return prog
