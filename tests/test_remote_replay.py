@@ -255,11 +255,12 @@ def test_random_ops_in_a_graph_draw_from_the_tenant_generator(rig):
     assert rig.get(101).item() == pytest.approx(rig.get(10).sum().item())
 
 
-def test_a_keep_replay_needs_room_for_everything_the_graph_makes():
+def test_a_keep_replay_needs_room_for_what_it_holds_at_once():
     rig = Rig(memory_limit=10_000)
     x, y, z = inputs(rig)
     assert rig.run(GRAPH) is None
-    rig.tenant.memory_limit = rig.tenant.bytes + 3 * 16 - 1  # room for two of its three outputs
+    # Each value is dropped after its last use, so at most two of the three outputs are held at once.
+    rig.tenant.memory_limit = rig.tenant.bytes + 2 * 16 - 1
     before, handles = rig.tenant.bytes, set(rig.tenant.storages)
     err = rig.run(P.Replay(1, 100, [x, y, z], 0, [2.0], keep=[2]))
     assert err is not None and err.code == "quota_exceeded"
@@ -267,6 +268,19 @@ def test_a_keep_replay_needs_room_for_everything_the_graph_makes():
     rig.tenant.memory_limit += 1
     assert rig.run(P.Replay(1, 200, [x, y, z], 0, [2.0], keep=[2])) is None
     assert rig.tenant.bytes == before + 16
+    rig.run(P.Free([202]))
+    err = rig.run(P.Replay(1, 300, [x, y, z], 0, [2.0]))  # binding everything needs room for all three
+    assert err is not None and err.code == "quota_exceeded" and err.op == "aten.add.Tensor"
+
+
+def test_keep_variants_are_compiled_per_kept_set_and_bounded(rig):
+    x, y, z = inputs(rig)
+    assert rig.run(GRAPH) is None
+    for i, keep in enumerate([[2], [0], [0, 1, 2], [1], [], [2]]):
+        assert rig.run(P.Replay(1, 100 * (i + 1), [x, y, z], 0, [2.0], keep=keep)) is None
+        assert {100 * (i + 1) + r for r in keep} <= set(rig.tenant.storages)
+    prog = rig.tenant.graphs[1]
+    assert len(prog.variants) == 4 and len(prog.parts) == 5  # the base program and four variants
 
 
 def test_a_long_graph_runs_in_parts_and_failures_name_their_step(rig):

@@ -316,13 +316,16 @@ class Tenant:
         if type(base) is not int or base < 0:
             raise TenantError("invalid graph base handle")
         kept = None if op.keep is None else prog.check_keep(op.keep)
-        views = self._replay_views(prog, op, kept) if prog.run is not None else None
+        run, need = prog.run, prog.out_nbytes
+        if run is not None and kept is not None:
+            run, need = prog.for_keep(kept)
+        views = self._replay_views(prog, op, kept, need) if run is not None else None
         if views is None:  # not compiled, or a check failed: the record-by-record path says which op
             self._replay_records(prog, op, payloads, kept)
             return
         regs: list[Any] = [None] * prog.n_regs
         try:
-            prog.run(regs, views, op.scalars, self.gen, payloads, op.payload_base)
+            run(regs, views, op.scalars, self.gen, payloads, op.payload_base)
         except Exception as exc:  # noqa: BLE001 - reported like an eager op's failure
             step = prog.step_of(exc)
             self.fail(prog.names[step] if step is not None else "Replay", exc)
@@ -331,16 +334,17 @@ class Tenant:
             return
         self._bind_outputs(base, regs, prog.outputs if kept is None else kept)
 
-    def _replay_views(self, prog: GraphProgram, op: P.Replay, kept: list[Output] | None) -> list[Any] | None:
+    def _replay_views(self, prog: GraphProgram, op: P.Replay, kept: list[Output] | None,
+                      need: int) -> list[Any] | None:
         """The external views a compiled replay runs on, or None when any check fails: an external handle
         unknown, of another dtype, too small or a shared weight it writes; scalars that do not fit; a
-        handle it binds already in use; no room for what it makes."""
+        handle it binds already in use; no room for the ``need`` bytes it holds at most."""
         ext, scalars, storages = op.ext, op.scalars, self.storages
         if len(ext) < prog.n_ext or len(scalars) != prog.n_scalars:
             return None
         if scalars and tuple(map(type, scalars)) != prog.scalar_types:
             return None
-        if self.memory_limit and self.bytes + prog.out_nbytes > self.memory_limit:
+        if self.memory_limit and self.bytes + need > self.memory_limit:
             return None
         refs = prog.out_refs if kept is None else [o.ref for o in kept]
         if any(map(storages.__contains__, map(op.base.__add__, refs))):

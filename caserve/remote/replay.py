@@ -28,7 +28,6 @@ import bisect
 import builtins
 import re
 from dataclasses import dataclass, field
-from types import CodeType
 from typing import Any, Callable
 
 import torch
@@ -42,6 +41,7 @@ Want = tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]
 
 _TOKEN = re.compile(r"\b([TSC])\[(\d+)\]")
 PART_STEPS = 256  # steps per generated function of a graph program
+MAX_VARIANTS = 4  # keep-replay variants compiled per graph
 
 
 def payload_at(payloads: list[memoryview], index: int) -> memoryview:
@@ -136,8 +136,18 @@ class GraphProgram:
     # The same, flat for the replay's checks: (index, dtype, extent, written, ((geometry, X index), ...)).
     ext_plan: tuple[tuple[int, torch.dtype, int, bool, tuple[tuple[Geom, int], ...]], ...] = ()
     out_refs: tuple[int, ...] = ()
-    # The code object of each generated part -> (its first step, the first source line of each of its steps).
-    parts: dict[CodeType, tuple[int, list[int]]] = field(default_factory=dict)
+    # The id of each generated part's code (code objects compare by value) -> (its first step, the first
+    # source line of each of its steps). Each part lives as long as its entry: the base program and the
+    # variants hold them.
+    parts: dict[int, tuple[int, list[int]]] = field(default_factory=dict)
+    # The source, kept for keep-replay variants: lines, the first line of each step, the constants.
+    lines: list[str] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    consts: list[Any] = field(default_factory=list)
+    made_bytes: list[int] = field(default_factory=list)  # per step: the bytes of what it makes
+    drops_at: dict[int, list[Output]] = field(default_factory=dict)  # step -> the outputs it uses last
+    # Keep-replay variants, by the references they keep: (program, peak bytes, its parts).
+    variants: dict[frozenset[int], tuple[Callable[..., None], int, list[int]]] = field(default_factory=dict)
 
     def check_keep(self, keep: list[int]) -> list[Output]:
         """The outputs a keep-replay names: references this graph makes, each once."""
@@ -153,12 +163,42 @@ class GraphProgram:
             out.append(o)
         return out
 
+    def for_keep(self, kept: list[Output]) -> tuple[Callable[..., None], int]:
+        """The program of a keep-replay and the most bytes it holds at once.
+
+        The variant lets go of each value it does not keep after its last use, so that a replay holds
+        about what running the records one by one would (not everything the graph makes); it is compiled
+        on first use and kept for the replays that keep the same references."""
+        key = frozenset(o.ref for o in kept)
+        variant = self.variants.get(key)
+        if variant is None:
+            lines: list[str] = []
+            starts: list[int] = []
+            alive = peak = 0
+            for i, start in enumerate(self.starts):
+                starts.append(len(lines))
+                lines.extend(self.lines[start:self.starts[i + 1] if i + 1 < len(self.starts) else len(self.lines)])
+                alive += self.made_bytes[i]
+                peak = max(peak, alive)
+                for o in self.drops_at.get(i, ()):
+                    if o.ref not in key:
+                        lines.append(f"R[{o.reg}] = None")
+                        alive -= o.nbytes
+            run, parts = _compile_parts(self.gid, lines, starts, self.consts)
+            if len(self.variants) >= MAX_VARIANTS:  # the oldest goes
+                _, _, old = self.variants.pop(next(iter(self.variants)))
+                for code_id in old:
+                    self.parts.pop(code_id, None)
+            self.parts.update(parts)
+            variant = self.variants[key] = (run, peak, list(parts))
+        return variant[0], variant[1]
+
     def step_of(self, exc: BaseException) -> int | None:
         """The step a failure of ``run`` happened in, from the line of the generated part it was in."""
         found = None
         tb = exc.__traceback__
         while tb is not None:
-            part = self.parts.get(tb.tb_frame.f_code)  # type: ignore[call-overload]
+            part = self.parts.get(id(tb.tb_frame.f_code))
             if part is not None:
                 found = part, tb.tb_lineno
             tb = tb.tb_next
@@ -278,6 +318,8 @@ class _Builder:
         self.dtypes: dict[int, torch.dtype] = {}  # internal reference -> dtype
         self.externals: dict[int, External] = {}
         self.n_views = 0
+        self.last_use: dict[int, int] = {}  # internal reference -> the last step that makes or reads it
+        self.made_at: dict[int, int] = {}  # internal reference -> the step that makes it
 
     def produce(self, ref: Any, dtype: torch.dtype, geom: Geom, step: int) -> str:
         if type(ref) is not int or ref < 0:
@@ -290,6 +332,7 @@ class _Builder:
         self.outputs.append(out)
         self.by_ref[ref] = out
         self.dtypes[ref] = dtype
+        self.last_use[ref] = self.made_at[ref] = step
         return f"R[{reg}]"
 
     def view(self, ref: Any, dtype: torch.dtype, geom: Geom, need: int, written: bool, step: int) -> str:
@@ -305,6 +348,7 @@ class _Builder:
             if need > out.numel:
                 raise TenantError(f"graph {self.gid}: step {step} views {geom} past the {out.numel} elements of "
                                   f"reference {ref}")
+            self.last_use[ref] = step
             reg = f"R[{out.reg}]"
             if geom == out.geom:
                 return reg
@@ -341,33 +385,35 @@ class _Builder:
             self.lines.append(f"{', '.join(targets)}, = {self.k(_fresh_outputs)}({self.k(tpl.fn)}, {call}, "
                               f"{self.k(tpl.outs)}, {self.k(tpl.name)})")
 
-    def compile(self, starts: list[int]) -> tuple[Callable[..., None], dict[CodeType, tuple[int, list[int]]]]:
-        """The program, from the lines of each step (``starts``: the index of each step's first line).
 
-        Steps are compiled in parts of ``PART_STEPS``, so that a large graph never holds the interpreter
-        (and every other tenant) in one long compile; ``run`` calls the parts in order."""
-        fns: list[Callable[..., None]] = []
-        parts: dict[CodeType, tuple[int, list[int]]] = {}
-        n = len(starts)
-        for first in range(0, n, PART_STEPS):
-            end = min(first + PART_STEPS, n)
-            lo, hi = starts[first], starts[end] if end < n else len(self.lines)
-            body = "".join(f"    {line}\n" for line in self.lines[lo:hi]) or "    pass\n"
-            namespace: dict[str, Any] = {"K": self.k.values, "__builtins__": builtins}
-            src = "def part(R, X, S, G, PL, PB):\n" + body
-            exec(compile(src, f"<caserve graph {self.gid} steps {first}-{end - 1}>", "exec"), namespace)  # noqa: S102
-            fn = namespace["part"]
-            fns.append(fn)
-            parts[fn.__code__] = (first, [starts[i] - lo + 2 for i in range(first, end)])  # body from line 2
-        if len(fns) == 1:
-            return fns[0], parts
-        seq = tuple(fns)
+def _compile_parts(gid: int, lines: list[str], starts: list[int], consts: list[Any]
+                   ) -> tuple[Callable[..., None], dict[int, tuple[int, list[int]]]]:
+    """A program from its source lines (``starts``: the index of each step's first line).
 
-        def run(R: list, X: list, S: list, G: torch.Generator, PL: list, PB: int) -> None:  # noqa: N803
-            for fn in seq:
-                fn(R, X, S, G, PL, PB)
+    Steps are compiled in parts of ``PART_STEPS``, so that a large graph never holds the interpreter (and
+    every other tenant) in one long compile; the program calls the parts in order."""
+    fns: list[Callable[..., None]] = []
+    parts: dict[int, tuple[int, list[int]]] = {}
+    n = len(starts)
+    for first in range(0, n, PART_STEPS):
+        end = min(first + PART_STEPS, n)
+        lo, hi = starts[first], starts[end] if end < n else len(lines)
+        body = "".join(f"    {line}\n" for line in lines[lo:hi]) or "    pass\n"
+        namespace: dict[str, Any] = {"K": consts, "__builtins__": builtins}
+        src = "def part(R, X, S, G, PL, PB):\n" + body
+        exec(compile(src, f"<caserve graph {gid} steps {first}-{end - 1}>", "exec"), namespace)  # noqa: S102
+        fn = namespace["part"]
+        fns.append(fn)
+        parts[id(fn.__code__)] = (first, [starts[i] - lo + 2 for i in range(first, end)])  # the body starts on line 2
+    if len(fns) == 1:
+        return fns[0], parts
+    seq = tuple(fns)
 
-        return run, parts
+    def run(R: list, X: list, S: list, G: torch.Generator, PL: list, PB: int) -> None:  # noqa: N803
+        for fn in seq:
+            fn(R, X, S, G, PL, PB)
+
+    return run, parts
 
 
 def compile_graph(op: P.DefineGraph, templates: dict[int, Template], device: torch.device) -> GraphProgram:
@@ -422,7 +468,12 @@ def compile_graph(op: P.DefineGraph, templates: dict[int, Template], device: tor
     prog = GraphProgram(gid, steps, offsets, len(scalar_types), names, b.outputs, b.by_ref,
                         sum(o.nbytes for o in b.outputs))
     if fast:
-        prog.run, prog.parts = b.compile(starts)
+        prog.run, prog.parts = _compile_parts(gid, b.lines, starts, b.k.values)
+        prog.lines, prog.starts, prog.consts = b.lines, starts, b.k.values
+        prog.made_bytes = [0] * len(starts)
+        for o in b.outputs:
+            prog.made_bytes[b.made_at[o.ref]] += o.nbytes
+            prog.drops_at.setdefault(b.last_use[o.ref], []).append(o)
         prog.n_regs = len(b.regs)
         prog.n_views = b.n_views
         prog.n_ext = max(b.externals, default=-1) + 1
