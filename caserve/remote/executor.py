@@ -23,7 +23,6 @@ from caserve.remote.replay import (
     Output,
     compile_graph,
     compile_runner,
-    conform,
     payload_at,
     tensor_from_bytes,
 )
@@ -351,12 +350,12 @@ class Tenant:
             return None
         views: list[Any] = [None] * prog.n_views
         get = storages.get
-        for j, dtype, need, written, uses in prog.ext_plan:
+        for j, dtype, reach, written, uses in prog.ext_plan:
             st = get(ext[j])
             if st is None:
                 return None
             t = st.tensor
-            if t.dtype is not dtype or need > st.numel or (written and st.blob is not None):
+            if t.dtype is not dtype or reach > st.numel or (written and st.blob is not None):
                 return None
             for geom, i in uses:
                 if geom == st.geom:
@@ -429,10 +428,6 @@ class Tenant:
         finally:
             if temp:
                 self.free(list(temp.values()))
-
-    @staticmethod
-    def _conform(t: torch.Tensor, want: tuple[torch.dtype, tuple, tuple, int]) -> torch.Tensor:
-        return conform(t, want)
 
     # -- sync requests ------------------------------------------------------------------------
 
