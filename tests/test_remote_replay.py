@@ -297,3 +297,31 @@ def test_a_long_graph_runs_in_parts_and_failures_name_their_step(rig):
     err = rig.run(P.Replay(8, 20_000, [x, y, bad], 0, keep=[n, n + 1]))
     assert err is not None and err.op == "aten.index_select.default"
     assert set(rig.tenant.storages) - handles == {20_000 + n + 1}  # the step after the failure still ran
+
+
+def test_compiled_and_record_by_record_replays_of_a_model_agree():
+    import transformers
+
+    import caserve.remote as R
+    from caserve.remote.server import GPUServer
+
+    from test_remote_models import DECODERS
+
+    server = GPUServer("cpu")
+    dev = R.connect(server=server)
+    try:
+        torch.manual_seed(0)
+        model = R.graph_mode(transformers.GPT2LMHeadModel(DECODERS["gpt2"]()).eval().to(dev))
+        ids = torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(1)).to(dev)
+        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation="static")
+        with torch.no_grad():
+            model.generate(ids, **kw)  # every signature seen once
+            compiled = model.generate(ids, **kw).cpu()
+            (tenant,) = server.tenants.values()
+            assert tenant.graphs and all(prog.run is not None for prog in tenant.graphs.values())
+            for prog in tenant.graphs.values():
+                prog.run = None  # every replay from here on runs record by record
+            by_record = model.generate(ids, **kw).cpu()
+        assert torch.equal(compiled, by_record)
+    finally:
+        R.disconnect(dev)
