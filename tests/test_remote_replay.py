@@ -116,6 +116,26 @@ def test_multi_output_ops_with_float_constants_eagerly_and_replayed(rig):
     assert 101 not in rig.tenant.storages
 
 
+def test_eager_runs_check_their_records(rig):
+    x, y, _ = inputs(rig)
+    w = rig.upload(torch.ones(4), share=True)
+    cases = [
+        (P.Run(ADD, [x], [10]), "aten.add.Tensor: expected 2 inputs and 1 outputs"),
+        (P.Run(MUL_S, [x], [10], [2]), "expected scalars of types ['float']"),
+        (P.Run(ADD, [x, y], [10], [1.0]), "expected scalars of types []"),
+        (P.Run(ADD_, [w, x], []), f"writes to storage {w}, a shared read-only weight"),
+        (P.Run(ADD, [x, 12345], [10]), "unknown storage handle 12345"),
+        (P.Run(ADD, [x, y], [y]), f"storage handle {y} is invalid or already in use"),
+        (P.Run(99, [x, y], [10]), "unknown op template 99"),
+    ]
+    for run, message in cases:
+        err = rig.run(run)
+        assert err is not None and message in err.message, (message, err)
+        assert 10 not in rig.tenant.storages
+    assert rig.get(w).tolist() == [1.0] * 4
+    assert rig.run(P.Run(MUL_S, [x], [10], [2.0])) is None and rig.get(10).tolist() == [2.0, 4.0, 6.0, 8.0]
+
+
 def test_keep_binds_only_the_kept_handles_and_memory_returns(rig):
     x, y, z = inputs(rig)
     assert rig.run(GRAPH) is None
