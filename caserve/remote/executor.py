@@ -18,6 +18,14 @@ import torch
 from caserve.remote import protocol as P
 from caserve.remote.blobs import BlobStore
 from caserve.remote.codec import DTYPE_NAMES, extent, flatten_fresh
+from caserve.remote.replay import (
+    GraphProgram,
+    Output,
+    compile_graph,
+    compile_runner,
+    payload_at,
+    tensor_from_bytes,
+)
 from caserve.remote.templates import (
     MAX_TEMPLATES,
     QuotaError,
@@ -34,6 +42,7 @@ logger = logging.getLogger(__name__)
 MAX_PINS = 4096
 MAX_GRAPHS = 1024
 MAX_GRAPH_OPS = 100_000
+MAX_CACHED_VIEWS = 16  # per storage
 
 
 def parse_size(text: str | int | None) -> int:
@@ -52,13 +61,14 @@ def parse_size(text: str | int | None) -> int:
     return int(float(num) * units[unit])
 
 
-@dataclass
+@dataclass(slots=True)
 class Storage:
     tensor: torch.Tensor
     geom: tuple[tuple[int, ...], tuple[int, ...], int]
     numel: int
     nbytes: int
     blob: bytes | None = None  # digest when this is a shared, read-only weight
+    views: dict | None = None  # graph replays: views of it that programs read, by geometry (see _replay_views)
 
 
 @dataclass
@@ -80,7 +90,7 @@ class Tenant:
         self.memory_limit = memory_limit
         self.storages: dict[int, Storage] = {}
         self.templates: dict[int, Template] = {}
-        self.graphs: dict[int, list[tuple]] = {}  # graph mode: recorded records, templates resolved
+        self.graphs: dict[int, GraphProgram] = {}  # graph mode: checked and compiled DefineGraphs
         self.bytes = 0
         self.error: P.RemoteFailure | None = None
         self.stats = TenantStats()
@@ -160,9 +170,14 @@ class Tenant:
     # -- ops ----------------------------------------------------------------------------------
 
     def run_ops(self, ops: list[P.Op], payloads: list[memoryview]) -> None:
+        stats, run = self.stats, P.Run
         for op in ops:
             try:
-                self._dispatch(op, payloads)
+                if type(op) is run:  # most records: straight to the template's runner
+                    stats.ops += 1
+                    self._run(op)
+                else:
+                    self._dispatch(op, payloads)
             except Exception as exc:  # noqa: BLE001 - any failure of a tenant's op is reported to it
                 self.fail(self.op_name(op), exc)
 
@@ -191,7 +206,9 @@ class Tenant:
         elif t is P.DefineOp:
             if len(self.templates) >= MAX_TEMPLATES and op.tid not in self.templates:
                 raise TenantError(f"more than {MAX_TEMPLATES} op templates", "limit")
-            self.templates[op.tid] = compile_template(op, self.device)
+            tpl = compile_template(op, self.device)
+            tpl.runner = compile_runner(tpl, Storage)
+            self.templates[op.tid] = tpl
         elif t is P.Free:
             self.free(op.handles)
         elif t is P.Alloc:
@@ -235,22 +252,8 @@ class Tenant:
         else:  # pragma: no cover - the decoder admits only the types above
             raise TenantError(f"unknown op record {t.__name__}")
 
-    @staticmethod
-    def _payload(payloads: list[memoryview], index: int) -> memoryview:
-        if not (type(index) is int and 0 <= index < len(payloads)):
-            raise TenantError(f"payload segment {index!r} does not exist")
-        return payloads[index]
-
-    @staticmethod
-    def _from_bytes(data: memoryview, dtype: torch.dtype, size: tuple[int, ...]) -> torch.Tensor:
-        numel = 1
-        for s in size:
-            numel *= s
-        if numel * dtype.itemsize != len(data):
-            raise TenantError(f"payload of {len(data)} bytes does not hold {size} of {dtype}")
-        if numel == 0:
-            return torch.empty(size, dtype=dtype)
-        return torch.frombuffer(data, dtype=torch.uint8).view(dtype).view(size)
+    _payload = staticmethod(payload_at)
+    _from_bytes = staticmethod(tensor_from_bytes)
 
     def _upload(self, op: P.Upload, data: memoryview) -> None:
         dt, size, _, _ = check_geom(op.dtype, op.size, [0] * len(op.size), 0)
@@ -288,41 +291,7 @@ class Tenant:
         tpl = self.templates.get(op.tid)
         if tpl is None:
             raise TenantError(f"unknown op template {op.tid}")
-        self._run_template(tpl, op.slots, op.outs, op.scalars)
-
-    def _run_template(self, tpl: Template, slots: list[int], outs: list[int], scalars: list[Any]) -> None:
-        if len(slots) != len(tpl.slots) or len(outs) != len(tpl.outs):
-            raise TenantError(f"{tpl.name}: expected {len(tpl.slots)} inputs and {len(tpl.outs)} outputs")
-        if scalars or tpl.scalar_types:
-            check_scalars(tpl, scalars)
-        storages = self.storages
-        tensors = []
-        for h, slot in zip(slots, tpl.slots):
-            st = storages.get(h)
-            # Fast path: the slot is the storage's own layout (most arguments are whole tensors).
-            if st is not None and st.geom == slot.geom and st.tensor.dtype is slot.dtype:
-                tensors.append(st.tensor)
-            else:
-                tensors.append(self._view(h, slot))
-        if tpl.write_slots:
-            for i in tpl.write_slots:
-                if storages[slots[i]].blob is not None:
-                    raise TenantError(f"{tpl.name} writes to storage {slots[i]}, a shared read-only weight")
-        if self.memory_limit and tpl.total_out_nbytes:
-            self._charge(tpl.total_out_nbytes, tpl.name)
-        args, kwargs = tpl.build(tensors, scalars)
-        if tpl.random:
-            kwargs["generator"] = self.gen
-        result = tpl.call(*args, **kwargs)
-        if tpl.single:
-            want = tpl.outs[0]
-            self._bind(outs[0], self._conform(result, want), geom=want[1:], nbytes=tpl.out_nbytes[0])
-        elif tpl.outs:
-            fresh = flatten_fresh(tpl.fn, result)
-            if len(fresh) != len(tpl.outs):
-                raise TenantError(f"{tpl.name} returned {len(fresh)} tensors, the client expected {len(tpl.outs)}")
-            for handle, tensor, want, nbytes in zip(outs, fresh, tpl.outs, tpl.out_nbytes):
-                self._bind(handle, self._conform(tensor, want), geom=want[1:], nbytes=nbytes)
+        tpl.runner(self, op.slots, op.outs, op.scalars)  # type: ignore[misc]  # compiled with the template
 
     # -- graph mode -------------------------------------------------------------------------------
 
@@ -331,61 +300,134 @@ class Tenant:
             raise TenantError(f"more than {MAX_GRAPHS} graphs", "limit")
         if len(op.ops) > MAX_GRAPH_OPS:
             raise TenantError(f"a graph may hold at most {MAX_GRAPH_OPS} records", "limit")
-        steps: list[tuple] = []
-        for rec in op.ops:
-            if type(rec) is P.Run:
-                tpl = self.templates.get(rec.tid)
-                if tpl is None:
-                    raise TenantError(f"graph {op.gid} uses unknown op template {rec.tid}")
-                steps.append((tpl, rec.slots, rec.outs))  # the template is resolved once, here
-            else:
-                steps.append((None, rec, None))
-        self.graphs[op.gid] = steps
+        self.graphs[op.gid] = compile_graph(op, self.templates, self.device)
 
     def _replay(self, op: P.Replay, payloads: list[memoryview]) -> None:
-        """Run a graph's records with references turned into this replay's handles."""
-        steps = self.graphs.get(op.gid)
-        if steps is None:
+        """Run a graph with references turned into this replay's handles (see caserve.remote.replay).
+
+        ``op.keep`` None: every handle the graph makes is bound. A list: only those references are bound;
+        everything else the graph made is dropped when the replay ends.
+        """
+        prog = self.graphs.get(op.gid)
+        if prog is None:
             raise TenantError(f"unknown graph {op.gid}")
-        base, ext, scalars = op.base, op.ext, op.scalars
+        base = op.base
         if type(base) is not int or base < 0:
             raise TenantError("invalid graph base handle")
+        kept = None if op.keep is None else prog.check_keep(op.keep)
+        run, need = prog.run, prog.out_nbytes
+        if run is not None and kept is not None:
+            run, need = prog.for_keep(kept)
+        views = self._replay_views(prog, op, kept, need) if run is not None else None
+        if views is None:  # not compiled, or a check failed: the record-by-record path says which op
+            self._replay_records(prog, op, payloads, kept)
+            return
+        regs: list[Any] = [None] * prog.n_regs
+        try:
+            run(regs, views, op.scalars, self.gen, payloads, op.payload_base)
+        except Exception as exc:  # noqa: BLE001 - reported like an eager op's failure
+            step = prog.step_of(exc)
+            self.fail(prog.names[step] if step is not None else "Replay", exc)
+            if step is not None:  # the rest goes on record by record, as if it had run that way
+                self._replay_records(prog, op, payloads, kept, step + 1, regs)
+            return
+        self._bind_outputs(base, regs, prog.outputs if kept is None else kept)
+
+    def _replay_views(self, prog: GraphProgram, op: P.Replay, kept: list[Output] | None,
+                      need: int) -> list[Any] | None:
+        """The external views a compiled replay runs on, or None when any check fails: an external handle
+        unknown, of another dtype, too small or a shared weight it writes; scalars that do not fit; a
+        handle it binds already in use; no room for the ``need`` bytes it holds at most."""
+        ext, scalars, storages = op.ext, op.scalars, self.storages
+        if len(ext) < prog.n_ext or len(scalars) != prog.n_scalars:
+            return None
+        if scalars and tuple(map(type, scalars)) != prog.scalar_types:
+            return None
+        if self.memory_limit and self.bytes + need > self.memory_limit:
+            return None
+        refs = prog.out_refs if kept is None else [o.ref for o in kept]
+        if any(map(storages.__contains__, map(op.base.__add__, refs))):
+            return None
+        views: list[Any] = [None] * prog.n_views
+        get = storages.get
+        for j, dtype, reach, written, uses in prog.ext_plan:
+            st = get(ext[j])
+            if st is None:
+                return None
+            t = st.tensor
+            if t.dtype is not dtype or reach > st.numel or (written and st.blob is not None):
+                return None
+            for geom, i in uses:
+                if geom == st.geom:
+                    views[i] = t
+                elif written:  # an op that writes may also restride its argument: a fresh view each time
+                    views[i] = t.as_strided(*geom)
+                else:  # read-only views live with the storage, so that replays after the first reuse them
+                    cache = st.views
+                    if cache is None:
+                        cache = st.views = {}
+                    v = cache.get(geom)
+                    if v is None:
+                        if len(cache) >= MAX_CACHED_VIEWS:
+                            cache.clear()
+                        v = cache[geom] = t.as_strided(*geom)
+                    views[i] = v
+        return views
+
+    def _bind_outputs(self, base: int, regs: list[Any], outputs: list[Output]) -> None:
+        storages = self.storages
+        nbytes = 0
+        for o in outputs:
+            storages[base + o.ref] = Storage(regs[o.reg], o.geom, o.numel, o.nbytes, None)
+            nbytes += o.nbytes
+        self.bytes += nbytes
+
+    def _replay_records(self, prog: GraphProgram, op: P.Replay, payloads: list[memoryview],
+                        kept: list[Output] | None, start: int = 0, regs: list[Any] | None = None) -> None:
+        """Run a graph record by record from step ``start``, each through the table like an eager record;
+        ``regs``: what a compiled run that failed made so far, bound first."""
+        base, ext, scalars = op.base, op.ext, op.scalars
         n_ext = len(ext)
-        used = 0  # scalars consumed so far: each Run step takes as many as its template has slots
+        # A keep-replay binds what it does not keep under temporary handles, below every handle in the
+        # table (so never one the client holds), and drops them at the end.
+        temp: dict[int, int] = {}
+        if kept is not None:
+            keep = {o.ref for o in kept}
+            low = min(min(self.storages, default=0), 0) - 1
+            temp = {o.ref: low - i for i, o in enumerate(prog.outputs) if o.ref not in keep}
 
         def handle(r: int) -> int:
             if r >= 0:
-                return base + r
+                return temp.get(r, base + r)
             if -r > n_ext:
                 raise TenantError(f"graph {op.gid} needs external handle {-r - 1}; the replay gave {n_ext}")
             return ext[-r - 1]
 
-        for tpl, a, b in steps:
-            try:
-                if tpl is not None:
-                    n = len(tpl.scalar_types)
-                    mine, used = scalars[used:used + n], used + n
-                    self._run_template(tpl, [handle(r) for r in a], [handle(r) for r in b], mine)
-                else:
-                    fields = {"handle": handle(a.handle)}
-                    if hasattr(a, "payload"):
-                        fields["payload"] = op.payload_base + a.payload
-                    self._dispatch(msgspec.structs.replace(a, **fields), payloads)
-            except Exception as exc:  # noqa: BLE001 - reported like an eager op's failure
-                self.fail(tpl.name if tpl is not None else type(a).__name__, exc)
-        if used != len(scalars):
-            raise TenantError(f"graph {op.gid} takes {used} scalars; the replay gave {len(scalars)}")
-
-    def _conform(self, t: torch.Tensor, want: tuple[torch.dtype, tuple, tuple, int]) -> torch.Tensor:
-        """Give an output exactly the layout the client computed, so that its views stay right."""
-        dt, size, stride, offset = want
-        if t.dtype is not dt:
-            raise TenantError(f"output dtype {t.dtype} differs from the expected {dt}")
-        if t.stride() == stride and t.shape == size and t.storage_offset() == offset:
-            return t
-        out = torch.empty(extent(size, stride, offset), dtype=dt, device=t.device).as_strided(size, stride, offset)
-        out.copy_(t)
-        return out
+        try:
+            if regs is not None:
+                storages = self.storages
+                for o in prog.outputs:
+                    if regs[o.reg] is not None and handle(o.ref) not in storages:
+                        self._bind(handle(o.ref), regs[o.reg], geom=o.geom, nbytes=o.nbytes)
+            for i in range(start, len(prog.steps)):
+                tpl, a, b = prog.steps[i]
+                try:
+                    if tpl is not None:
+                        used = prog.scalar_offsets[i]
+                        mine = scalars[used:used + len(tpl.scalar_types)]
+                        tpl.runner(self, [handle(r) for r in a], [handle(r) for r in b], mine)
+                    else:
+                        fields = {"handle": handle(a.handle)}
+                        if hasattr(a, "payload"):
+                            fields["payload"] = op.payload_base + a.payload
+                        self._dispatch(msgspec.structs.replace(a, **fields), payloads)
+                except Exception as exc:  # noqa: BLE001 - reported like an eager op's failure
+                    self.fail(prog.names[i], exc)
+            if prog.n_scalars != len(scalars):
+                raise TenantError(f"graph {op.gid} takes {prog.n_scalars} scalars; the replay gave {len(scalars)}")
+        finally:
+            if temp:
+                self.free(list(temp.values()))
 
     # -- sync requests ------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ skeleton; its source holds only slot and constant references, never client text.
 from __future__ import annotations
 
 import keyword
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -66,6 +66,14 @@ class Template:
     call: Callable[..., Any] = None  # type: ignore[assignment]  # the op's C++ entry point
     single: bool = False  # one fresh tensor return: the result is the output
     total_out_nbytes: int = 0
+    # The builder's source pieces, for graph programs that inline the call (caserve.remote.replay):
+    # positional argument expressions and (keyword, expression) pairs over ``T[i]``, ``S[j]`` and
+    # ``C[k]`` (an index into ``consts``) only.
+    args_src: str = ""
+    kwargs_src: tuple[tuple[str, str], ...] = ()
+    consts: list[Any] = field(default_factory=list)
+    # ``run(tenant, slots, outs, scalars)``: an eager Run, compiled by the executor when it defines the template.
+    runner: Callable[[Any, list[int], list[int], list[Any]], None] | None = None
 
     def __post_init__(self) -> None:
         self.call = self.fn._op
@@ -118,6 +126,8 @@ class _SpecCompiler:
         self.consts: list[Any] = []
         self.slots: list[Slot] = []
         self.scalar_types: list[type] = []
+        self.args_src = ""
+        self.kwargs_src: tuple[tuple[str, str], ...] = ()
 
     def const(self, value: Any) -> str:
         self.consts.append(value)
@@ -163,8 +173,9 @@ class _SpecCompiler:
                 raise TenantError(f"{fn} has no keyword argument {k!r}")
         if len(args) > len(fn._schema.arguments):
             raise TenantError(f"{fn} takes at most {len(fn._schema.arguments)} arguments")
-        src = "lambda T, S: ((" + "".join(self.expr(a) + "," for a in args) + "), {"
-        src += "".join(f"{k!r}: {self.expr(v)}," for k, v in kwargs.items()) + "})"
+        self.args_src = "".join(self.expr(a) + "," for a in args)
+        self.kwargs_src = tuple((k, self.expr(v)) for k, v in kwargs.items())
+        src = "lambda T, S: ((" + self.args_src + "), {" + "".join(f"{k!r}: {e}," for k, e in self.kwargs_src) + "})"
         return eval(src, {"C": self.consts, "__builtins__": {}})  # noqa: S307 - source built above
 
 
@@ -193,7 +204,7 @@ def compile_template(op: P.DefineOp, device: torch.device) -> Template:
             if k in written:
                 write_slots.update(range(before, len(sub.slots)))
     return Template(op.name, fn, build, comp.slots, outs, out_nbytes, frozenset(write_slots), takes_generator(fn),
-                    tuple(comp.scalar_types))
+                    tuple(comp.scalar_types), args_src=comp.args_src, kwargs_src=comp.kwargs_src, consts=comp.consts)
 
 
 def check_scalars(tpl: Template, scalars: list[Any]) -> None:
