@@ -20,6 +20,7 @@ from caserve.remote.blobs import BlobStore
 from caserve.remote.codec import DTYPE_NAMES, extent, flatten_fresh
 from caserve.remote.replay import (
     GraphProgram,
+    device_copy,
     Output,
     compile_graph,
     compile_runner,
@@ -260,12 +261,12 @@ class Tenant:
         nbytes = len(data)
         self._charge(nbytes, "upload")
         if not op.share:
-            self._bind(op.handle, self._from_bytes(data, dt, size).to(self.device))
+            self._bind(op.handle, device_copy(self._from_bytes(data, dt, size), self.device))
             return
         digest = BlobStore.digest(data)
 
         def make() -> torch.Tensor:
-            t = self._from_bytes(data, dt, size).to(self.device)
+            t = device_copy(self._from_bytes(data, dt, size), self.device)
             if self.stream is not None:
                 self.stream.synchronize()  # other tenants read it on their own streams
             return t
@@ -274,7 +275,7 @@ class Tenant:
         assert blob is not None
         if blob.tensor.dtype is not dt or tuple(blob.tensor.shape) != size:
             self.blobs.release(digest)
-            self._bind(op.handle, self._from_bytes(data, dt, size).to(self.device))
+            self._bind(op.handle, device_copy(self._from_bytes(data, dt, size), self.device))
             return
         self._bind(op.handle, blob.tensor, blob=digest)
 

@@ -61,6 +61,14 @@ def tensor_from_bytes(data: memoryview, dtype: torch.dtype, size: tuple[int, ...
     return torch.frombuffer(data, dtype=torch.uint8).view(dtype).view(size)
 
 
+def device_copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An uploaded tensor in memory of its own on ``device``. On a CPU device too: a tensor over the
+    frame buffer would keep the whole frame alive and may be misaligned for vectorised kernels."""
+    if device.type == "cpu":
+        return t.clone()
+    return t.to(device)
+
+
 def conform(t: torch.Tensor, want: Want) -> torch.Tensor:
     """Give an output exactly the layout the client computed, so that its views stay right."""
     dt, size, stride, offset = want
@@ -86,7 +94,7 @@ def _fresh_outputs(fn: torch._ops.OpOverload, result: Any, wants: list[Want], na
 
 def _upload(payloads: list[memoryview], index: int, dtype: torch.dtype, size: tuple[int, ...],
             device: torch.device) -> torch.Tensor:
-    return tensor_from_bytes(payload_at(payloads, index), dtype, size).to(device)
+    return device_copy(tensor_from_bytes(payload_at(payloads, index), dtype, size), device)
 
 
 def _copy_in(payloads: list[memoryview], index: int, dst: torch.Tensor, src_dtype: torch.dtype,
