@@ -14,7 +14,7 @@ Layout: :mod:`~caserve.remote.protocol` (the wire format), :mod:`~caserve.remote
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -22,7 +22,7 @@ from caserve.remote import protocol as P
 from caserve.remote.errors import ConnectionLost, HandshakeError, QuotaExceeded, RemoteError, RemoteOpError
 
 __all__ = [
-    "connect", "disconnect", "graph_mode", "stats", "server_stats", "ConnectionLost", "HandshakeError", "QuotaExceeded",
+    "connect", "disconnect", "fetch_later", "graph_mode", "stats", "server_stats", "ConnectionLost", "HandshakeError", "QuotaExceeded",
     "RemoteError", "RemoteOpError",
 ]
 
@@ -60,6 +60,15 @@ def graph_mode(model: torch.nn.Module, capture: bool = True) -> torch.nn.Module:
     from caserve.remote.graph import enable
 
     return enable(model, capture)
+
+
+def fetch_later(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Ask for a caserve tensor's values without waiting: returns a function that waits for them and
+    gives a CPU tensor. The GPU server answers after the ops sent before and goes on with later ones, so
+    a decode loop can send step t+1 before it reads step t's tokens."""
+    from caserve.remote.dispatch import fetch_later as later
+
+    return later(tensor)
 
 
 def disconnect(device: torch.device | str) -> None:

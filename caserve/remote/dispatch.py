@@ -480,6 +480,33 @@ def upload(dst: RemoteTensor, src: torch.Tensor) -> RemoteTensor:
     return dst
 
 
+def fetch_later(t: RemoteTensor) -> Any:
+    """Ask for the tensor's values now; the returned function waits for them (a CPU tensor). The server
+    answers once it has run every op sent before, and goes on with later ones meanwhile."""
+    st = t._st
+    dtype, size, stride, offset = t._cs
+    session = st.session
+    with session.lock:
+        session.stats.ops += 1
+        _ready(st)
+        pending = session.request(P.Fetch(st.handle, DTYPE_NAMES[dtype], size, stride, offset))
+
+    def wait() -> torch.Tensor:
+        _, payloads = pending.result()
+        return _from_payload(payloads, dtype, size)
+
+    return wait
+
+
+def _from_payload(payloads: list[memoryview], dtype: torch.dtype, size: tuple) -> torch.Tensor:
+    numel = 1
+    for s in size:
+        numel *= s
+    if numel == 0:
+        return torch.empty(size, dtype=dtype)
+    return torch.frombuffer(payloads[0], dtype=torch.uint8).view(dtype).reshape(size)
+
+
 def fetch(t: RemoteTensor) -> torch.Tensor:
     """The tensor's values as a new CPU tensor (one round trip)."""
     st = t._st
@@ -490,12 +517,7 @@ def fetch(t: RemoteTensor) -> torch.Tensor:
         if st.state == LAZY:  # never written: its contents are undefined, like torch.empty's
             return torch.empty(size, dtype=dtype)
         _, payloads = session.sync(P.Fetch(st.handle, DTYPE_NAMES[dtype], size, stride, offset))
-    numel = 1
-    for s in size:
-        numel *= s
-    if numel == 0:
-        return torch.empty(size, dtype=dtype)
-    return torch.frombuffer(payloads[0], dtype=torch.uint8).view(dtype).reshape(size)
+    return _from_payload(payloads, dtype, size)
 
 
 def _to_copy(args: tuple, kwargs: dict) -> Any:

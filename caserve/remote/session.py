@@ -72,6 +72,7 @@ class Session:
         self.graph_cache = GraphCache()
         self.call_log: CallLog | None = None  # graph mode: the forward being watched for capture
         self.epoch = 0  # bumped whenever the server forgets this session's templates and graphs
+        self.pending: collections.deque[Pending] = collections.deque()  # requests awaiting their replies
 
     # -- handshake ------------------------------------------------------------------------------
 
@@ -234,25 +235,48 @@ class Session:
             start = time.perf_counter()
             self.flush(request)
             seq = self.seq
-            try:
-                kind, reply, payloads = self.channel.recv()
-            except (ConnectionLost, P.ProtocolError) as exc:
-                self._lost(exc)
+            self._drain(None)  # replies to earlier requests come first
+            value, payloads, error = self._receive(seq)
             self.stats.syncs += 1
             self.stats.sync_wait_s += time.perf_counter() - start
-            if kind == P.Kind.ERROR:
-                self._lost(ConnectionLost(f"server closed the connection ({reply.code}): {reply.message}"))
-            if kind != P.Kind.REPLY or reply.seq != seq:
-                self._lost(ConnectionLost(f"out-of-order reply (kind {kind}) from the server"))
-            if reply.error is not None:
-                err = reply.error
-                if err.op == "DefineOp":
-                    # The server refused a template this client cached: forget every plan, so that no
-                    # later op names the missing template.
-                    self.reset_templates()
-                cls = QuotaExceeded if err.code == "quota_exceeded" else RemoteOpError
-                raise cls(err.op, err.message, err.code)
-            return reply.value, payloads
+            if error is not None:
+                raise error
+            return value, payloads
+
+    def request(self, request: P.SyncRequest) -> "Pending":
+        """Send ``request`` now and read its reply later (:meth:`Pending.result`): the server works on
+        what follows while the client does something else. Replies arrive in order."""
+        with self.lock:
+            self.flush(request)
+            pending = Pending(self, self.seq)
+            self.pending.append(pending)
+            return pending
+
+    def _drain(self, upto: "Pending | None") -> None:
+        """Read the replies of outstanding requests, in order, until ``upto`` has its own (all if None)."""
+        while self.pending and (upto is None or not upto.done):
+            p = self.pending.popleft()
+            p.value, p.payloads, p.error = self._receive(p.seq)
+            p.done = True
+
+    def _receive(self, seq: int) -> tuple[Any, list[memoryview], Exception | None]:
+        try:
+            kind, reply, payloads = self.channel.recv()
+        except (ConnectionLost, P.ProtocolError) as exc:
+            self._lost(exc)
+        if kind == P.Kind.ERROR:
+            self._lost(ConnectionLost(f"server closed the connection ({reply.code}): {reply.message}"))
+        if kind != P.Kind.REPLY or reply.seq != seq:
+            self._lost(ConnectionLost(f"out-of-order reply (kind {kind}) from the server"))
+        if reply.error is None:
+            return reply.value, payloads, None
+        err = reply.error
+        if err.op == "DefineOp":
+            # The server refused a template this client cached: forget every plan, so that no later op
+            # names the missing template.
+            self.reset_templates()
+        cls = QuotaExceeded if err.code == "quota_exceeded" else RemoteOpError
+        return None, [], cls(err.op, err.message, err.code)
 
     def _lost(self, exc: Exception) -> None:
         self.closed = str(exc)
@@ -275,6 +299,30 @@ class Session:
         with _REGISTRY_LOCK:
             if self.index < len(SESSIONS) and SESSIONS[self.index] is self:
                 SESSIONS[self.index] = None
+
+
+class Pending:
+    """The reply to a request sent with :meth:`Session.request`. A remote failure of the ops before the
+    request is raised by :meth:`result` (the first failure since the previous reply, as with a sync)."""
+
+    __slots__ = ("session", "seq", "done", "value", "payloads", "error")
+
+    def __init__(self, session: Session, seq: int) -> None:
+        self.session, self.seq, self.done = session, seq, False
+        self.value: Any = None
+        self.payloads: list[memoryview] = []
+        self.error: Exception | None = None
+
+    def result(self) -> tuple[Any, list[memoryview]]:
+        if not self.done:
+            with self.session.lock:
+                start = time.perf_counter()
+                self.session._drain(self)
+                self.session.stats.syncs += 1
+                self.session.stats.sync_wait_s += time.perf_counter() - start
+        if self.error is not None:
+            raise self.error
+        return self.value, self.payloads
 
 
 # One session per device index; indices of closed sessions are reused (torch keeps them in an int8).

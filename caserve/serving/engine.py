@@ -23,7 +23,7 @@ from transformers import StaticCache
 
 from caserve.models import LoadedModel
 from caserve.serving.jobs import TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, MODEL_TASKS
-from caserve.serving.sampling import TextTracker, make_generator, sample_token
+from caserve.serving.sampling import GREEDY_BELOW, TextTracker, make_generator, sample_token
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ class BatchStats:
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel, *, step_delay_s: float = 0.0, static_cache: bool = False) -> None:
+    def __init__(self, lm: LoadedModel, *, step_delay_s: float = 0.0, static_cache: bool = False,
+                 decode_ahead: bool = True) -> None:
         self.lm = lm
         self.step_delay_s = step_delay_s  # emulates a slower device (tests, benchmarks); 0 in production
         self.model, self.tok = lm.model, lm.tokenizer
@@ -89,6 +90,8 @@ class Engine:
         # (transformers >= 5.2x tracks the cache position inside StaticCache; older ones take cache_position.)
         self._takes_cache_position = "cache_position" in params
         self.static_cache = static_cache and not self.seq2seq and self._cache_arg in params
+        # Greedy batches on a remote device decode one step ahead (see _decode_greedy_ahead).
+        self.decode_ahead = decode_ahead and self.static_cache and self.device.type == "caserve"
 
     @property
     def tasks(self) -> set[str]:
@@ -164,6 +167,8 @@ class Engine:
         stats.prefill_s = time.perf_counter() - t0
         t1 = self._decode_start = time.perf_counter()
         self._sample(rows, logits, cancelled, emit)
+        if self.decode_ahead and all(r.temperature < GREEDY_BELOW for r in rows):
+            self._decode_greedy_ahead(rows, state, cancelled, emit, stats)
         while any(r.finish_reason is None for r in rows):
             last = [r.text.ids[-1] if r.finish_reason is None else self.pad_id for r in rows]
             logits, state = self._decode_step(last, state)
@@ -176,13 +181,19 @@ class Engine:
         return stats
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor, cancelled: IsCancelled, emit: Emit) -> None:
+        self._take(rows, lambda b, row: sample_token(logits[b, : self.vocab], row.temperature, row.top_p,
+                                                     row.generator), cancelled, emit)
+
+    def _take(self, rows: list[_Row], choose: Callable[[int, _Row], int], cancelled: IsCancelled,
+              emit: Emit) -> None:
+        """Give every unfinished row its next token, ``choose(b, row)``, and emit what follows."""
         for b, row in enumerate(rows):
             if row.finish_reason is not None:
                 continue
             if cancelled(row.dispatch):
                 row.finish_reason = "cancelled"
                 continue  # the router already answered this client; no done event
-            token = sample_token(logits[b, : self.vocab], row.temperature, row.top_p, row.generator)
+            token = choose(b, row)
             if token in self.eos_ids and not row.ignore_eos:
                 row.finish_reason = "stop"
             else:
@@ -231,7 +242,43 @@ class Engine:
     def _decode_step(self, last: list[int], state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         if self.seq2seq:
             return self._decode_seq2seq(last, state)
-        batch, t = len(last), state["t"]
+        ids = torch.tensor(last).view(len(last), 1).to(self.device)
+        logits, state = self._step(ids, state)
+        return logits.float().cpu(), state
+
+    def _decode_greedy_ahead(self, rows: list[_Row], state: dict[str, Any], cancelled: IsCancelled, emit: Emit,
+                             stats: BatchStats) -> None:
+        """Greedy decoding that never waits for the step it just sent: step t+1 takes step t's tokens
+        straight from the device (argmax there) and goes out before the client reads step t's tokens,
+        so the device computes while the client streams, checks stops and prepares the next step. A row
+        that stops has one step computed in vain. Used by assisted workers (a remote device)."""
+        from caserve.remote import fetch_later
+
+        last = [r.text.ids[-1] if r.finish_reason is None else self.pad_id for r in rows]
+        ids = torch.tensor(last).view(len(rows), 1).to(self.device)
+        budget = max((r.max_new - r.generated for r in rows if r.finish_reason is None), default=0)
+        waiting = None
+        while True:
+            ahead = None
+            if budget > 0 and any(r.finish_reason is None for r in rows):
+                logits, state = self._step(ids, state)
+                ids = logits.float().argmax(-1, keepdim=True)  # [B, 1], on the device
+                ahead = fetch_later(ids)
+                budget -= 1
+                stats.steps += 1
+                if self.step_delay_s:
+                    time.sleep(self.step_delay_s)
+            if waiting is not None:
+                tokens = waiting().view(-1).tolist()
+                self._take(rows, lambda b, row: int(tokens[b]), cancelled, emit)
+            if ahead is None:
+                return
+            waiting = ahead
+
+    def _step(self, ids: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One decode step of ``ids`` [B, 1] on the device: the last position's logits [B, vocab], on the
+        device, and the next state."""
+        batch, t = ids.shape[0], state["t"]
         kwargs: dict[str, Any] = {"use_cache": True, self._cache_arg: state["past"]}
         if self.static_cache:
             mask = state["mask"].clone()  # a new tensor: an uploaded one may still be in flight
@@ -246,9 +293,9 @@ class Engine:
         kwargs["attention_mask"] = (mask.bool()[:, None, None, :] if self.static_cache else mask).to(self.device)
         if self._takes_positions:
             kwargs["position_ids"] = pos.to(self.device)
-        out = self.model(input_ids=torch.tensor(last).view(batch, 1).to(self.device), **kwargs)
+        out = self.model(input_ids=ids, **kwargs)
         past = state["past"] if self.static_cache else _cache_of(out)
-        return out.logits[:, -1, :].float().cpu(), {"past": past, "mask": mask, "pos": pos, "t": t + 1}
+        return out.logits[:, -1, : self.vocab], {"past": past, "mask": mask, "pos": pos, "t": t + 1}
 
     def _prefill_seq2seq(self, rows: list[_Row]) -> tuple[torch.Tensor, dict[str, Any]]:
         start = int(self.model.config.decoder_start_token_id or 0)
