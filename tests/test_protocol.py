@@ -103,10 +103,10 @@ def test_garbage_on_the_socket_does_not_disturb_other_tenants(gpu_server):
     for junk in [b"\x00" * 3, b"\xff\xff\xff\xff", struct.pack("<IBI", 20, 5, 100) + b"x" * 16,
                  struct.pack("<IBI", 9, 99, 0) + b"xxxx", b"GET / HTTP/1.1\r\n\r\n"]:
         s = socket.create_connection(("127.0.0.1", gpu_server.port))
-        s.sendall(junk)
-        s.shutdown(socket.SHUT_WR)
         s.settimeout(5)
-        try:
+        try:  # the server may hang up at any point of this (that is the point): only its survival matters
+            s.sendall(junk)
+            s.shutdown(socket.SHUT_WR)
             while s.recv(4096):
                 pass
         except OSError:
