@@ -42,6 +42,7 @@ from caserve.remote import protocol as P
 logger = logging.getLogger(__name__)
 
 MAX_STEPS = 256  # captured steps per model (one per shape family: prompt lengths, batch sizes)
+MAX_KEYS = 1024  # keys remembered while they are being watched (recorded calls not yet captured)
 MAX_TRIES = 4  # recordings of one key that may fail to capture before it is given up on
 MAX_DEPTH = 3  # how deep the objects passed to forward are looked into
 MAX_GRAPHS = 1000  # graphs a session defines before it starts afresh (the server holds at most 1024)
@@ -222,11 +223,15 @@ class Capture:
         try:
             seen = self._behaviour(session, key, args, kwargs, leaves, out, log, training)
         except Uncapturable as exc:
+            if len(self.tries) >= MAX_KEYS:  # a long-running worker meets many one-off keys (prefills)
+                self.tries.clear()
             self.tries[key] = self.tries.get(key, 0) + 1
             self.seen.pop(key, None)
             logger.debug("graph mode: forward not captured (%s)", exc)
             return
         if self.seen.get(key) != seen[0]:
+            if len(self.seen) >= MAX_KEYS:
+                self.seen.clear()
             self.seen[key] = seen[0]
             return
         del self.seen[key]
