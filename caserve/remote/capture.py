@@ -130,7 +130,7 @@ class Step:
     sources: tuple[tuple[str, int], ...]  # ("a", leaf index) or ("m", index in ``weights``), per external
     scalars: list[Any]
     keep: list[int]  # references of the output storages
-    outs: list[tuple]  # per output leaf, see Capture._outputs
+    outs: list[tuple]  # per output leaf: ('n', ref, *layout), ('a', leaf), ('x', source, *layout), ('c', value)
     spec: pytree.TreeSpec
     aliases: tuple[int, ...]  # per leaf: the first leaf sharing its storage (or -1)
     weights: list[tuple[dict, str, torch.Tensor]]  # the model's tensors it reads, where they live
@@ -186,6 +186,8 @@ class Capture:
             ext = []
             for kind, i in step.sources:
                 st = (leaves[i] if kind == "a" else mt[i])._st
+                if kind == "a" and st.shared:  # a shared weight passed in: eager mode copies it if written
+                    return None
                 if st.state == LAZY:
                     _ready(st)
                 ext.append(st.handle)
