@@ -233,3 +233,28 @@ def test_forward_with_autograd_recording_is_never_captured(dev):
         out = remote(x, rbox)
     assert out["y"].requires_grad and out["y"].grad_fn is not None
     assert R.stats(dev)["step_replays"] == 0
+
+
+def test_a_weight_copied_on_write_is_read_from_its_new_storage(dev):
+    class Big(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(128, 128))  # 64 KiB: uploaded as a shared weight
+
+        def forward(self, x):
+            return x @ self.w
+
+    torch.manual_seed(0)
+    local = Big()
+    remote = Big()
+    remote.load_state_dict(local.state_dict())
+    remote = R.graph_mode(remote.to(dev))
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        for _ in range(4):
+            torch.testing.assert_close(remote(x.to(dev)).cpu(), x @ local.w)
+        assert R.stats(dev)["step_replays"] >= 1
+        remote.w.mul_(2.0)  # a write to a shared weight: this tenant gets a private copy, a new handle
+        local.w.mul_(2.0)
+        for _ in range(2):
+            torch.testing.assert_close(remote(x.to(dev)).cpu(), x @ local.w)

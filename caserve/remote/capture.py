@@ -78,11 +78,21 @@ def call_key(args: tuple, kwargs: dict, leaves: list[Any]) -> tuple:
             torch.get_default_dtype(), torch.is_autocast_enabled())
 
 
-def _walk(x: Any, leaves: list[Any], depth: int) -> Any:
-    from caserve.remote.tensor import RemoteTensor
+_REMOTE: list[type] = []  # [RemoteTensor], resolved on first use (caserve.remote.tensor imports this module)
 
+
+def _remote_tensor_type() -> type:
+    if not _REMOTE:
+        from caserve.remote.tensor import RemoteTensor
+
+        _REMOTE.append(RemoteTensor)
+    return _REMOTE[0]
+
+
+def _walk(x: Any, leaves: list[Any], depth: int) -> Any:
+    rt = _REMOTE[0] if _REMOTE else _remote_tensor_type()
     t = type(x)
-    if t is RemoteTensor:
+    if t is rt:
         leaves.append(x)
         return x._cs
     if t in _SIMPLE:
@@ -103,9 +113,20 @@ def _walk(x: Any, leaves: list[Any], depth: int) -> Any:
         raise Uncapturable(f"forward is given a {t.__name__}")
     if depth >= MAX_DEPTH:
         raise Uncapturable(f"a {t.__name__} nested too deeply in forward's arguments")
-    # A plain object (a KV cache, its layers): its class and attributes, the same way.
+    # A plain object (a KV cache, its layers): its class and attributes, the same way. Attributes that are
+    # tensors or plain values (most of a cache layer's) are handled here without a call.
     leaves.append(x)
-    return (t, tuple([(k, _walk(v, leaves, depth + 1)) for k, v in vars(x).items()]))
+    items = []
+    for k, v in vars(x).items():
+        tv = type(v)
+        if tv is rt:
+            leaves.append(v)
+            items.append((k, v._cs))
+        elif tv is int or tv is str or v is None:
+            items.append((k, v))
+        else:
+            items.append((k, _walk(v, leaves, depth + 1)))
+    return (t, tuple(items))
 
 
 def _model_tensors(model: torch.nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
@@ -135,15 +156,31 @@ class Step:
     aliases: tuple[int, ...]  # per leaf: the first leaf sharing its storage (or -1)
     weights: list[tuple[dict, str, torch.Tensor]]  # the model's tensors it reads, where they live
     epoch: int  # the session's template epoch the graph was defined in
+    # ``ext`` of a replay with the weights' handles filled in (checked at ``weights_epoch``), and the
+    # positions the inputs' handles go to: (position in ext, leaf index).
+    ext: list[int] = field(default_factory=list)
+    inputs: list[tuple[int, int]] = field(default_factory=list)
+    weights_epoch: int = -1
+
+
+# Bumped whenever a module anywhere gets a new parameter or buffer, or a weight is copied on write (its
+# handle changes): a step then checks its weights again before replaying.
+WEIGHTS_EPOCH = [0]
+
+
+def weights_changed(*_: Any) -> None:
+    WEIGHTS_EPOCH[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(weights_changed)
+torch.nn.modules.module.register_module_buffer_registration_hook(weights_changed)
 
 
 def _aliases(leaves: list[Any]) -> tuple[int, ...]:
+    """Per leaf: the first leaf with the same storage (itself if none), -1 for objects."""
+    rt = _REMOTE[0] if _REMOTE else _remote_tensor_type()
     first: dict[int, int] = {}
-    out = []
-    for i, x in enumerate(leaves):
-        st = getattr(x, "_st", None)
-        out.append(-1 if st is None else first.setdefault(id(st), i))
-    return tuple(out)
+    return tuple([first.setdefault(id(x._st), i) if type(x) is rt else -1 for i, x in enumerate(leaves)])
 
 
 class Capture:
@@ -172,25 +209,20 @@ class Capture:
         if step.epoch != session.epoch:  # the server forgot its graph
             del self.steps[key]
             return None
-        mt = []
-        for d, name, t in step.weights:
-            if d.get(name) is not t:
-                logger.debug("graph mode: the model's %s changed; step %d dropped", name, step.gid)
-                del self.steps[key]
-                return None
-            mt.append(t)
         if _aliases(leaves) != step.aliases:
             return None
         with session.lock:
             session.check_open()
-            ext = []
-            for kind, i in step.sources:
-                st = (leaves[i] if kind == "a" else mt[i])._st
-                if kind == "a" and st.shared:  # a shared weight passed in: eager mode copies it if written
+            if step.weights_epoch != WEIGHTS_EPOCH[0] and not self._check_weights(key, step):
+                return None
+            ext = step.ext.copy()
+            for pos, i in step.inputs:
+                st = leaves[i]._st
+                if st.shared:  # a shared weight passed in: eager mode copies it if written
                     return None
                 if st.state == LAZY:
                     _ready(st)
-                ext.append(st.handle)
+                ext[pos] = st.handle
             base = session.next_handle
             session.next_handle = base + step.minted
             session.emit(P.Replay(step.gid, base, ext, 0, step.scalars, step.keep))
@@ -211,11 +243,32 @@ class Capture:
                     values.append(leaves[o[1]])
                 elif kind == "x":
                     (skind, i), dtype, size, stride, offset = o[1:]
-                    src = leaves[i] if skind == "a" else mt[i]
+                    src = leaves[i] if skind == "a" else step.weights[i][2]
                     values.append(RemoteTensor(src._st, dtype, size, stride, offset))
                 else:
                     values.append(o[1])
             return pytree.tree_unflatten(values, step.spec)
+
+    def _check_weights(self, key: tuple, step: Step) -> bool:
+        """The step's weights are still the model's: refresh their handles (a copy on write changes
+        them), or drop the step."""
+        from caserve.remote.dispatch import _ready
+
+        epoch = WEIGHTS_EPOCH[0]
+        for d, name, t in step.weights:
+            if d.get(name) is not t:
+                logger.debug("graph mode: the model's %s changed; step %d dropped", name, step.gid)
+                del self.steps[key]
+                return False
+        ext = [0] * len(step.sources)
+        for pos, (kind, i) in enumerate(step.sources):
+            if kind == "m":
+                st = step.weights[i][2]._st
+                _ready(st)
+                ext[pos] = st.handle
+        step.ext, step.weights_epoch = ext, epoch
+        step.inputs = [(pos, i) for pos, (kind, i) in enumerate(step.sources) if kind == "a"]
+        return True
 
     # -- recording ---------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from caserve.remote.codec import (
     scalar_slots,
     written_args,
 )
+from caserve.remote.capture import weights_changed
 from caserve.remote.errors import RemoteError
 from caserve.remote.session import FLUSH_BYTES, Session
 from caserve.remote.tensor import _DISPATCH, LAZY, LIVE, RemoteStorage, RemoteTensor, resize_empty, wrap
@@ -266,6 +267,7 @@ def _unshare(st: RemoteStorage) -> None:
     st.session.emit(P.CopyStorage(new, st.handle))
     st.session.free(st.handle)
     st.handle, st.shared = new, False
+    weights_changed()  # captured steps that read this weight must send its new handle
     logger.debug("copy-on-write of a shared weight (storage %d)", new)
 
 
