@@ -258,3 +258,25 @@ def test_a_weight_copied_on_write_is_read_from_its_new_storage(dev):
         local.w.mul_(2.0)
         for _ in range(2):
             torch.testing.assert_close(remote(x.to(dev)).cpu(), x @ local.w)
+
+
+def test_assisted_engine_replays_prefills_of_one_bucket(dev):
+    """Prompt widths are padded to a multiple of 16 and static caches are reused, so prefills of similar
+    lengths repeat exactly and are replayed too; tokens stay those of the local engine."""
+    from caserve.models import DEFAULT_MODEL, load_model
+    from caserve.serving.engine import Engine
+
+    from test_serving_engine import GREEDY, run
+
+    local = Engine(load_model(DEFAULT_MODEL))
+    lm = load_model(DEFAULT_MODEL, device=dev)
+    R.graph_mode(lm.model)
+    engine = Engine(lm, static_cache=True)
+    params = dict(GREEDY, max_tokens=8)
+    deltas = []
+    for i, n in enumerate((5, 9, 12, 7, 11, 6)):
+        row = [{"dispatch": f"r{i}", "task": "generate", "prompt_ids": list(range(40, 40 + n)), "params": params}]
+        before = R.stats(dev)["step_replays"]
+        assert run(engine, row) == run(local, row)
+        deltas.append(R.stats(dev)["step_replays"] - before)
+    assert all(d >= 8 for d in deltas[3:]), deltas  # 7 decode steps and the prefill

@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 Emit = Callable[[dict[str, Any]], None]
 STATIC_CACHE_ROUND = 64  # static cache lengths are rounded up, so few distinct shapes (graphs) occur
+MAX_CACHES = 4  # static KV caches kept for reuse, per engine
+PREFILL_ROUND = 16  # with a static cache, prompt widths are rounded up (left padding) for the same reason
 IsCancelled = Callable[[str], bool]
 
 
@@ -90,6 +92,7 @@ class Engine:
         # (transformers >= 5.2x tracks the cache position inside StaticCache; older ones take cache_position.)
         self._takes_cache_position = "cache_position" in params
         self.static_cache = static_cache and not self.seq2seq and self._cache_arg in params
+        self._caches: dict[tuple[int, int], StaticCache] = {}  # (batch, length) -> cache, least recent first
         # Greedy batches on a remote device decode one step ahead (see _decode_greedy_ahead).
         self.decode_ahead = decode_ahead and self.static_cache and self.device.type == "caserve"
 
@@ -221,7 +224,9 @@ class Engine:
         if self.seq2seq:
             return self._prefill_seq2seq(rows)
         seqs = [r.prompt_ids + r.text.ids for r in rows]  # text.ids starts with an earlier attempt's tokens
-        ids, mask = _left_pad(seqs, self.pad_id)  # [B, T] each
+        # Static cache: prompts padded to a multiple of PREFILL_ROUND, so that prefills of similar lengths
+        # share shapes (op plans, templates, graphs) instead of each length planning its ops anew.
+        ids, mask = _left_pad(seqs, self.pad_id, PREFILL_ROUND if self.static_cache else 1)  # [B, T] each
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         kwargs: dict[str, Any] = {"use_cache": True}
         if self.static_cache:  # mask [B, L]: the whole cache length, future positions masked out
@@ -230,14 +235,31 @@ class Engine:
             mask = torch.cat([mask, torch.zeros(len(rows), length - width, dtype=mask.dtype)], dim=1)
             if self._takes_cache_position:
                 kwargs["cache_position"] = torch.arange(width).to(self.device)
-            kwargs[self._cache_arg] = StaticCache(config=self.model.config, max_cache_len=length)
-        kwargs["attention_mask"] = mask.to(self.device)
+            kwargs[self._cache_arg] = self._static_cache(len(rows), length)
+            # A 4-D mask is used as given: no device sync inside forward to read the 2-D one.
+            kwargs["attention_mask"] = _prefill_mask(mask, width).to(self.device)
+        else:
+            kwargs["attention_mask"] = mask.to(self.device)
         if self._takes_positions:
             kwargs["position_ids"] = positions.to(self.device)
         out = self.model(input_ids=ids.to(self.device), **kwargs)
         past = kwargs[self._cache_arg] if self.static_cache else _cache_of(out)
         state = {"past": past, "mask": mask, "pos": positions[:, -1:], "t": ids.shape[1]}
         return out.logits[:, -1, :].float().cpu(), state
+
+    def _static_cache(self, batch: int, length: int) -> StaticCache:
+        """A static KV cache for ``batch`` rows of ``length`` positions: the last one of that shape, reset,
+        when there is one. Reusing it keeps its tensors and Python state the same from batch to batch, so
+        on a remote device in graph mode even prefills are captured and replayed as one message."""
+        cache = self._caches.pop((batch, length), None)
+        if cache is None:
+            cache = StaticCache(config=self.model.config, max_cache_len=length)
+        else:
+            cache.reset()
+        self._caches[(batch, length)] = cache
+        while len(self._caches) > MAX_CACHES:
+            self._caches.pop(next(iter(self._caches)))  # the least recently used
+        return cache
 
     def _decode_step(self, last: list[int], state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         if self.seq2seq:
@@ -375,8 +397,20 @@ def _cache_of(out: Any) -> Any:
     return cache if cache is not None else out.past_key_values
 
 
-def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _prefill_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """The boolean attention mask [B, 1, width, L] of a prefill into a static cache of length L: query i
+    sees the unpadded keys up to i (``mask`` [B, L] marks them), and itself, so that a padding query is
+    never masked entirely (its output is unused, but must stay finite: it feeds the next layer's keys)."""
+    length = mask.shape[1]
+    q = torch.arange(width)[:, None]
+    k = torch.arange(length)[None, :]
+    seen = (k <= q)[None] & mask.bool()[:, None, :]  # [B, width, L]
+    return (seen | (k == q)[None])[:, None]
+
+
+def _left_pad(seqs: list[list[int]], pad: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
+    width = -(-width // multiple) * multiple
     ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
     return ids, mask
