@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 Emit = Callable[[dict[str, Any]], None]
 STATIC_CACHE_ROUND = 64  # static cache lengths are rounded up, so few distinct shapes (graphs) occur
 MAX_CACHES = 4  # static KV caches kept for reuse, per engine
-PREFILL_ROUND = 16  # with a static cache, prompt widths are rounded up (left padding) for the same reason
+PREFILL_ROUND = 64  # with a static cache, prompt widths are rounded up (left padding) for the same reason
 IsCancelled = Callable[[str], bool]
 
 
