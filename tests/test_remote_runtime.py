@@ -85,6 +85,37 @@ def test_failing_op_raises_at_sync_with_op_name_and_client_stays_usable(local_de
     assert (a * 3).sum().item() == 18.0  # ... and the next sync works
 
 
+def test_fetch_later_answers_in_order_while_later_ops_stream(local_dev):
+    dev, _ = local_dev
+    session = session_of(dev)
+    x = torch.arange(4.0).to(dev)
+    waits = []
+    for k in range(3):
+        x = x + 1
+        waits.append(R.fetch_later(x))  # sent now; nothing waited for
+    assert len(session.pending) == 3
+    assert (x * 10).sum().item() == 10 * (3 + 4 + 5 + 6)  # a sync reads the earlier replies first
+    assert not session.pending
+    assert [w().tolist() for w in reversed(waits)] == [[3.0, 4.0, 5.0, 6.0], [2.0, 3.0, 4.0, 5.0],
+                                                       [1.0, 2.0, 3.0, 4.0]]
+
+
+def test_fetch_later_raises_a_failure_before_it_and_the_session_goes_on(local_dev):
+    dev, _ = local_dev
+    session = session_of(dev)
+    a = torch.ones(2, 3, device=dev)
+    first = R.fetch_later(a)
+    session.emit(P.DefineOp(999_998, "aten.mm.default", [{"$t": [0, "float32", [2, 3], [3, 1], 0]},
+                                                          {"$t": [1, "float32", [2, 3], [3, 1], 0]}], {},
+                            [("float32", (2, 3), (3, 1), 0)]))
+    session.emit(P.Run(999_998, [a._st.handle, a._st.handle], [session.new_handle()]))
+    second = R.fetch_later(a * 2)
+    assert first().tolist() == [[1.0] * 3] * 2  # its reply came before the failing op ran
+    with pytest.raises(R.RemoteOpError, match="aten.mm.default"):
+        second()
+    assert (a * 3).sum().item() == 18.0
+
+
 @pytest.mark.parametrize("bad", [
     P.DefineOp(77, "aten.from_file.default", ["/etc/passwd"], {}, []),
     P.DefineOp(76, "aten.resize_.default", [{"$t": [0, "float32", [4], [1], 0]}, [1 << 40]], {}, []),
