@@ -280,3 +280,21 @@ def test_assisted_engine_replays_prefills_of_one_bucket(dev):
         assert run(engine, row) == run(local, row)
         deltas.append(R.stats(dev)["step_replays"] - before)
     assert all(d >= 8 for d in deltas[3:]), deltas  # 7 decode steps and the prefill
+
+
+def test_a_session_starts_afresh_before_the_server_s_graph_limits(dev, monkeypatch):
+    import caserve.remote.graph as G
+    from caserve.remote.session import session_of
+
+    monkeypatch.setattr(G, "MAX_GRAPH_RECORDS", 8)  # a step of Accumulate is a few records: room for 1-2
+    local, remote = _pair(dev)
+    lbox, rbox = Box(torch.zeros(4)), Box(torch.zeros(4).to(dev))
+    session = session_of(dev)
+    with torch.no_grad():
+        for scale in [1.0, 2.0, 3.0, 4.0] * 4:  # four keys, each captured in turn
+            want = local(torch.ones(2, 4), lbox, scale)
+            got = remote(torch.ones(2, 4).to(dev), rbox, scale)
+            torch.testing.assert_close(got["y"].cpu(), want["y"])
+        torch.testing.assert_close(rbox.state.cpu(), lbox.state)
+    assert session.epoch >= 1  # templates and graphs were reset at least once, and no error came back
+    assert session.graph_cache.defined_records <= 8

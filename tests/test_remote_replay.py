@@ -345,3 +345,17 @@ def test_compiled_and_record_by_record_replays_of_a_model_agree():
         assert torch.equal(compiled, by_record)
     finally:
         R.disconnect(dev)
+
+
+def test_a_tenant_s_graphs_hold_a_bounded_number_of_records(rig, monkeypatch):
+    import caserve.remote.executor as X
+
+    monkeypatch.setattr(X, "MAX_TENANT_GRAPH_OPS", 5)
+    three = [P.Run(ADD, [-1, -1], [0]), P.Run(ADD, [0, 0], [1]), P.Run(ADD, [1, 1], [2])]
+    assert rig.run(P.DefineGraph(11, three)) is None
+    assert rig.run(P.DefineGraph(11, three)) is None  # redefining a graph replaces its records
+    err = rig.run(P.DefineGraph(12, three))  # 6 records in all
+    assert err is not None and err.code == "limit" and "at most 5 records" in err.message
+    assert 12 not in rig.tenant.graphs and rig.tenant.graph_ops == 3
+    assert rig.run(P.ResetTemplates()) is None  # the client starts afresh: the count goes with the graphs
+    assert rig.tenant.graph_ops == 0

@@ -46,6 +46,7 @@ MAX_KEYS = 1024  # keys remembered while they are being watched (recorded calls 
 MAX_TRIES = 4  # recordings of one key that may fail to capture before it is given up on
 MAX_DEPTH = 3  # how deep the objects passed to forward are looked into
 MAX_GRAPHS = 1000  # graphs a session defines before it starts afresh (the server holds at most 1024)
+MAX_GRAPH_RECORDS = 200_000  # records in them (the server holds at most 262144 per tenant)
 
 _SIMPLE = frozenset({int, str, type(None)})
 _TAGGED = frozenset({float, bool, torch.dtype, torch.device, torch.layout, torch.memory_format})
@@ -292,7 +293,7 @@ class Capture:
         del self.seen[key]
         if len(self.steps) >= MAX_STEPS:
             self.steps.clear()
-        if session.graph_cache.defined >= MAX_GRAPHS:
+        if not session.graph_cache.room(len(seen[1][0])):
             # The server keeps a bounded number of graphs: start afresh (templates and graphs alike).
             with session.lock:
                 session.reset_templates()
@@ -306,6 +307,7 @@ class Capture:
         with session.lock:
             session.emit(P.DefineGraph(gid, [_struct(r) for r in recs]))
             session.graph_cache.defined += 1
+            session.graph_cache.defined_records += len(recs)
         self.steps[key] = Step(gid, minted, sources, list(scalars), list(keep), list(outs), spec, aliases,
                                weights, log.epoch)
         logger.debug("graph mode: step %d captured (%d records, %d sources, %d handles kept)", gid, len(recs),

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 MAX_PINS = 4096
 MAX_GRAPHS = 1024
 MAX_GRAPH_OPS = 100_000
+MAX_TENANT_GRAPH_OPS = 1 << 18  # records in all of a tenant's graphs together (compiled code is kept per record)
 MAX_CACHED_VIEWS = 16  # per storage
 
 
@@ -92,6 +93,8 @@ class Tenant:
         self.storages: dict[int, Storage] = {}
         self.templates: dict[int, Template] = {}
         self.graphs: dict[int, GraphProgram] = {}  # graph mode: checked and compiled DefineGraphs
+        self.graph_sizes: dict[int, int] = {}  # graph id -> its records (MAX_TENANT_GRAPH_OPS)
+        self.graph_ops = 0
         self.bytes = 0
         self.error: P.RemoteFailure | None = None
         self.stats = TenantStats()
@@ -150,6 +153,7 @@ class Tenant:
         """Free everything this tenant holds (its connection ended)."""
         self.free(list(self.storages))
         self.templates.clear()
+        self.graphs.clear()
         for digest, pins in self.pinned.items():
             for _ in range(pins):
                 self.blobs.release(digest)
@@ -250,6 +254,8 @@ class Tenant:
         elif t is P.ResetTemplates:
             self.templates.clear()
             self.graphs.clear()
+            self.graph_sizes.clear()
+            self.graph_ops = 0
         else:  # pragma: no cover - the decoder admits only the types above
             raise TenantError(f"unknown op record {t.__name__}")
 
@@ -301,7 +307,12 @@ class Tenant:
             raise TenantError(f"more than {MAX_GRAPHS} graphs", "limit")
         if len(op.ops) > MAX_GRAPH_OPS:
             raise TenantError(f"a graph may hold at most {MAX_GRAPH_OPS} records", "limit")
+        total = self.graph_ops - self.graph_sizes.get(op.gid, 0) + len(op.ops)
+        if total > MAX_TENANT_GRAPH_OPS:
+            raise TenantError(f"a tenant's graphs may hold at most {MAX_TENANT_GRAPH_OPS} records together", "limit")
         self.graphs[op.gid] = compile_graph(op, self.templates, self.device)
+        self.graph_sizes[op.gid] = len(op.ops)
+        self.graph_ops = total
 
     def _replay(self, op: P.Replay, payloads: list[memoryview]) -> None:
         """Run a graph with references turned into this replay's handles (see caserve.remote.replay).

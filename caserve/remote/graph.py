@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from caserve.remote import protocol as P
-from caserve.remote.capture import MAX_GRAPHS, Capture, Uncapturable, call_key
+from caserve.remote.capture import MAX_GRAPH_RECORDS, MAX_GRAPHS, Capture, Uncapturable, call_key
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,11 @@ class GraphCache:
         self.step_replays = 0  # captured steps replayed (caserve.remote.capture)
         self.fallbacks = 0
         self.defined = 0  # graphs defined on the server since the last template reset
+        self.defined_records = 0  # and the records they hold
+
+    def room(self, records: int) -> bool:
+        """Whether the server takes one more graph of ``records`` records (it bounds both, per tenant)."""
+        return self.defined < MAX_GRAPHS and self.defined_records + records <= MAX_GRAPH_RECORDS
 
 
 def _refs(region: Region) -> tuple[tuple, list[tuple], list[int], list]:
@@ -119,9 +124,10 @@ def end_region(session: Any, region: Region) -> None:
         return
     key, recs, ext, scalars = _refs(region)
     gid = cache.graphs.get(key)
-    if gid is None and key in cache.seen and cache.defined < MAX_GRAPHS:
+    if gid is None and key in cache.seen and cache.room(len(recs)):
         gid = cache.graphs[key] = next(cache.ids)
         cache.defined += 1
+        cache.defined_records += len(recs)
         session.ops.append(P.DefineGraph(gid, [_struct(r) for r in recs]))
         logger.debug("graph mode: graph %d defined (%d records, %d external handles)", gid, len(recs), len(ext))
     if gid is None:

@@ -165,6 +165,7 @@ class Session:
         self.graph_cache.graphs.clear()
         self.graph_cache.seen.clear()
         self.graph_cache.defined = 0
+        self.graph_cache.defined_records = 0
         self.epoch += 1
         self.emit(P.ResetTemplates())
 
