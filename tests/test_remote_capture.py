@@ -298,3 +298,25 @@ def test_a_session_starts_afresh_before_the_server_s_graph_limits(dev, monkeypat
         torch.testing.assert_close(rbox.state.cpu(), lbox.state)
     assert session.epoch >= 1  # templates and graphs were reset at least once, and no error came back
     assert session.graph_cache.defined_records <= 8
+
+
+@pytest.mark.parametrize("name", ["facebook/opt-125m", "EleutherAI/pythia-160m", "Qwen/Qwen2.5-0.5B",
+                                  "TinyLlama/TinyLlama-1.1B-Chat-v1.0"])
+def test_assisted_engine_matches_native_across_architectures(name, dev):
+    """Zoo decoders (shrunk, random weights): the assisted path (static cache, padded prefill with a 4-D
+    mask, reused caches, graph mode, greedy decode ahead) gives the native engine's tokens."""
+    from caserve.models import load_model
+    from caserve.serving.engine import Engine
+
+    from test_serving_engine import GREEDY, run
+
+    native = Engine(load_model(name, shrink=True))
+    lm = load_model(name, device=dev, shrink=True)
+    R.graph_mode(lm.model)
+    assisted = Engine(lm, static_cache=True)
+    batches = [[list(range(30, 37)), list(range(50, 53))], [list(range(60, 71))], [list(range(80, 86))]]
+    for i, prompts in enumerate(batches * 2):  # the second round reuses caches and replays prefills
+        rows = [{"dispatch": f"{i}-{j}", "task": "generate", "prompt_ids": p, "params": dict(GREEDY, max_tokens=10)}
+                for j, p in enumerate(prompts)]
+        assert run(assisted, rows) == run(native, rows), (name, prompts)
+    assert R.stats(dev)["step_replays"] > 0
