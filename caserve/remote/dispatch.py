@@ -32,7 +32,7 @@ from caserve.remote.codec import (
 )
 from caserve.remote.capture import weights_changed
 from caserve.remote.errors import RemoteError
-from caserve.remote.session import FLUSH_BYTES, Session
+from caserve.remote.session import FLUSH_BYTES, FLUSH_OPS, Session
 from caserve.remote.tensor import _DISPATCH, LAZY, LIVE, RemoteStorage, RemoteTensor, resize_empty, wrap
 
 logger = logging.getLogger(__name__)
@@ -378,7 +378,14 @@ def run_op(func, args: tuple, kwargs: dict) -> Any:
         out = plan.out
         if out[0] == "F":  # one fresh tensor: the common case, built without the generic walk
             st = RemoteStorage(session, out[2])
-            session.emit(P.Run(plan.tid, handles, [st.handle], scalars))
+            run = P.Run(plan.tid, handles, [st.handle], scalars)
+            if session.region is None:  # Session.emit, inlined for the eager case
+                ops = session.ops
+                ops.append(run)
+                if len(ops) >= FLUSH_OPS:
+                    session.flush()
+            else:
+                session.emit(run)
             return wrap(st, out[7], out[6])
         fresh = [RemoteStorage(session, None) for _ in range(plan.nfresh)]  # type: ignore[arg-type]
         session.emit(P.Run(plan.tid, handles, [st.handle for st in fresh], scalars))
