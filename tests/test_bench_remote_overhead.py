@@ -19,5 +19,6 @@ def test_remote_overhead_reports_every_mode(tmp_path):
     # A captured decode step is one record instead of one per op.
     assert by_mode["graph"].records_per_token < by_mode["eager"].records_per_token / 2
     assert by_mode["engine"].records_per_token < by_mode["graph"].records_per_token
+    assert by_mode["eager"].step_replays_per_token == 0 and by_mode["engine"].step_replays_per_token > 0.5
     saved = json.loads(out.read_text())
     assert saved["benchmark"] == "remote-overhead" and len(saved["results"]) == 3

@@ -52,6 +52,7 @@ class Result:
     server_cpu_s_per_token: float
     server_cpu_vs_native: float
     runs: int
+    step_replays_per_token: float = 0.0  # graph mode: forward calls replayed without running their Python
 
 
 def _start_server(device: str, threads: int) -> tuple[subprocess.Popen, str]:
@@ -126,7 +127,7 @@ def measure(name: str, mode: str, address: str, transport: str, native_device: s
         s1 = R.stats(dev)
         server_cpu.append(R.server_stats(dev)["cpu_seconds"] - before)
         remote_runs.append(wall)
-        counts.append({k: s1[k] - s0[k] for k in ("ops", "records", "frames", "bytes_sent", "syncs")})
+        counts.append({k: s1[k] - s0[k] for k in ("ops", "records", "frames", "bytes_sent", "syncs", "step_replays")})
     R.disconnect(dev)
 
     per = lambda x: x / new_tokens  # noqa: E731
@@ -136,7 +137,8 @@ def measure(name: str, mode: str, address: str, transport: str, native_device: s
     server = per(statistics.median(server_cpu))
     med = {k: per(statistics.median(c[k] for c in counts)) for k in counts[0]}
     return Result(loaded.label, mode, new_tokens, native_ms, remote_ms, remote_ms / native_ms, med["ops"], med["records"],
-                  med["frames"], med["bytes_sent"], med["syncs"], native_cpu, server, server / native_cpu, runs)
+                  med["frames"], med["bytes_sent"], med["syncs"], native_cpu, server, server / native_cpu, runs,
+                  med["step_replays"])
 
 
 def _timed_once(fn, sync) -> tuple[float, float]:
@@ -178,10 +180,10 @@ def print_table(results: list[Result]) -> None:
 
     table = Table(title="caserve remote overhead (median per generated token)")
     for col in ("model", "mode", "native ms", "remote ms", "remote/native", "ATen ops", "records", "frames", "bytes",
-                "server CPU / native CPU"):
+                "step replays", "server CPU / native CPU"):
         table.add_column(col, justify="right")
     for r in results:
         table.add_row(r.model, r.mode, f"{r.native_ms_per_token:.2f}", f"{r.remote_ms_per_token:.2f}", f"{r.ratio:.2f}",
                       f"{r.aten_ops_per_token:.0f}", f"{r.records_per_token:.0f}", f"{r.frames_per_token:.1f}",
-                      f"{r.bytes_per_token:.0f}", f"{r.server_cpu_vs_native:.2f}")
-    Console(width=160).print(table)
+                      f"{r.bytes_per_token:.0f}", f"{r.step_replays_per_token:.2f}", f"{r.server_cpu_vs_native:.2f}")
+    Console(width=190).print(table)
