@@ -192,7 +192,6 @@ class Capture:
         self.steps: dict[tuple, Step] = {}
         self.seen: dict[tuple, tuple] = {}  # key -> the last recorded call's behaviour
         self.tries: dict[tuple, int] = {}
-        self.replays = 0
 
     def wants(self, key: tuple) -> bool:
         return self.tries.get(key, 0) < MAX_TRIES
@@ -228,7 +227,6 @@ class Capture:
             session.next_handle = base + step.minted
             session.emit(P.Replay(step.gid, base, ext, 0, step.scalars, step.keep))
             session.flush()  # the server runs the step while the client goes on
-            self.replays += 1
             session.graph_cache.step_replays += 1
             storages: dict[int, Any] = {}
             values = []
@@ -301,13 +299,10 @@ class Capture:
             return
         sig, minted, sources, scalars, keep, outs, spec, aliases = seen[0]
         recs, weights = seen[1]
-        gid = next(session.graph_cache.ids)
-        from caserve.remote.graph import _struct
-
         with session.lock:
-            session.emit(P.DefineGraph(gid, [_struct(r) for r in recs]))
-            session.graph_cache.defined += 1
-            session.graph_cache.defined_records += len(recs)
+            definition = session.graph_cache.define(recs)
+            session.emit(definition)
+        gid = definition.gid
         self.steps[key] = Step(gid, minted, sources, list(scalars), list(keep), list(outs), spec, aliases,
                                weights, log.epoch)
         logger.debug("graph mode: step %d captured (%d records, %d sources, %d handles kept)", gid, len(recs),

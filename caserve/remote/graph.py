@@ -68,6 +68,18 @@ class GraphCache:
         """Whether the server takes one more graph of ``records`` records (it bounds both, per tenant)."""
         return self.defined < MAX_GRAPHS and self.defined_records + records <= MAX_GRAPH_RECORDS
 
+    def define(self, recs: list[tuple]) -> P.DefineGraph:
+        """The definition of a new graph of ``recs`` (reference form), counted against the server's limits."""
+        self.defined += 1
+        self.defined_records += len(recs)
+        return P.DefineGraph(next(self.ids), [_struct(r) for r in recs])
+
+    def clear(self) -> None:
+        """The server forgot every graph (ResetTemplates)."""
+        self.graphs.clear()
+        self.seen.clear()
+        self.defined = self.defined_records = 0
+
 
 def _refs(region: Region) -> tuple[tuple, list[tuple], list[int], list]:
     """The region in reference form: its signature, its records as tuples, the external handles and the
@@ -125,10 +137,9 @@ def end_region(session: Any, region: Region) -> None:
     key, recs, ext, scalars = _refs(region)
     gid = cache.graphs.get(key)
     if gid is None and key in cache.seen and cache.room(len(recs)):
-        gid = cache.graphs[key] = next(cache.ids)
-        cache.defined += 1
-        cache.defined_records += len(recs)
-        session.ops.append(P.DefineGraph(gid, [_struct(r) for r in recs]))
+        definition = cache.define(recs)
+        gid = cache.graphs[key] = definition.gid
+        session.ops.append(definition)
         logger.debug("graph mode: graph %d defined (%d records, %d external handles)", gid, len(recs), len(ext))
     if gid is None:
         if len(cache.seen) >= MAX_SIGNATURES:

@@ -162,10 +162,7 @@ class Session:
     def reset_templates(self) -> None:
         """Forget every plan and graph, here and on the server (a template was refused, or too many)."""
         self.cache.clear()
-        self.graph_cache.graphs.clear()
-        self.graph_cache.seen.clear()
-        self.graph_cache.defined = 0
-        self.graph_cache.defined_records = 0
+        self.graph_cache.clear()
         self.epoch += 1
         self.emit(P.ResetTemplates())
 
