@@ -72,7 +72,7 @@ def serve(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Start the router, a GPU server and the workers on this machine, and serve until Ctrl-C."""
-    from caserve.serving.policies import POLICIES
+    from caserve.serving.router.policies import POLICIES
 
     if policy not in POLICIES:
         raise typer.BadParameter(f"choose one of {', '.join(POLICIES)}", param_hint="--policy")
@@ -115,7 +115,7 @@ def worker(
     import asyncio
 
     from caserve.models import DEFAULT_MODEL
-    from caserve.serving.worker import Worker, WorkerConfig
+    from caserve.serving.worker.worker import Worker, WorkerConfig
 
     try:
         cfg = WorkerConfig(router_url=router, kind=kind, model=model or DEFAULT_MODEL, gpu_server=gpu_server,

@@ -13,9 +13,9 @@ from caserve.cluster.config import AssistedConfig, load_config, parse_config
 from caserve.cluster.deploy import format_status
 from caserve.cluster.errors import ClusterError, ConfigError
 from caserve.cluster.placement import ServerLoad, least_loaded
-from caserve.serving.jobs import TASK_GENERATE, Job, JobState
-from caserve.serving.metrics import ServingMetrics
-from caserve.serving.router import Router
+from caserve.serving.router.jobs import TASK_GENERATE, Job, JobState
+from caserve.serving.router.metrics import ServingMetrics
+from caserve.serving.router.router import Router
 
 LOOPBACK = {"network": {"mode": "loopback"}}
 

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import caserve.remote as R
-from caserve.remote import protocol as P
-from caserve.remote.server import Connection, GPUServer
-from caserve.remote.transport import recv_frame, send_frame
+from caserve.remote.wire import protocol as P
+from caserve.remote.server.listener import Connection, GPUServer
+from caserve.remote.wire.transport import recv_frame, send_frame
 
 # A change to any struct, tag or kind changes this digest: bump PROTOCOL_VERSION and update both.
 PINNED = {4: "2bde9a2cf3aedbaa"}

@@ -198,7 +198,7 @@ def test_generate_replays_decode_steps_without_python(dev):
 def test_assisted_engine_replays_decode_steps_with_the_same_tokens(dev):
     """The serving engine as an assisted worker runs it: static cache, 4-D mask, graph mode."""
     from caserve.models import DEFAULT_MODEL, load_model
-    from caserve.serving.engine import Engine
+    from caserve.serving.worker.engine import Engine
 
     from test_serving_engine import rows, run
 
@@ -264,7 +264,7 @@ def test_assisted_engine_replays_prefills_of_one_bucket(dev):
     """Prompt widths are padded to a multiple of 16 and static caches are reused, so prefills of similar
     lengths repeat exactly and are replayed too; tokens stay those of the local engine."""
     from caserve.models import DEFAULT_MODEL, load_model
-    from caserve.serving.engine import Engine
+    from caserve.serving.worker.engine import Engine
 
     from test_serving_engine import GREEDY, run
 
@@ -283,8 +283,8 @@ def test_assisted_engine_replays_prefills_of_one_bucket(dev):
 
 
 def test_a_session_starts_afresh_before_the_server_s_graph_limits(dev, monkeypatch):
-    import caserve.remote.graph as G
-    from caserve.remote.session import session_of
+    import caserve.remote.client.graph as G
+    from caserve.remote.client.session import session_of
 
     monkeypatch.setattr(G, "MAX_GRAPH_RECORDS", 8)  # a step of Accumulate is a few records: room for 1-2
     local, remote = _pair(dev)
@@ -306,7 +306,7 @@ def test_assisted_engine_matches_native_across_architectures(name, dev):
     """Zoo decoders (shrunk, random weights): the assisted path (static cache, padded prefill with a 4-D
     mask, reused caches, graph mode, greedy decode ahead) gives the native engine's tokens."""
     from caserve.models import load_model
-    from caserve.serving.engine import Engine
+    from caserve.serving.worker.engine import Engine
 
     from test_serving_engine import GREEDY, run
 

@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 import torch
 
-from caserve.remote import protocol as P
-from caserve.remote.blobs import BlobStore
-from caserve.remote.executor import Tenant
+from caserve.remote.wire import protocol as P
+from caserve.remote.server.blobs import BlobStore
+from caserve.remote.server.executor import Tenant
 
 
 def t(slot: int, size: tuple[int, ...], stride: tuple[int, ...] | None = None, offset: int = 0,
@@ -348,7 +348,7 @@ def test_compiled_and_record_by_record_replays_of_a_model_agree():
 
 
 def test_a_tenant_s_graphs_hold_a_bounded_number_of_records(rig, monkeypatch):
-    import caserve.remote.executor as X
+    import caserve.remote.server.executor as X
 
     monkeypatch.setattr(X, "MAX_TENANT_GRAPH_OPS", 5)
     three = [P.Run(ADD, [-1, -1], [0]), P.Run(ADD, [0, 0], [1]), P.Run(ADD, [1, 1], [2])]

@@ -10,9 +10,9 @@ import torch
 import transformers
 
 import caserve.remote as R
-from caserve.remote import protocol as P
+from caserve.remote.wire import protocol as P
 from caserve.remote.server import GPUServer
-from caserve.remote.session import session_of
+from caserve.remote.client.session import session_of
 
 
 @pytest.fixture
@@ -225,7 +225,7 @@ def test_authentication(make_gpu_server):
 
 
 def test_server_without_token_refuses_non_loopback():
-    from caserve.remote.server import Connection
+    from caserve.remote.server.listener import Connection
 
     server = GPUServer("cpu")
     conn = Connection(server, "10.0.0.5:4444", loopback=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from caserve.models import DEFAULT_MODEL, load_model
-from caserve.serving.engine import Engine
+from caserve.serving.worker.engine import Engine
 
 GREEDY = {"max_tokens": 24, "temperature": 0, "top_p": 1, "stop": [], "seed": None, "ignore_eos": True}
 SAMPLED = dict(GREEDY, max_tokens=17, temperature=0.9, top_p=0.9, seed=11)

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from caserve.models import byte_level_tokenizer
 from caserve.serving.errors import ModelNotFound, QueueFull
-from caserve.serving.jobs import TASK_EMBED, TASK_GENERATE, Job, JobState
-from caserve.serving.policies import EctPolicy, FcfsPolicy, ServiceModel, make_policy
-from caserve.serving.router import Router
-from caserve.serving.sampling import TextTracker, make_generator, sample_token
+from caserve.serving.router.jobs import TASK_EMBED, TASK_GENERATE, Job, JobState
+from caserve.serving.router.policies import EctPolicy, FcfsPolicy, ServiceModel, make_policy
+from caserve.serving.router.router import Router
+from caserve.serving.worker.sampling import TextTracker, make_generator, sample_token
 
 
 @dataclass

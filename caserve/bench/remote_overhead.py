@@ -105,7 +105,7 @@ def measure(name: str, mode: str, address: str, transport: str, native_device: s
         R.graph_mode(remote)
     rids = ids.to(dev)
     if mode == "engine":
-        from caserve.serving.engine import Engine
+        from caserve.serving.worker.engine import Engine
 
         native_engine, remote_engine = Engine(loaded), Engine(rloaded, static_cache=True)  # as workers run them
         prompt = ids[0].tolist()

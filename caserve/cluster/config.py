@@ -81,7 +81,7 @@ class GPUServerConfig(_Strict):
     @field_validator("tenant_memory_limit")
     @classmethod
     def _size(cls, value: str) -> str:
-        from caserve.remote.executor import parse_size
+        from caserve.remote.server.executor import parse_size
 
         parse_size(value)  # raises ValueError on "8 gigs"; checked here, not on every GPU node
         return value

@@ -5,10 +5,10 @@
     model.to(dev)
     out = model.generate(**inputs.to(dev))
 
-Layout: :mod:`~caserve.remote.protocol` (the wire format), :mod:`~caserve.remote.transport` (sockets),
-:mod:`~caserve.remote.session`, :mod:`~caserve.remote.tensor`, :mod:`~caserve.remote.dispatch` and
-:mod:`~caserve.remote.device` (the client), :mod:`~caserve.remote.server` and
-:mod:`~caserve.remote.executor` (the GPU server).
+Layout: :mod:`~caserve.remote.wire.protocol` (the wire format), :mod:`~caserve.remote.wire.transport` (sockets),
+:mod:`~caserve.remote.client.session`, :mod:`~caserve.remote.client.tensor`, :mod:`~caserve.remote.client.dispatch` and
+:mod:`~caserve.remote.client.device` (the client), :mod:`~caserve.remote.server` and
+:mod:`~caserve.remote.server.executor` (the GPU server).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 import torch
 
-from caserve.remote import protocol as P
-from caserve.remote.errors import ConnectionLost, HandshakeError, QuotaExceeded, RemoteError, RemoteOpError
+from caserve.remote.wire import protocol as P
+from caserve.remote.wire.errors import ConnectionLost, HandshakeError, QuotaExceeded, RemoteError, RemoteOpError
 
 __all__ = [
     "connect", "disconnect", "fetch_later", "graph_mode", "stats", "server_stats", "ConnectionLost", "HandshakeError", "QuotaExceeded",
@@ -35,9 +35,9 @@ def connect(address: str | None = None, token: str | None = None, *, transport: 
     (``transport="tcp"`` forces TCP). ``token`` defaults to ``$CASERVE_TOKEN``. ``server`` connects to an
     in-process :class:`caserve.remote.server.GPUServer` instead (tests, single-process use).
     """
-    from caserve.remote import device, session
+    from caserve.remote.client import device, session
     from caserve.remote.server import LocalChannel
-    from caserve.remote.transport import SocketChannel
+    from caserve.remote.wire.transport import SocketChannel
 
     device.install()
     token = token if token is not None else os.environ.get("CASERVE_TOKEN") or None
@@ -55,9 +55,9 @@ def connect(address: str | None = None, token: str | None = None, *, transport: 
 
 def graph_mode(model: torch.nn.Module, capture: bool = True) -> torch.nn.Module:
     """Record ``model``'s forward on its caserve device and replay repeats with one message each
-    (see :mod:`caserve.remote.graph`); with ``capture``, a forward that repeats exactly is replayed
-    without running its Python (:mod:`caserve.remote.capture`). Returns the model."""
-    from caserve.remote.graph import enable
+    (see :mod:`caserve.remote.client.graph`); with ``capture``, a forward that repeats exactly is replayed
+    without running its Python (:mod:`caserve.remote.client.capture`). Returns the model."""
+    from caserve.remote.client.graph import enable
 
     return enable(model, capture)
 
@@ -66,21 +66,21 @@ def fetch_later(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
     """Ask for a caserve tensor's values without waiting: returns a function that waits for them and
     gives a CPU tensor. The GPU server answers after the ops sent before and goes on with later ones, so
     a decode loop can send step t+1 before it reads step t's tokens."""
-    from caserve.remote.dispatch import fetch_later as later
+    from caserve.remote.client.dispatch import fetch_later as later
 
     return later(tensor)
 
 
 def disconnect(device: torch.device | str) -> None:
     """Close the device's session; the server frees everything it held."""
-    from caserve.remote.session import session_of
+    from caserve.remote.client.session import session_of
 
     session_of(device).close()
 
 
 def stats(device: torch.device | str) -> dict[str, Any]:
     """Client-side counters of the device's session (ops, frames, bytes, syncs)."""
-    from caserve.remote.session import session_of
+    from caserve.remote.client.session import session_of
 
     session = session_of(device)
     return {**session.stats.snapshot(), "graph_replays": session.graph_cache.replays,
@@ -90,7 +90,7 @@ def stats(device: torch.device | str) -> dict[str, Any]:
 
 def server_stats(device: torch.device | str) -> dict[str, Any]:
     """The GPU server's figures as seen from this tenant (one round trip)."""
-    from caserve.remote.session import session_of
+    from caserve.remote.client.session import session_of
 
     value, _ = session_of(device).sync(P.Stats())
     return value

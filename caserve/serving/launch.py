@@ -30,8 +30,8 @@ from typing import Callable, Optional
 import uvicorn
 
 from caserve.models import DEFAULT_MODEL
-from caserve.serving.api import create_app
-from caserve.serving.router import Router
+from caserve.serving.router.api import create_app
+from caserve.serving.router.router import Router
 
 logger = logging.getLogger(__name__)
 

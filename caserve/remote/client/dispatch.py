@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import DynamicOutputShapeException
 
-from caserve.remote import protocol as P
-from caserve.remote.codec import (
+from caserve.remote.wire import protocol as P
+from caserve.remote.wire.codec import (
     DTYPE_NAMES,
     DTYPES,
     MEMORY_FORMAT_NAMES,
@@ -30,10 +30,10 @@ from caserve.remote.codec import (
     scalar_slots,
     written_args,
 )
-from caserve.remote.capture import weights_changed
-from caserve.remote.errors import RemoteError
-from caserve.remote.session import FLUSH_BYTES, FLUSH_OPS, Session
-from caserve.remote.tensor import _DISPATCH, LAZY, LIVE, RemoteStorage, RemoteTensor, resize_empty, wrap
+from caserve.remote.client.capture import weights_changed
+from caserve.remote.wire.errors import RemoteError
+from caserve.remote.client.session import FLUSH_BYTES, FLUSH_OPS, Session
+from caserve.remote.client.tensor import _DISPATCH, LAZY, LIVE, RemoteStorage, RemoteTensor, resize_empty, wrap
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _sig(x: Any, slots: list[RemoteTensor]) -> Any:
 def _session_of(slots: list[RemoteTensor], args: Any, kwargs: dict) -> Session:
     if slots:
         return slots[0]._st.session
-    from caserve.remote.session import session_of
+    from caserve.remote.client.session import session_of
 
     for v in (*args, *kwargs.values()):
         if isinstance(v, torch.device) and v.type == "caserve":

@@ -30,8 +30,8 @@ from typing import Any, Callable
 
 import torch
 
-from caserve.remote import protocol as P
-from caserve.remote.capture import MAX_GRAPH_RECORDS, MAX_GRAPHS, Capture, Uncapturable, call_key
+from caserve.remote.wire import protocol as P
+from caserve.remote.client.capture import MAX_GRAPH_RECORDS, MAX_GRAPHS, Capture, Uncapturable, call_key
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class GraphCache:
         self.seen: set[tuple] = set()
         self.ids = itertools.count(1)
         self.replays = 0  # recorded regions replayed
-        self.step_replays = 0  # captured steps replayed (caserve.remote.capture)
+        self.step_replays = 0  # captured steps replayed (caserve.remote.client.capture)
         self.fallbacks = 0
         self.defined = 0  # graphs defined on the server since the last template reset
         self.defined_records = 0  # and the records they hold
@@ -162,7 +162,7 @@ def _send_eagerly(session: Any, region: Region, payload_base: int) -> None:
 def enable(model: torch.nn.Module, capture: bool = True) -> torch.nn.Module:
     """Record ``model``'s forward calls as graph regions on its caserve device (see the module docstring);
     with ``capture``, repeated calls become captured steps replayed without running forward's Python
-    (:mod:`caserve.remote.capture`).
+    (:mod:`caserve.remote.client.capture`).
 
     Returns the model. Calls on a non-caserve device, or nested inside another region, run as before.
     """
@@ -192,7 +192,7 @@ class GraphForward:
 
 
 def _graph_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-    from caserve.remote.session import session_of
+    from caserve.remote.client.session import session_of
 
     state: GraphForward = self._caserve_graph_mode
     p = next(self.parameters(), None)

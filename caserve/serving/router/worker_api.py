@@ -37,7 +37,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from caserve.serving.router import Router, WorkerSession
+from caserve.serving.router.router import Router, WorkerSession
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from caserve.serving.errors import (
     WORKER_ERROR_TYPES, BadRequest, ModelNotFound, NotFound, QueueFull, RequestCancelled, RequestFailed,
     ServingError,
 )
-from caserve.serving.jobs import MODEL_TASKS, Job, JobState
-from caserve.serving.metrics import ServingMetrics
-from caserve.serving.policies import ServiceModel, make_policy
+from caserve.serving.router.jobs import MODEL_TASKS, Job, JobState
+from caserve.serving.router.metrics import ServingMetrics
+from caserve.serving.router.policies import ServiceModel, make_policy
 
 logger = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from caserve.remote.codec import extent
-from caserve.remote.session import Session
+from caserve.remote.wire.codec import extent
+from caserve.remote.client.session import Session
 
 LAZY, LIVE = 0, 1
-_DISPATCH: list = [None]  # caserve.remote.dispatch.dispatch, set when that module loads
+_DISPATCH: list = [None]  # caserve.remote.client.dispatch.dispatch, set when that module loads
 EMPTY_ROOM = 1 << 48  # nominal storage bytes of an empty wrapper (it has no data either way)
 
 
@@ -46,7 +46,7 @@ class RemoteStorage:
 
 
 class RemoteTensor(torch.Tensor):
-    """A tensor on a ``caserve`` device. Every ATen op on it goes to :func:`caserve.remote.dispatch.dispatch`."""
+    """A tensor on a ``caserve`` device. Every ATen op on it goes to :func:`caserve.remote.client.dispatch.dispatch`."""
 
     _st: RemoteStorage
     _cs: tuple  # (dtype, size, stride, offset): the signature used for dispatch caching

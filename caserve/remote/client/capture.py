@@ -1,6 +1,6 @@
 """Captured steps: a repeated forward call replayed without running its Python at all.
 
-Graph mode (:mod:`caserve.remote.graph`) still runs the model's Python for every call: each ATen op is
+Graph mode (:mod:`caserve.remote.client.graph`) still runs the model's Python for every call: each ATen op is
 intercepted, planned and recorded on the client, and only the wire traffic shrinks. A decode step
 with a static KV cache is the same function of the same shapes every time, so graph mode goes one
 step further, the way CUDA graphs and ``torch.compile`` do for such steps:
@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from caserve.remote import protocol as P
+from caserve.remote.wire import protocol as P
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Uncapturable(Exception):
 
 @dataclass
 class CallLog:
-    """What the session saw during one recorded call (filled in by :class:`~caserve.remote.session.Session`)."""
+    """What the session saw during one recorded call (filled in by :class:`~caserve.remote.client.session.Session`)."""
 
     base: int  # the first handle minted in the call
     epoch: int = 0  # the session's template epoch when the call began
@@ -79,12 +79,12 @@ def call_key(args: tuple, kwargs: dict, leaves: list[Any]) -> tuple:
             torch.get_default_dtype(), torch.is_autocast_enabled())
 
 
-_REMOTE: list[type] = []  # [RemoteTensor], resolved on first use (caserve.remote.tensor imports this module)
+_REMOTE: list[type] = []  # [RemoteTensor], resolved on first use (caserve.remote.client.tensor imports this module)
 
 
 def _remote_tensor_type() -> type:
     if not _REMOTE:
-        from caserve.remote.tensor import RemoteTensor
+        from caserve.remote.client.tensor import RemoteTensor
 
         _REMOTE.append(RemoteTensor)
     return _REMOTE[0]
@@ -200,8 +200,8 @@ class Capture:
 
     def replay(self, session: Any, key: tuple, leaves: list[Any]) -> Any:
         """The outputs of a replayed step, or ``None`` when the call has to be recorded instead."""
-        from caserve.remote.dispatch import _ready
-        from caserve.remote.tensor import LAZY, RemoteStorage, RemoteTensor
+        from caserve.remote.client.dispatch import _ready
+        from caserve.remote.client.tensor import LAZY, RemoteStorage, RemoteTensor
 
         step = self.steps.get(key)
         if step is None:
@@ -251,7 +251,7 @@ class Capture:
     def _check_weights(self, key: tuple, step: Step) -> bool:
         """The step's weights are still the model's: refresh their handles (a copy on write changes
         them), or drop the step."""
-        from caserve.remote.dispatch import _ready
+        from caserve.remote.client.dispatch import _ready
 
         epoch = WEIGHTS_EPOCH[0]
         for d, name, t in step.weights:
@@ -310,8 +310,8 @@ class Capture:
 
     def _behaviour(self, session: Any, key: tuple, args: tuple, kwargs: dict, leaves: list[Any], out: Any,
                    log: CallLog, training: bool) -> tuple[tuple, tuple]:
-        from caserve.remote.graph import Region, _refs
-        from caserve.remote.tensor import RemoteTensor
+        from caserve.remote.client.graph import Region, _refs
+        from caserve.remote.client.tensor import RemoteTensor
 
         if log.bad is not None:
             raise Uncapturable(log.bad)

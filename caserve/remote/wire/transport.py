@@ -2,7 +2,7 @@
 
 One interface, two implementations: :class:`SocketChannel` (TCP with TCP_NODELAY, or a Unix socket
 when both ends share a host) and, for tests and single-process use, the server's in-process channel
-in :mod:`caserve.remote.server`. Framing is defined in :mod:`caserve.remote.protocol`.
+in :mod:`caserve.remote.server`. Framing is defined in :mod:`caserve.remote.wire.protocol`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import socket
 import tempfile
 from typing import Any, Protocol, Sequence
 
-from caserve.remote import protocol as P
-from caserve.remote.errors import ConnectionLost
+from caserve.remote.wire import protocol as P
+from caserve.remote.wire.errors import ConnectionLost
 
 
 class Channel(Protocol):

@@ -15,10 +15,10 @@ from typing import Any, Callable
 
 import torch
 
-from caserve.remote import protocol as P
-from caserve.remote.blobs import BlobStore
-from caserve.remote.codec import DTYPE_NAMES, extent, flatten_fresh
-from caserve.remote.replay import (
+from caserve.remote.wire import protocol as P
+from caserve.remote.server.blobs import BlobStore
+from caserve.remote.wire.codec import DTYPE_NAMES, extent, flatten_fresh
+from caserve.remote.server.replay import (
     GraphProgram,
     device_copy,
     Output,
@@ -27,7 +27,7 @@ from caserve.remote.replay import (
     payload_at,
     tensor_from_bytes,
 )
-from caserve.remote.templates import (
+from caserve.remote.server.templates import (
     MAX_TEMPLATES,
     QuotaError,
     check_scalars,
@@ -315,7 +315,7 @@ class Tenant:
         self.graph_ops = total
 
     def _replay(self, op: P.Replay, payloads: list[memoryview]) -> None:
-        """Run a graph with references turned into this replay's handles (see caserve.remote.replay).
+        """Run a graph with references turned into this replay's handles (see caserve.remote.server.replay).
 
         ``op.keep`` None: every handle the graph makes is bound. A list: only those references are bound;
         everything else the graph made is dropped when the replay ends.

@@ -21,12 +21,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from caserve.serving import schemas as S
+from caserve.serving.router import schemas as S
 from caserve.serving.errors import BadRequest, NotFound, RequestCancelled, ServingError, error_body
-from caserve.serving.jobs import TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, Job
-from caserve.serving.metrics import CONTENT_TYPE_LATEST
-from caserve.serving.router import Router
-from caserve.serving.worker_api import make_worker_routes
+from caserve.serving.router.jobs import TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, Job
+from caserve.serving.router.metrics import CONTENT_TYPE_LATEST
+from caserve.serving.router.router import Router
+from caserve.serving.router.worker_api import make_worker_routes
 
 logger = logging.getLogger(__name__)
 

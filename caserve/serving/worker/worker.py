@@ -23,7 +23,7 @@ import httpx
 import torch
 
 from caserve.models import load_model
-from caserve.serving.engine import Engine
+from caserve.serving.worker.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def probe_device(device: Union[str, torch.device, None]) -> None:
 
 def device_lost_errors() -> tuple[type[BaseException], ...]:
     try:
-        from caserve.remote.errors import ConnectionLost
+        from caserve.remote.wire.errors import ConnectionLost
     except ImportError:
         return ()
     return (ConnectionLost,)

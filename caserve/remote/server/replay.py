@@ -10,12 +10,12 @@ one is chosen (the tensor itself or ``as_strided``) and checked at definition ti
 What is left for a replay is what only it knows: its external handles (checked once per replay
 against what the program needs of each: dtype, extent, whether it is written), its scalar values and
 its payloads. The program then runs over a register list; its source is generated from register,
-constant and scalar indices and the templates' own builder pieces (see :mod:`caserve.remote.templates`),
+constant and scalar indices and the templates' own builder pieces (see :mod:`caserve.remote.server.templates`),
 never from client text. (Generated functions see the real builtins: ATen's argument parser imports
 modules from the calling frame.)
 
 Graphs holding a record the program does not compile (a shared upload) run on the record-by-record
-path in :class:`caserve.remote.executor.Tenant`, which also takes over whenever a replay's up-front
+path in :class:`caserve.remote.server.executor.Tenant`, which also takes over whenever a replay's up-front
 checks fail, so that errors read exactly as they always have.
 
 A runner does what an eager Run record always did, with the template's checks and call unrolled (see
@@ -32,9 +32,9 @@ from typing import Any, Callable
 
 import torch
 
-from caserve.remote import protocol as P
-from caserve.remote.codec import extent, flatten_fresh
-from caserve.remote.templates import Template, TenantError, check_geom, check_scalars
+from caserve.remote.wire import protocol as P
+from caserve.remote.wire.codec import extent, flatten_fresh
+from caserve.remote.server.templates import Template, TenantError, check_geom, check_scalars
 
 Geom = tuple[tuple[int, ...], tuple[int, ...], int]
 Want = tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]

@@ -16,12 +16,12 @@ from typing import Any, Sequence
 
 import torch
 
-from caserve.remote import protocol as P
-from caserve.remote.capture import CallLog
-from caserve.remote.errors import ConnectionLost, HandshakeError, QuotaExceeded, RemoteOpError
-from caserve.remote.graph import GraphCache, Region
-from caserve.remote.graph import end_region as end_graph_region
-from caserve.remote.transport import Channel, as_bytes
+from caserve.remote.wire import protocol as P
+from caserve.remote.client.capture import CallLog
+from caserve.remote.wire.errors import ConnectionLost, HandshakeError, QuotaExceeded, RemoteOpError
+from caserve.remote.client.graph import GraphCache, Region
+from caserve.remote.client.graph import end_region as end_graph_region
+from caserve.remote.wire.transport import Channel, as_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Session:
         self.seq = 0
         self.closed: str | None = None
         self.stats = SessionStats()
-        self.cache: dict[Any, Any] = {}  # op signature -> dispatch plan (caserve.remote.dispatch)
+        self.cache: dict[Any, Any] = {}  # op signature -> dispatch plan (caserve.remote.client.dispatch)
         self.region: Region | None = None  # graph mode: the forward being recorded
         self.region_depth = 0
         self.graph_cache = GraphCache()
@@ -133,10 +133,10 @@ class Session:
         if len(self.ops) >= FLUSH_OPS:
             self.flush()
 
-    # -- graph mode (caserve.remote.graph) -------------------------------------------------------
+    # -- graph mode (caserve.remote.client.graph) -------------------------------------------------------
 
     def begin_region(self, watch: bool = False) -> None:
-        """A forward call begins; ``watch`` keeps a log of it for capture (caserve.remote.capture)."""
+        """A forward call begins; ``watch`` keeps a log of it for capture (caserve.remote.client.capture)."""
         with self.lock:
             self.region_depth += 1
             if self.region_depth == 1:

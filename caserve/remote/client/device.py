@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
-from caserve.remote import session as S
-from caserve.remote.dispatch import fetch, run_op, upload
-from caserve.remote import protocol as P
-from caserve.remote.tensor import RemoteTensor, new_tensor
+from caserve.remote.client import session as S
+from caserve.remote.client.dispatch import fetch, run_op, upload
+from caserve.remote.wire import protocol as P
+from caserve.remote.client.tensor import RemoteTensor, new_tensor
 
 logger = logging.getLogger(__name__)
 

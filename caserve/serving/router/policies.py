@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
 
-from caserve.serving.jobs import Job
+from caserve.serving.router.jobs import Job
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from transformers import StaticCache
 
 from caserve.models import LoadedModel
-from caserve.serving.jobs import TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, MODEL_TASKS
-from caserve.serving.sampling import GREEDY_BELOW, TextTracker, make_generator, sample_token
+from caserve.serving.router.jobs import TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, MODEL_TASKS
+from caserve.serving.worker.sampling import GREEDY_BELOW, TextTracker, make_generator, sample_token
 
 logger = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from typing import Any, Sequence
 
 import torch
 
-from caserve.remote import protocol as P
-from caserve.remote.errors import ConnectionLost
-from caserve.remote.blobs import BlobStore
-from caserve.remote.executor import Tenant, parse_size
-from caserve.remote.templates import TenantError
-from caserve.remote.transport import as_bytes, default_unix_path, is_loopback, recv_frame, send_frame
+from caserve.remote.wire import protocol as P
+from caserve.remote.wire.errors import ConnectionLost
+from caserve.remote.server.blobs import BlobStore
+from caserve.remote.server.executor import Tenant, parse_size
+from caserve.remote.server.templates import TenantError
+from caserve.remote.wire.transport import as_bytes, default_unix_path, is_loopback, recv_frame, send_frame
 
 logger = logging.getLogger(__name__)
 

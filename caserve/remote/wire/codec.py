@@ -1,6 +1,6 @@
 """Torch-side vocabulary shared by both ends: dtype names and what an op's schema says about aliasing.
 
-The wire format itself is in :mod:`caserve.remote.protocol`; this module maps its names to torch
+The wire format itself is in :mod:`caserve.remote.wire.protocol`; this module maps its names to torch
 objects, so that the client and the server agree on every rule by calling the same function.
 """
 

@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import torch
 
-from caserve.remote import protocol as P
-from caserve.remote.codec import DTYPES, LAYOUTS, MEMORY_FORMATS, extent, takes_generator, written_args
+from caserve.remote.wire import protocol as P
+from caserve.remote.wire.codec import DTYPES, LAYOUTS, MEMORY_FORMATS, extent, takes_generator, written_args
 
 # Ops a client may never run: they touch files, raw memory or process state rather than tensors.
 DENIED_OPS = frozenset(
@@ -66,7 +66,7 @@ class Template:
     call: Callable[..., Any] = None  # type: ignore[assignment]  # the op's C++ entry point
     single: bool = False  # one fresh tensor return: the result is the output
     total_out_nbytes: int = 0
-    # The builder's source pieces, for graph programs that inline the call (caserve.remote.replay):
+    # The builder's source pieces, for graph programs that inline the call (caserve.remote.server.replay):
     # positional argument expressions and (keyword, expression) pairs over ``T[i]``, ``S[j]`` and
     # ``C[k]`` (an index into ``consts``) only.
     args_src: str = ""

@@ -1,0 +1,3 @@
+"""The worker process: device choice, registration and reconnection (:mod:`.worker`), batched
+execution on a loaded model (:mod:`.engine`) and sampling (:mod:`.sampling`). Never imports the router
+package."""
