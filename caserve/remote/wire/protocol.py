@@ -382,11 +382,16 @@ def split_payloads(data: memoryview, sizes: list[int]) -> list[memoryview]:
     return out
 
 
+def _type_name(tp: Any) -> str:
+    return str(tp).replace(f"{__name__}.", "")
+
+
 def schema_digest() -> str:
     """A digest of every struct's fields and tags, pinned by a test against PROTOCOL_VERSION."""
     parts = [f"{k.name}={k.value}" for k in Kind]
     for cls in (*HEADERS.values(), *Op.__args__, *SyncRequest.__args__, RemoteFailure):  # type: ignore[attr-defined]
         info = msgspec.structs.fields(cls)
         tag = getattr(cls, "__struct_config__").tag
-        parts.append(f"{cls.__name__}[{tag}]:" + ",".join(f"{f.name}:{f.type}" for f in info))
+        # Types are written without this module's path, so moving the module does not change the digest.
+        parts.append(f"{cls.__name__}[{tag}]:" + ",".join(f"{f.name}:{_type_name(f.type)}" for f in info))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
