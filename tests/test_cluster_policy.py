@@ -13,7 +13,8 @@ from caserve.cluster.config import AssistedConfig, load_config, parse_config
 from caserve.cluster.deploy import format_status
 from caserve.cluster.errors import ClusterError, ConfigError
 from caserve.cluster.placement import ServerLoad, least_loaded
-from caserve.serving.router.jobs import TASK_GENERATE, Job, JobState
+from caserve.serving.messages import TASK_GENERATE, BatchDone, Done, DrainReply, SamplingParams
+from caserve.serving.router.jobs import Job, JobState
 from caserve.serving.router.metrics import ServingMetrics
 from caserve.serving.router.router import Router
 
@@ -121,19 +122,18 @@ def test_router_drain_stops_new_batches_but_finishes_the_running_one() -> None:
         router = Router(policy="fcfs", max_queue=8)
         ws = router.register(worker_id="w", kind="assisted", model="m", task="causal-lm", max_batch=1, max_context=64)
         router.channel_opened(ws)
-        first, second = (Job("m", TASK_GENERATE, {"prompt": "x", "params": {}}, prompt_units=1, max_tokens=2)
+        first, second = (Job("m", TASK_GENERATE, {"prompt": "x", "params": SamplingParams(max_tokens=2)}, prompt_units=1, max_tokens=2)
                          for _ in range(2))
         router.submit([first])
         assert first.state is JobState.RUNNING
-        assert router.drain("w") == {"worker_id": "w", "draining": True, "running": 1}
+        assert router.drain("w") == DrainReply(worker_id="w", draining=True, running=1)
         router.submit([second])
-        router.handle_events(ws, [{"type": "done", "dispatch": first.dispatch_id, "finish_reason": "length"},
-                                  {"type": "batch_done"}])
+        router.handle_events(ws, [Done(dispatch=first.dispatch_id, finish_reason="length"), BatchDone()])
         assert first.state is JobState.DONE
         assert second.state is JobState.QUEUED  # the idle but draining worker gets nothing new
-        assert router.drain("w")["running"] == 0
+        assert router.drain("w").running == 0
         assert router.describe()["models"]["m"]["workers"][0]["draining"] is True
-        assert router.drain("gone") == {"worker_id": "gone", "draining": True, "running": 0}
+        assert router.drain("gone") == DrainReply(worker_id="gone", draining=True, running=0)
 
     asyncio.run(scenario())
 

@@ -14,7 +14,10 @@ from hypothesis import strategies as st
 
 from caserve.models import byte_level_tokenizer
 from caserve.serving.errors import ModelNotFound, QueueFull
-from caserve.serving.router.jobs import TASK_EMBED, TASK_GENERATE, Job, JobState
+import msgspec
+
+from caserve.serving.messages import TASK_EMBED, TASK_GENERATE, Event, Run, SamplingParams
+from caserve.serving.router.jobs import Job, JobState
 from caserve.serving.router.policies import EctPolicy, FcfsPolicy, ServiceModel, make_policy
 from caserve.serving.router.router import Router
 from caserve.serving.worker.sampling import TextTracker, make_generator, sample_token
@@ -31,7 +34,12 @@ class W:
 
 
 def job(units: int = 10, max_tokens: int = 10, task: str = TASK_GENERATE) -> Job:
-    return Job("m", task, {"prompt": "x" * units, "params": {}}, prompt_units=units, max_tokens=max_tokens)
+    return Job("m", task, {"prompt": "x" * units, "params": SamplingParams(max_tokens=max_tokens)}, prompt_units=units, max_tokens=max_tokens)
+
+
+def events(raw: list[dict]) -> list[Event]:
+    """Worker events as the router receives them: validated into the message structs."""
+    return msgspec.convert(raw, list[Event])
 
 
 def test_factory_builds_both_policies_and_refuses_others() -> None:
@@ -142,24 +150,24 @@ def test_router_requeues_a_lost_workers_job_and_ignores_its_late_events() -> Non
         router.submit([j])
         assert j.state is JobState.RUNNING and j.worker_id == "a"
         first = j.dispatch_id
-        router.handle_events(a, [{"type": "tokens", "dispatch": first, "ids": [1, 2], "text": "ab"}])
+        router.handle_events(a, events([{"type": "tokens", "dispatch": first, "ids": [1, 2], "text": "ab"}]))
         b = router.register(worker_id="b", kind="cpu", model="m", task="causal-lm", max_batch=1, max_context=64)
         router.channel_opened(b)
         router.worker_lost(a, "killed")
         assert j.state is JobState.RUNNING and j.worker_id == "b" and j.attempts == 2
         run = b.outbox.get_nowait()
-        assert run["type"] == "run" and run["rows"][0]["prefix_ids"] == [1, 2]  # continue, do not restart
-        router.handle_events(a, [{"type": "tokens", "dispatch": first, "ids": [9], "text": "z"}])  # stale
-        router.handle_events(b, [{"type": "tokens", "dispatch": j.dispatch_id, "ids": [3], "text": "c"},
+        assert isinstance(run, Run) and run.rows[0].prefix_ids == [1, 2]  # continue, do not restart
+        router.handle_events(a, events([{"type": "tokens", "dispatch": first, "ids": [9], "text": "z"}]))  # stale
+        router.handle_events(b, events([{"type": "tokens", "dispatch": j.dispatch_id, "ids": [3], "text": "c"},
                                  {"type": "done", "dispatch": j.dispatch_id, "finish_reason": "length",
                                   "prompt_tokens": 1},
-                                 {"type": "done", "dispatch": j.dispatch_id, "finish_reason": "stop"}])
+                                 {"type": "done", "dispatch": j.dispatch_id, "finish_reason": "stop"}]))
         assert j.state is JobState.DONE and j.text == "abc" and j.completion_tokens == 3
         assert j.finish_reason == "length"
-        events = []
+        seen = []
         while not j.events.empty():
-            events.append(j.events.get_nowait())
-        assert events == [("delta", "ab"), ("delta", "c"), ("done", None)]  # answered exactly once
+            seen.append(j.events.get_nowait())
+        assert seen == [("delta", "ab"), ("delta", "c"), ("done", None)]  # answered exactly once
 
     asyncio.run(scenario())
 

@@ -23,7 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from caserve.serving.router import schemas as S
 from caserve.serving.errors import BadRequest, NotFound, RequestCancelled, ServingError, error_body
-from caserve.serving.router.jobs import TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, Job
+from caserve.serving.messages import TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, ChatMessage, SamplingParams
+from caserve.serving.router.jobs import Job
 from caserve.serving.router.metrics import CONTENT_TYPE_LATEST
 from caserve.serving.router.router import Router
 from caserve.serving.router.worker_api import make_worker_routes
@@ -68,12 +69,12 @@ def create_app(router: Router) -> FastAPI:
     @app.post("/v1/completions", response_model=None)
     async def completions(req: S.CompletionRequest, request: Request) -> Union[JSONResponse, StreamingResponse]:
         req.check_supported()
-        params = req.sampling_params(COMPLETION_DEFAULT_MAX_TOKENS)
+        params = SamplingParams(**req.sampling_params(COMPLETION_DEFAULT_MAX_TOKENS))
         jobs = []
         for prompt in req.prompts():
             key = "prompt" if isinstance(prompt, str) else "prompt_ids"
             jobs.append(Job(req.model, TASK_GENERATE, {key: prompt, "params": params},
-                            prompt_units=len(prompt), max_tokens=params["max_tokens"], stream=req.stream))
+                            prompt_units=len(prompt), max_tokens=params.max_tokens, stream=req.stream))
         if req.stream and len(jobs) > 1:
             raise BadRequest("streaming supports a single prompt", param="prompt")
         return await _run_generation(router, request, req, jobs, chat=False)
@@ -81,10 +82,10 @@ def create_app(router: Router) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(req: S.ChatCompletionRequest, request: Request) -> Union[JSONResponse, StreamingResponse]:
         req.check_supported()
-        params = req.sampling_params(CHAT_DEFAULT_MAX_TOKENS)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        params = SamplingParams(**req.sampling_params(CHAT_DEFAULT_MAX_TOKENS))
+        messages = [ChatMessage(role=m.role, content=m.text()) for m in req.messages]
         job = Job(req.model, TASK_GENERATE, {"messages": messages, "params": params},
-                  prompt_units=sum(len(m["content"]) for m in messages), max_tokens=params["max_tokens"],
+                  prompt_units=sum(len(m.content) for m in messages), max_tokens=params.max_tokens,
                   stream=req.stream)
         return await _run_generation(router, request, req, [job], chat=True)
 

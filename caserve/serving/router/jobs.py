@@ -16,18 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from caserve.serving.errors import ServingError
-
-TASK_GENERATE = "generate"
-TASK_EMBED = "embed"
-TASK_CLASSIFY = "classify"
-
-# Which model tasks (``LoadedModel.task``) can serve which job tasks.
-MODEL_TASKS: dict[str, set[str]] = {
-    "causal-lm": {TASK_GENERATE},
-    "seq2seq": {TASK_GENERATE},
-    "embedding": {TASK_EMBED},
-    "classification": {TASK_CLASSIFY},
-}
+from caserve.serving.messages import Row
 
 _seq = itertools.count()
 
@@ -42,7 +31,8 @@ class JobState(enum.Enum):
 
 @dataclass(eq=False)
 class Job:
-    """One request. ``payload`` is what a worker needs to run it; the rest is the router's bookkeeping."""
+    """One request. ``payload`` is what a worker needs to run it (the fields of a :class:`Row` that say
+    what to run: prompt, prompt_ids, messages, inputs, params); the rest is the router's bookkeeping."""
 
     model: str
     task: str
@@ -84,10 +74,11 @@ class Job:
     def expected_output(self) -> int:
         return self.max_tokens
 
-    def worker_payload(self) -> dict[str, Any]:
-        # A requeued job continues: the tokens generated so far, and how much of their text the client has.
-        return {**self.payload, "task": self.task, "prefix_ids": list(self.generated_ids),
-                "prefix_chars_sent": len(self.text)}
+    def row(self, dispatch_id: str) -> Row:
+        """The job as a row of a batch. A requeued job continues: the tokens generated so far, and how
+        much of their text the client already has."""
+        return Row(dispatch=dispatch_id, job=self.id, task=self.task,  # type: ignore[arg-type]
+                   prefix_ids=list(self.generated_ids), prefix_chars_sent=len(self.text), **self.payload)
 
     def timings(self) -> dict[str, Any]:
         """The per-request timing record returned to clients and logged (router monotonic clock)."""

@@ -3,13 +3,16 @@
 Everything here runs on the router's asyncio loop (no locks). The HTTP layers call in:
 ``api`` submits and cancels jobs, ``worker_api`` registers workers and feeds their events.
 Exactly-once: a job accepts events only from the dispatch it is currently running under
-(``Job.dispatch_id``); a requeued job ignores whatever its previous worker still sends.
+(``Job.dispatch_id``); a requeued job ignores whatever its previous worker still sends. Worker events
+arrive as typed :mod:`caserve.serving.messages` structs; a batch of events naming a dispatch id that was
+never sent to that worker session is refused whole (nothing of it is applied).
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import json
 import logging
 import math
@@ -22,11 +25,16 @@ from caserve.serving.errors import (
     WORKER_ERROR_TYPES, BadRequest, ModelNotFound, NotFound, QueueFull, RequestCancelled, RequestFailed,
     ServingError,
 )
-from caserve.serving.router.jobs import MODEL_TASKS, Job, JobState
+from caserve.serving.messages import (
+    MODEL_TASKS, BatchDone, Cancel, Done, DrainReply, Error, Event, RouterMessage, Run, Tokens,
+)
+from caserve.serving.router.jobs import Job, JobState
 from caserve.serving.router.metrics import ServingMetrics
 from caserve.serving.router.policies import ServiceModel, make_policy
 
 logger = logging.getLogger(__name__)
+
+REMEMBERED_DISPATCHES = 4096  # dispatch ids a session remembers, so that late events of old rows are known
 
 
 @dataclass(eq=False)
@@ -40,8 +48,10 @@ class WorkerSession:
     max_batch: int
     max_context: int
     session: str = field(default_factory=lambda: uuid.uuid4().hex)
-    outbox: "asyncio.Queue[Optional[dict[str, Any]]]" = field(default_factory=asyncio.Queue)
+    outbox: "asyncio.Queue[Optional[RouterMessage]]" = field(default_factory=asyncio.Queue)
     jobs: dict[str, Job] = field(default_factory=dict)  # dispatch id -> job, running here
+    # every dispatch id sent to this session (the last REMEMBERED_DISPATCHES), finished or not
+    dispatched: "collections.OrderedDict[str, None]" = field(default_factory=collections.OrderedDict)
     batch: list[Job] = field(default_factory=list)
     idle_since: Optional[float] = field(default_factory=time.monotonic)
     busy_since: Optional[float] = None
@@ -121,7 +131,7 @@ class Router:
         elif job.state is JobState.RUNNING:
             ws = self._session_of(job)
             if ws is not None and job.dispatch_id is not None:
-                ws.outbox.put_nowait({"type": "cancel", "dispatch": job.dispatch_id})
+                ws.outbox.put_nowait(Cancel(dispatch=job.dispatch_id))
                 ws.jobs.pop(job.dispatch_id, None)
         else:
             return
@@ -157,18 +167,18 @@ class Router:
         ws.channel_open = True
         self._schedule(self.models[ws.model])
 
-    def drain(self, worker_id: str) -> dict[str, Any]:
-        """Stop dispatching to a worker (before stopping it); its running jobs finish normally. Returns
-        ``{"worker_id", "draining", "running"}``; ``running == 0`` means it can be stopped without a requeue.
-        Unknown workers (already gone) count as drained."""
+    def drain(self, worker_id: str) -> DrainReply:
+        """Stop dispatching to a worker (before stopping it); its running jobs finish normally.
+        ``running == 0`` in the reply means it can be stopped without a requeue. Unknown workers (already
+        gone) count as drained."""
         for state in self.models.values():
             ws = state.workers.get(worker_id)
             if ws is not None and ws.alive:
                 if not ws.draining:
                     ws.draining = True
                     logger.info("worker %s draining (%d job(s) running)", worker_id, len(ws.jobs))
-                return {"worker_id": worker_id, "draining": True, "running": len(ws.jobs)}
-        return {"worker_id": worker_id, "draining": True, "running": 0}
+                return DrainReply(worker_id=worker_id, draining=True, running=len(ws.jobs))
+        return DrainReply(worker_id=worker_id, draining=True, running=0)
 
     def worker_lost(self, ws: WorkerSession, reason: str) -> None:
         """Forget a worker session and requeue (continuing, not restarting) whatever it was running."""
@@ -195,40 +205,49 @@ class Router:
         self._update_worker_gauge(state)
         self._schedule(state)
 
-    def handle_events(self, ws: WorkerSession, events: list[dict[str, Any]]) -> None:
+    def handle_events(self, ws: WorkerSession, events: list[Event]) -> None:
+        """Apply a worker's events in order. Refuses the whole list (400, nothing applied) when one names a
+        dispatch id this session was never sent; events of rows that were requeued, cancelled or finished
+        since are dropped (exactly-once)."""
+        unknown = [e.dispatch for e in events if not isinstance(e, BatchDone) and e.dispatch not in ws.dispatched]
+        if unknown:
+            logger.warning("worker %s sent events for %d dispatch id(s) it was never sent (first %r); refused",
+                           ws.id, len(unknown), unknown[0][:40])
+            raise BadRequest(f"dispatch id {unknown[0][:40]!r} was never sent to this worker session",
+                             param="events.dispatch")
         for event in events:
-            kind = event.get("type")
-            if kind == "batch_done":
+            if isinstance(event, BatchDone):
                 self._batch_done(ws, event)
                 continue
-            job = ws.jobs.get(str(event.get("dispatch")))
-            if job is None or job.state is not JobState.RUNNING or job.dispatch_id != event.get("dispatch"):
+            job = ws.jobs.get(event.dispatch)
+            if job is None or job.state is not JobState.RUNNING or job.dispatch_id != event.dispatch:
                 continue  # a stale dispatch (job requeued, cancelled or finished): exactly-once
             now = time.monotonic()
-            if kind == "tokens":
-                ids = list(event.get("ids", []))
-                job.generated_ids.extend(ids)
-                text = str(event.get("text", ""))
-                job.text += text
+            if isinstance(event, Tokens):
+                job.generated_ids.extend(event.ids)
+                job.text += event.text
                 if job.first_token is None:
                     job.first_token = now
-                self.metrics.tokens.labels(job.model, ws.id, ws.kind).inc(len(ids))
-                if text:
-                    job.events.put_nowait(("delta", text))
-            elif kind == "done":
-                job.finish_reason = event.get("finish_reason", "stop")
-                job.prompt_tokens = int(event.get("prompt_tokens", 0))
-                job.result = event.get("result")
-                job.worker_durations = dict(event.get("durations", {}))
+                self.metrics.tokens.labels(job.model, ws.id, ws.kind).inc(len(event.ids))
+                if event.text:
+                    job.events.put_nowait(("delta", event.text))
+            elif isinstance(event, Done):
+                job.finish_reason = event.finish_reason
+                job.prompt_tokens = event.prompt_tokens
+                if event.embeddings is not None:
+                    job.result = event.embeddings
+                elif event.classes is not None:
+                    job.result = [{"label": c.label, "score": c.score, "scores": c.scores} for c in event.classes]
+                job.worker_durations = dict(event.durations)
                 if job.first_token is None:
                     job.first_token = now
                 job.completion_tokens = len(job.generated_ids)
                 del ws.jobs[job.dispatch_id]
                 self._finish(job, JobState.DONE, None)
-            elif kind == "error":
-                error_type = WORKER_ERROR_TYPES.get(str(event.get("error_type")), RequestFailed)
+            elif isinstance(event, Error):
+                error_type = WORKER_ERROR_TYPES.get(event.error_type, RequestFailed)
                 del ws.jobs[job.dispatch_id]
-                self._finish(job, JobState.FAILED, error_type(str(event.get("message", "worker error"))))
+                self._finish(job, JobState.FAILED, error_type(event.message))
 
     async def reap_forever(self, period_s: float = 1.0) -> None:
         """Drop workers whose heartbeats stopped (a channel that closes is noticed at once, not here),
@@ -279,24 +298,26 @@ class Router:
                 job.first_dispatch = now
                 self.metrics.queue_delay.labels(job.model).observe(now - job.arrival)
             ws.jobs[job.dispatch_id] = job
-            rows.append({"dispatch": job.dispatch_id, "job": job.id, **job.worker_payload()})
+            ws.dispatched[job.dispatch_id] = None
+            while len(ws.dispatched) > REMEMBERED_DISPATCHES:
+                ws.dispatched.popitem(last=False)
+            rows.append(job.row(job.dispatch_id))
         ws.idle_since, ws.busy_since, ws.batch = None, now, list(batch)
         ws.batch_estimate_s = self.service.estimate_batch(ws.id, ws.kind, batch)
         self.metrics.batch_size.labels(state.name).observe(len(batch))
-        ws.outbox.put_nowait({"type": "run", "rows": rows})
+        ws.outbox.put_nowait(Run(rows=rows))
         logger.debug("dispatched %d job(s) to %s", len(batch), ws.id)
 
-    def _batch_done(self, ws: WorkerSession, event: dict[str, Any]) -> None:
+    def _batch_done(self, ws: WorkerSession, event: BatchDone) -> None:
         if ws.idle_since is not None:
             return
         now = time.monotonic()
         observed = now - (ws.busy_since or now)
-        prefill_s, decode_s = float(event.get("prefill_s", 0.0)), float(event.get("decode_s", 0.0))
-        steps = int(event.get("steps", 0))
+        prefill_s, decode_s, steps = event.prefill_s, event.decode_s, event.steps
         self.service.observe(
             ws.id, ws.kind, prompt_units=sum(j.prompt_units for j in ws.batch), steps=steps,
             prefill_s=prefill_s, decode_s=decode_s, observed_s=observed)
-        generated = int(event.get("generated_tokens", 0))
+        generated = event.generated_tokens
         if observed > 0:
             self.metrics.tokens_per_second.labels(ws.id, ws.kind).set(generated / observed)
         self._account_busy(ws, now)

@@ -5,7 +5,8 @@ Generation is a plain prefill + decode loop over a left-padded batch with a KV c
 strings and cancellation, and tokens stream out as they are sampled. The loop only calls the model's
 ``forward``, so it runs the same on CPU, CUDA and a remote ``caserve`` device.
 
-Events go out through ``emit`` as protocol dicts (see ``worker_api``): ``tokens``, ``done``, ``error``.
+Rows arrive as :class:`~caserve.serving.messages.Row` structs; events go out through ``emit`` as the
+:mod:`~caserve.serving.messages` structs ``Tokens``, ``Done`` and ``Error``.
 Device failures are not caught here: the worker decides what losing a device means.
 """
 
@@ -22,12 +23,14 @@ import torch.nn.functional as F
 from transformers import StaticCache
 
 from caserve.models import LoadedModel
-from caserve.serving.router.jobs import TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, MODEL_TASKS
+from caserve.serving.messages import (
+    MODEL_TASKS, TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, BatchDone, ClassScore, Done, Error, Event, Row, Tokens,
+)
 from caserve.serving.worker.sampling import GREEDY_BELOW, TextTracker, make_generator, sample_token
 
 logger = logging.getLogger(__name__)
 
-Emit = Callable[[dict[str, Any]], None]
+Emit = Callable[[Event], None]
 STATIC_CACHE_ROUND = 64  # static cache lengths are rounded up, so few distinct shapes (graphs) occur
 MAX_CACHES = 4  # static KV caches kept for reuse, per engine
 PREFILL_ROUND = 64  # with a static cache, prompt widths are rounded up (left padding) for the same reason
@@ -64,9 +67,9 @@ class BatchStats:
     steps: int = 0
     generated_tokens: int = 0
 
-    def event(self) -> dict[str, Any]:
-        return {"type": "batch_done", "prefill_s": self.prefill_s, "decode_s": self.decode_s,
-                "steps": self.steps, "generated_tokens": self.generated_tokens}
+    def event(self) -> BatchDone:
+        return BatchDone(prefill_s=self.prefill_s, decode_s=self.decode_s, steps=self.steps,
+                         generated_tokens=self.generated_tokens)
 
 
 class Engine:
@@ -100,9 +103,9 @@ class Engine:
     def tasks(self) -> set[str]:
         return MODEL_TASKS[self.lm.task]
 
-    def run(self, rows: list[dict[str, Any]], emit: Emit, cancelled: IsCancelled) -> BatchStats:
+    def run(self, rows: list[Row], emit: Emit, cancelled: IsCancelled) -> BatchStats:
         """Run one batch; every row gets exactly one ``done`` or ``error`` event (unless the device fails)."""
-        task = rows[0]["task"]
+        task = rows[0].task
         with torch.inference_mode():
             if task == TASK_GENERATE:
                 return self._generate(rows, emit, cancelled)
@@ -114,24 +117,28 @@ class Engine:
 
     # ---------------------------------------------------------------------------------- generation
 
-    def _prompt_ids(self, row: dict[str, Any]) -> list[int]:
-        if row.get("messages") is not None:
+    def _prompt_ids(self, row: Row) -> list[int]:
+        if row.messages is not None:
             if getattr(self.tok, "chat_template", None):
-                text = self.tok.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+                messages = [{"role": m.role, "content": m.content} for m in row.messages]
+                text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
                 return list(self.tok(text, add_special_tokens=False)["input_ids"])
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in row["messages"]) + "assistant:"
+            text = "".join(f"{m.role}: {m.content}\n" for m in row.messages) + "assistant:"
             return list(self.tok(text)["input_ids"])
-        if row.get("prompt_ids") is not None:
-            ids = [int(i) for i in row["prompt_ids"]]
-            if any(i < 0 or i >= self.vocab for i in ids):
+        if row.prompt_ids is not None:
+            if any(i >= self.vocab for i in row.prompt_ids):
                 raise RowError("bad_request", f"prompt token ids must be in [0, {self.vocab})")
-            return ids
-        return list(self.tok(row["prompt"])["input_ids"])
+            return list(row.prompt_ids)
+        if row.prompt is None:
+            raise RowError("bad_request", "a generate row needs a prompt, prompt_ids or messages")
+        return list(self.tok(row.prompt)["input_ids"])
 
-    def _make_row(self, row: dict[str, Any]) -> _Row:
+    def _make_row(self, row: Row) -> _Row:
         prompt = self._prompt_ids(row)
-        prefix = [int(i) for i in row.get("prefix_ids", [])]
-        params = row["params"]
+        prefix = list(row.prefix_ids)
+        params = row.params
+        if params is None:
+            raise RowError("bad_request", "a generate row needs sampling params")
         ctx = self.lm.max_context
         if not prompt:
             raise RowError("bad_request", "the prompt is empty after tokenization")
@@ -140,13 +147,12 @@ class Engine:
             raise RowError("context_length_exceeded",
                            f"This model's maximum context length is {ctx} tokens, "
                            f"but the prompt has {len(prompt)} tokens.")
-        max_new = min(int(params["max_tokens"]) - len(prefix), ctx - used - (1 if self.seq2seq else 0))
-        return _Row(row["dispatch"], prompt, max_new, float(params["temperature"]), float(params["top_p"]),
-                    bool(params.get("ignore_eos")), TextTracker(self.tok, list(params.get("stop") or []), prefix,
-                                                    row.get("prefix_chars_sent")),
-                    make_generator(params.get("seed")))
+        max_new = min(params.max_tokens - len(prefix), ctx - used - (1 if self.seq2seq else 0))
+        return _Row(row.dispatch, prompt, max_new, params.temperature, params.top_p, params.ignore_eos,
+                    TextTracker(self.tok, list(params.stop), prefix, row.prefix_chars_sent),
+                    make_generator(params.seed))
 
-    def _generate(self, raw_rows: list[dict[str, Any]], emit: Emit, cancelled: IsCancelled) -> BatchStats:
+    def _generate(self, raw_rows: list[Row], emit: Emit, cancelled: IsCancelled) -> BatchStats:
         stats = BatchStats()
         self._decode_start = None
         rows: list[_Row] = []
@@ -154,8 +160,7 @@ class Engine:
             try:
                 row = self._make_row(raw)
             except RowError as exc:
-                emit({"type": "error", "dispatch": raw["dispatch"], "error_type": exc.error_type,
-                      "message": str(exc)})
+                emit(Error(dispatch=raw.dispatch, error_type=exc.error_type, message=str(exc)))
                 continue
             if row.max_new <= 0:  # an earlier attempt already produced everything
                 row.finish_reason = "length"
@@ -202,7 +207,7 @@ class Engine:
             else:
                 row.generated += 1
                 delta = row.text.add(token)
-                emit({"type": "tokens", "dispatch": row.dispatch, "ids": [token], "text": delta})
+                emit(Tokens(dispatch=row.dispatch, ids=[token], text=delta))
                 if row.text.stopped:
                     row.finish_reason = "stop"
                 elif row.generated >= row.max_new:
@@ -213,12 +218,12 @@ class Engine:
     def _done(self, row: _Row, emit: Emit) -> None:
         rest = row.text.flush()
         if rest:
-            emit({"type": "tokens", "dispatch": row.dispatch, "ids": [], "text": rest})
+            emit(Tokens(dispatch=row.dispatch, ids=[], text=rest))
         durations = {}
         if self._decode_start is not None:  # this attempt's share of the batch: durations, worker clock
             durations = {"prefill_s": self._stats.prefill_s, "decode_s": time.perf_counter() - self._decode_start}
-        emit({"type": "done", "dispatch": row.dispatch, "finish_reason": row.finish_reason,
-              "prompt_tokens": len(row.prompt_ids), "durations": durations})
+        emit(Done(dispatch=row.dispatch, finish_reason=row.finish_reason,  # type: ignore[arg-type]
+                  prompt_tokens=len(row.prompt_ids), durations=durations))
 
     def _prefill(self, rows: list[_Row]) -> tuple[torch.Tensor, dict[str, Any]]:
         if self.seq2seq:
@@ -341,17 +346,18 @@ class Engine:
 
     # ---------------------------------------------------------------------------------- encoders
 
-    def _encode(self, rows: list[dict[str, Any]], emit: Emit, *, classify: bool) -> BatchStats:
+    def _encode(self, rows: list[Row], emit: Emit, *, classify: bool) -> BatchStats:
         """Embeddings (mean-pooled last hidden state, L2-normalised) or classification (softmax, top label)."""
         stats = BatchStats()
         seqs: list[list[int]] = []
-        owners: list[tuple[dict[str, Any], int]] = []  # (row, number of inputs)
+        owners: list[tuple[Row, int]] = []  # (row, number of inputs)
         for row in rows:
             try:
-                ids = [self._input_ids(x) for x in row["inputs"]]
+                if not row.inputs:
+                    raise RowError("bad_request", f"a {row.task} row needs inputs")
+                ids = [self._input_ids(x) for x in row.inputs]
             except RowError as exc:
-                emit({"type": "error", "dispatch": row["dispatch"], "error_type": exc.error_type,
-                      "message": str(exc)})
+                emit(Error(dispatch=row.dispatch, error_type=exc.error_type, message=str(exc)))
                 continue
             seqs.extend(ids)
             owners.append((row, len(ids)))
@@ -363,19 +369,21 @@ class Engine:
         if classify:
             probs = torch.softmax(out.logits.float(), dim=-1).cpu()  # [N, labels]
             labels = getattr(self.model.config, "id2label", None) or {}
-            results: list[Any] = [
-                {"label": str(labels.get(int(p.argmax()), int(p.argmax()))), "score": float(p.max()),
-                 "scores": [float(x) for x in p]} for p in probs]
+            classes = [ClassScore(label=str(labels.get(int(p.argmax()), int(p.argmax()))), score=float(p.max()),
+                                  scores=[float(x) for x in p]) for p in probs]
         else:
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [N, T, H]
             m = mask.to(hidden.device).unsqueeze(-1).to(hidden.dtype)  # [N, T, 1]
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)  # [N, H]
-            results = F.normalize(pooled.float(), dim=-1).cpu().tolist()
+            vectors: list[list[float]] = F.normalize(pooled.float(), dim=-1).cpu().tolist()
         stats.prefill_s = time.perf_counter() - t0
         i = 0
         for row, n in owners:
-            emit({"type": "done", "dispatch": row["dispatch"], "finish_reason": "stop",
-                  "prompt_tokens": sum(len(s) for s in seqs[i:i + n]), "result": results[i:i + n]})
+            prompt_tokens = sum(len(s) for s in seqs[i:i + n])
+            if classify:
+                emit(Done(dispatch=row.dispatch, prompt_tokens=prompt_tokens, classes=classes[i:i + n]))
+            else:
+                emit(Done(dispatch=row.dispatch, prompt_tokens=prompt_tokens, embeddings=vectors[i:i + n]))
             i += n
         return stats
 

@@ -1,5 +1,5 @@
 """A worker process: loads one model on its device, registers with the router and runs the batches
-the router dispatches to it (protocol: ``worker_api``).
+the router dispatches to it (messages: :mod:`caserve.serving.messages`).
 
 The three worker kinds differ only in :func:`open_device`: ``native`` runs on the local GPU (CPU when
 there is none), ``cpu`` on the local CPU, ``assisted`` on a remote ``caserve`` device whose ops run on
@@ -11,23 +11,28 @@ reloading the weights and registering again.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import httpx
+import msgspec
 import torch
 
 from caserve.models import load_model
+from caserve.serving.messages import (
+    MAX_EVENTS, WORKER_KINDS, BatchDone, Cancel, Error, Event, EventsRequest, RegisterReply, RegisterRequest, Row, Run,
+    SessionRequest, encode, router_message_decoder,
+)
 from caserve.serving.worker.engine import Engine
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("native", "assisted", "cpu")
+KINDS = WORKER_KINDS
+JSON = {"content-type": "application/json"}
 PROBE_EVERY = 2  # heartbeats between device probes of an idle worker
 
 
@@ -143,33 +148,39 @@ class Worker:
         async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0)) as client:
             while True:
                 try:
-                    session = await self._register(client)
+                    reply = await self._register(client)
                     delay = 0.2
-                    await _Session(self, client, session).run()
+                    await _Session(self, client, reply).run()
                 except (httpx.HTTPError, RouterLost) as exc:
                     logger.warning("worker %s: router unavailable (%s); registering again in %.1fs",
                                    self.config.worker_id, type(exc).__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _register(self, client: httpx.AsyncClient) -> str:
-        assert self.engine is not None
+    async def _register(self, client: httpx.AsyncClient) -> RegisterReply:
+        assert self.engine is not None and self.config.worker_id is not None
         c, lm = self.config, self.engine.lm
-        resp = await client.post(f"{c.router_url}/internal/workers/register", json={
-            "worker_id": c.worker_id, "kind": c.kind, "model": c.model, "task": lm.task,
-            "max_batch": c.max_batch, "max_context": lm.max_context})
+        request = RegisterRequest(worker_id=c.worker_id, kind=c.kind, model=c.model,  # type: ignore[arg-type]
+                                  task=lm.task, max_batch=c.max_batch, max_context=lm.max_context)
+        resp = await client.post(f"{c.router_url}/internal/workers/register", content=encode(request), headers=JSON)
         resp.raise_for_status()
+        try:
+            reply = msgspec.json.decode(resp.content, type=RegisterReply)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise RouterLost(f"malformed registration reply: {exc}") from None
         logger.info("worker %s: registered with %s", c.worker_id, c.router_url)
-        return str(resp.json()["session"])
+        return reply
 
 
 class _Session:
     """One registration: a channel reader, a heartbeat, an in-order event sender and at most one batch."""
 
-    def __init__(self, worker: Worker, client: httpx.AsyncClient, session: str) -> None:
-        self.worker, self.client, self.session = worker, client, session
+    def __init__(self, worker: Worker, client: httpx.AsyncClient, reply: RegisterReply) -> None:
+        self.worker, self.client, self.session = worker, client, reply.session
+        self.heartbeat_s = reply.heartbeat_s
+        self.session_body = encode(SessionRequest(session=reply.session))
         self.base = f"{worker.config.router_url}/internal/workers/{worker.config.worker_id}"
-        self.outbox: asyncio.Queue[Optional[dict[str, Any]]] = asyncio.Queue()  # None: leave the router
+        self.outbox: asyncio.Queue[Optional[Event]] = asyncio.Queue()  # None: leave the router
         self.cancelled: set[str] = set()
         self.cancel_all = threading.Event()
         self.batch: Optional[asyncio.Task[None]] = None
@@ -210,26 +221,26 @@ class _Session:
                 if not line:
                     continue
                 try:
-                    message = json.loads(line)
-                except ValueError:
-                    raise RouterLost(f"unreadable channel line {line[:80]!r}") from None
-                if message["type"] == "run":
+                    message = router_message_decoder.decode(line)
+                except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                    raise RouterLost(f"malformed channel line {line[:80]!r}: {exc}") from None
+                if isinstance(message, Run):
                     if self.batch is not None and not self.batch.done():
                         logger.error("router sent a batch while one is running; ignoring it")
                         continue
-                    self.batch = asyncio.create_task(self._run_batch(message["rows"]))
-                elif message["type"] == "cancel":
-                    self.cancelled.add(message["dispatch"])
+                    self.batch = asyncio.create_task(self._run_batch(message.rows))
+                elif isinstance(message, Cancel):
+                    self.cancelled.add(message.dispatch)
         raise RouterLost("channel closed")
 
     async def _heartbeat(self) -> None:
         beats = 0
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(self.heartbeat_s)
             beats += 1
             if beats % PROBE_EVERY == 0 and (self.batch is None or self.batch.done()):
                 await self._probe_device()
-            resp = await self.client.post(f"{self.base}/heartbeat", json={"session": self.session})
+            resp = await self.client.post(f"{self.base}/heartbeat", content=self.session_body, headers=JSON)
             if resp.status_code == 404:
                 raise RouterLost("session unknown")
             resp.raise_for_status()
@@ -250,21 +261,22 @@ class _Session:
                 events.append(self.outbox.get_nowait())
             leave = events[-1] is None
             payload = [e for e in events if e is not None]
-            if payload:
-                resp = await self.client.post(f"{self.base}/events", json={"session": self.session, "events": payload})
+            for start in range(0, len(payload), MAX_EVENTS):
+                body = encode(EventsRequest(session=self.session, events=payload[start:start + MAX_EVENTS]))
+                resp = await self.client.post(f"{self.base}/events", content=body, headers=JSON)
                 if resp.status_code == 404:
                     raise RouterLost("session unknown")
                 resp.raise_for_status()
             if leave:
-                await self.client.post(f"{self.base}/unregister", json={"session": self.session})
+                await self.client.post(f"{self.base}/unregister", content=self.session_body, headers=JSON)
                 raise DeviceLost()
 
-    async def _run_batch(self, rows: list[dict[str, Any]]) -> None:
+    async def _run_batch(self, rows: list[Row]) -> None:
         engine = self.worker.engine
         assert engine is not None
         loop = asyncio.get_running_loop()
 
-        def emit(event: dict[str, Any]) -> None:
+        def emit(event: Event) -> None:
             loop.call_soon_threadsafe(self.outbox.put_nowait, event)
 
         def is_cancelled(dispatch: str) -> bool:
@@ -280,9 +292,9 @@ class _Session:
         except Exception as exc:  # a bug or an op the device refused: fail these rows, keep serving
             logger.exception("worker %s: batch failed", self.worker.config.worker_id)
             for row in rows:
-                self.outbox.put_nowait({"type": "error", "dispatch": row["dispatch"], "error_type": "internal",
-                                        "message": f"{type(exc).__name__}: {exc}"})
-            self.outbox.put_nowait({"type": "batch_done"})
+                self.outbox.put_nowait(Error(dispatch=row.dispatch, error_type="internal",
+                                             message=f"{type(exc).__name__}: {exc}"))
+            self.outbox.put_nowait(BatchDone())
             return
-        self.cancelled.difference_update(r["dispatch"] for r in rows)
+        self.cancelled.difference_update(r.dispatch for r in rows)
         self.outbox.put_nowait(stats.event())

@@ -1,0 +1,157 @@
+"""The router <-> worker messages at the router's HTTP edge, in-process (ASGI, no sockets): hostile or
+malformed worker bodies are refused with a 400 that names the problem, nothing of a refused body is
+applied, and the router keeps serving with its exactly-once guarantees."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from caserve.serving.messages import (
+    MAX_EVENTS, MAX_IDS, BatchDone, Cancel, Done, EventsRequest, Ping, RegisterReply, Row, Run, SamplingParams,
+    Tokens, encode, encode_line, events_decoder, router_message_decoder,
+)
+from caserve.serving.router.api import create_app
+from caserve.serving.router.jobs import Job, JobState
+from caserve.serving.router.router import Router
+
+BASE = "http://router/internal/workers"
+
+
+def job() -> Job:
+    return Job("m", "generate", {"prompt": "hi", "params": SamplingParams(max_tokens=4)}, prompt_units=2, max_tokens=4)
+
+
+async def setup() -> tuple[Router, httpx.AsyncClient, dict[str, str]]:
+    """A router with workers a and b registered over HTTP (channels marked open), one running job each."""
+    router = Router(policy="fcfs", max_queue=8)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(router)), base_url="http://router")
+    sessions = {}
+    for wid in ("a", "b"):
+        r = await client.post(f"{BASE}/register", json={"worker_id": wid, "kind": "cpu", "model": "m",
+                                                         "task": "causal-lm", "max_batch": 1, "max_context": 64})
+        assert r.status_code == 200, r.text
+        sessions[wid] = msgspec.json.decode(r.content, type=RegisterReply).session
+        ws = router.models["m"].workers[wid]
+        router.channel_opened(ws)
+        router.submit([job()])
+        assert len(ws.jobs) == 1
+    return router, client, sessions
+
+
+def running(router: Router, wid: str) -> Job:
+    (j,) = router.models["m"].workers[wid].jobs.values()
+    return j
+
+
+async def post_events(client: httpx.AsyncClient, wid: str, session: str, events: Any) -> httpx.Response:
+    return await client.post(f"{BASE}/{wid}/events", json={"session": session, "events": events})
+
+
+HOSTILE = [
+    ("ids", lambda d: [{"type": "tokens", "dispatch": d, "ids": "abc"}]),
+    ("ids", lambda d: [{"type": "tokens", "dispatch": d, "ids": [-1]}]),
+    ("ids", lambda d: [{"type": "tokens", "dispatch": d, "ids": [1] * (MAX_IDS + 1)}]),
+    ("dispatch", lambda d: [{"type": "done", "finish_reason": "stop"}]),
+    ("dispatch", lambda d: [{"type": "done", "dispatch": 7}]),
+    ("type", lambda d: [{"type": "explode", "dispatch": d}]),
+    ("type", lambda d: [{"dispatch": d, "ids": [1]}]),
+    ("finish_reason", lambda d: [{"type": "done", "dispatch": d, "finish_reason": "because"}]),
+    ("prompt_tokens", lambda d: [{"type": "done", "dispatch": d, "prompt_tokens": "many"}]),
+    ("unknown field", lambda d: [{"type": "tokens", "dispatch": d, "ids": [1], "admin": True}]),
+    ("steps", lambda d: [{"type": "batch_done", "steps": -3}]),
+    ("events", lambda d: [{"type": "batch_done"}] * (MAX_EVENTS + 1)),
+    ("events", lambda d: {"type": "batch_done"}),
+    # a valid event first: a refused body is applied not at all
+    ("text", lambda d: [{"type": "tokens", "dispatch": d, "ids": [5], "text": "x"},
+                        {"type": "tokens", "dispatch": d, "ids": [6], "text": 3}]),
+]
+
+
+@pytest.mark.parametrize("field,make", HOSTILE, ids=[f"{i}-{h[0]}" for i, h in enumerate(HOSTILE)])
+def test_malformed_events_are_refused_and_nothing_is_applied(field: str, make: Any) -> None:
+    async def scenario() -> None:
+        router, client, sessions = await setup()
+        j = running(router, "a")
+        r = await post_events(client, "a", sessions["a"], make(j.dispatch_id))
+        assert r.status_code == 400
+        assert field.split()[0] in r.json()["error"]["message"]
+        assert j.state is JobState.RUNNING and j.generated_ids == [] and j.text == ""
+        # still serving: the same worker's well-formed events are applied, exactly once
+        done = [{"type": "tokens", "dispatch": j.dispatch_id, "ids": [1], "text": "a"},
+                {"type": "done", "dispatch": j.dispatch_id, "finish_reason": "length"},
+                {"type": "done", "dispatch": j.dispatch_id, "finish_reason": "stop"}, {"type": "batch_done"}]
+        r = await post_events(client, "a", sessions["a"], done)
+        assert r.status_code == 200, r.text
+        assert j.state is JobState.DONE and j.text == "a" and j.finish_reason == "length"
+        assert router.models["m"].workers["a"].batches_done == 1
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_non_json_and_unknown_session_bodies() -> None:
+    async def scenario() -> None:
+        router, client, sessions = await setup()
+        r = await client.post(f"{BASE}/a/events", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "malformed EventsRequest" in r.json()["error"]["message"]
+        r = await client.post(f"{BASE}/a/heartbeat", json={"session": sessions["a"], "extra": 1})
+        assert r.status_code == 400
+        r = await post_events(client, "a", sessions["b"], [{"type": "batch_done"}])  # b's session, a's path
+        assert r.status_code == 404
+        r = await client.post(f"{BASE}/register", json={"worker_id": "c", "kind": "gpu", "model": "m",
+                                                         "task": "causal-lm", "max_batch": 1, "max_context": 64})
+        assert r.status_code == 400 and "kind" in r.json()["error"]["message"]
+        r = await client.post(f"{BASE}/register", json={"worker_id": "c", "kind": "cpu", "model": "m",
+                                                         "task": "causal-lm", "max_batch": 0, "max_context": 64})
+        assert r.status_code == 400 and "max_batch" in r.json()["error"]["message"]
+        assert set(router.models["m"].workers) == {"a", "b"}
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_cannot_touch_another_workers_job() -> None:
+    async def scenario() -> None:
+        router, client, sessions = await setup()
+        ja, jb = running(router, "a"), running(router, "b")
+        # a names b's dispatch id (and one that was never sent to anyone): refused whole
+        for bad in (jb.dispatch_id, "0" * 32):
+            r = await post_events(client, "a", sessions["a"],
+                                  [{"type": "tokens", "dispatch": ja.dispatch_id, "ids": [1], "text": "a"},
+                                   {"type": "done", "dispatch": bad}])
+            assert r.status_code == 400 and "never sent" in r.json()["error"]["message"]
+        assert ja.generated_ids == [] and jb.state is JobState.RUNNING and jb.generated_ids == []
+        # a stale dispatch id of this session (its job was cancelled) is accepted and ignored
+        router.cancel(ja)
+        assert isinstance(router.models["m"].workers["a"].outbox.get_nowait(), Run)
+        assert router.models["m"].workers["a"].outbox.get_nowait() == Cancel(dispatch=ja.dispatch_id)
+        r = await post_events(client, "a", sessions["a"], [{"type": "done", "dispatch": ja.dispatch_id}])
+        assert r.status_code == 200 and ja.state is JobState.CANCELLED
+        r = await post_events(client, "b", sessions["b"], [{"type": "done", "dispatch": jb.dispatch_id}])
+        assert r.status_code == 200 and jb.state is JobState.DONE
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_messages_round_trip_and_the_worker_refuses_malformed_channel_lines() -> None:
+    run = Run(rows=[Row(dispatch="d", job="j", task="generate", prompt="x", params=SamplingParams(max_tokens=3),
+                        prefix_ids=[1, 2], prefix_chars_sent=1)])
+    for message in (run, Cancel(dispatch="d"), Ping()):
+        line = encode_line(message)
+        assert line.endswith(b"\n") and router_message_decoder.decode(line) == message
+    assert json.loads(encode_line(Ping())) == {"type": "ping"}
+    assert json.loads(encode(Cancel(dispatch="d"))) == {"type": "cancel", "dispatch": "d"}
+    for bad in (b'{"type":"run","rows":[]}', b'{"type":"run","rows":[{"dispatch":"d"}]}', b'{"type":"reboot"}',
+                b'{"type":"cancel"}', b"[1,2]"):
+        with pytest.raises(msgspec.ValidationError):
+            router_message_decoder.decode(bad)
+    events = [Tokens(dispatch="d", ids=[3], text="x"), Done(dispatch="d", embeddings=[[0.5, 0.5]]), BatchDone(steps=2)]
+    body = encode(EventsRequest(session="s", events=events))
+    assert events_decoder.decode(body).events == events
