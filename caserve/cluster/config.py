@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from caserve.cluster.errors import ConfigError
 from caserve.models import DEFAULT_MODEL
+from caserve.units import parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,6 @@ class GPUServerConfig(_Strict):
     @field_validator("tenant_memory_limit")
     @classmethod
     def _size(cls, value: str) -> str:
-        from caserve.remote.server.executor import parse_size
-
         parse_size(value)  # raises ValueError on "8 gigs"; checked here, not on every GPU node
         return value
 

@@ -20,7 +20,8 @@ import torch
 from caserve.remote.wire import protocol as P
 from caserve.remote.wire.errors import ConnectionLost
 from caserve.remote.server.blobs import BlobStore
-from caserve.remote.server.executor import Tenant, parse_size
+from caserve.remote.server.executor import Tenant
+from caserve.units import parse_size
 from caserve.remote.server.templates import TenantError
 from caserve.remote.wire.transport import as_bytes, default_unix_path, is_loopback, recv_frame, send_frame
 
