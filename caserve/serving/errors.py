@@ -85,20 +85,12 @@ class RequestCancelled(ServingError):
     type = "cancelled"
 
 
-class WorkerLost(ServingError):
-    """Fatal for a worker session: its channel closed or its heartbeats stopped (router side)."""
-
-    status = 503
-    type = "server_error"
-    code = "worker_lost"
-
-
 def error_body(exc: ServingError) -> dict[str, Any]:
     """OpenAI-style error body."""
     return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
 
 
-# Worker-reported error kinds (see ``worker_protocol``) -> the error raised to the client.
+# Worker-reported error kinds (``messages.Error.error_type``) -> the error raised to the client.
 WORKER_ERROR_TYPES: dict[str, type[ServingError]] = {
     "context_length_exceeded": ContextLengthExceeded,
     "bad_request": BadRequest,
