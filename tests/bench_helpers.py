@@ -10,7 +10,7 @@ import pytest
 import uvicorn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+TEST_DATA = REPO_ROOT / "tests" / "data"  # small excerpts of every dataset format (see its README.md)
 
 
 class ThreadServer:

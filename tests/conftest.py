@@ -14,7 +14,9 @@ import pytest
 from serving_procs import child_env, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+# Datasets named without a path (bench CLIs, load_workload) come from the excerpts kept with the tests,
+# never from ../shared beside the checkout; subprocesses inherit this.
+os.environ["CASERVE_DATA_DIR"] = str(ROOT / "tests" / "data")
 
 
 class GPUServerProcess:

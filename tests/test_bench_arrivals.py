@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from caserve.bench import arrivals as arr
-from bench_helpers import SHARED_DATASETS
+from bench_helpers import TEST_DATA
 
-TRACE = SHARED_DATASETS / "azure_llm_trace_2023_conv.csv"
+TRACE = TEST_DATA / "azure_llm_trace_2023_conv.csv"
 
 
 def test_poisson_rate_and_cv():

@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from bench_helpers import SHARED_DATASETS
+from bench_helpers import TEST_DATA
 from caserve.cli import app
 
 runner = CliRunner()
@@ -46,7 +46,7 @@ def test_compare_then_sim(tmp_path):
     assert len(sim["validation"]) == 3 and all(v["replay_relative_error"] < 0.15 for v in sim["validation"]), sim["validation"]
     assert (tmp_path / "sim" / "sim_jct.png").stat().st_size > 0
 
-    trace = SHARED_DATASETS / "azure_llm_trace_2023_conv.csv"
+    trace = TEST_DATA / "azure_llm_trace_2023_conv.csv"
     t = runner.invoke(app, ["sim", "--bench-json", str(out / "compare.json"), "--gpus", "2", "--cpu-nodes", "0,4",
                             "--num-requests", "400", "--trace", str(trace), "--time-scale", "0.01",
                             "--out-dir", str(tmp_path / "simtrace")])

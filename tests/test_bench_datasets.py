@@ -1,4 +1,4 @@
-"""Workload loaders: the shared data files and any other file of the same format."""
+"""Workload loaders: excerpts of the benchmark data files (tests/data) and any other file of the same format."""
 
 from __future__ import annotations
 
@@ -7,17 +7,27 @@ import json
 import pytest
 
 from caserve.bench import datasets as ds
-from bench_helpers import SHARED_DATASETS
+from bench_helpers import REPO_ROOT, TEST_DATA
 
 
-def test_default_dir_is_shared_beside_checkout():
-    assert ds.DEFAULT_DATA_DIR == SHARED_DATASETS
-    assert ds.default_path("sst2").is_file()
+def test_default_dir_is_shared_beside_checkout_unless_the_environment_names_one(monkeypatch):
+    assert ds.DEFAULT_DATA_DIR == REPO_ROOT.parent / "shared" / "datasets"
+    monkeypatch.delenv(ds.DATA_DIR_ENV, raising=False)
+    assert ds.default_path("sst2") == ds.DEFAULT_DATA_DIR / "sst2_dev.tsv"
+    monkeypatch.setenv(ds.DATA_DIR_ENV, str(TEST_DATA))
+    assert ds.default_path("sst2") == TEST_DATA / "sst2_dev.tsv" and ds.default_path("sst2").is_file()
 
 
-def test_sharegpt_shared_file():
-    reqs = ds.load_sharegpt(SHARED_DATASETS / "sharegpt_v3_first_turn_500.json", output_len=7)
-    assert len(reqs) == 500
+def test_test_data_are_small_excerpts_with_their_sources():
+    files = {p.name: p.stat().st_size for p in TEST_DATA.iterdir()}
+    readme = (TEST_DATA / "README.md").read_text()
+    for name in [*ds.DEFAULT_FILES.values(), "azure_llm_trace_2023_conv.csv"]:
+        assert 0 < files[name] < 16_000 and name in readme
+
+
+def test_sharegpt_file():
+    reqs = ds.load_sharegpt(TEST_DATA / "sharegpt_v3_first_turn_500.json", output_len=7)
+    assert len(reqs) == 11
     assert all(r.prompt.strip() and r.output_len == 7 and r.task == "generate" for r in reqs)
     assert reqs[0].prompt.startswith("How to stop automatic updates")
 
@@ -36,16 +46,16 @@ def test_sharegpt_jsonl_and_skips_bad_records(tmp_path):
 
 
 def test_wikitext_continuations():
-    reqs = ds.load_wikitext(SHARED_DATASETS / "wikitext2_test.txt", prompt_words=20, output_len=30)
-    assert len(reqs) > 100
+    reqs = ds.load_wikitext(TEST_DATA / "wikitext2_test.txt", prompt_words=20, output_len=30)
+    assert len(reqs) >= 5
     assert all(r.prompt_len <= 20 and not r.prompt.startswith("=") for r in reqs)
     assert all(1 <= r.output_len <= 30 for r in reqs)
 
 
 def test_sst2_and_agnews_labels():
-    sst = ds.load_sst2(SHARED_DATASETS / "sst2_dev.tsv")
+    sst = ds.load_sst2(TEST_DATA / "sst2_dev.tsv")
     assert {r.label for r in sst} == {0, 1} and all(r.task == "classify" for r in sst)
-    ag = ds.load_agnews(SHARED_DATASETS / "ag_news_sample.csv")
+    ag = ds.load_agnews(TEST_DATA / "ag_news_sample.csv")
     assert {r.label for r in ag} == {1, 2, 3, 4}
     assert ag[0].prompt.startswith("Fears for T N pension after talks.")
 
@@ -86,5 +96,5 @@ def test_load_workload_sampling_and_overrides():
     assert reqs == ds.load_workload("sst2", 10, seed=3, output_len=2, max_prompt_words=5)
     cyc = ds.load_workload("sharegpt", 4, output_lens=[5, 9])
     assert [r.output_len for r in cyc] == [5, 9, 5, 9]
-    many = ds.load_workload("sharegpt", 600)  # more than the file holds: sampled with replacement
-    assert len(many) == 600
+    many = ds.load_workload("sharegpt", 30)  # more than the file holds: sampled with replacement
+    assert len(many) == 30 and len({r.prompt for r in many}) <= 11

@@ -127,9 +127,9 @@ def make_arrivals(
         return gamma(n, rate, cv=cv, seed=seed), None
     if process == "azure":
         if trace_path is None:
-            from caserve.bench.datasets import DEFAULT_DATA_DIR
+            from caserve.bench.datasets import default_data_dir
 
-            trace_path = DEFAULT_DATA_DIR / "azure_llm_trace_2023_conv.csv"
+            trace_path = default_data_dir() / "azure_llm_trace_2023_conv.csv"
         tr = azure_trace(trace_path, n=n, time_scale=time_scale)
         return tr.offsets, tr
     raise ArrivalError(f"unknown arrival process {process!r}; choose poisson, gamma or azure")

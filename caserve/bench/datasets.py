@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,17 @@ logger = logging.getLogger(__name__)
 
 Task = Literal["generate", "classify"]
 
-#: Default data directory: ``shared/datasets`` beside the project checkout.
+#: Default data directory: ``shared/datasets`` beside the project checkout, unless ``$CASERVE_DATA_DIR``
+#: names another (the tests point it at their excerpts in ``tests/data``).
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "datasets"
+DATA_DIR_ENV = "CASERVE_DATA_DIR"
+
+
+def default_data_dir() -> Path:
+    """Where datasets named without a path are read from: ``$CASERVE_DATA_DIR``, else DEFAULT_DATA_DIR."""
+    env = os.environ.get(DATA_DIR_ENV)
+    return Path(env) if env else DEFAULT_DATA_DIR
 
 DEFAULT_FILES = {
     "sharegpt": "sharegpt_v3_first_turn_500.json",
@@ -68,7 +77,7 @@ def approx_tokens(text: str) -> int:
 def default_path(name: str, data_dir: Optional[Path] = None) -> Path:
     if name not in DEFAULT_FILES:
         raise DatasetError(f"dataset {name!r} has no default file")
-    return Path(data_dir or DEFAULT_DATA_DIR) / DEFAULT_FILES[name]
+    return Path(data_dir or default_data_dir()) / DEFAULT_FILES[name]
 
 
 def _require(path: Path) -> Path:
