@@ -16,11 +16,12 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import httpx
 import msgspec
 import torch
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from caserve.models import load_model
 from caserve.serving.messages import (
@@ -117,17 +118,23 @@ class Worker:
                 self.engine = None
 
     async def _load_with_backoff(self) -> Engine:
-        delay = 0.5
-        while True:
-            try:
+        """Open the device and load the model, retrying forever (0.5 s doubling to 5 s) while the device
+        or the model cannot be reached; a missing package (ImportError) is not retried."""
+        retrying = AsyncRetrying(retry=retry_if_exception_type((OSError, RuntimeError, *device_lost_errors())),
+                                 wait=wait_exponential(multiplier=0.5, max=5.0),
+                                 before_sleep=self._log_retry("cannot open device/model"))
+        async for attempt in retrying:
+            with attempt:
                 return await asyncio.to_thread(self._load)
-            except ImportError:
-                raise
-            except (OSError, RuntimeError, *device_lost_errors()) as exc:
-                logger.warning("worker %s: cannot open device/model (%s: %s); retrying in %.1fs",
-                               self.config.worker_id, type(exc).__name__, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable: the retries never stop")
+
+    def _log_retry(self, what: str) -> Callable[[RetryCallState], None]:
+        def log(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            pause = state.next_action.sleep if state.next_action is not None else 0.0
+            logger.warning("worker %s: %s (%s: %s); retrying in %.1fs", self.config.worker_id, what,
+                           type(exc).__name__, exc, pause)
+        return log
 
     def _load(self) -> Engine:
         c = self.config
@@ -143,19 +150,26 @@ class Worker:
         return Engine(lm, step_delay_s=c.step_delay_s, static_cache=c.kind == "assisted")
 
     async def _serve_router(self) -> None:
-        """Register and serve; on losing the router, register again with backoff. Raises DeviceLost."""
-        delay = 0.2
+        """Register and serve; on losing the router, register again (with backoff while it stays
+        unreachable). Raises DeviceLost."""
         async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0)) as client:
             while True:
+                reply = await self._register_with_backoff(client)
                 try:
-                    reply = await self._register(client)
-                    delay = 0.2
                     await _Session(self, client, reply).run()
                 except (httpx.HTTPError, RouterLost) as exc:
-                    logger.warning("worker %s: router unavailable (%s); registering again in %.1fs",
-                                   self.config.worker_id, type(exc).__name__, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                    logger.warning("worker %s: lost the router (%s: %s); registering again",
+                                   self.config.worker_id, type(exc).__name__, exc)
+
+    async def _register_with_backoff(self, client: httpx.AsyncClient) -> RegisterReply:
+        """Register, retrying forever (0.2 s doubling to 5 s) while the router is unreachable or refuses."""
+        retrying = AsyncRetrying(retry=retry_if_exception_type((httpx.HTTPError, RouterLost)),
+                                 wait=wait_exponential(multiplier=0.2, max=5.0),
+                                 before_sleep=self._log_retry("router unavailable"))
+        async for attempt in retrying:
+            with attempt:
+                return await self._register(client)
+        raise AssertionError("unreachable: the retries never stop")
 
     async def _register(self, client: httpx.AsyncClient) -> RegisterReply:
         assert self.engine is not None and self.config.worker_id is not None
