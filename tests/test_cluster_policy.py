@@ -258,3 +258,19 @@ def test_controller_stops_a_draining_worker_only_once_the_router_shows_it_idle()
         await ctrl._http.aclose()
 
     asyncio.run(scenario())
+
+
+def test_actor_names_round_trip_through_the_grammar() -> None:
+    from caserve.cluster import names
+
+    assert names.parse(names.gpu_server(3)) == names.ActorName("gpu-3", "gpu-server", gpu_index=3)
+    assert names.parse(names.native(1, 2)) == names.ActorName("native-1-2", "native", gpu_index=1, number=2)
+    assert names.parse(names.assisted(17)) == names.ActorName("assisted-17", "assisted", number=17)
+    assert names.parse(names.ROUTER).role == "router"
+    for other in ("controller", "gpu-", "native-1", "assisted-x", "router-2", "gpu-1 "):
+        assert names.parse(other) is None
+    listing = [{"name": "c-gpu-0", "namespace": names.NAMESPACE}, {"name": "c-controller", "namespace": names.NAMESPACE},
+               {"name": "c-assisted-4", "namespace": "elsewhere"}, {"name": "d-router", "namespace": names.NAMESPACE},
+               {"name": "c-router", "namespace": names.NAMESPACE}, {"name": names.full_name("c", "native-0-1"),
+                                                                   "namespace": names.NAMESPACE}]
+    assert names.ours("c", listing) == ["gpu-0", "native-0-1", "router"]

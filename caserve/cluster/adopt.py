@@ -11,62 +11,49 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from typing import TYPE_CHECKING, Any
 
 import ray
 
-from caserve.cluster.controller import NAMESPACE, Managed
+from caserve.cluster import names
+from caserve.cluster.controller import Managed, deployed_names
+from caserve.cluster.names import NAMESPACE
 
 if TYPE_CHECKING:
     from caserve.cluster.controller import ClusterController
 
 logger = logging.getLogger(__name__)
 
-_NAMES = re.compile(r"^(?:(?P<gpu>gpu-(?P<i>\d+))|(?P<router>router)|(?P<native>native-(?P<ni>\d+)-\d+)"
-                    r"|(?P<assisted>assisted-(?P<n>\d+)))$")
-
-
-def deployed_names(cluster: str) -> list[str]:
-    """Names (without the ``<cluster>-`` prefix) of this cluster's live named actors."""
-    prefix = f"{cluster}-"
-    out = []
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["namespace"] == NAMESPACE and entry["name"].startswith(prefix):
-            short = entry["name"][len(prefix):]
-            if _NAMES.match(short):
-                out.append(short)
-    return sorted(out)
-
 
 async def adopt(ctrl: "ClusterController") -> None:
-    names = deployed_names(ctrl.cfg.name)
-    handles = {n: ray.get_actor(f"{ctrl.cfg.name}-{n}", namespace=NAMESPACE) for n in names}
+    handles = {n: ray.get_actor(names.full_name(ctrl.cfg.name, n), namespace=NAMESPACE)
+               for n in deployed_names(ctrl.cfg.name)}
+    parsed = {n: names.parse(n) for n in handles}
     for name, handle in handles.items():
-        m = _NAMES.match(name)
+        m = parsed[name]
         assert m is not None
-        if m["gpu"]:
-            i = int(m["i"])
+        if m.role == "gpu-server":
+            i = int(m.gpu_index or 0)
             args, options = ctrl._gpu_spec(i)
             ctrl.gpu.append(Managed(name, "gpu-server", handle, args, ctrl._full_options(name, options), i))
-        elif m["router"]:
+        elif m.role == "router":
             args, options = ctrl._router_spec()
             ctrl.router = Managed(name, "router", handle, args, ctrl._full_options(name, options))
     ctrl.gpu.sort(key=lambda g: g.gpu_index or 0)
     await asyncio.gather(*(ctrl._refresh(m) for m in ctrl.gpu + ([ctrl.router] if ctrl.router else [])))
     by_address = {g.info.get("address"): g for g in ctrl.gpu if g.info}
     for name, handle in handles.items():
-        m = _NAMES.match(name)
+        m = parsed[name]
         assert m is not None
-        if m["native"]:
-            server = next((g for g in ctrl.gpu if g.gpu_index == int(m["ni"])), None)
+        if m.role == "native":
+            server = next((g for g in ctrl.gpu if g.gpu_index == m.gpu_index), None)
             w = Managed(name, "native", handle, (), {}, server.gpu_index if server else None)
             if server is not None and server.info and ctrl.router and ctrl.router.info:
                 args, options = ctrl._native_spec(server, name)
                 w.args, w.options = args, ctrl._full_options(name, options)
             ctrl.workers[name] = w
-        elif m["assisted"]:
-            ctrl._next_assisted = max(ctrl._next_assisted, int(m["n"]) + 1)
+        elif m.role == "assisted":
+            ctrl._next_assisted = max(ctrl._next_assisted, int(m.number or 0) + 1)
             w = Managed(name, "assisted", handle, (), {})
             await ctrl._refresh(w)
             server = by_address.get(w.info.get("gpu_server"))

@@ -34,12 +34,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from caserve.cluster.actors import GPUServerActor, RouterActor, WorkerActor, reconstructed
 from caserve.cluster.autoscale import Autoscaler, QueueDelayEstimator, parse_router_metrics
 from caserve.cluster.config import ClusterConfig
+from caserve.cluster import names
 from caserve.cluster.errors import ClusterError, StartupTimeout
+from caserve.cluster.names import NAMESPACE
 from caserve.cluster.placement import ServerLoad, least_loaded
 
 logger = logging.getLogger(__name__)
 
-NAMESPACE = "caserve"  # Ray namespace of the controller and of every actor it creates
 CALL_TIMEOUT_S = 10.0
 OBSERVE_TIMEOUT_S = 3.0  # an actor still pending placement must not stall the control loop
 DRAIN_POLL_S = 0.25
@@ -92,7 +93,7 @@ class ClusterController:
             return await self.status()
         deadline = time.monotonic() + self.cfg.ready_timeout_s
         await self._place_gpu_servers(deadline)
-        self.router = self._create("router", "router", RouterActor, *self._router_spec())
+        self.router = self._create(names.ROUTER, "router", RouterActor, *self._router_spec())
         await self._refresh(self.router, timeout_s=max(1.0, deadline - time.monotonic()))
         if self.router.state != "running":
             raise StartupTimeout(f"the router was not placed/started (free CPUs, "
@@ -160,7 +161,7 @@ class ClusterController:
 
     def _full_options(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
         """Named (``<cluster>-<name>``) and detached: a restarted controller finds and adopts them."""
-        return {"max_restarts": -1, "max_task_retries": 0, "name": f"{self.cfg.name}-{name}",
+        return {"max_restarts": -1, "max_task_retries": 0, "name": names.full_name(self.cfg.name, name),
                 "namespace": NAMESPACE, "lifetime": "detached", **options}
 
     def _gpu_spec(self, i: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -185,7 +186,7 @@ class ClusterController:
         if count == 0 and (self.cfg.assisted.max or self.cfg.native_workers_per_gpu_server):
             raise ClusterError("no GPU servers: the Ray cluster has no GPUs (set gpu_servers, or add GPU nodes)")
         for i in range(count):
-            self.gpu.append(self._create(f"gpu-{i}", "gpu-server", GPUServerActor, *self._gpu_spec(i), gpu_index=i))
+            self.gpu.append(self._create(names.gpu_server(i), "gpu-server", GPUServerActor, *self._gpu_spec(i), gpu_index=i))
         for server in self.gpu:
             await self._refresh(server, timeout_s=max(1.0, deadline - time.monotonic()))
             if server.state == "dead":
@@ -197,7 +198,7 @@ class ClusterController:
                                      f"'{self.cfg.resources.gpu_node}' resources?)")
 
     def _create_native(self, server: Managed, j: int) -> None:
-        name = f"native-{server.gpu_index}-{j}"
+        name = names.native(int(server.gpu_index or 0), j)
         args, options = self._native_spec(server, name)
         self.workers[name] = self._create(name, "native", WorkerActor, args, options, gpu_index=server.gpu_index)
 
@@ -211,7 +212,7 @@ class ClusterController:
     async def _create_assisted(self) -> Managed:
         index = await self._pick_gpu_server()
         server = self.gpu[index]
-        name = f"assisted-{self._next_assisted}"
+        name = names.assisted(self._next_assisted)
         self._next_assisted += 1
         w = self._create(name, "assisted", WorkerActor, *self._assisted_spec(name, server.info["address"]),
                          gpu_index=index)
@@ -396,7 +397,8 @@ class ClusterController:
             await self._stop(w)
             self.workers.pop(w.name, None)
             if w.role == "native":
-                self._create_native(server, int(w.name.rsplit("-", 1)[1]))
+                parsed = names.parse(w.name)
+                self._create_native(server, parsed.number if parsed and parsed.number is not None else 0)
             else:
                 await self._create_assisted()
 
@@ -473,3 +475,8 @@ def _nodes() -> list[dict[str, Any]]:
                     "custom": {k: v for k, v in res.items() if k not in ("CPU", "GPU", "memory", "object_store_memory")
                                and not k.startswith("node:")}})
     return out
+
+
+def deployed_names(cluster: str) -> list[str]:
+    """Short names of deployment ``cluster``'s live named actors."""
+    return names.ours(cluster, ray.util.list_named_actors(all_namespaces=True))

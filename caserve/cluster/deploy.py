@@ -16,9 +16,9 @@ from typing import Any, Optional
 import ray
 
 from caserve.cluster.config import ClusterConfig
-from caserve.cluster.adopt import deployed_names
-from caserve.cluster.controller import NAMESPACE, ClusterController
+from caserve.cluster.controller import ClusterController, deployed_names
 from caserve.cluster.errors import AlreadyRunning, NotRunning
+from caserve.cluster.names import NAMESPACE, controller_name, full_name
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +83,6 @@ def serve_until_interrupted(name: str, poll_s: float = 5.0) -> None:
         ray.shutdown()
 
 
-def controller_name(name: str) -> str:
-    return f"{name}-controller"
-
-
 def find_controller(name: str = "caserve") -> Any:
     try:
         return ray.get_actor(controller_name(name), namespace=NAMESPACE)
@@ -141,7 +137,7 @@ def _kill_leftovers(name: str) -> None:
     for short in deployed_names(name):
         logger.warning("killing leftover actor %s-%s", name, short)
         try:
-            ray.kill(ray.get_actor(f"{name}-{short}", namespace=NAMESPACE), no_restart=True)
+            ray.kill(ray.get_actor(full_name(name, short), namespace=NAMESPACE), no_restart=True)
         except ValueError:  # gone meanwhile
             pass
 
