@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from caserve.cluster import names
-from caserve.cluster.controller import Managed, deployed_names
+from caserve.cluster.controller import deployed_names
+from caserve.cluster.specs import Managed
 from caserve.cluster.names import NAMESPACE
 
 if TYPE_CHECKING:
@@ -34,11 +35,11 @@ async def adopt(ctrl: "ClusterController") -> None:
         assert m is not None
         if m.role == "gpu-server":
             i = int(m.gpu_index or 0)
-            args, options = ctrl._gpu_spec(i)
-            ctrl.gpu.append(Managed(name, "gpu-server", handle, args, ctrl._full_options(name, options), i))
+            args, options = ctrl.specs.gpu_server(i)
+            ctrl.gpu.append(Managed(name, "gpu-server", handle, args, ctrl.specs.options(name, options), i))
         elif m.role == "router":
-            args, options = ctrl._router_spec()
-            ctrl.router = Managed(name, "router", handle, args, ctrl._full_options(name, options))
+            args, options = ctrl.specs.router()
+            ctrl.router = Managed(name, "router", handle, args, ctrl.specs.options(name, options))
     ctrl.gpu.sort(key=lambda g: g.gpu_index or 0)
     await asyncio.gather(*(ctrl._refresh(m) for m in ctrl.gpu + ([ctrl.router] if ctrl.router else [])))
     by_address = {g.info.get("address"): g for g in ctrl.gpu if g.info}
@@ -49,8 +50,8 @@ async def adopt(ctrl: "ClusterController") -> None:
             server = next((g for g in ctrl.gpu if g.gpu_index == m.gpu_index), None)
             w = Managed(name, "native", handle, (), {}, server.gpu_index if server else None)
             if server is not None and server.info and ctrl.router and ctrl.router.info:
-                args, options = ctrl._native_spec(server, name)
-                w.args, w.options = args, ctrl._full_options(name, options)
+                args, options = ctrl.specs.native(name, ctrl.router.info["url"], server)
+                w.args, w.options = args, ctrl.specs.options(name, options)
             ctrl.workers[name] = w
         elif m.role == "assisted":
             ctrl._next_assisted = max(ctrl._next_assisted, int(m.number or 0) + 1)
@@ -59,8 +60,8 @@ async def adopt(ctrl: "ClusterController") -> None:
             server = by_address.get(w.info.get("gpu_server"))
             if server is not None and ctrl.router and ctrl.router.info:
                 w.gpu_index = server.gpu_index
-                args, options = ctrl._assisted_spec(name, server.info["address"])
-                w.args, w.options = args, ctrl._full_options(name, options)
+                args, options = ctrl.specs.assisted(name, ctrl.router.info["url"], server.info["address"])
+                w.args, w.options = args, ctrl.specs.options(name, options)
             ctrl.workers[name] = w
     await ctrl._observe()
     for w in [w for w in ctrl.workers.values() if _draining(ctrl, w.name)]:

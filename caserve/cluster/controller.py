@@ -24,12 +24,10 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import httpx
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from caserve.cluster.actors import GPUServerActor, RouterActor, WorkerActor, reconstructed
 from caserve.cluster.autoscale import Autoscaler, QueueDelayEstimator, parse_router_metrics
@@ -38,6 +36,7 @@ from caserve.cluster import names
 from caserve.cluster.errors import ClusterError, StartupTimeout
 from caserve.cluster.names import NAMESPACE
 from caserve.cluster.placement import ServerLoad, least_loaded
+from caserve.cluster.specs import ActorSpecs, Managed
 
 logger = logging.getLogger(__name__)
 
@@ -46,27 +45,12 @@ OBSERVE_TIMEOUT_S = 3.0  # an actor still pending placement must not stall the c
 DRAIN_POLL_S = 0.25
 
 
-@dataclass(eq=False)
-class Managed:
-    """One actor the controller owns."""
-
-    name: str
-    role: str  # gpu-server | router | native | assisted
-    handle: Any
-    args: tuple[Any, ...]
-    options: dict[str, Any]
-    gpu_index: Optional[int] = None
-    state: str = "starting"  # starting | running | draining | unreachable
-    info: dict[str, Any] = field(default_factory=dict)
-    recreated: int = 0
-    created: float = field(default_factory=time.monotonic)
-
-
 class ClusterController:
     def __init__(self, cfg: ClusterConfig) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
         self.cfg = cfg
+        self.specs = ActorSpecs(cfg)
         self.gpu: list[Managed] = []
         self.router: Optional[Managed] = None
         self.workers: dict[str, Managed] = {}
@@ -93,7 +77,7 @@ class ClusterController:
             return await self.status()
         deadline = time.monotonic() + self.cfg.ready_timeout_s
         await self._place_gpu_servers(deadline)
-        self.router = self._create(names.ROUTER, "router", RouterActor, *self._router_spec())
+        self.router = self._create(names.ROUTER, "router", RouterActor, *self.specs.router())
         await self._refresh(self.router, timeout_s=max(1.0, deadline - time.monotonic()))
         if self.router.state != "running":
             raise StartupTimeout(f"the router was not placed/started (free CPUs, "
@@ -154,30 +138,10 @@ class ClusterController:
 
     def _create(self, name: str, role: str, cls: type, args: tuple[Any, ...], options: dict[str, Any],
                 gpu_index: Optional[int] = None) -> Managed:
-        opts = self._full_options(name, options)
+        opts = self.specs.options(name, options)
         handle = ray.remote(cls).options(**opts).remote(*args)
         self._note(f"created {name}")
         return Managed(name, role, handle, args, opts, gpu_index)
-
-    def _full_options(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
-        """Named (``<cluster>-<name>``) and detached: a restarted controller finds and adopts them."""
-        return {"max_restarts": -1, "max_task_retries": 0, "name": names.full_name(self.cfg.name, name),
-                "namespace": NAMESPACE, "lifetime": "detached", **options}
-
-    def _gpu_spec(self, i: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        resources = {self.cfg.resources.gpu_node: 0.001} if self.cfg.resources.gpu_node else {}
-        return (self.cfg, i), {"num_gpus": 1, "num_cpus": self.cfg.gpu_server.num_cpus, "resources": resources,
-                               **_selector(self.cfg.resources.gpu_node_labels)}
-
-    def _router_spec(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        r = self.cfg.router
-        return (self.cfg,), {"num_cpus": r.num_cpus, "resources": {r.resource: 0.001} if r.resource else {}}
-
-    def _assisted_spec(self, name: str, gpu_address: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        resources = {self.cfg.resources.cpu_node: 1} if self.cfg.resources.cpu_node else {}
-        return ((self.cfg, name, "assisted", self._router_url(), gpu_address, None),
-                {"num_cpus": self.cfg.assisted.cpus_per_worker, "resources": resources,
-                 **_selector(self.cfg.resources.cpu_node_labels)})
 
     async def _place_gpu_servers(self, deadline: float) -> None:
         count = self.cfg.gpu_servers
@@ -186,7 +150,8 @@ class ClusterController:
         if count == 0 and (self.cfg.assisted.max or self.cfg.native_workers_per_gpu_server):
             raise ClusterError("no GPU servers: the Ray cluster has no GPUs (set gpu_servers, or add GPU nodes)")
         for i in range(count):
-            self.gpu.append(self._create(names.gpu_server(i), "gpu-server", GPUServerActor, *self._gpu_spec(i), gpu_index=i))
+            self.gpu.append(self._create(names.gpu_server(i), "gpu-server", GPUServerActor, *self.specs.gpu_server(i),
+                                         gpu_index=i))
         for server in self.gpu:
             await self._refresh(server, timeout_s=max(1.0, deadline - time.monotonic()))
             if server.state == "dead":
@@ -199,22 +164,15 @@ class ClusterController:
 
     def _create_native(self, server: Managed, j: int) -> None:
         name = names.native(int(server.gpu_index or 0), j)
-        args, options = self._native_spec(server, name)
+        args, options = self.specs.native(name, self._router_url(), server)
         self.workers[name] = self._create(name, "native", WorkerActor, args, options, gpu_index=server.gpu_index)
-
-    def _native_spec(self, server: Managed, name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """Beside ``server`` as it is now: its node (hard affinity) and its GPU ids."""
-        strategy = NodeAffinitySchedulingStrategy(node_id=server.info["node_id"], soft=False)
-        cuda = ",".join(server.info.get("gpu_ids", []))
-        return ((self.cfg, name, "native", self._router_url(), None, cuda),
-                {"num_cpus": self.cfg.resources.native_num_cpus, "scheduling_strategy": strategy})
 
     async def _create_assisted(self) -> Managed:
         index = await self._pick_gpu_server()
         server = self.gpu[index]
         name = names.assisted(self._next_assisted)
         self._next_assisted += 1
-        w = self._create(name, "assisted", WorkerActor, *self._assisted_spec(name, server.info["address"]),
+        w = self._create(name, "assisted", WorkerActor, *self.specs.assisted(name, self._router_url(), server.info["address"]),
                          gpu_index=index)
         self.workers[name] = w
         self._note(f"{name} -> GPU server {index} ({server.info['address']})")
@@ -372,7 +330,7 @@ class ClusterController:
                 continue
             self._note(f"{m.name} is dead; creating it again")
             if m.role == "native" and m.gpu_index is not None and self.gpu[m.gpu_index].info:
-                args, options = self._native_spec(self.gpu[m.gpu_index], m.name)
+                args, options = self.specs.native(m.name, self._router_url(), self.gpu[m.gpu_index])
                 m.args, m.options = args, {**m.options, **options}
             m.handle = ray.remote(type_of(m)).options(**m.options).remote(*m.args)
             m.state, m.recreated, m.created = "starting", m.recreated + 1, time.monotonic()
@@ -386,7 +344,7 @@ class ClusterController:
             if server is None or server.state != "running" or w.state in ("draining", "dead") or not w.args:
                 continue
             if w.role == "native":
-                args, options = self._native_spec(server, w.name)
+                args, options = self.specs.native(w.name, self._router_url(), server)
                 stale = (w.args[5] != args[5]
                          or w.options["scheduling_strategy"].node_id != options["scheduling_strategy"].node_id)
             else:
@@ -455,11 +413,6 @@ class ClusterController:
     def _note(self, text: str) -> None:
         logger.info("%s", text)
         self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
-
-
-def _selector(labels: dict[str, str]) -> dict[str, Any]:
-    """Ray's ``label_selector`` option, only when labels are configured (older Ray has no such option)."""
-    return {"label_selector": dict(labels)} if labels else {}
 
 
 def type_of(m: Managed) -> type:
