@@ -274,3 +274,31 @@ def test_actor_names_round_trip_through_the_grammar() -> None:
                {"name": "c-router", "namespace": names.NAMESPACE}, {"name": names.full_name("c", "native-0-1"),
                                                                    "namespace": names.NAMESPACE}]
     assert names.ours("c", listing) == ["gpu-0", "native-0-1", "router"]
+
+
+def test_adoption_rebuilds_specs_from_the_actors_info_without_touching_the_controller(monkeypatch) -> None:
+    import ray
+
+    from caserve.cluster import adopt as A
+    from caserve.cluster.specs import ActorSpecs
+
+    cfg = parse_config(LOOPBACK)
+    listing = [{"name": f"{cfg.name}-{n}", "namespace": "caserve"}
+               for n in ("gpu-0", "router", "native-0-0", "assisted-4", "assisted-9", "controller")]
+    monkeypatch.setattr(ray.util, "list_named_actors", lambda all_namespaces: listing)
+    monkeypatch.setattr(ray, "get_actor", lambda name, namespace: f"handle:{name}")
+    infos = {"gpu-0": {"address": "10.0.0.1:7070", "node_id": "ab" * 28, "gpu_ids": ["0"]},
+             "router": {"url": "http://10.0.0.1:8000"}, "assisted-4": {"gpu_server": "10.0.0.1:7070"},
+             "assisted-9": {"gpu_server": "10.9.9.9:7070"}}  # its GPU server is gone
+
+    async def refresh(m) -> None:
+        m.info, m.state = infos.get(m.name, {}), "running"
+
+    got = asyncio.run(A.adopt(cfg.name, ActorSpecs(cfg), refresh))
+    assert [g.name for g in got.gpu] == ["gpu-0"] and got.router is not None and got.next_assisted == 10
+    assert set(got.workers) == {"native-0-0", "assisted-4", "assisted-9"}
+    a4, a9, native = got.workers["assisted-4"], got.workers["assisted-9"], got.workers["native-0-0"]
+    assert a4.gpu_index == 0 and a4.args[3:5] == ("http://10.0.0.1:8000", "10.0.0.1:7070")
+    assert a4.options["name"] == f"{cfg.name}-assisted-4" and a4.options["lifetime"] == "detached"
+    assert a9.args == () and a9.gpu_index is None  # cannot be made again: the controller forgets it if it dies
+    assert native.gpu_index == 0 and native.args[2] == "native" and native.args[5] == "0"

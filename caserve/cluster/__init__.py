@@ -3,14 +3,16 @@
 * :mod:`~caserve.cluster.config`     the cluster YAML (pydantic schema)
 * :mod:`~caserve.cluster.deploy`     driver side: connect to Ray, start/find/stop the controller, status text
 * :mod:`~caserve.cluster.controller` the detached controller actor: placement, restarts, autoscaling, draining
-* :mod:`~caserve.cluster.adopt`      a restarted controller takes over its predecessor's actors
+* :mod:`~caserve.cluster.adopt`      what a restarted controller takes over (a value the controller installs)
+* :mod:`~caserve.cluster.names`      actor names and their grammar (pure)
+* :mod:`~caserve.cluster.specs`      how each actor is made (args, Ray options) and the controller's record of it
 * :mod:`~caserve.cluster.actors`     GPU server, router and worker actors (one per real process)
 * :mod:`~caserve.cluster.processes`  supervised ``caserve`` subprocesses that die with their actor
 * :mod:`~caserve.cluster.autoscale`  queue-delay signal and scaling policy (pure)
 * :mod:`~caserve.cluster.placement`  GPU server choice by tenant load (pure)
 
-Ray is imported only by ``deploy``, ``controller`` and inside the actors, so the config and the
-policies load without it.
+Ray is imported only by ``deploy``, ``controller``, ``adopt``, ``specs`` and inside the actors, so the
+config, the names and the policies load without it.
 """
 
 from caserve.cluster.config import ClusterConfig, load_config, parse_config

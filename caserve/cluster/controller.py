@@ -33,8 +33,8 @@ from caserve.cluster.actors import GPUServerActor, RouterActor, WorkerActor, rec
 from caserve.cluster.autoscale import Autoscaler, QueueDelayEstimator, parse_router_metrics
 from caserve.cluster.config import ClusterConfig
 from caserve.cluster import names
+from caserve.cluster.adopt import adopt
 from caserve.cluster.errors import ClusterError, StartupTimeout
-from caserve.cluster.names import NAMESPACE
 from caserve.cluster.placement import ServerLoad, least_loaded
 from caserve.cluster.specs import ActorSpecs, Managed
 
@@ -210,13 +210,25 @@ class ClusterController:
                              f"unregistered workers {missing}")
 
     async def _adopt_then_control(self) -> None:
-        from caserve.cluster.adopt import adopt
-
         try:
-            await adopt(self)
+            await self._adopt()
         except Exception:  # noqa: BLE001 - keep controlling whatever was adopted
             logger.exception("adopting the running deployment failed")
         await self._control_forever()
+
+    async def _adopt(self) -> None:
+        """Install what the predecessor left running, then resume the drains the router still shows."""
+        adopted = await adopt(self.cfg.name, self.specs, self._refresh)
+        self.gpu, self.router, self.workers = adopted.gpu, adopted.router, adopted.workers
+        self._next_assisted = max(self._next_assisted, adopted.next_assisted)
+        await self._observe()
+        registered = self._registered()
+        for w in [w for w in self.workers.values() if registered.get(w.name, {}).get("draining")]:
+            task = asyncio.create_task(self._drain_and_stop(w))
+            self._drains.add(task)
+            task.add_done_callback(self._drains.discard)
+        self._note(f"controller restarted: adopted {len(self.gpu)} GPU server(s), "
+                   f"{'a' if self.router else 'no'} router, {len(self.workers)} worker(s)")
 
     async def _control_forever(self) -> None:
         while not self._stopping:
@@ -429,7 +441,3 @@ def _nodes() -> list[dict[str, Any]]:
                                and not k.startswith("node:")}})
     return out
 
-
-def deployed_names(cluster: str) -> list[str]:
-    """Short names of deployment ``cluster``'s live named actors."""
-    return names.ours(cluster, ray.util.list_named_actors(all_namespaces=True))

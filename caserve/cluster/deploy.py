@@ -16,7 +16,8 @@ from typing import Any, Optional
 import ray
 
 from caserve.cluster.config import ClusterConfig
-from caserve.cluster.controller import ClusterController, deployed_names
+from caserve.cluster.adopt import deployed_names
+from caserve.cluster.controller import ClusterController
 from caserve.cluster.errors import AlreadyRunning, NotRunning
 from caserve.cluster.names import NAMESPACE, controller_name, full_name
 
