@@ -1,5 +1,8 @@
 """Serving: an OpenAI-compatible router dispatching to GPU-native, CPU-assisted and CPU workers.
 
+Both processes import :mod:`~caserve.serving.messages` (every router <-> worker message, msgspec) and
+:mod:`~caserve.serving.errors`, and never each other's package.
+
 Router process (``caserve serve``):
 
 * :mod:`~caserve.serving.router.api`        public HTTP routes (``/v1/...``, ``/health``, ``/metrics``)
