@@ -48,11 +48,11 @@ def test_compare_then_sim(tmp_path):
 
     trace = TEST_DATA / "azure_llm_trace_2023_conv.csv"
     t = runner.invoke(app, ["sim", "--bench-json", str(out / "compare.json"), "--gpus", "2", "--cpu-nodes", "0,4",
-                            "--num-requests", "400", "--trace", str(trace), "--time-scale", "0.01",
+                            "--num-requests", "150", "--trace", str(trace), "--time-scale", "0.01",
                             "--out-dir", str(tmp_path / "simtrace")])
     assert t.exit_code == 0, t.output
     proj = json.loads((tmp_path / "simtrace" / "sim.json").read_text())["projection"]
-    assert proj["rows"][0]["requests"] == 400 and proj["rows"][1]["mean_jct_s"] < proj["rows"][0]["mean_jct_s"]
+    assert proj["rows"][0]["requests"] == 150 and proj["rows"][1]["mean_jct_s"] < proj["rows"][0]["mean_jct_s"]
 
 
 def test_bench_serve_cli_against_reference_server(tmp_path):
