@@ -150,7 +150,7 @@ def _workload(dataset, dataset_path, num_requests, arrivals, rate, cv, trace, ti
 
 
 _DATASET = typer.Option("synthetic", help="synthetic | sharegpt | wikitext2 | sst2 | agnews")
-_DATASET_PATH = typer.Option(None, help="File of the dataset's format (default: ../shared/datasets/...).")
+_DATASET_PATH = typer.Option(None, help="File of the dataset's format (default: in $CASERVE_DATA_DIR, else ../shared/datasets/).")
 _NUM = typer.Option(50, "--num-requests", "-n", help="Requests to send.")
 _ARRIVALS = typer.Option("poisson", help="poisson | gamma | azure (trace replay)")
 _RATE = typer.Option(2.0, help="Mean request rate (req/s; inf: all at once). Ignored for azure.")

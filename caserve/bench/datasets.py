@@ -1,7 +1,7 @@
 """Workloads: the prompts a benchmark sends.
 
 Every loader takes a path to a file of the documented format (the defaults live in ``../shared/datasets``
-beside the project checkout) and returns a list of :class:`BenchRequest`. Nothing here downloads anything.
+beside the project checkout, or in ``$CASERVE_DATA_DIR``) and returns a list of :class:`BenchRequest`. Nothing here downloads anything.
 
 | name       | format                                                              | requests           |
 |------------|---------------------------------------------------------------------|--------------------|
