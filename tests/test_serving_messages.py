@@ -155,3 +155,16 @@ def test_messages_round_trip_and_the_worker_refuses_malformed_channel_lines() ->
     events = [Tokens(dispatch="d", ids=[3], text="x"), Done(dispatch="d", embeddings=[[0.5, 0.5]]), BatchDone(steps=2)]
     body = encode(EventsRequest(session="s", events=events))
     assert events_decoder.decode(body).events == events
+
+
+def test_router_and_worker_packages_do_not_import_each_other() -> None:
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "caserve" / "serving"
+    for side, other in (("router", "worker"), ("worker", "router")):
+        for path in (root / side).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                        else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                assert not any(m.startswith(f"caserve.serving.{other}") for m in mods), (path.name, mods)
