@@ -36,12 +36,13 @@ def connect(address: str | None = None, token: str | None = None, *, transport: 
     in-process :class:`caserve.remote.server.GPUServer` instead (tests, single-process use).
     """
     from caserve.remote.client import device, session
-    from caserve.remote.server import LocalChannel
     from caserve.remote.wire.transport import SocketChannel
 
     device.install()
     token = token if token is not None else os.environ.get("CASERVE_TOKEN") or None
     if server is not None:
+        from caserve.remote.local import LocalChannel  # the only client module that knows the server
+
         channel = LocalChannel(server)
     elif address is None:
         raise ValueError("connect() needs a GPU server address host:port (or server=)")

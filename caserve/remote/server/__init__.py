@@ -2,6 +2,6 @@
 (:mod:`.executor`), op templates (:mod:`.templates`), compiled replays (:mod:`.replay`) and the shared
 weight store (:mod:`.blobs`). Imports :mod:`caserve.remote.wire`, never the client."""
 
-from caserve.remote.server.listener import GPUServer, LocalChannel, Listener, serve_forever
+from caserve.remote.server.listener import GPUServer, Listener, serve_forever
 
-__all__ = ["GPUServer", "LocalChannel", "Listener", "serve_forever"]
+__all__ = ["GPUServer", "Listener", "serve_forever"]

@@ -103,7 +103,7 @@ class GPUServer:
 class Connection:
     """One client's session: handshake, then SUBMIT frames until the peer goes away.
 
-    ``send`` and ``recv`` are the transport: a socket for real clients, queues for :class:`LocalChannel`.
+    ``send`` and ``recv`` are the transport: a socket for real clients, direct calls for :class:`caserve.remote.local.LocalChannel`.
     """
 
     def __init__(self, server: GPUServer, peer: str, loopback: bool) -> None:
@@ -209,43 +209,6 @@ def serve_connection(server: GPUServer, sock: socket.socket, peer: str, loopback
     finally:
         conn.close()
         sock.close()
-
-
-class LocalChannel:
-    """An in-process channel to a :class:`GPUServer`: the same frames, no socket.
-
-    Used by tests and by single-process setups; frames are still encoded and decoded, so behaviour
-    matches the socket transport.
-    """
-
-    kind = "local"
-
-    def __init__(self, server: GPUServer) -> None:
-        self.conn = Connection(server, "in-process", loopback=True)
-        self._replies: list[tuple[int, Any, list[memoryview]]] = []
-
-    def send(self, kind: P.Kind, header: Any, payloads: Sequence[memoryview | bytes] = ()) -> int:
-        data = memoryview(b"".join(bytes(p) for p in payloads)) if payloads else memoryview(b"")
-        encoded = P.encode_header(header)
-        decoded = P.decode_header(kind, encoded)
-        sizes = getattr(decoded, "payloads", None) or []
-        try:
-            reply = self.conn.on_frame(kind, decoded, P.split_payloads(memoryview(bytearray(data)), sizes))
-        except _Refused as exc:
-            reply = (P.Kind.ERROR, P.Error(exc.code, str(exc)), ())
-        if reply is not None:
-            rkind, rheader, rpayloads = reply
-            rdecoded = P.decode_header(rkind, P.encode_header(rheader))
-            self._replies.append((rkind, rdecoded, [memoryview(bytearray(p)) for p in rpayloads]))
-        return P.FRAME_PREFIX.size + len(encoded) + len(data)
-
-    def recv(self) -> tuple[int, Any, list[memoryview]]:
-        if not self._replies:
-            raise ConnectionLost("no reply pending on the local channel")
-        return self._replies.pop(0)
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 class Listener:
