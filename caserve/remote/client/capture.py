@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from caserve.remote.client.records import CallLog, Region, reference_form
 from caserve.remote.wire import protocol as P
 
 logger = logging.getLogger(__name__)
@@ -54,17 +55,6 @@ _TAGGED = frozenset({float, bool, torch.dtype, torch.device, torch.layout, torch
 
 class Uncapturable(Exception):
     """This call cannot become a step (the message says why)."""
-
-
-@dataclass
-class CallLog:
-    """What the session saw during one recorded call (filled in by :class:`~caserve.remote.client.session.Session`)."""
-
-    base: int  # the first handle minted in the call
-    epoch: int = 0  # the session's template epoch when the call began
-    records: list[Any] = field(default_factory=list)
-    freed: set[int] = field(default_factory=set)
-    bad: str | None = None  # why the call cannot be captured, if the session saw a reason
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,8 +190,7 @@ class Capture:
 
     def replay(self, session: Any, key: tuple, leaves: list[Any]) -> Any:
         """The outputs of a replayed step, or ``None`` when the call has to be recorded instead."""
-        from caserve.remote.client.dispatch import _ready
-        from caserve.remote.client.tensor import LAZY, RemoteStorage, RemoteTensor
+        from caserve.remote.client.tensor import LAZY, RemoteStorage, RemoteTensor, ready
 
         step = self.steps.get(key)
         if step is None:
@@ -221,7 +210,7 @@ class Capture:
                 if st.shared:  # a shared weight passed in: eager mode copies it if written
                     return None
                 if st.state == LAZY:
-                    _ready(st)
+                    ready(st)
                 ext[pos] = st.handle
             base = session.next_handle
             session.next_handle = base + step.minted
@@ -251,7 +240,7 @@ class Capture:
     def _check_weights(self, key: tuple, step: Step) -> bool:
         """The step's weights are still the model's: refresh their handles (a copy on write changes
         them), or drop the step."""
-        from caserve.remote.client.dispatch import _ready
+        from caserve.remote.client.tensor import ready
 
         epoch = WEIGHTS_EPOCH[0]
         for d, name, t in step.weights:
@@ -263,7 +252,7 @@ class Capture:
         for pos, (kind, i) in enumerate(step.sources):
             if kind == "m":
                 st = step.weights[i][2]._st
-                _ready(st)
+                ready(st)
                 ext[pos] = st.handle
         step.ext, step.weights_epoch = ext, epoch
         step.inputs = [(pos, i) for pos, (kind, i) in enumerate(step.sources) if kind == "a"]
@@ -310,7 +299,6 @@ class Capture:
 
     def _behaviour(self, session: Any, key: tuple, args: tuple, kwargs: dict, leaves: list[Any], out: Any,
                    log: CallLog, training: bool) -> tuple[tuple, tuple]:
-        from caserve.remote.client.graph import Region, _refs
         from caserve.remote.client.tensor import RemoteTensor
 
         if log.bad is not None:
@@ -320,7 +308,7 @@ class Capture:
         base, end = log.base, session.next_handle
         region = Region(base)
         region.records = log.records
-        sig, recs, ext, scalars = _refs(region)
+        sig, recs, ext, scalars = reference_form(region)
         # Where each tensor read but not made here comes from: an input, else a weight or buffer.
         where: dict[int, tuple[str, int]] = {}
         for i, x in enumerate(leaves):

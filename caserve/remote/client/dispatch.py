@@ -33,7 +33,7 @@ from caserve.remote.wire.codec import (
 from caserve.remote.client.capture import weights_changed
 from caserve.remote.wire.errors import RemoteError
 from caserve.remote.client.session import FLUSH_BYTES, FLUSH_OPS, Session
-from caserve.remote.client.tensor import _DISPATCH, LAZY, LIVE, RemoteStorage, RemoteTensor, resize_empty, wrap
+from caserve.remote.client.tensor import _DISPATCH, LAZY, LIVE, RemoteStorage, RemoteTensor, ready, resize_empty, wrap
 
 logger = logging.getLogger(__name__)
 
@@ -253,14 +253,6 @@ def _define(session: Session, func, args, kwargs, plan: Plan, replace: dict[int,
 # Running a plan
 
 
-def _ready(st: RemoteStorage) -> None:
-    """Allocate a lazy storage on the server before its first use."""
-    if st.state == LAZY:
-        size, stride = st.alloc
-        st.session.emit(P.Alloc(st.handle, DTYPE_NAMES[st.dtype], size, stride))
-        st.state = LIVE
-
-
 def _unshare(st: RemoteStorage) -> None:
     """Copy-on-write: the first write to a shared weight gives this tenant a private copy."""
     new = st.session.new_handle()
@@ -371,7 +363,7 @@ def run_op(func, args: tuple, kwargs: dict) -> Any:
         for t in slots:
             st = t._st
             if st.state == LAZY:
-                _ready(st)
+                ready(st)
             handles.append(st.handle)
         if plan.sync:
             return _execute(session, func, args, kwargs, plan, slots, handles, scalars)
@@ -475,7 +467,7 @@ def upload(dst: RemoteTensor, src: torch.Tensor) -> RemoteTensor:
             index = session.add_payload(data, host)
             session.emit(P.Upload(st.handle, DTYPE_NAMES[dtype], size, index, share))
         else:
-            _ready(st)
+            ready(st)
             if st.shared:
                 _unshare(st)
             if aliases_caller and len(data) < FLUSH_BYTES:
@@ -497,7 +489,7 @@ def fetch_later(t: RemoteTensor) -> Any:
     session = st.session
     with session.lock:
         session.stats.ops += 1
-        _ready(st)
+        ready(st)
         pending = session.request(P.Fetch(st.handle, DTYPE_NAMES[dtype], size, stride, offset))
 
     def wait() -> torch.Tensor:

@@ -32,23 +32,11 @@ import torch
 
 from caserve.remote.wire import protocol as P
 from caserve.remote.client.capture import MAX_GRAPH_RECORDS, MAX_GRAPHS, Capture, Uncapturable, call_key
+from caserve.remote.client.records import Region, reference_form
 
 logger = logging.getLogger(__name__)
 
 MAX_SIGNATURES = 4096  # segments seen once and remembered, per session
-
-
-class Region:
-    """The records of one forward call being recorded."""
-
-    __slots__ = ("base", "records", "payloads", "owners", "aborted")
-
-    def __init__(self, base: int) -> None:
-        self.base = base
-        self.records: list[Any] = []
-        self.payloads: list[memoryview] = []
-        self.owners: list[Any] = []
-        self.aborted: str | None = None
 
 
 class GraphCache:
@@ -81,40 +69,6 @@ class GraphCache:
         self.defined = self.defined_records = 0
 
 
-def _refs(region: Region) -> tuple[tuple, list[tuple], list[int], list]:
-    """The region in reference form: its signature, its records as tuples, the external handles and the
-    values of its scalar slots (the signature holds their templates, not their values)."""
-    base = region.base
-    ext: list[int] = []
-    scalars: list = []
-    index: dict[int, int] = {}
-
-    def ref(h: int) -> int:
-        if h >= base:
-            return h - base
-        i = index.get(h)
-        if i is None:
-            i = index[h] = len(ext)
-            ext.append(h)
-        return -i - 1
-
-    recs: list[tuple] = []
-    for r in region.records:
-        t = type(r)
-        if t is P.Run:
-            recs.append((P.Run, r.tid, tuple([ref(h) for h in r.slots]), tuple([h - base for h in r.outs])))
-            if r.scalars:
-                scalars.extend(r.scalars)
-        elif t is P.Alloc:
-            recs.append((P.Alloc, ref(r.handle), r.dtype, r.size, r.stride))
-        elif t is P.Upload:
-            recs.append((P.Upload, ref(r.handle), r.dtype, r.size, r.payload, r.share))
-        else:  # CopyIn
-            recs.append((P.CopyIn, ref(r.handle), r.dtype, r.size, r.stride, r.offset, r.src_dtype, r.src_size,
-                         r.payload))
-    return tuple(recs), recs, ext, scalars
-
-
 def _struct(rec: tuple) -> Any:
     cls, *fields = rec
     if cls is P.Run:
@@ -134,7 +88,7 @@ def end_region(session: Any, region: Region) -> None:
             logger.debug("graph mode: forward ran eagerly (%s)", region.aborted)
         _send_eagerly(session, region, payload_base)
         return
-    key, recs, ext, scalars = _refs(region)
+    key, recs, ext, scalars = reference_form(region)
     gid = cache.graphs.get(key)
     if gid is None and key in cache.seen and cache.room(len(recs)):
         definition = cache.define(recs)

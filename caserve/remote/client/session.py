@@ -17,9 +17,10 @@ from typing import Any, Sequence
 import torch
 
 from caserve.remote.wire import protocol as P
-from caserve.remote.client.capture import CallLog
+from caserve.remote.client.records import CallLog
 from caserve.remote.wire.errors import ConnectionLost, HandshakeError, QuotaExceeded, RemoteOpError
-from caserve.remote.client.graph import GraphCache, Region
+from caserve.remote.client.graph import GraphCache
+from caserve.remote.client.records import Region
 from caserve.remote.client.graph import end_region as end_graph_region
 from caserve.remote.wire.transport import Channel, as_bytes
 

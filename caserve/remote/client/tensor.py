@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from caserve.remote.wire.codec import extent
+from caserve.remote.wire import protocol as P
+from caserve.remote.wire.codec import DTYPE_NAMES, extent
 from caserve.remote.client.session import Session
 
 LAZY, LIVE = 0, 1
@@ -82,6 +83,14 @@ class RemoteTensor(torch.Tensor):
     def __repr__(self, *, tensor_contents=None) -> str:  # noqa: D105
         body = repr(self.detach().to("cpu"))
         return body[:-1] + f", device='{self.device}')" if body.endswith(")") else body
+
+
+def ready(st: RemoteStorage) -> None:
+    """Allocate a lazy storage on the server before its first use."""
+    if st.state == LAZY:
+        size, stride = st.alloc
+        st.session.emit(P.Alloc(st.handle, DTYPE_NAMES[st.dtype], size, stride))
+        st.state = LIVE
 
 
 _WRAP = torch.Tensor._make_wrapper_subclass
