@@ -84,9 +84,10 @@ def stats(device: torch.device | str) -> dict[str, Any]:
     from caserve.remote.client.session import session_of
 
     session = session_of(device)
-    return {**session.stats.snapshot(), "graph_replays": session.graph_cache.replays,
-            "step_replays": session.graph_cache.step_replays,
-            "graph_fallbacks": session.graph_cache.fallbacks, "graphs": len(session.graph_cache.graphs)}
+    graphs = session.graph_cache  # None until graph mode records a forward on this device
+    return {**session.stats.snapshot(), "graph_replays": graphs.replays if graphs else 0,
+            "step_replays": graphs.step_replays if graphs else 0,
+            "graph_fallbacks": graphs.fallbacks if graphs else 0, "graphs": len(graphs.graphs) if graphs else 0}
 
 
 def server_stats(device: torch.device | str) -> dict[str, Any]:

@@ -38,6 +38,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from caserve.remote.client.records import CallLog, Region, reference_form
+from caserve.remote.client.tensor import LAZY, RemoteStorage, RemoteTensor, ready
 from caserve.remote.wire import protocol as P
 
 logger = logging.getLogger(__name__)
@@ -69,21 +70,9 @@ def call_key(args: tuple, kwargs: dict, leaves: list[Any]) -> tuple:
             torch.get_default_dtype(), torch.is_autocast_enabled())
 
 
-_REMOTE: list[type] = []  # [RemoteTensor], resolved on first use (caserve.remote.client.tensor imports this module)
-
-
-def _remote_tensor_type() -> type:
-    if not _REMOTE:
-        from caserve.remote.client.tensor import RemoteTensor
-
-        _REMOTE.append(RemoteTensor)
-    return _REMOTE[0]
-
-
 def _walk(x: Any, leaves: list[Any], depth: int) -> Any:
-    rt = _REMOTE[0] if _REMOTE else _remote_tensor_type()
     t = type(x)
-    if t is rt:
+    if t is RemoteTensor:
         leaves.append(x)
         return x._cs
     if t in _SIMPLE:
@@ -110,7 +99,7 @@ def _walk(x: Any, leaves: list[Any], depth: int) -> Any:
     items = []
     for k, v in vars(x).items():
         tv = type(v)
-        if tv is rt:
+        if tv is RemoteTensor:
             leaves.append(v)
             items.append((k, v._cs))
         elif tv is int or tv is str or v is None:
@@ -169,9 +158,8 @@ torch.nn.modules.module.register_module_buffer_registration_hook(weights_changed
 
 def _aliases(leaves: list[Any]) -> tuple[int, ...]:
     """Per leaf: the first leaf with the same storage (itself if none), -1 for objects."""
-    rt = _REMOTE[0] if _REMOTE else _remote_tensor_type()
     first: dict[int, int] = {}
-    return tuple([first.setdefault(id(x._st), i) if type(x) is rt else -1 for i, x in enumerate(leaves)])
+    return tuple([first.setdefault(id(x._st), i) if type(x) is RemoteTensor else -1 for i, x in enumerate(leaves)])
 
 
 class Capture:
@@ -190,8 +178,6 @@ class Capture:
 
     def replay(self, session: Any, key: tuple, leaves: list[Any]) -> Any:
         """The outputs of a replayed step, or ``None`` when the call has to be recorded instead."""
-        from caserve.remote.client.tensor import LAZY, RemoteStorage, RemoteTensor, ready
-
         step = self.steps.get(key)
         if step is None:
             return None
@@ -240,8 +226,6 @@ class Capture:
     def _check_weights(self, key: tuple, step: Step) -> bool:
         """The step's weights are still the model's: refresh their handles (a copy on write changes
         them), or drop the step."""
-        from caserve.remote.client.tensor import ready
-
         epoch = WEIGHTS_EPOCH[0]
         for d, name, t in step.weights:
             if d.get(name) is not t:
@@ -299,8 +283,6 @@ class Capture:
 
     def _behaviour(self, session: Any, key: tuple, args: tuple, kwargs: dict, leaves: list[Any], out: Any,
                    log: CallLog, training: bool) -> tuple[tuple, tuple]:
-        from caserve.remote.client.tensor import RemoteTensor
-
         if log.bad is not None:
             raise Uncapturable(log.bad)
         if call_key(args, kwargs, []) + (training,) != key:

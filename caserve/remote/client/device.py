@@ -12,9 +12,9 @@ import torch
 from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
 from caserve.remote.client import session as S
-from caserve.remote.client.dispatch import fetch, run_op, upload
+from caserve.remote.client.dispatch import dispatch, fetch, run_op, upload
 from caserve.remote.wire import protocol as P
-from caserve.remote.client.tensor import RemoteTensor, new_tensor
+from caserve.remote.client.tensor import RemoteTensor, new_tensor, set_op_handler
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ def install() -> None:
     with _INSTALL_LOCK:
         if _INSTALLED:
             return
+        set_op_handler(dispatch)
         _setup_privateuseone_for_python_backend(DEVICE_TYPE, backend_module=_DeviceModule)
         lib = torch.library.Library("aten", "IMPL")
         lib.impl("empty.memory_format", _empty_memory_format, "PrivateUse1")

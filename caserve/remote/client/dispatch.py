@@ -32,8 +32,8 @@ from caserve.remote.wire.codec import (
 )
 from caserve.remote.client.capture import weights_changed
 from caserve.remote.wire.errors import RemoteError
-from caserve.remote.client.session import FLUSH_BYTES, FLUSH_OPS, Session
-from caserve.remote.client.tensor import _DISPATCH, LAZY, LIVE, RemoteStorage, RemoteTensor, ready, resize_empty, wrap
+from caserve.remote.client.session import FLUSH_BYTES, FLUSH_OPS, Session, session_of
+from caserve.remote.client.tensor import LAZY, LIVE, RemoteStorage, RemoteTensor, ready, resize_empty, wrap
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,6 @@ def _sig(x: Any, slots: list[RemoteTensor]) -> Any:
 def _session_of(slots: list[RemoteTensor], args: Any, kwargs: dict) -> Session:
     if slots:
         return slots[0]._st.session
-    from caserve.remote.client.session import session_of
-
     for v in (*args, *kwargs.values()):
         if isinstance(v, torch.device) and v.type == "caserve":
             return session_of(v)
@@ -558,4 +556,3 @@ SPECIAL: dict[Any, Any] = {
     aten._local_scalar_dense.default: _local_scalar_dense,
     aten.is_pinned.default: _is_pinned,
 }
-_DISPATCH[0] = dispatch

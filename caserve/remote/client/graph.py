@@ -33,6 +33,7 @@ import torch
 from caserve.remote.wire import protocol as P
 from caserve.remote.client.capture import MAX_GRAPH_RECORDS, MAX_GRAPHS, Capture, Uncapturable, call_key
 from caserve.remote.client.records import Region, reference_form
+from caserve.remote.client.session import Session, session_of
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def _struct(rec: tuple) -> Any:
     return cls(*fields)
 
 
-def end_region(session: Any, region: Region) -> None:
+def end_region(session: Session, region: Region) -> None:
     """Send a finished region: replayed, defined and replayed, or eagerly (called under the session lock)."""
     cache: GraphCache = session.graph_cache
     payload_base = len(session.payloads)
@@ -106,7 +107,7 @@ def end_region(session: Any, region: Region) -> None:
     session.ops.append(P.Replay(gid, region.base, ext, payload_base, scalars))
 
 
-def _send_eagerly(session: Any, region: Region, payload_base: int) -> None:
+def _send_eagerly(session: Session, region: Region, payload_base: int) -> None:
     for r in region.records:
         if type(r) in (P.Upload, P.CopyIn):
             r.payload += payload_base
@@ -145,9 +146,15 @@ class GraphForward:
         self.capture = capture
 
 
-def _graph_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-    from caserve.remote.client.session import session_of
+def attach(session: Session) -> None:
+    """Give a session graph mode's state and its region-end hook (once, on its first graph forward)."""
+    with session.lock:
+        if session.region_end is None:
+            session.graph_cache = GraphCache()
+            session.region_end = end_region
 
+
+def _graph_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     state: GraphForward = self._caserve_graph_mode
     p = next(self.parameters(), None)
     if p is None or p.device.type != "caserve":
@@ -155,6 +162,8 @@ def _graph_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     session = session_of(p.device)
     if session.region_depth:  # nested inside another model's region: part of that one
         return state.forward(*args, **kwargs)
+    if session.region_end is None:
+        attach(session)
     capture, key, leaves = state.capture, None, []
     if capture is not None:
         try:

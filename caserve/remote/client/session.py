@@ -12,16 +12,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from caserve.remote.wire import protocol as P
 from caserve.remote.client.records import CallLog
 from caserve.remote.wire.errors import ConnectionLost, HandshakeError, QuotaExceeded, RemoteOpError
-from caserve.remote.client.graph import GraphCache
 from caserve.remote.client.records import Region
-from caserve.remote.client.graph import end_region as end_graph_region
 from caserve.remote.wire.transport import Channel, as_bytes
 
 logger = logging.getLogger(__name__)
@@ -70,7 +68,10 @@ class Session:
         self.cache: dict[Any, Any] = {}  # op signature -> dispatch plan (caserve.remote.client.dispatch)
         self.region: Region | None = None  # graph mode: the forward being recorded
         self.region_depth = 0
-        self.graph_cache = GraphCache()
+        # Graph mode (caserve.remote.client.graph) installs these on the first forward it records: its
+        # per-session graphs, and the hook that sends a finished region (called under the lock).
+        self.graph_cache: Any = None
+        self.region_end: Callable[[Session, Region], None] | None = None
         self.call_log: CallLog | None = None  # graph mode: the forward being watched for capture
         self.epoch = 0  # bumped whenever the server forgets this session's templates and graphs
         self.pending: collections.deque[Pending] = collections.deque()  # requests awaiting their replies
@@ -153,7 +154,7 @@ class Session:
             log, self.call_log = self.call_log, None
             if self.region is not None:
                 region, self.region = self.region, None
-                end_graph_region(self, region)
+                self.region_end(self, region)
                 if len(self.ops) >= FLUSH_OPS:
                     self.flush()
             if log is not None and log.epoch != self.epoch:
@@ -163,7 +164,8 @@ class Session:
     def reset_templates(self) -> None:
         """Forget every plan and graph, here and on the server (a template was refused, or too many)."""
         self.cache.clear()
-        self.graph_cache.clear()
+        if self.graph_cache is not None:
+            self.graph_cache.clear()
         self.epoch += 1
         self.emit(P.ResetTemplates())
 
@@ -173,7 +175,7 @@ class Session:
         region = self.region
         self.region = Region(self.next_handle)
         if region is not None:
-            end_graph_region(self, region)
+            self.region_end(self, region)
 
     def _abort_region(self, reason: str) -> None:
         """Send what the region holds as eager records; the rest of this forward runs eagerly."""
@@ -182,7 +184,7 @@ class Session:
             self.call_log.bad = reason
         if region is not None:
             region.aborted = reason
-            end_graph_region(self, region)
+            self.region_end(self, region)
 
     def add_payload(self, data: memoryview, owner: Any) -> int:
         """Queue bytes to travel with the next frame; ``owner`` keeps their memory alive until then."""

@@ -7,14 +7,17 @@ base's :class:`RemoteStorage`, so a view never crosses the wire.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Callable
+
 import torch
 
 from caserve.remote.wire import protocol as P
 from caserve.remote.wire.codec import DTYPE_NAMES, extent
-from caserve.remote.client.session import Session
+
+if TYPE_CHECKING:
+    from caserve.remote.client.session import Session
 
 LAZY, LIVE = 0, 1
-_DISPATCH: list = [None]  # caserve.remote.client.dispatch.dispatch, set when that module loads
 EMPTY_ROOM = 1 << 48  # nominal storage bytes of an empty wrapper (it has no data either way)
 
 
@@ -70,7 +73,7 @@ class RemoteTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        return _DISPATCH[0](func, args, kwargs or {})
+        return _op_handler(func, args, kwargs or {})
 
     def tolist(self):
         return self.cpu().tolist()
@@ -91,6 +94,21 @@ def ready(st: RemoteStorage) -> None:
         size, stride = st.alloc
         st.session.emit(P.Alloc(st.handle, DTYPE_NAMES[st.dtype], size, stride))
         st.state = LIVE
+
+
+def _not_installed(func: Any, args: tuple, kwargs: dict) -> Any:
+    raise RuntimeError(f"{func} reached a caserve tensor before caserve.remote.client.device.install()")
+
+
+OpHandler = Callable[[Any, tuple, dict], Any]
+_op_handler: OpHandler = _not_installed  # where every ATen op on a RemoteTensor goes: see set_op_handler
+
+
+def set_op_handler(handler: OpHandler) -> None:
+    """Route ATen ops on caserve tensors to ``handler(func, args, kwargs)``. The device installs
+    :func:`caserve.remote.client.dispatch.dispatch` here, so that this module needs no import of it."""
+    global _op_handler
+    _op_handler = handler
 
 
 _WRAP = torch.Tensor._make_wrapper_subclass
