@@ -16,7 +16,7 @@ from caserve.remote.server.listener import Connection, GPUServer
 from caserve.remote.wire.transport import recv_frame, send_frame
 
 # A change to any struct, tag or kind changes this digest: bump PROTOCOL_VERSION and update both.
-PINNED = {4: "8347acde3429294c"}  # digest written without module paths (same schema as before the move)
+PINNED = {4: "8347acde3429294c", 5: "776985b37447219f"}  # 5: Welcome carries a Limits struct
 
 
 def test_schema_change_requires_version_bump():
@@ -30,7 +30,7 @@ def test_frame_round_trip_with_payloads():
     data = torch.arange(1000, dtype=torch.float32)
     msg = P.Submit([P.Upload(5, "float32", (1000,), 0, False), P.Run(1, [5], [6])], [4000], P.Barrier(), 3)
     send_frame(a, P.Kind.SUBMIT, msg, [memoryview(data.numpy())])
-    kind, header, payloads = recv_frame(b, P.DEFAULT_MAX_FRAME)
+    kind, header, payloads = recv_frame(b, P.LIMITS.max_frame)
     assert kind == P.Kind.SUBMIT and header == msg
     assert torch.equal(torch.frombuffer(payloads[0], dtype=torch.float32), data)
     a.close()

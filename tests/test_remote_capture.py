@@ -282,11 +282,19 @@ def test_assisted_engine_replays_prefills_of_one_bucket(dev):
     assert all(d >= 8 for d in deltas[3:]), deltas  # 7 decode steps and the prefill
 
 
-def test_a_session_starts_afresh_before_the_server_s_graph_limits(dev, monkeypatch):
-    import caserve.remote.client.graph as G
-    from caserve.remote.client.session import session_of
+def test_a_session_starts_afresh_before_the_graph_limits_the_server_sent(monkeypatch):
+    import msgspec
 
-    monkeypatch.setattr(G, "MAX_GRAPH_RECORDS", 8)  # a step of Accumulate is a few records: room for 1-2
+    import caserve.remote.server.executor as X
+    from caserve.remote.client.session import session_of
+    from caserve.remote.wire import protocol as P
+
+    # A server that holds 8 graph records per tenant (a step of Accumulate is a few: room for 1-2), and
+    # says so in Welcome: the client must reset before the server refuses a graph.
+    monkeypatch.setattr(P, "LIMITS", msgspec.structs.replace(P.LIMITS, max_tenant_graph_records=8))
+    monkeypatch.setattr(X, "MAX_TENANT_GRAPH_OPS", 8)
+    dev = R.connect(server=GPUServer("cpu"))
+    assert session_of(dev).limits.max_tenant_graph_records == 8
     local, remote = _pair(dev)
     lbox, rbox = Box(torch.zeros(4)), Box(torch.zeros(4).to(dev))
     session = session_of(dev)
@@ -298,6 +306,7 @@ def test_a_session_starts_afresh_before_the_server_s_graph_limits(dev, monkeypat
         torch.testing.assert_close(rbox.state.cpu(), lbox.state)
     assert session.epoch >= 1  # templates and graphs were reset at least once, and no error came back
     assert session.graph_cache.defined_records <= 8
+    R.disconnect(dev)
 
 
 @pytest.mark.parametrize("name", ["facebook/opt-125m", "EleutherAI/pythia-160m", "Qwen/Qwen2.5-0.5B",

@@ -47,8 +47,6 @@ MAX_STEPS = 256  # captured steps per model (one per shape family: prompt length
 MAX_KEYS = 1024  # keys remembered while they are being watched (recorded calls not yet captured)
 MAX_TRIES = 4  # recordings of one key that may fail to capture before it is given up on
 MAX_DEPTH = 3  # how deep the objects passed to forward are looked into
-MAX_GRAPHS = 1000  # graphs a session defines before it starts afresh (the server holds at most 1024)
-MAX_GRAPH_RECORDS = 200_000  # records in them (the server holds at most 262144 per tenant)
 
 _SIMPLE = frozenset({int, str, type(None)})
 _TAGGED = frozenset({float, bool, torch.dtype, torch.device, torch.layout, torch.memory_format})
@@ -264,6 +262,10 @@ class Capture:
         del self.seen[key]
         if len(self.steps) >= MAX_STEPS:
             self.steps.clear()
+        if len(seen[1][0]) > session.limits.max_graph_records:  # no server takes it: record this call always
+            self.tries[key] = MAX_TRIES
+            logger.debug("graph mode: forward not captured (%d records, more than one graph holds)", len(seen[1][0]))
+            return
         if not session.graph_cache.room(len(seen[1][0])):
             # The server keeps a bounded number of graphs: start afresh (templates and graphs alike).
             with session.lock:

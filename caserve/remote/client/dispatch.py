@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 SHARE_MIN_BYTES = 64 * 1024  # parameters this large are stored once for all tenants
-MAX_CACHE = 16384
+MAX_CACHE = 16384  # plans per session (each defines at most one of the server's templates)
 _F, _B, _CPU = "f", "b", "cpu"  # key tags that keep 1, 1.0 and True apart
 
 
@@ -345,7 +345,7 @@ def run_op(func, args: tuple, kwargs: dict) -> Any:
         plan = session.cache.get(key)
         if plan is None:
             session.check_open()
-            if len(session.cache) >= MAX_CACHE:
+            if len(session.cache) >= MAX_CACHE or len(session.cache) >= session.limits.max_templates:
                 session.reset_templates()
             plan = session.cache[key] = _make_plan(session, func, args, kwargs, slots)
         if plan.tid == 0:

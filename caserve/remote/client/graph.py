@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from caserve.remote.wire import protocol as P
-from caserve.remote.client.capture import MAX_GRAPH_RECORDS, MAX_GRAPHS, Capture, Uncapturable, call_key
+from caserve.remote.client.capture import Capture, Uncapturable, call_key
 from caserve.remote.client.records import Region, reference_form
 from caserve.remote.client.session import Session, session_of
 
@@ -43,7 +43,8 @@ MAX_SIGNATURES = 4096  # segments seen once and remembered, per session
 class GraphCache:
     """Per-session graphs: signature -> graph id, and signatures seen once."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: P.Limits) -> None:
+        self.limits = limits  # the server's, from Welcome
         self.graphs: dict[tuple, int] = {}
         self.seen: set[tuple] = set()
         self.ids = itertools.count(1)
@@ -55,7 +56,9 @@ class GraphCache:
 
     def room(self, records: int) -> bool:
         """Whether the server takes one more graph of ``records`` records (it bounds both, per tenant)."""
-        return self.defined < MAX_GRAPHS and self.defined_records + records <= MAX_GRAPH_RECORDS
+        limits = self.limits
+        return (self.defined < limits.max_graphs and records <= limits.max_graph_records
+                and self.defined_records + records <= limits.max_tenant_graph_records)
 
     def define(self, recs: list[tuple]) -> P.DefineGraph:
         """The definition of a new graph of ``recs`` (reference form), counted against the server's limits."""
@@ -150,7 +153,7 @@ def attach(session: Session) -> None:
     """Give a session graph mode's state and its region-end hook (once, on its first graph forward)."""
     with session.lock:
         if session.region_end is None:
-            session.graph_cache = GraphCache()
+            session.graph_cache = GraphCache(session.limits)
             session.region_end = end_region
 
 

@@ -52,6 +52,7 @@ class Session:
     def __init__(self, channel: Channel, welcome: P.Welcome, index: int) -> None:
         self.channel = channel
         self.welcome = welcome
+        self.limits = welcome.limits  # the server's: obeyed, never assumed
         self.index = index
         self.device = torch.device("caserve", index)
         self.lock = threading.RLock()
@@ -97,7 +98,7 @@ class Session:
         if kind != P.Kind.WELCOME:
             raise HandshakeError("protocol", f"expected WELCOME, got kind {kind}")
         if hasattr(channel, "max_frame"):
-            channel.max_frame = msg.max_frame
+            channel.max_frame = msg.limits.max_frame
         return cls(channel, msg, index)
 
     # -- the op stream --------------------------------------------------------------------------

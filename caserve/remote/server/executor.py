@@ -28,7 +28,6 @@ from caserve.remote.server.replay import (
     tensor_from_bytes,
 )
 from caserve.remote.server.templates import (
-    MAX_TEMPLATES,
     QuotaError,
     check_scalars,
     Slot,
@@ -40,10 +39,12 @@ from caserve.remote.server.templates import (
 
 logger = logging.getLogger(__name__)
 
-MAX_PINS = 4096
-MAX_GRAPHS = 1024
-MAX_GRAPH_OPS = 100_000
-MAX_TENANT_GRAPH_OPS = 1 << 18  # records in all of a tenant's graphs together (compiled code is kept per record)
+# The limits a tenant is told in Welcome (caserve.remote.wire.protocol.Limits), by their old names.
+MAX_PINS = P.LIMITS.max_pins
+MAX_TEMPLATES = P.LIMITS.max_templates
+MAX_GRAPHS = P.LIMITS.max_graphs
+MAX_GRAPH_OPS = P.LIMITS.max_graph_records
+MAX_TENANT_GRAPH_OPS = P.LIMITS.max_tenant_graph_records  # compiled code is kept per record
 MAX_CACHED_VIEWS = 16  # per storage
 
 

@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any, Sequence
 
+import msgspec
 import torch
 
 from caserve.remote.wire import protocol as P
@@ -47,7 +48,7 @@ class GPUServer:
     """The server's state: device, tenants and shared weights. Transport-independent."""
 
     def __init__(self, device: str = "auto", token: str | None = None, tenant_memory_limit: str | int = 0,
-                 max_frame: int = P.DEFAULT_MAX_FRAME) -> None:
+                 max_frame: int = P.LIMITS.max_frame) -> None:
         self.device = pick_device(device)
         self.token = token or None
         self.memory_limit = parse_size(tenant_memory_limit)
@@ -134,8 +135,9 @@ class Connection:
                 raise _Refused("auth", "authentication failed: wrong token")
             self.tenant = self.server.new_tenant()
             logger.info("tenant %d connected from %s", self.tenant.id, self.peer)
+            limits = msgspec.structs.replace(P.LIMITS, max_frame=self.server.max_frame)
             welcome = P.Welcome(self.tenant.id, str(self.server.device), self.server.device_name,
-                                self.server.memory_limit, self.server.max_frame)
+                                self.server.memory_limit, limits)
             return P.Kind.WELCOME, welcome, ()
         raise _Refused("protocol", f"unexpected message kind {kind} during the handshake")
 

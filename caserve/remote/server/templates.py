@@ -24,12 +24,8 @@ DENIED_OPS = frozenset(
 # Name fragments of ops that are never allowed: resizing grows storage behind the tenant's memory
 # accounting; the others reach raw pointers, streams or the allocator.
 DENIED_FRAGMENTS = ("resize", "data_ptr", "_cuda", "stream", "_nested_from_buffer", "_make_per_")
-MAX_TEMPLATES = 65536
-MAX_DIMS = 64
+MAX_DIMS = P.LIMITS.max_dims  # the limit sent in Welcome
 _SCALAR_TYPES = {"bool": bool, "int": int, "float": float}
-
-
-MAX_DIMS = 64
 
 
 class TenantError(Exception):

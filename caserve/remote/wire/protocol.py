@@ -61,11 +61,27 @@ import msgspec
 
 # Bump on any change to the structs or framing below; tests/test_protocol.py pins a digest of the
 # schema so that a change without a bump fails.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 FRAME_PREFIX = struct.Struct("<IBI")  # len, kind, header length
 MAX_HANDSHAKE_FRAME = 64 * 1024  # before authentication a peer may not make us buffer more
-DEFAULT_MAX_FRAME = 4 * 1024**3  # after it, one frame carries at most this much (4 GiB)
+
+
+class Limits(msgspec.Struct, frozen=True):
+    """What one tenant may send and keep on the server. The server enforces these and sends them in
+    :class:`Welcome`; the client obeys what it was sent and keeps no copies. A new limit is a new field
+    with a default (and a protocol version bump)."""
+
+    max_frame: int = 4 * 1024**3  # bytes in one frame after the handshake (4 GiB)
+    max_templates: int = 65536  # op templates (DefineOp) held at once
+    max_graphs: int = 1024  # graphs (DefineGraph) held at once
+    max_graph_records: int = 100_000  # records in one graph
+    max_tenant_graph_records: int = 1 << 18  # records in all of a tenant's graphs together
+    max_pins: int = 4096  # shared weights asked for (HasBlobs) and not yet bound
+    max_dims: int = 64  # dimensions of one tensor
+
+
+LIMITS = Limits()  # what this build's server enforces unless it is configured otherwise
 
 
 class Kind(enum.IntEnum):
@@ -104,7 +120,7 @@ class Welcome(msgspec.Struct, frozen=True):
     device: str  # the server device, e.g. "cuda:0" or "cpu"
     device_name: str
     memory_limit: int  # bytes, 0 = unlimited
-    max_frame: int
+    limits: Limits
 
 
 class Error(msgspec.Struct, frozen=True):
@@ -389,7 +405,7 @@ def _type_name(tp: Any) -> str:
 def schema_digest() -> str:
     """A digest of every struct's fields and tags, pinned by a test against PROTOCOL_VERSION."""
     parts = [f"{k.name}={k.value}" for k in Kind]
-    for cls in (*HEADERS.values(), *Op.__args__, *SyncRequest.__args__, RemoteFailure):  # type: ignore[attr-defined]
+    for cls in (*HEADERS.values(), Limits, *Op.__args__, *SyncRequest.__args__, RemoteFailure):  # type: ignore[attr-defined]
         info = msgspec.structs.fields(cls)
         tag = getattr(cls, "__struct_config__").tag
         # Types are written without this module's path, so moving the module does not change the digest.
