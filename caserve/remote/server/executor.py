@@ -11,7 +11,7 @@ import logging
 
 import msgspec
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -46,6 +46,26 @@ MAX_GRAPHS = P.LIMITS.max_graphs
 MAX_GRAPH_OPS = P.LIMITS.max_graph_records
 MAX_TENANT_GRAPH_OPS = P.LIMITS.max_tenant_graph_records  # compiled code is kept per record
 MAX_CACHED_VIEWS = 16  # per storage
+
+
+class Executor(Protocol):
+    """What a connection needs of the thing that runs one tenant's op stream. :class:`Tenant` is the
+    Python implementation; another (native code) can stand behind the same calls."""
+
+    id: int
+    stats: "TenantStats"
+    stream: Any  # the CUDA stream the connection runs this tenant's frames on, or None
+    bytes: int  # device bytes this tenant is charged for (shared weights counted in full)
+    storages: dict
+
+    @property
+    def private_bytes(self) -> int: ...  # device bytes it alone holds
+
+    def run_ops(self, ops: list[P.Op], payloads: list[memoryview]) -> None: ...
+    def sync(self, req: P.SyncRequest, server_stats: Callable[[], dict]) -> tuple[Any, list[memoryview | bytes]]: ...
+    def fail(self, name: str, exc: Exception) -> None: ...
+    def take_error(self) -> P.RemoteFailure | None: ...
+    def close(self) -> None: ...
 
 
 @dataclass(slots=True)

@@ -21,7 +21,7 @@ import torch
 from caserve.remote.wire import protocol as P
 from caserve.remote.wire.errors import ConnectionLost
 from caserve.remote.server.blobs import BlobStore
-from caserve.remote.server.executor import Tenant
+from caserve.remote.server.executor import Executor, Tenant
 from caserve.units import parse_size
 from caserve.remote.server.templates import TenantError
 from caserve.remote.wire.transport import as_bytes, default_unix_path, is_loopback, recv_frame, send_frame
@@ -54,7 +54,7 @@ class GPUServer:
         self.memory_limit = parse_size(tenant_memory_limit)
         self.max_frame = max_frame
         self.blobs = BlobStore()
-        self.tenants: dict[int, Tenant] = {}
+        self.tenants: dict[int, Executor] = {}
         self._lock = threading.Lock()
         self._next_tenant = 1
         self.total_ops = 0
@@ -66,7 +66,7 @@ class GPUServer:
             return torch.cuda.get_device_name(self.device)
         return "cpu"
 
-    def new_tenant(self) -> Tenant:
+    def new_tenant(self) -> Executor:
         with self._lock:
             tid = self._next_tenant
             self._next_tenant += 1
@@ -74,7 +74,7 @@ class GPUServer:
             self.tenants[tid] = tenant
         return tenant
 
-    def drop_tenant(self, tenant: Tenant) -> None:
+    def drop_tenant(self, tenant: Executor) -> None:
         tenant.close()
         with self._lock:
             self.tenants.pop(tenant.id, None)
@@ -111,7 +111,7 @@ class Connection:
         self.server = server
         self.peer = peer
         self.loopback = loopback
-        self.tenant: Tenant | None = None
+        self.tenant: Executor | None = None
         self.nonce = b""
 
     # The handshake is a tiny state machine so that both transports drive it the same way.
@@ -154,7 +154,7 @@ class Connection:
         tenant.stats.busy_s += time.perf_counter() - start
         return reply
 
-    def _execute(self, tenant: Tenant, msg: P.Submit, payloads: list[memoryview]):
+    def _execute(self, tenant: Executor, msg: P.Submit, payloads: list[memoryview]):
         with torch.inference_mode():
             tenant.run_ops(msg.ops, payloads)
             if msg.sync is None:
