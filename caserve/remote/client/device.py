@@ -157,14 +157,10 @@ def install() -> None:
         for name in _FACTORIES:
             lib.impl(name, _factory_kernel(name), "PrivateUse1")
         fallback = torch.library.Library("_", "IMPL")
-        fallback.fallback(_backend_fallback_boxed, "PrivateUse1")
+        fallback.fallback(_backend_fallback, "PrivateUse1")
         _LIBS.extend([lib, fallback])
         torch.nn.functional.scaled_dot_product_attention = _scaled_dot_product_attention
         _INSTALLED = True
-
-
-def _backend_fallback_boxed(op, *args, **kwargs):
-    return _backend_fallback(op, *args, **kwargs)
 
 
 _LIBS: list[torch.library.Library] = []

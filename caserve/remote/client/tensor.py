@@ -137,8 +137,3 @@ def new_tensor(session: Session, dtype: torch.dtype, size: tuple, stride: tuple,
     """A tensor on fresh storage; ``lazy`` storages are allocated on first use."""
     st = RemoteStorage(session, dtype, (size, stride) if lazy else None)
     return RemoteTensor(st, dtype, size, stride, offset)
-
-
-def storage_extent(t: RemoteTensor) -> int:
-    _, size, stride, offset = t._cs
-    return extent(size, stride, offset)
