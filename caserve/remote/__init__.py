@@ -5,10 +5,9 @@
     model.to(dev)
     out = model.generate(**inputs.to(dev))
 
-Layout: :mod:`~caserve.remote.wire.protocol` (the wire format), :mod:`~caserve.remote.wire.transport` (sockets),
-:mod:`~caserve.remote.client.session`, :mod:`~caserve.remote.client.tensor`, :mod:`~caserve.remote.client.dispatch` and
-:mod:`~caserve.remote.client.device` (the client), :mod:`~caserve.remote.server` and
-:mod:`~caserve.remote.server.executor` (the GPU server).
+Layout: :mod:`caserve.remote.wire` (the wire format, its limits, sockets), :mod:`caserve.remote.client`
+(what runs on the CPU node), :mod:`caserve.remote.server` (the GPU server) and :mod:`caserve.remote.local`
+(the in-process channel, the only module that knows both sides).
 """
 
 from __future__ import annotations
