@@ -40,7 +40,7 @@ def connect(address: str | None = None, token: str | None = None, *, transport: 
     device.install()
     token = token if token is not None else os.environ.get("CASERVE_TOKEN") or None
     if server is not None:
-        from caserve.remote.local import LocalChannel  # the only client module that knows the server
+        from caserve.remote.local import LocalChannel  # imports the server: only when one is given
 
         channel = LocalChannel(server)
     elif address is None:
