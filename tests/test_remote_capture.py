@@ -205,14 +205,14 @@ def test_assisted_engine_replays_decode_steps_with_the_same_tokens(dev):
     want = run(Engine(load_model(DEFAULT_MODEL)), rows())  # dynamic cache, local
     lm = load_model(DEFAULT_MODEL, device=dev)
     R.graph_mode(lm.model)
-    engine = Engine(lm, static_cache=True)
-    assert engine.static_cache
+    engine = Engine(lm)
+    assert engine.ahead
     for _ in range(2):
         assert run(engine, rows()) == want
     assert R.stats(dev)["step_replays"] >= 20
     # Greedy rows only: the engine decodes one step ahead of what it has read (decode_ahead).
     greedy = [r for r in rows() if r["params"]["temperature"] == 0]
-    assert engine.decode_ahead and len(greedy) == 2
+    assert len(greedy) == 2
     ahead = run(engine, greedy)
     assert ahead == {r["dispatch"]: want[r["dispatch"]] for r in greedy}
     # Rows that stop early (on a stop string taken from their own output): the step computed ahead for
@@ -271,7 +271,7 @@ def test_assisted_engine_replays_prefills_of_one_bucket(dev):
     local = Engine(load_model(DEFAULT_MODEL))
     lm = load_model(DEFAULT_MODEL, device=dev)
     R.graph_mode(lm.model)
-    engine = Engine(lm, static_cache=True)
+    engine = Engine(lm)
     params = dict(GREEDY, max_tokens=8)
     deltas = []
     for i, n in enumerate((5, 9, 12, 7, 11, 6)):
@@ -322,7 +322,7 @@ def test_assisted_engine_matches_native_across_architectures(name, dev):
     native = Engine(load_model(name, shrink=True))
     lm = load_model(name, device=dev, shrink=True)
     R.graph_mode(lm.model)
-    assisted = Engine(lm, static_cache=True)
+    assisted = Engine(lm)
     batches = [[list(range(30, 37)), list(range(50, 53))], [list(range(60, 71))], [list(range(80, 86))]]
     for i, prompts in enumerate(batches * 2):  # the second round reuses caches and replays prefills
         rows = [{"dispatch": f"{i}-{j}", "task": "generate", "prompt_ids": p, "params": dict(GREEDY, max_tokens=10)}

@@ -1,13 +1,17 @@
-"""The batched engine in-process on CPU: padded batches equal single rows, the static KV cache (used by
-assisted workers) equals the dynamic one, requeued rows continue, cancellation stops a row."""
+"""The slot engine in-process on CPU: rows joining and leaving under load give the tokens they give alone
+(and those of Transformers' own greedy ``generate``), static batching gives the same tokens, long prompts
+are prefilled in chunks while other slots keep decoding, a short row sent while a long one runs finishes
+in a few steps, cancellation frees the slot at the next step, unsupported parameters are refused."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from caserve.models import DEFAULT_MODEL, load_model
-from caserve.serving.messages import Done, Row, SamplingParams, Tokens
+from caserve.serving.messages import Done, Error, Row, SamplingParams, Tokens
 from caserve.serving.worker.engine import Engine
+from caserve.serving.worker.slot_sampler import SamplingParams as SlotParams, SlotSampler, Unsupported
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, top_p=1, stop=[], seed=None, ignore_eos=True)
 SAMPLED = SamplingParams(max_tokens=17, temperature=0.9, top_p=0.9, stop=[], seed=11, ignore_eos=True)
@@ -26,27 +30,127 @@ def rows() -> list[Row]:
     ]
 
 
-def run(engine: Engine, batch: list[Row], cancelled=lambda d: False) -> dict[str, list[int]]:
-    events: list = []
-    engine.run(batch, events.append, cancelled)
-    out: dict[str, list[int]] = {r.dispatch: [] for r in batch}
+def gen(name: str, prompt_ids: list[int], max_tokens: int) -> Row:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    return Row(dispatch=name, job=name, task="generate", prompt_ids=prompt_ids, params=params)
+
+
+def done(events: list) -> list[str]:
+    return [e.dispatch for e in events if isinstance(e, Done)]
+
+
+def tokens_of(events: list, names) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {n: [] for n in names}
     for e in events:
         if isinstance(e, Tokens):
             out[e.dispatch] += e.ids
-    assert sorted(e.dispatch for e in events if isinstance(e, Done)) == sorted(out)  # one done per row
     return out
 
 
-def test_batch_equals_single_rows_and_static_cache_equals_dynamic(lm) -> None:
-    dynamic = run(Engine(lm), rows())
-    assert [len(v) for v in dynamic.values()] == [24, 17, 21]  # c continues: 24 - 3 already generated
-    for row in rows():
-        assert run(Engine(lm), [row])[row.dispatch] == dynamic[row.dispatch]
-    assert run(Engine(lm, static_cache=True), rows()) == dynamic
-
-
-def test_cancelled_row_stops_and_gets_no_done(lm) -> None:
+def run(engine: Engine, batch: list[Row], cancelled=lambda d: False) -> dict[str, list[int]]:
     events: list = []
-    stats = Engine(lm).run(rows()[:1], events.append, lambda d: len(events) >= 5)
-    assert stats.generated_tokens < 24
-    assert not [e for e in events if isinstance(e, Done)]
+    engine.run(batch, events.append, cancelled)
+    out = tokens_of(events, [r.dispatch for r in batch])
+    assert sorted(done(events)) == sorted(out)  # one done per row
+    return out
+
+
+def test_rows_together_equal_rows_alone_static_batching_and_generate(lm) -> None:
+    together = run(Engine(lm, max_batch=2), rows())  # 3 rows on 2 slots: c waits for a free slot
+    assert [len(v) for v in together.values()] == [24, 17, 21]  # c continues: 24 - 3 already generated
+    for row in rows():
+        assert run(Engine(lm), [row])[row.dispatch] == together[row.dispatch]
+    assert run(Engine(lm, batching="static"), rows()) == together
+    ids = lm.tokenizer("Hello", return_tensors="pt")["input_ids"]
+    vocab, width = len(lm.tokenizer), lm.model.config.vocab_size  # ids past the tokenizer's are never sampled
+    with torch.inference_mode():
+        want = lm.model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0,
+                                 suppress_tokens=list(range(vocab, width)))
+    assert together["a"] == want[0, ids.shape[1]:].tolist()
+
+
+def test_join_and_leave_under_load_with_chunked_prefill(lm) -> None:
+    """Rows arrive while others decode; a 300-token prompt is prefilled in 64-token chunks, one per
+    step, while the running row keeps streaming; every row gets its tokens alone."""
+    engine = Engine(lm, max_batch=3, chunk=64, step_tokens=64)
+    arrivals = {0: [gen("r0", list(range(3, 40)), 30)], 3: [gen("long", [5 + i % 200 for i in range(300)], 8)],
+                5: [gen("r1", list(range(60, 70)), 6), gen("r2", list(range(80, 85)), 12)],
+                9: [gen("r3", list(range(90, 99)), 10)]}
+    events: list = []
+    step_of: dict[int, int] = {}  # event index -> step
+    for step in range(200):
+        engine.submit(arrivals.get(step, []))
+        if not engine.busy:
+            break
+        engine.step(events.append, lambda d: False)
+        for i in range(len(step_of), len(events)):
+            step_of[i] = step
+    names = [r.dispatch for batch in arrivals.values() for r in batch]
+    got = tokens_of(events, names)
+    for batch in arrivals.values():
+        for row in batch:
+            alone = Engine(lm, max_batch=3, chunk=64, step_tokens=64)
+            assert run(alone, [row])[row.dispatch] == got[row.dispatch]
+    # r0 kept streaming during the long prompt's 5 chunk steps (steps 3-7)
+    r0_steps = {step_of[i] for i, e in enumerate(events) if isinstance(e, Tokens) and e.dispatch == "r0"}
+    assert {3, 4, 5, 6, 7} <= r0_steps
+    long_first = min(step_of[i] for i, e in enumerate(events) if isinstance(e, Tokens) and e.dispatch == "long")
+    assert long_first >= 7  # 300 tokens at 64 per step: 5 chunks
+
+
+def test_short_row_sent_while_a_long_one_runs_finishes_in_a_few_steps(lm) -> None:
+    engine = Engine(lm, max_batch=2)
+    events: list = []
+    engine.submit([gen("long", list(range(3, 20)), 200)])
+    for _ in range(10):
+        engine.step(events.append, lambda d: False)
+    engine.submit([gen("short", list(range(30, 34)), 4)])
+    steps = 0
+    while "short" not in done(events):
+        engine.step(events.append, lambda d: False)
+        steps += 1
+    assert steps <= 5
+    assert "long" not in done(events)
+
+
+def test_cancelled_row_frees_its_slot_at_the_next_step_and_gets_no_done(lm) -> None:
+    engine = Engine(lm, max_batch=1)
+    events: list = []
+    gone: set[str] = set()
+    engine.submit([gen("x", list(range(3, 10)), 100), gen("y", list(range(3, 10)), 3)])
+    for _ in range(3):
+        engine.step(events.append, gone.__contains__)
+    assert engine.occupied == 1 and len(engine.pending) == 1  # y waits for x's slot
+    gone.add("x")
+    engine.step(events.append, gone.__contains__)  # x's slot is freed and y takes it in this step
+    assert [s.row.dispatch for s in engine.active if s is not None] == ["y"]
+    while engine.busy:
+        engine.step(events.append, gone.__contains__)
+    assert done(events) == ["y"]
+    got = tokens_of(events, ["x", "y"])
+    assert len(got["x"]) < 10 and len(got["y"]) == 3
+
+
+def test_bad_rows_are_refused_and_the_others_served(lm) -> None:
+    events: list = []
+    Engine(lm).run([gen("bad", [10**6], 4), gen("ok", [5, 6], 4), gen("long", [5] * 5000, 4)],
+                   events.append, lambda d: False)
+    errors = {e.dispatch: e.error_type for e in events if isinstance(e, Error)}
+    assert errors == {"bad": "bad_request", "long": "context_length_exceeded"}
+    assert done(events) == ["ok"]
+    with pytest.raises(ValueError):
+        Engine(lm, batching="dynamic")
+
+
+def test_slot_sampler_refuses_what_it_cannot_honour_and_keeps_seeded_sampling() -> None:
+    sampler = SlotSampler(2, 10, torch.device("cpu"), [0])
+    with pytest.raises(Unsupported, match="top_k"):
+        sampler.start(0, SlotParams(top_k=3), [1, 2])
+    logits = torch.randn(2, 12)
+    draws = []
+    for _ in range(2):
+        sampler.start(0, SlotParams(temperature=0.8, seed=5), [1])
+        sampler.start(1, SlotParams(temperature=0.0), [1])
+        draws.append([sampler.sample(logits, [0, 1]).ids.tolist() for _ in range(4)])
+    assert draws[0] == draws[1]  # a seed gives the same draws
+    assert all(d[1] == int(logits[1, :10].argmax()) for d in draws[0])  # greedy is argmax over the vocab

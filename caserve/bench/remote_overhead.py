@@ -107,7 +107,7 @@ def measure(name: str, mode: str, address: str, transport: str, native_device: s
     if mode == "engine":
         from caserve.serving.worker.engine import Engine
 
-        native_engine, remote_engine = Engine(loaded), Engine(rloaded, static_cache=True)  # as workers run them
+        native_engine, remote_engine = Engine(loaded), Engine(rloaded)  # as workers run them
         prompt = ids[0].tolist()
         run_native = lambda: _engine_decode(native_engine, prompt, new_tokens)  # noqa: E731
         run_remote = lambda: _engine_decode(remote_engine, prompt, new_tokens)  # noqa: E731

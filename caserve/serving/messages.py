@@ -12,7 +12,7 @@ with a :class:`msgspec.ValidationError` naming the field, never a ``KeyError`` d
       | POST /internal/workers/register  --->  | RegisterRequest
       | <--- RegisterReply                     |
       | GET  /internal/workers/{id}/channel -> | NDJSON, one RouterMessage a line: Run | Cancel | Ping
-      | POST /internal/workers/{id}/events --> | EventsRequest{session, events: [Tokens|Done|Error|BatchDone]}
+      | POST /internal/workers/{id}/events --> | EventsRequest{session, events: [Tokens|Done|Error|Progress]}
       | POST /internal/workers/{id}/heartbeat  | SessionRequest
       | POST /internal/workers/{id}/unregister | SessionRequest
     controller                               router
@@ -68,8 +68,11 @@ class RegisterRequest(Struct, forbid_unknown_fields=True):
     kind: Literal["native", "assisted", "cpu"]
     model: Annotated[str, Meta(min_length=1, max_length=1000)]
     task: Annotated[str, Meta(max_length=100)]  # a key of MODEL_TASKS (checked by the router)
-    max_batch: Annotated[int, Meta(ge=1, le=MAX_BATCH)]
+    max_batch: Annotated[int, Meta(ge=1, le=MAX_BATCH)]  # the worker's slots
     max_context: Annotated[int, Meta(ge=1)]
+    # continuous: a row takes a free slot when it arrives; static: rows are admitted only when every slot
+    # is free (one batch at a time, the baseline), so the router dispatches only to an idle worker.
+    batching: Literal["continuous", "static"] = "continuous"
 
 
 class RegisterReply(Struct):
@@ -126,7 +129,8 @@ class Row(Struct, forbid_unknown_fields=True):
 
 
 class Run(Struct, tag="run", tag_field="type"):
-    """A batch to run; the worker runs one at a time and ends it with :class:`BatchDone`."""
+    """Rows to run. Each takes one of the worker's slots (the router sends at most its free slots); a
+    row sent before a cancelled row's slot is freed waits at the worker for the next step."""
 
     rows: Annotated[list[Row], Meta(min_length=1, max_length=MAX_BATCH)]
 
@@ -181,16 +185,22 @@ class Error(Struct, tag="error", tag_field="type", forbid_unknown_fields=True):
     message: Text = "worker error"
 
 
-class BatchDone(Struct, tag="batch_done", tag_field="type", forbid_unknown_fields=True):
-    """The batch ended; rows it did not answer fail. Durations are the worker's own clock."""
+class Progress(Struct, tag="progress", tag_field="type", forbid_unknown_fields=True):
+    """What the worker's engine did since its last report (sent about twice a second while busy and once
+    when it becomes idle), for the router's service model and ``/health``. Durations are the worker's
+    own clock; ``occupancy`` sums, over the decode steps, the slots each one ran."""
 
     prefill_s: Seconds = 0.0
     decode_s: Seconds = 0.0
     steps: Count = 0
     generated_tokens: Count = 0
+    prefill_tokens: Count = 0
+    occupancy: Count = 0
+    active: Count = 0  # slots in use at the report
+    free_slots: Count = 0
 
 
-Event = Union[Tokens, Done, Error, BatchDone]
+Event = Union[Tokens, Done, Error, Progress]
 
 
 class EventsRequest(Struct, forbid_unknown_fields=True):

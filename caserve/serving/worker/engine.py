@@ -1,431 +1,346 @@
-"""Batched execution of one dispatched batch on a loaded model: generation, embeddings, classification.
+"""The worker's engine: continuous batching over a fixed number of slots sharing one KV cache.
 
-Generation is a plain prefill + decode loop over a left-padded batch with a KV cache
-(``prefill`` then ``decode_step`` per token), so every row keeps its own sampling parameters, stop
-strings and cancellation, and tokens stream out as they are sampled. The loop only calls the model's
-``forward``, so it runs the same on CPU, CUDA and a remote ``caserve`` device.
+A causal LM gets ``max_batch`` slots over one :class:`~caserve.serving.worker.slots.SlotCache` of
+``max_batch x length`` (fixed shapes: graph-mode capture on a remote device keeps working). Each
+:meth:`Engine.step`:
 
-Rows arrive as :class:`~caserve.serving.messages.Row` structs; events go out through ``emit`` as the
-:mod:`~caserve.serving.messages` structs ``Tokens``, ``Done`` and ``Error``.
-Device failures are not caught here: the worker decides what losing a device means.
+1. frees the slots of cancelled rows;
+2. admits waiting rows into free slots (``batching="static"``: only when every slot is free, the
+   baseline that runs one batch to its end);
+3. prefills waiting prompts in chunks of ``chunk`` tokens, as many chunks as the step's token budget
+   (``step_tokens`` minus one token per decoding slot) allows, at least one; a prompt's last chunk
+   samples its first token;
+4. runs one decode step over all slots (idle ones write a scratch column), samples the decoding
+   slots' next tokens on the device and keeps them there as the next step's inputs;
+5. reads the sampled ids (one fetch per forward) and emits tokens, stops and ``done`` events. On a
+   remote device (assisted workers) a step's ids are read only after the next step has been sent
+   (``caserve.remote.fetch_later``), so the GPU server computes while the worker streams; a row that
+   stops then has one step computed in vain, and its slot is refilled at the step after.
+
+Chunk boundaries depend only on the row, never on what else runs, so a row's tokens are the same
+whether it runs alone or among others. Sampling goes through ``SlotSampler`` (one interface, see
+``slot_sampler``). Encoder-decoder, embedding and classification models run through ``BatchRunner``
+one dispatched batch at a time. Device failures are not caught here: the worker decides what losing
+a device means.
 """
 
 from __future__ import annotations
 
+import collections
 import inspect
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
-from transformers import StaticCache
 
 from caserve.models import LoadedModel
-from caserve.serving.messages import (
-    MODEL_TASKS, TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, BatchDone, ClassScore, Done, Error, Event, Row, Tokens,
-)
-from caserve.serving.worker.sampling import GREEDY_BELOW, TextTracker, make_generator, sample_token
+from caserve.serving.messages import MODEL_TASKS, TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, Error, Progress
+from caserve.serving.messages import Row as RowMessage
+from caserve.serving.worker.batch import BatchRunner
+from caserve.serving.worker.rows import Emit, IsCancelled, Row, RowError, error_event, make_row
+from caserve.serving.worker.slot_sampler import SlotSampler, Unsupported
+from caserve.serving.worker.slots import PREFILL_ROUND, SlotCache, decode_inputs, prefill_inputs
 
 logger = logging.getLogger(__name__)
 
-Emit = Callable[[Event], None]
-STATIC_CACHE_ROUND = 64  # static cache lengths are rounded up, so few distinct shapes (graphs) occur
-MAX_CACHES = 4  # static KV caches kept for reuse, per engine
-PREFILL_ROUND = 64  # with a static cache, prompt widths are rounded up (left padding) for the same reason
-IsCancelled = Callable[[str], bool]
+BATCHING = ("continuous", "static")
+MAX_LEN = 2048  # default cap on a slot's tokens (prompt + output): the cache is max_batch x this
+CHUNK = 256  # prompt tokens per prefill chunk (a multiple of PREFILL_ROUND)
+STEP_TOKENS = 512  # token budget of one step: decoding slots plus prefill chunks
 
 
-class RowError(Exception):
-    """A row the model cannot run (bad ids, too long); reported to that row's client only."""
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
-    def __init__(self, error_type: str, message: str) -> None:
-        super().__init__(message)
-        self.error_type = error_type
+
+@dataclass(eq=False)
+class _Slot:
+    index: int
+    row: Row
+    seq: list[int]  # what is prefilled: prompt and an earlier attempt's tokens
+    filled: int = 0  # tokens of seq in the cache
+    issued: int = 0  # tokens sampled on the device (read or not)
+
+    @property
+    def decoding(self) -> bool:
+        return self.filled == len(self.seq) and 0 < self.issued < self.row.max_new
 
 
 @dataclass
-class _Row:
-    dispatch: str
-    prompt_ids: list[int]
-    max_new: int
-    temperature: float
-    top_p: float
-    ignore_eos: bool
-    text: TextTracker
-    generator: torch.Generator
-    generated: int = 0
-    finish_reason: Optional[str] = None
-    new_ids: list[int] = field(default_factory=list)
+class _Read:
+    fetch: Callable[[], torch.Tensor]  # the sampled ids [n] as a CPU tensor
+    owners: list[_Slot]
+    step: int
 
 
 @dataclass
 class BatchStats:
+    """What the engine did since the last report: the router's service model learns from it."""
+
     prefill_s: float = 0.0
     decode_s: float = 0.0
     steps: int = 0
     generated_tokens: int = 0
+    prefill_tokens: int = 0
+    occupancy: int = 0  # sum over decode steps of the slots decoding
 
-    def event(self) -> BatchDone:
-        return BatchDone(prefill_s=self.prefill_s, decode_s=self.decode_s, steps=self.steps,
-                         generated_tokens=self.generated_tokens)
+    def event(self, active: int, free_slots: int) -> Progress:
+        return Progress(prefill_s=self.prefill_s, decode_s=self.decode_s, steps=self.steps,
+                        generated_tokens=self.generated_tokens, prefill_tokens=self.prefill_tokens,
+                        occupancy=self.occupancy, active=active, free_slots=free_slots)
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel, *, step_delay_s: float = 0.0, static_cache: bool = False,
-                 decode_ahead: bool = True) -> None:
-        self.lm = lm
+    def __init__(self, lm: LoadedModel, *, max_batch: int = 8, max_len: int = MAX_LEN,
+                 batching: str = "continuous", step_tokens: int = STEP_TOKENS, chunk: int = CHUNK,
+                 step_delay_s: float = 0.0, decode_ahead: bool = True) -> None:
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}, not {batching!r}")
+        if max_batch < 1 or chunk < 1 or chunk % PREFILL_ROUND or step_tokens < 1:
+            raise ValueError(f"need max_batch >= 1, step_tokens >= 1 and chunk a positive multiple of {PREFILL_ROUND}")
+        self.lm, self.model, self.tok = lm, lm.model, lm.tokenizer
+        self.slots, self.batching, self.step_tokens, self.chunk = max_batch, batching, step_tokens, chunk
         self.step_delay_s = step_delay_s  # emulates a slower device (tests, benchmarks); 0 in production
-        self.model, self.tok = lm.model, lm.tokenizer
         self.device = next(self.model.parameters()).device
         self.vocab = min(int(self.model.config.get_text_config().vocab_size), len(self.tok))
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
         self.eos_ids = {int(e) for e in eos + [self.tok.eos_token_id] if e is not None}
         self.pad_id = int(self.tok.pad_token_id if self.tok.pad_token_id is not None else 0)
-        self.seq2seq = lm.task == "seq2seq"
-        self._stats, self._decode_start = BatchStats(), None
+        self.batch = BatchRunner(lm, self.vocab, self.eos_ids, self.pad_id)
+        self.causal = lm.task == "causal-lm"
+        self.context = min(lm.max_context, max_len)  # most tokens one slot holds
+        self.length = _round_up(self.context + 1, PREFILL_ROUND)  # cache columns; the last is scratch
         params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x: cache
         self._takes_positions = "position_ids" in params
-        # transformers >= 5.2x names the KV cache argument ``cache`` (``past_key_values`` before).
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        # A static KV cache makes every decode step of a batch the same shapes and, with a 4-D mask,
-        # free of device syncs inside forward: what a remote device wants (causal LMs only).
-        # (transformers >= 5.2x tracks the cache position inside StaticCache; older ones take cache_position.)
-        self._takes_cache_position = "cache_position" in params
-        self.static_cache = static_cache and not self.seq2seq and self._cache_arg in params
-        self._caches: dict[tuple[int, int], StaticCache] = {}  # (batch, length) -> cache, least recent first
-        # Greedy batches on a remote device decode one step ahead (see _decode_greedy_ahead).
-        self.decode_ahead = decode_ahead and self.static_cache and self.device.type == "caserve"
+        self._takes_cache_position = "cache_position" in params  # older transformers
+        self.ahead = decode_ahead and self.device.type == "caserve"
+        self.sampler = SlotSampler(max_batch, self.vocab, self.device, sorted(self.eos_ids))
+        self.active: list[Optional[_Slot]] = [None] * max_batch
+        self.pending: collections.deque[RowMessage] = collections.deque()
+        self.reads: collections.deque[_Read] = collections.deque()
+        self.stats = BatchStats()
+        self.wake = threading.Event()
+        self._cache: Optional[SlotCache] = None
+        self._next_ids: Optional[torch.Tensor] = None  # [slots] on the device: each slot's next input
+        self._all_rows: Optional[torch.Tensor] = None  # [slots, 1] on the device: 0..slots-1
+        self._step_no = 0
 
     @property
     def tasks(self) -> set[str]:
         return MODEL_TASKS[self.lm.task]
 
-    def run(self, rows: list[Row], emit: Emit, cancelled: IsCancelled) -> BatchStats:
-        """Run one batch; every row gets exactly one ``done`` or ``error`` event (unless the device fails)."""
-        task = rows[0].task
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending or self.reads or any(s is not None for s in self.active))
+
+    @property
+    def occupied(self) -> int:
+        return sum(1 for s in self.active if s is not None)
+
+    def submit(self, rows: list[RowMessage]) -> None:
+        """Queue rows for admission (thread-safe); they take slots at the next step."""
+        self.pending.extend(rows)
+        self.wake.set()
+
+    def take_stats(self) -> BatchStats:
+        stats, self.stats = self.stats, BatchStats()
+        return stats
+
+    def run(self, rows: list[RowMessage], emit: Emit, cancelled: IsCancelled) -> BatchStats:
+        """Run ``rows`` (and anything queued before) to the end; every row gets exactly one ``done`` or
+        ``error`` event unless cancelled (or the device fails)."""
+        self.submit(rows)
+        while self.busy:
+            self.step(emit, cancelled)
+        return self.take_stats()
+
+    def serve(self, emit: Emit, cancelled: IsCancelled, stop: threading.Event) -> None:
+        """Step while there is work; wait for :meth:`submit` otherwise; return when ``stop`` is set."""
+        while not stop.is_set():
+            if not self.busy:
+                self.wake.wait(0.05)
+                self.wake.clear()
+                continue
+            self.step(emit, cancelled)
+
+    # ---------------------------------------------------------------------------------- one step
+
+    def step(self, emit: Emit, cancelled: IsCancelled) -> None:
         with torch.inference_mode():
-            if task == TASK_GENERATE:
-                return self._generate(rows, emit, cancelled)
-            if task == TASK_EMBED:
-                return self._encode(rows, emit, classify=False)
-            if task == TASK_CLASSIFY:
-                return self._encode(rows, emit, classify=True)
-        raise ValueError(f"unknown task {task!r}")
+            self._step_no += 1
+            if not self.causal:
+                self._run_batch(emit, cancelled)
+                return
+            for slot in [s for s in self.active if s is not None]:
+                if cancelled(slot.row.dispatch):
+                    slot.row.finish_reason = "cancelled"  # the router already answered; no done event
+                    self._free(slot)
+            self._admit(emit, cancelled)
+            decoding = sum(1 for s in self.active if s is not None and s.decoding)
+            budget, chunks = self.step_tokens - decoding, 0
+            for slot in sorted((s for s in self.active if s is not None and s.filled < len(s.seq)),
+                               key=lambda s: s.row.started):
+                while slot.filled < len(slot.seq) and (budget > 0 or chunks == 0):
+                    budget -= self._prefill_chunk(slot)
+                    chunks += 1
+            decoded = self._decode(emit)
+            for read in list(self.reads):
+                if self.ahead and decoded and read.step == self._step_no:
+                    break  # keep the newest step in flight while the next one is prepared
+                self.reads.popleft()
+                self._apply(read, emit)
 
-    # ---------------------------------------------------------------------------------- generation
-
-    def _prompt_ids(self, row: Row) -> list[int]:
-        if row.messages is not None:
-            if getattr(self.tok, "chat_template", None):
-                messages = [{"role": m.role, "content": m.content} for m in row.messages]
-                text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-                return list(self.tok(text, add_special_tokens=False)["input_ids"])
-            text = "".join(f"{m.role}: {m.content}\n" for m in row.messages) + "assistant:"
-            return list(self.tok(text)["input_ids"])
-        if row.prompt_ids is not None:
-            if any(i >= self.vocab for i in row.prompt_ids):
-                raise RowError("bad_request", f"prompt token ids must be in [0, {self.vocab})")
-            return list(row.prompt_ids)
-        if row.prompt is None:
-            raise RowError("bad_request", "a generate row needs a prompt, prompt_ids or messages")
-        return list(self.tok(row.prompt)["input_ids"])
-
-    def _make_row(self, row: Row) -> _Row:
-        prompt = self._prompt_ids(row)
-        prefix = list(row.prefix_ids)
-        params = row.params
-        if params is None:
-            raise RowError("bad_request", "a generate row needs sampling params")
-        ctx = self.lm.max_context
-        if not prompt:
-            raise RowError("bad_request", "the prompt is empty after tokenization")
-        used = len(prompt) + (0 if self.seq2seq else len(prefix))
-        if len(prompt) >= ctx or used >= ctx:
-            raise RowError("context_length_exceeded",
-                           f"This model's maximum context length is {ctx} tokens, "
-                           f"but the prompt has {len(prompt)} tokens.")
-        max_new = min(params.max_tokens - len(prefix), ctx - used - (1 if self.seq2seq else 0))
-        return _Row(row.dispatch, prompt, max_new, params.temperature, params.top_p, params.ignore_eos,
-                    TextTracker(self.tok, list(params.stop), prefix, row.prefix_chars_sent),
-                    make_generator(params.seed))
-
-    def _generate(self, raw_rows: list[Row], emit: Emit, cancelled: IsCancelled) -> BatchStats:
-        stats = BatchStats()
-        self._decode_start = None
-        rows: list[_Row] = []
-        for raw in raw_rows:
+    def _admit(self, emit: Emit, cancelled: IsCancelled) -> None:
+        if self.batching == "static" and (self.occupied or self.reads):
+            return
+        while self.pending and None in self.active:
+            raw = self.pending.popleft()
+            if cancelled(raw.dispatch):
+                continue
+            if raw.task != TASK_GENERATE:
+                emit(Error(dispatch=raw.dispatch, error_type="bad_request",
+                           message=f"a causal LM cannot serve {raw.task!r} requests"))
+                continue
             try:
-                row = self._make_row(raw)
+                row = make_row(self.lm, self.vocab, raw, context=self.context)
             except RowError as exc:
-                emit(Error(dispatch=raw.dispatch, error_type=exc.error_type, message=str(exc)))
+                emit(error_event(raw.dispatch, exc))
                 continue
             if row.max_new <= 0:  # an earlier attempt already produced everything
                 row.finish_reason = "length"
-                self._done(row, emit)
+                row.done(emit)
                 continue
-            rows.append(row)
-        if not rows:
-            return stats
-        t0 = time.perf_counter()
-        self._stats, self._decode_start = stats, None
-        logits, state = self._prefill(rows)  # logits: [B, V] float32 on CPU
-        stats.prefill_s = time.perf_counter() - t0
-        t1 = self._decode_start = time.perf_counter()
-        self._sample(rows, logits, cancelled, emit)
-        if self.decode_ahead and all(r.temperature < GREEDY_BELOW for r in rows):
-            self._decode_greedy_ahead(rows, state, cancelled, emit, stats)
-        while any(r.finish_reason is None for r in rows):
-            last = [r.text.ids[-1] if r.finish_reason is None else self.pad_id for r in rows]
-            logits, state = self._decode_step(last, state)
-            stats.steps += 1
-            if self.step_delay_s:
-                time.sleep(self.step_delay_s)
-            self._sample(rows, logits, cancelled, emit)
-        stats.decode_s = time.perf_counter() - t1
-        stats.generated_tokens = sum(r.generated for r in rows)
-        return stats
-
-    def _sample(self, rows: list[_Row], logits: torch.Tensor, cancelled: IsCancelled, emit: Emit) -> None:
-        self._take(rows, lambda b, row: sample_token(logits[b, : self.vocab], row.temperature, row.top_p,
-                                                     row.generator), cancelled, emit)
-
-    def _take(self, rows: list[_Row], choose: Callable[[int, _Row], int], cancelled: IsCancelled,
-              emit: Emit) -> None:
-        """Give every unfinished row its next token, ``choose(b, row)``, and emit what follows."""
-        for b, row in enumerate(rows):
-            if row.finish_reason is not None:
-                continue
-            if cancelled(row.dispatch):
-                row.finish_reason = "cancelled"
-                continue  # the router already answered this client; no done event
-            token = choose(b, row)
-            if token in self.eos_ids and not row.ignore_eos:
-                row.finish_reason = "stop"
-            else:
-                row.generated += 1
-                delta = row.text.add(token)
-                emit(Tokens(dispatch=row.dispatch, ids=[token], text=delta))
-                if row.text.stopped:
-                    row.finish_reason = "stop"
-                elif row.generated >= row.max_new:
-                    row.finish_reason = "length"
-            if row.finish_reason is not None:
-                self._done(row, emit)
-
-    def _done(self, row: _Row, emit: Emit) -> None:
-        rest = row.text.flush()
-        if rest:
-            emit(Tokens(dispatch=row.dispatch, ids=[], text=rest))
-        durations = {}
-        if self._decode_start is not None:  # this attempt's share of the batch: durations, worker clock
-            durations = {"prefill_s": self._stats.prefill_s, "decode_s": time.perf_counter() - self._decode_start}
-        emit(Done(dispatch=row.dispatch, finish_reason=row.finish_reason,  # type: ignore[arg-type]
-                  prompt_tokens=len(row.prompt_ids), durations=durations))
-
-    def _prefill(self, rows: list[_Row]) -> tuple[torch.Tensor, dict[str, Any]]:
-        if self.seq2seq:
-            return self._prefill_seq2seq(rows)
-        seqs = [r.prompt_ids + r.text.ids for r in rows]  # text.ids starts with an earlier attempt's tokens
-        # Static cache: prompts padded to a multiple of PREFILL_ROUND, so that prefills of similar lengths
-        # share shapes (op plans, templates, graphs) instead of each length planning its ops anew.
-        ids, mask = _left_pad(seqs, self.pad_id, PREFILL_ROUND if self.static_cache else 1)  # [B, T] each
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        kwargs: dict[str, Any] = {"use_cache": True}
-        if self.static_cache:  # mask [B, L]: the whole cache length, future positions masked out
-            width = ids.shape[1]
-            length = -(-(width + max(r.max_new for r in rows)) // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND
-            mask = torch.cat([mask, torch.zeros(len(rows), length - width, dtype=mask.dtype)], dim=1)
-            if self._takes_cache_position:
-                kwargs["cache_position"] = torch.arange(width).to(self.device)
-            kwargs[self._cache_arg] = self._static_cache(len(rows), length)
-            # A 4-D mask is used as given: no device sync inside forward to read the 2-D one.
-            kwargs["attention_mask"] = _prefill_mask(mask, width).to(self.device)
-        else:
-            kwargs["attention_mask"] = mask.to(self.device)
-        if self._takes_positions:
-            kwargs["position_ids"] = positions.to(self.device)
-        out = self.model(input_ids=ids.to(self.device), **kwargs)
-        past = kwargs[self._cache_arg] if self.static_cache else _cache_of(out)
-        state = {"past": past, "mask": mask, "pos": positions[:, -1:], "t": ids.shape[1]}
-        return out.logits[:, -1, :].float().cpu(), state
-
-    def _static_cache(self, batch: int, length: int) -> StaticCache:
-        """A static KV cache for ``batch`` rows of ``length`` positions: the last one of that shape, reset,
-        when there is one. Reusing it keeps its tensors and Python state the same from batch to batch, so
-        on a remote device in graph mode even prefills are captured and replayed as one message."""
-        cache = self._caches.pop((batch, length), None)
-        if cache is None:
-            cache = StaticCache(config=self.model.config, max_cache_len=length)
-        else:
-            cache.reset()
-        self._caches[(batch, length)] = cache
-        while len(self._caches) > MAX_CACHES:
-            self._caches.pop(next(iter(self._caches)))  # the least recently used
-        return cache
-
-    def _decode_step(self, last: list[int], state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        if self.seq2seq:
-            return self._decode_seq2seq(last, state)
-        ids = torch.tensor(last).view(len(last), 1).to(self.device)
-        logits, state = self._step(ids, state)
-        return logits.float().cpu(), state
-
-    def _decode_greedy_ahead(self, rows: list[_Row], state: dict[str, Any], cancelled: IsCancelled, emit: Emit,
-                             stats: BatchStats) -> None:
-        """Greedy decoding that never waits for the step it just sent: step t+1 takes step t's tokens
-        straight from the device (argmax there) and goes out before the client reads step t's tokens,
-        so the device computes while the client streams, checks stops and prepares the next step. A row
-        that stops has one step computed in vain. Used by assisted workers (a remote device)."""
-        from caserve.remote import fetch_later
-
-        last = [r.text.ids[-1] if r.finish_reason is None else self.pad_id for r in rows]
-        ids = torch.tensor(last).view(len(rows), 1).to(self.device)
-        budget = max((r.max_new - r.generated for r in rows if r.finish_reason is None), default=0)
-        waiting = None
-        while True:
-            ahead = None
-            if budget > 0 and any(r.finish_reason is None for r in rows):
-                logits, state = self._step(ids, state)
-                ids = logits.float().argmax(-1, keepdim=True)  # [B, 1], on the device
-                ahead = fetch_later(ids)
-                budget -= 1
-                stats.steps += 1
-                if self.step_delay_s:
-                    time.sleep(self.step_delay_s)
-            if waiting is not None:
-                tokens = waiting().view(-1).tolist()
-                self._take(rows, lambda b, row: int(tokens[b]), cancelled, emit)
-            if ahead is None:
-                return
-            waiting = ahead
-
-    def _step(self, ids: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        """One decode step of ``ids`` [B, 1] on the device: the last position's logits [B, vocab], on the
-        device, and the next state."""
-        batch, t = ids.shape[0], state["t"]
-        kwargs: dict[str, Any] = {"use_cache": True, self._cache_arg: state["past"]}
-        if self.static_cache:
-            mask = state["mask"].clone()  # a new tensor: an uploaded one may still be in flight
-            mask[:, t] = 1  # [B, L]
-            if self._takes_cache_position:
-                kwargs["cache_position"] = torch.tensor([t]).to(self.device)
-        else:
-            mask = torch.cat([state["mask"], torch.ones(batch, 1, dtype=state["mask"].dtype)], dim=1)  # [B, t+1]
-        pos = state["pos"] + 1  # [B, 1]
-        # Static: a 4-D boolean mask [B, 1, 1, L] is used as given; a 2-D one makes transformers read its
-        # values on every step (to skip masking), which is a device sync.
-        kwargs["attention_mask"] = (mask.bool()[:, None, None, :] if self.static_cache else mask).to(self.device)
-        if self._takes_positions:
-            kwargs["position_ids"] = pos.to(self.device)
-        out = self.model(input_ids=ids, **kwargs)
-        past = state["past"] if self.static_cache else _cache_of(out)
-        return out.logits[:, -1, : self.vocab], {"past": past, "mask": mask, "pos": pos, "t": t + 1}
-
-    def _prefill_seq2seq(self, rows: list[_Row]) -> tuple[torch.Tensor, dict[str, Any]]:
-        start = int(self.model.config.decoder_start_token_id or 0)
-        enc_ids, enc_mask = _left_pad([r.prompt_ids for r in rows], self.pad_id)
-        dec_ids, dec_mask = _left_pad([[start] + r.text.ids for r in rows], self.pad_id)
-        enc_mask = enc_mask.to(self.device)
-        encoded = self.model.get_encoder()(input_ids=enc_ids.to(self.device), attention_mask=enc_mask)
-        out = self.model(encoder_outputs=encoded, attention_mask=enc_mask, decoder_input_ids=dec_ids.to(self.device),
-                         decoder_attention_mask=dec_mask.to(self.device), use_cache=True)
-        state = {"past": _cache_of(out), "enc": encoded, "enc_mask": enc_mask, "dec_mask": dec_mask}
-        return out.logits[:, -1, :].float().cpu(), state
-
-    def _decode_seq2seq(self, last: list[int], state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        batch = len(last)
-        dec_mask = torch.cat([state["dec_mask"], torch.ones(batch, 1, dtype=state["dec_mask"].dtype)], dim=1)
-        out = self.model(encoder_outputs=state["enc"], attention_mask=state["enc_mask"],
-                         decoder_input_ids=torch.tensor(last).view(batch, 1).to(self.device),
-                         decoder_attention_mask=dec_mask.to(self.device), use_cache=True,
-                         **{self._cache_arg: state["past"]})
-        return out.logits[:, -1, :].float().cpu(), {**state, "past": _cache_of(out), "dec_mask": dec_mask}
-
-    # ---------------------------------------------------------------------------------- encoders
-
-    def _encode(self, rows: list[Row], emit: Emit, *, classify: bool) -> BatchStats:
-        """Embeddings (mean-pooled last hidden state, L2-normalised) or classification (softmax, top label)."""
-        stats = BatchStats()
-        seqs: list[list[int]] = []
-        owners: list[tuple[Row, int]] = []  # (row, number of inputs)
-        for row in rows:
+            index = self.active.index(None)
             try:
-                if not row.inputs:
-                    raise RowError("bad_request", f"a {row.task} row needs inputs")
-                ids = [self._input_ids(x) for x in row.inputs]
-            except RowError as exc:
-                emit(Error(dispatch=row.dispatch, error_type=exc.error_type, message=str(exc)))
+                self.sampler.start(index, row.params, row.prompt_ids)
+            except Unsupported as exc:
+                emit(error_event(row.dispatch, RowError("bad_request", str(exc))))
                 continue
-            seqs.extend(ids)
-            owners.append((row, len(ids)))
-        if not seqs:
-            return stats
+            self.active[index] = _Slot(index, row, row.sequence)
+
+    def _free(self, slot: _Slot) -> None:
+        if self.active[slot.index] is slot:
+            self.active[slot.index] = None
+            self.sampler.free(slot.index)
+
+    def _forward(self, ids: torch.Tensor, rows: torch.Tensor, host: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One forward over the slot cache; ``host`` holds cols, position_ids and mask (CPU). Returns
+        the logits [n, q, V] on the device."""
+        cache = self._slot_cache()
+        cache.rows, cache.cols = rows, host["cols"].to(self.device)
+        kwargs: dict[str, Any] = {"use_cache": True, self._cache_arg: cache,
+                                  "attention_mask": host["mask"].to(self.device)}
+        positions = host["position_ids"].to(self.device)
+        if self._takes_positions:
+            kwargs["position_ids"] = positions
+        if self._takes_cache_position:
+            kwargs["cache_position"] = positions[0]
+        return self.model(input_ids=ids, **kwargs).logits
+
+    def _slot_cache(self) -> SlotCache:
+        if self._cache is None:
+            self._cache = SlotCache(self.model.config, self.slots, self.length, self.device)
+            self._all_rows = torch.arange(self.slots).view(-1, 1).to(self.device)
+            self._next_ids = torch.full((self.slots,), self.pad_id, dtype=torch.long).to(self.device)
+        return self._cache
+
+    def _prefill_chunk(self, slot: _Slot) -> int:
+        """Prefill the next chunk of ``slot``'s sequence; the last one samples its first token.
+        Returns the chunk's padded width (what it cost of the step's budget)."""
         t0 = time.perf_counter()
-        ids, mask = _right_pad(seqs, self.pad_id)  # [N, T]
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
-        if classify:
-            probs = torch.softmax(out.logits.float(), dim=-1).cpu()  # [N, labels]
-            labels = getattr(self.model.config, "id2label", None) or {}
-            classes = [ClassScore(label=str(labels.get(int(p.argmax()), int(p.argmax()))), score=float(p.max()),
-                                  scores=[float(x) for x in p]) for p in probs]
+        start = slot.filled
+        count = min(self.chunk, len(slot.seq) - start)
+        width = _round_up(count, PREFILL_ROUND)
+        ids = torch.tensor([slot.seq[start:start + count] + [self.pad_id] * (width - count)]).to(self.device)
+        rows = torch.tensor([[slot.index]]).to(self.device)
+        logits = self._forward(ids, rows, prefill_inputs(start, count, width, self.length))  # [1, W, V]
+        slot.filled += count
+        if slot.filled == len(slot.seq):
+            result = self.sampler.sample(logits[:, count - 1, :], [slot.index])
+            assert self._next_ids is not None
+            self._next_ids = self._next_ids.index_copy(0, rows.view(-1), result.ids)
+            slot.issued = 1
+            self._read_later(result.ids, [slot])
+        self.stats.prefill_tokens += count
+        self.stats.prefill_s += time.perf_counter() - t0
+        return width
+
+    def _decode(self, emit: Emit) -> bool:
+        """One decode step over all slots; False when no slot is decoding."""
+        decoding = [s for s in self.active if s is not None and s.decoding]
+        if not decoding:
+            return False
+        t0 = time.perf_counter()
+        positions = [-1] * self.slots
+        for s in decoding:
+            positions[s.index] = len(s.seq) + s.issued - 1  # the column of its newest sampled token
+        assert self._next_ids is not None and self._all_rows is not None
+        logits = self._forward(self._next_ids.view(-1, 1), self._all_rows,
+                               decode_inputs(positions, self.length))[:, -1, :]  # [slots, V]
+        index = [s.index for s in decoding]
+        if len(index) == self.slots:
+            result = self.sampler.sample(logits, index)
+            self._next_ids = result.ids
         else:
-            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [N, T, H]
-            m = mask.to(hidden.device).unsqueeze(-1).to(hidden.dtype)  # [N, T, 1]
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)  # [N, H]
-            vectors: list[list[float]] = F.normalize(pooled.float(), dim=-1).cpu().tolist()
-        stats.prefill_s = time.perf_counter() - t0
-        i = 0
-        for row, n in owners:
-            prompt_tokens = sum(len(s) for s in seqs[i:i + n])
-            if classify:
-                emit(Done(dispatch=row.dispatch, prompt_tokens=prompt_tokens, classes=classes[i:i + n]))
+            at = torch.tensor(index).to(self.device)
+            result = self.sampler.sample(logits.index_select(0, at), index)
+            self._next_ids = self._next_ids.index_copy(0, at, result.ids)
+        for s in decoding:
+            s.issued += 1
+        self._read_later(result.ids, decoding)
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+        self.stats.steps += 1
+        self.stats.occupancy += len(decoding)
+        self.stats.decode_s += time.perf_counter() - t0
+        return True
+
+    def _read_later(self, ids: torch.Tensor, owners: list[_Slot]) -> None:
+        if self.ahead:
+            from caserve.remote import fetch_later
+
+            fetch = fetch_later(ids)
+        else:
+            fetch = ids.cpu
+        self.reads.append(_Read(fetch, owners, self._step_no))
+
+    def _apply(self, read: _Read, emit: Emit) -> None:
+        tokens = read.fetch().view(-1).tolist()
+        now = time.perf_counter()
+        for slot, token in zip(read.owners, tokens):
+            row = slot.row
+            if self.active[slot.index] is not slot or row.finish_reason is not None:
+                continue  # stopped or cancelled: a step computed ahead in vain
+            if row.prefilled is None:
+                row.prefilled = now
+            self.stats.generated_tokens += 1
+            if row.take(int(token), self.eos_ids, emit):
+                self._free(slot)
+
+    # ---------------------------------------------------------------------------------- other models
+
+    def _run_batch(self, emit: Emit, cancelled: IsCancelled) -> None:
+        """Encoder-decoder, embedding and classification models: the waiting rows of one task, at most
+        ``max_batch``, as one batch."""
+        task = self.pending[0].task
+        rows = []
+        for _ in range(len(self.pending)):
+            raw = self.pending.popleft()
+            if raw.task == task and len(rows) < self.slots:
+                rows.append(raw)
             else:
-                emit(Done(dispatch=row.dispatch, prompt_tokens=prompt_tokens, embeddings=vectors[i:i + n]))
-            i += n
-        return stats
-
-    def _input_ids(self, x: Any) -> list[int]:
-        ids = [int(i) for i in x] if isinstance(x, list) else list(self.tok(x)["input_ids"])
-        if not ids:
-            raise RowError("bad_request", "an input is empty")
-        if len(ids) > self.lm.max_context:
-            raise RowError("context_length_exceeded",
-                           f"This model's maximum context length is {self.lm.max_context} tokens, "
-                           f"but an input has {len(ids)} tokens.")
-        if any(i < 0 or i >= self.vocab for i in ids):
-            raise RowError("bad_request", f"input token ids must be in [0, {self.vocab})")
-        return ids
-
-
-def _cache_of(out: Any) -> Any:
-    cache = out.get("cache") if hasattr(out, "get") else None
-    return cache if cache is not None else out.past_key_values
-
-
-def _prefill_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
-    """The boolean attention mask [B, 1, width, L] of a prefill into a static cache of length L: query i
-    sees the unpadded keys up to i (``mask`` [B, L] marks them), and itself, so that a padding query is
-    never masked entirely (its output is unused, but must stay finite: it feeds the next layer's keys)."""
-    length = mask.shape[1]
-    q = torch.arange(width)[:, None]
-    k = torch.arange(length)[None, :]
-    seen = (k <= q)[None] & mask.bool()[:, None, :]  # [B, width, L]
-    return (seen | (k == q)[None])[:, None]
-
-
-def _left_pad(seqs: list[list[int]], pad: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    width = -(-width // multiple) * multiple
-    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
-    return ids, mask
-
-
-def _right_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], dtype=torch.long)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long)
-    return ids, mask
+                self.pending.append(raw)
+        t0 = time.perf_counter()
+        if task == TASK_GENERATE:
+            self.stats.steps += self.batch.generate(rows, emit, cancelled)
+        elif task in (TASK_EMBED, TASK_CLASSIFY):
+            self.batch.encode(rows, emit, classify=task == TASK_CLASSIFY)
+        else:
+            for raw in rows:
+                emit(Error(dispatch=raw.dispatch, error_type="bad_request", message=f"unknown task {task!r}"))
+        self.stats.prefill_s += time.perf_counter() - t0
