@@ -6,6 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from msgspec.structs import replace
+
+from caserve.serving.messages import Row
 
 import caserve.remote as R
 from caserve.remote.server import GPUServer
@@ -211,14 +214,14 @@ def test_assisted_engine_replays_decode_steps_with_the_same_tokens(dev):
         assert run(engine, rows()) == want
     assert R.stats(dev)["step_replays"] >= 20
     # Greedy rows only: the engine decodes one step ahead of what it has read (decode_ahead).
-    greedy = [r for r in rows() if r["params"]["temperature"] == 0]
+    greedy = [r for r in rows() if r.params.temperature == 0]
     assert len(greedy) == 2
     ahead = run(engine, greedy)
     assert ahead == {r["dispatch"]: want[r["dispatch"]] for r in greedy}
     # Rows that stop early (on a stop string taken from their own output): the step computed ahead for
     # them is dropped, nothing more is emitted.
     text = {d: lm.tokenizer.decode(ids) for d, ids in want.items()}
-    stopped = [dict(r, params=dict(r["params"], stop=[text[r["dispatch"]][5]])) for r in greedy]
+    stopped = [replace(r, params=replace(r.params, stop=[text[r.dispatch][5]])) for r in greedy]
     local_stopped = run(Engine(load_model(DEFAULT_MODEL)), stopped)
     assert all(len(local_stopped[r["dispatch"]]) < len(want[r["dispatch"]]) for r in greedy)
     assert run(engine, stopped) == local_stopped
@@ -272,10 +275,10 @@ def test_assisted_engine_replays_prefills_of_one_bucket(dev):
     lm = load_model(DEFAULT_MODEL, device=dev)
     R.graph_mode(lm.model)
     engine = Engine(lm)
-    params = dict(GREEDY, max_tokens=8)
+    params = replace(GREEDY, max_tokens=8)
     deltas = []
     for i, n in enumerate((5, 9, 12, 7, 11, 6)):
-        row = [{"dispatch": f"r{i}", "task": "generate", "prompt_ids": list(range(40, 40 + n)), "params": params}]
+        row = [Row(dispatch=f"r{i}", job=f"r{i}", task="generate", prompt_ids=list(range(40, 40 + n)), params=params)]
         before = R.stats(dev)["step_replays"]
         assert run(engine, row) == run(local, row)
         deltas.append(R.stats(dev)["step_replays"] - before)
@@ -325,7 +328,7 @@ def test_assisted_engine_matches_native_across_architectures(name, dev):
     assisted = Engine(lm)
     batches = [[list(range(30, 37)), list(range(50, 53))], [list(range(60, 71))], [list(range(80, 86))]]
     for i, prompts in enumerate(batches * 2):  # the second round reuses caches and replays prefills
-        rows = [{"dispatch": f"{i}-{j}", "task": "generate", "prompt_ids": p, "params": dict(GREEDY, max_tokens=10)}
+        rows = [Row(dispatch=f"{i}-{j}", job=f"{i}-{j}", task="generate", prompt_ids=p, params=replace(GREEDY, max_tokens=10))
                 for j, p in enumerate(prompts)]
         assert run(assisted, rows) == run(native, rows), (name, prompts)
     assert R.stats(dev)["step_replays"] > 0

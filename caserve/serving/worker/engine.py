@@ -50,6 +50,7 @@ BATCHING = ("continuous", "static")
 MAX_LEN = 2048  # default cap on a slot's tokens (prompt + output): the cache is max_batch x this
 CHUNK = 256  # prompt tokens per prefill chunk (a multiple of PREFILL_ROUND)
 STEP_TOKENS = 512  # token budget of one step: decoding slots plus prefill chunks
+REPORT_S = 0.5  # seconds between progress reports while busy
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -160,13 +161,34 @@ class Engine:
         return self.take_stats()
 
     def serve(self, emit: Emit, cancelled: IsCancelled, stop: threading.Event) -> None:
-        """Step while there is work; wait for :meth:`submit` otherwise; return when ``stop`` is set."""
+        """Step while there is work; wait for :meth:`submit` otherwise; return when ``stop`` is set.
+        Emits a ``Progress`` report every ``REPORT_S`` while busy and when it becomes idle."""
+        reported = time.monotonic()
         while not stop.is_set():
             if not self.busy:
                 self.wake.wait(0.05)
                 self.wake.clear()
                 continue
             self.step(emit, cancelled)
+            now = time.monotonic()
+            if now - reported >= REPORT_S or not self.busy:
+                emit(self.take_stats().event(self.occupied, self.free_slots))
+                reported = now
+
+    @property
+    def free_slots(self) -> int:
+        if self.batching == "static" and (self.occupied or self.reads):
+            return 0
+        return max(0, self.slots - self.occupied - len(self.pending))
+
+    def abandon(self) -> list[str]:
+        """Drop every row (after a failure, or when the router session ends); returns their dispatch ids."""
+        dropped = [r.dispatch for r in self.pending] + [s.row.dispatch for s in self.active if s is not None]
+        self.pending.clear()
+        self.reads.clear()
+        for slot in [s for s in self.active if s is not None]:
+            self._free(slot)
+        return dropped
 
     # ---------------------------------------------------------------------------------- one step
 

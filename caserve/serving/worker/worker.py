@@ -25,10 +25,10 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from caserve.models import load_model
 from caserve.serving.messages import (
-    MAX_EVENTS, WORKER_KINDS, BatchDone, Cancel, Error, Event, EventsRequest, RegisterReply, RegisterRequest, Row, Run,
+    MAX_EVENTS, WORKER_KINDS, Cancel, Error, Event, EventsRequest, RegisterReply, RegisterRequest, Row, Run,
     SessionRequest, encode, router_message_decoder,
 )
-from caserve.serving.worker.engine import Engine
+from caserve.serving.worker.engine import BATCHING, MAX_LEN, Engine
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +59,14 @@ class WorkerConfig:
     threads: Optional[int] = None
     step_delay_s: float = 0.0
     graph: bool = True  # assisted: decode steps replayed as captured graphs (caserve.remote.graph_mode)
+    batching: str = "continuous"  # or "static": admit rows only when every slot is free (the baseline)
+    max_len: int = MAX_LEN  # most tokens (prompt + output) one slot holds
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}")
+        if self.batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}")
         if self.kind == "assisted" and not self.gpu_server:
             raise ValueError("an assisted worker needs --gpu-server host:port")
         self.router_url = self.router_url.rstrip("/")
@@ -145,9 +149,10 @@ class Worker:
             from caserve.remote import graph_mode
 
             graph_mode(lm.model)  # a decode step of a batch shape becomes one message after two steps
-        # Assisted: a static KV cache with a 4-D mask keeps decode shapes fixed and needs no device sync
-        # inside forward (several times faster per token over the remote runtime; identical outputs).
-        return Engine(lm, step_delay_s=c.step_delay_s, static_cache=c.kind == "assisted")
+        # Every kind runs the same slot engine: one static KV cache of max_batch x max_len, fixed shapes (what
+        # graph mode captures on a remote device), decode one step ahead on a remote device.
+        return Engine(lm, max_batch=c.max_batch, max_len=c.max_len, batching=c.batching,
+                      step_delay_s=c.step_delay_s)
 
     async def _serve_router(self) -> None:
         """Register and serve; on losing the router, register again (with backoff while it stays
@@ -175,7 +180,8 @@ class Worker:
         assert self.engine is not None and self.config.worker_id is not None
         c, lm = self.config, self.engine.lm
         request = RegisterRequest(worker_id=c.worker_id, kind=c.kind, model=c.model,  # type: ignore[arg-type]
-                                  task=lm.task, max_batch=c.max_batch, max_context=lm.max_context)
+                                  task=lm.task, max_batch=c.max_batch, max_context=self.engine.context,
+                                  batching=c.batching)  # type: ignore[arg-type]
         resp = await client.post(f"{c.router_url}/internal/workers/register", content=encode(request), headers=JSON)
         resp.raise_for_status()
         try:
@@ -187,7 +193,8 @@ class Worker:
 
 
 class _Session:
-    """One registration: a channel reader, a heartbeat, an in-order event sender and at most one batch."""
+    """One registration: a channel reader, a heartbeat, an in-order event sender and the engine's loop
+    (in a thread: rows from ``Run`` messages join its slots as they arrive)."""
 
     def __init__(self, worker: Worker, client: httpx.AsyncClient, reply: RegisterReply) -> None:
         self.worker, self.client, self.session = worker, client, reply.session
@@ -197,7 +204,8 @@ class _Session:
         self.outbox: asyncio.Queue[Optional[Event]] = asyncio.Queue()  # None: leave the router
         self.cancelled: set[str] = set()
         self.cancel_all = threading.Event()
-        self.batch: Optional[asyncio.Task[None]] = None
+        self.stop = threading.Event()
+        self.engine_thread: Optional[asyncio.Future[None]] = None  # the engine loop now running, if any
         self.device_lost = False
 
     async def run(self) -> None:
@@ -206,6 +214,7 @@ class _Session:
                 tg.create_task(self._read_channel())
                 tg.create_task(self._heartbeat())
                 tg.create_task(self._send_events())
+                tg.create_task(self._run_engine())
         except ExceptionGroup as group:
             # Several tasks may fail together (leaving the router closes the channel): the device
             # matters most, then the router; anything else is a bug and propagates.
@@ -217,12 +226,13 @@ class _Session:
                     raise sub.exceptions[0] from None
             raise
         finally:
-            await self._stop_batch()
-
-    async def _stop_batch(self) -> None:
-        if self.batch is not None and not self.batch.done():
-            self.cancel_all.set()
-            await asyncio.gather(self.batch, return_exceptions=True)
+            self.cancel_all.set()  # this session's rows are the router's to requeue now
+            self.stop.set()
+            if self.engine_thread is not None:  # let its step end before anything touches the engine again
+                await asyncio.gather(self.engine_thread, return_exceptions=True)
+            engine = self.worker.engine
+            if engine is not None:
+                engine.abandon()
 
     async def _read_channel(self) -> None:
         timeout = httpx.Timeout(10.0, connect=5.0, read=10.0)  # the router pings every second
@@ -239,10 +249,8 @@ class _Session:
                 except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                     raise RouterLost(f"malformed channel line {line[:80]!r}: {exc}") from None
                 if isinstance(message, Run):
-                    if self.batch is not None and not self.batch.done():
-                        logger.error("router sent a batch while one is running; ignoring it")
-                        continue
-                    self.batch = asyncio.create_task(self._run_batch(message.rows))
+                    assert self.worker.engine is not None
+                    self.worker.engine.submit(message.rows)
                 elif isinstance(message, Cancel):
                     self.cancelled.add(message.dispatch)
         raise RouterLost("channel closed")
@@ -252,8 +260,10 @@ class _Session:
         while True:
             await asyncio.sleep(self.heartbeat_s)
             beats += 1
-            if beats % PROBE_EVERY == 0 and (self.batch is None or self.batch.done()):
+            engine = self.worker.engine
+            if beats % PROBE_EVERY == 0 and (engine is None or not engine.busy):
                 await self._probe_device()
+                self.cancelled.clear()  # nothing runs: no cancellation is still to be applied
             resp = await self.client.post(f"{self.base}/heartbeat", content=self.session_body, headers=JSON)
             if resp.status_code == 404:
                 raise RouterLost("session unknown")
@@ -285,7 +295,9 @@ class _Session:
                 await self.client.post(f"{self.base}/unregister", content=self.session_body, headers=JSON)
                 raise DeviceLost()
 
-    async def _run_batch(self, rows: list[Row]) -> None:
+    async def _run_engine(self) -> None:
+        """The engine's loop, in a thread, for as long as this session lasts. A device failure leaves the
+        router (it requeues the rows); any other failure fails the rows the engine held and goes on."""
         engine = self.worker.engine
         assert engine is not None
         loop = asyncio.get_running_loop()
@@ -296,19 +308,17 @@ class _Session:
         def is_cancelled(dispatch: str) -> bool:
             return self.cancel_all.is_set() or dispatch in self.cancelled
 
-        try:
-            stats = await asyncio.to_thread(engine.run, rows, emit, is_cancelled)
-        except device_lost_errors() as exc:
-            logger.warning("worker %s: lost the GPU server mid-batch: %s", self.worker.config.worker_id, exc)
-            self.device_lost = True
-            self.outbox.put_nowait(None)  # flush what was generated, then leave: the router requeues
-            return
-        except Exception as exc:  # a bug or an op the device refused: fail these rows, keep serving
-            logger.exception("worker %s: batch failed", self.worker.config.worker_id)
-            for row in rows:
-                self.outbox.put_nowait(Error(dispatch=row.dispatch, error_type="internal",
-                                             message=f"{type(exc).__name__}: {exc}"))
-            self.outbox.put_nowait(BatchDone())
-            return
-        self.cancelled.difference_update(r.dispatch for r in rows)
-        self.outbox.put_nowait(stats.event())
+        while not self.stop.is_set():
+            self.engine_thread = loop.run_in_executor(None, engine.serve, emit, is_cancelled, self.stop)
+            try:
+                await asyncio.shield(self.engine_thread)
+            except device_lost_errors() as exc:
+                logger.warning("worker %s: lost the GPU server: %s", self.worker.config.worker_id, exc)
+                self.device_lost = True
+                self.outbox.put_nowait(None)  # flush what was generated, then leave: the router requeues
+                return
+            except Exception as exc:  # a bug or an op the device refused: fail these rows, keep serving
+                logger.exception("worker %s: engine step failed", self.worker.config.worker_id)
+                for dispatch in engine.abandon():
+                    self.outbox.put_nowait(Error(dispatch=dispatch, error_type="internal",
+                                                 message=f"{type(exc).__name__}: {exc}"))
