@@ -61,7 +61,10 @@ def serve(
     assisted_workers: int = typer.Option(2, min=0, help="CPU-assisted workers (ops on the local GPU server)."),
     cpu_workers: int = typer.Option(0, min=0, help="Plain CPU workers."),
     policy: str = typer.Option("fcfs", help="Dispatch policy: fcfs or ect."),
-    max_batch: int = typer.Option(8, min=1, help="Most compatible queued requests run as one batch."),
+    max_batch: int = typer.Option(8, min=1, help="Slots per worker: requests one worker runs at once."),
+    batching: str = typer.Option("continuous", help="continuous (a request takes a free slot at once) or static "
+                                 "(a worker takes requests only when all its slots are free: the baseline)."),
+    max_len: int = typer.Option(2048, min=2, help="Most tokens (prompt + output) one slot holds."),
     max_queue: int = typer.Option(256, min=1, help="Queued requests per model before answering 429."),
     gpu_port: int = typer.Option(7070, help="Port of the GPU server started for assisted workers."),
     gpu_device: str = typer.Option("auto", help="GPU server device: auto, cpu or cuda:N."),
@@ -76,6 +79,8 @@ def serve(
 
     if policy not in POLICIES:
         raise typer.BadParameter(f"choose one of {', '.join(POLICIES)}", param_hint="--policy")
+    if batching not in ("continuous", "static"):
+        raise typer.BadParameter("choose continuous or static", param_hint="--batching")
     _setup_logging(verbose)
     import asyncio
 
@@ -83,7 +88,8 @@ def serve(
     from caserve.serving.launch import serve as run_serve
 
     cfg = ServeConfig(host=host, port=port, native_workers=native_workers, assisted_workers=assisted_workers,
-                      cpu_workers=cpu_workers, policy=policy, max_batch=max_batch, max_queue=max_queue,
+                      cpu_workers=cpu_workers, policy=policy, max_batch=max_batch, batching=batching,
+                      max_len=max_len, max_queue=max_queue,
                       gpu_port=gpu_port, gpu_device=gpu_device, token_file=token_file, shrink=shrink, task=task,
                       worker_threads=worker_threads, verbose=verbose)
     if model:
@@ -102,7 +108,9 @@ def worker(
     gpu_server: Optional[str] = typer.Option(None, help="host:port of the GPU server (assisted workers)."),
     token_file: Optional[Path] = typer.Option(None, help="File holding the GPU server token."),
     worker_id: Optional[str] = typer.Option(None, help="Stable worker id (default: kind-host-pid)."),
-    max_batch: int = typer.Option(8, min=1, help="Most requests this worker runs as one batch."),
+    max_batch: int = typer.Option(8, min=1, help="Slots: requests this worker runs at once."),
+    batching: str = typer.Option("continuous", help="continuous or static (admit only when all slots are free)."),
+    max_len: int = typer.Option(2048, min=2, help="Most tokens (prompt + output) one slot holds."),
     shrink: bool = typer.Option(False, help="Zoo models: 2 layers, 64 wide, random weights."),
     task: Optional[str] = typer.Option(None, help="Override the model task (e.g. classification)."),
     threads: Optional[int] = typer.Option(None, help="Torch CPU threads."),
@@ -110,7 +118,7 @@ def worker(
     graph: bool = typer.Option(True, "--graph/--no-graph", help="Assisted: replay decode steps as captured graphs."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Serve one model for a router: register, heartbeat, run batches until stopped."""
+    """Serve one model for a router: register, heartbeat, run requests in its slots until stopped."""
     _setup_logging(verbose)
     import asyncio
 
@@ -121,7 +129,7 @@ def worker(
         cfg = WorkerConfig(router_url=router, kind=kind, model=model or DEFAULT_MODEL, gpu_server=gpu_server,
                            token=token_file.read_text().strip() if token_file else None, worker_id=worker_id,
                            max_batch=max_batch, shrink=shrink, task=task, threads=threads, step_delay_s=step_delay,
-                           graph=graph)
+                           graph=graph, batching=batching, max_len=max_len)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     try:

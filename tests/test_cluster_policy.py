@@ -13,7 +13,7 @@ from caserve.cluster.config import AssistedConfig, load_config, parse_config
 from caserve.cluster.deploy import format_status
 from caserve.cluster.errors import ClusterError, ConfigError
 from caserve.cluster.placement import ServerLoad, least_loaded
-from caserve.serving.messages import TASK_GENERATE, BatchDone, Done, DrainReply, SamplingParams
+from caserve.serving.messages import TASK_GENERATE, Done, Progress, DrainReply, SamplingParams
 from caserve.serving.router.jobs import Job, JobState
 from caserve.serving.router.metrics import ServingMetrics
 from caserve.serving.router.router import Router
@@ -128,7 +128,7 @@ def test_router_drain_stops_new_batches_but_finishes_the_running_one() -> None:
         assert first.state is JobState.RUNNING
         assert router.drain("w") == DrainReply(worker_id="w", draining=True, running=1)
         router.submit([second])
-        router.handle_events(ws, [Done(dispatch=first.dispatch_id, finish_reason="length"), BatchDone()])
+        router.handle_events(ws, [Done(dispatch=first.dispatch_id, finish_reason="length"), Progress()])
         assert first.state is JobState.DONE
         assert second.state is JobState.QUEUED  # the idle but draining worker gets nothing new
         assert router.drain("w").running == 0

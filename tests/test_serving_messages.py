@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from caserve.serving.messages import (
-    MAX_EVENTS, MAX_IDS, BatchDone, Cancel, Done, EventsRequest, Ping, RegisterReply, Row, Run, SamplingParams,
+    MAX_EVENTS, MAX_IDS, Progress, Cancel, Done, EventsRequest, Ping, RegisterReply, Row, Run, SamplingParams,
     Tokens, encode, encode_line, events_decoder, router_message_decoder,
 )
 from caserve.serving.router.api import create_app
@@ -64,9 +64,9 @@ HOSTILE = [
     ("finish_reason", lambda d: [{"type": "done", "dispatch": d, "finish_reason": "because"}]),
     ("prompt_tokens", lambda d: [{"type": "done", "dispatch": d, "prompt_tokens": "many"}]),
     ("unknown field", lambda d: [{"type": "tokens", "dispatch": d, "ids": [1], "admin": True}]),
-    ("steps", lambda d: [{"type": "batch_done", "steps": -3}]),
-    ("events", lambda d: [{"type": "batch_done"}] * (MAX_EVENTS + 1)),
-    ("events", lambda d: {"type": "batch_done"}),
+    ("steps", lambda d: [{"type": "progress", "steps": -3}]),
+    ("events", lambda d: [{"type": "progress"}] * (MAX_EVENTS + 1)),
+    ("events", lambda d: {"type": "progress"}),
     # a valid event first: a refused body is applied not at all
     ("text", lambda d: [{"type": "tokens", "dispatch": d, "ids": [5], "text": "x"},
                         {"type": "tokens", "dispatch": d, "ids": [6], "text": 3}]),
@@ -85,11 +85,11 @@ def test_malformed_events_are_refused_and_nothing_is_applied(field: str, make: A
         # still serving: the same worker's well-formed events are applied, exactly once
         done = [{"type": "tokens", "dispatch": j.dispatch_id, "ids": [1], "text": "a"},
                 {"type": "done", "dispatch": j.dispatch_id, "finish_reason": "length"},
-                {"type": "done", "dispatch": j.dispatch_id, "finish_reason": "stop"}, {"type": "batch_done"}]
+                {"type": "done", "dispatch": j.dispatch_id, "finish_reason": "stop"}, {"type": "progress"}]
         r = await post_events(client, "a", sessions["a"], done)
         assert r.status_code == 200, r.text
         assert j.state is JobState.DONE and j.text == "a" and j.finish_reason == "length"
-        assert router.models["m"].workers["a"].batches_done == 1
+        assert router.models["m"].workers["a"].jobs_done == 1
         await client.aclose()
 
     asyncio.run(scenario())
@@ -102,7 +102,7 @@ def test_non_json_and_unknown_session_bodies() -> None:
         assert r.status_code == 400 and "malformed EventsRequest" in r.json()["error"]["message"]
         r = await client.post(f"{BASE}/a/heartbeat", json={"session": sessions["a"], "extra": 1})
         assert r.status_code == 400
-        r = await post_events(client, "a", sessions["b"], [{"type": "batch_done"}])  # b's session, a's path
+        r = await post_events(client, "a", sessions["b"], [{"type": "progress"}])  # b's session, a's path
         assert r.status_code == 404
         r = await client.post(f"{BASE}/register", json={"worker_id": "c", "kind": "gpu", "model": "m",
                                                          "task": "causal-lm", "max_batch": 1, "max_context": 64})
@@ -152,7 +152,7 @@ def test_messages_round_trip_and_the_worker_refuses_malformed_channel_lines() ->
                 b'{"type":"cancel"}', b"[1,2]"):
         with pytest.raises(msgspec.ValidationError):
             router_message_decoder.decode(bad)
-    events = [Tokens(dispatch="d", ids=[3], text="x"), Done(dispatch="d", embeddings=[[0.5, 0.5]]), BatchDone(steps=2)]
+    events = [Tokens(dispatch="d", ids=[3], text="x"), Done(dispatch="d", embeddings=[[0.5, 0.5]]), Progress(steps=2, occupancy=3)]
     body = encode(EventsRequest(session="s", events=events))
     assert events_decoder.decode(body).events == events
 

@@ -25,12 +25,24 @@ from caserve.serving.worker.sampling import TextTracker, make_generator, sample_
 
 @dataclass
 class W:
+    """A worker as policies see it; by default static-like: all slots free when idle, none when busy."""
+
     id: str
     kind: str = "cpu"
     max_batch: int = 1
     idle_since: Optional[float] = 0.0
     busy_since: Optional[float] = None
     batch_estimate_s: float = 0.0
+    free_slots: int = -1
+    running: int = 0
+    slot_free_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.free_slots < 0:
+            self.free_slots = self.max_batch if self.idle_since is not None else 0
+        if self.idle_since is None:
+            self.running = max(self.running, 1)
+            self.slot_free_at = (self.busy_since or 0.0) + self.batch_estimate_s
 
 
 def job(units: int = 10, max_tokens: int = 10, task: str = TASK_GENERATE) -> Job:
@@ -206,3 +218,28 @@ def test_sampling_greedy_top_p_and_seed() -> None:
     draws = [sample_token(logits, 1.0, 1.0, make_generator(5)) for _ in range(3)]
     assert len(set(draws)) == 1
     assert len({sample_token(logits, 2.0, 1.0, make_generator(s)) for s in range(50)}) > 2
+
+
+def test_both_policies_dispatch_into_free_slots_of_busy_continuous_workers() -> None:
+    q = [job() for _ in range(5)]
+    busy = W("busy", max_batch=4, idle_since=None, busy_since=0.0, free_slots=2, running=2)
+    full = W("full", max_batch=2, idle_since=None, busy_since=0.0, free_slots=0, running=2)
+    for policy in (make_policy("fcfs"), make_policy("ect")):
+        out = policy.assign(q, [busy, full], now=1.0)
+        assert [(w.id, b) for w, b in out] == [("busy", q[:2])], policy.name  # at most its free slots
+
+
+def test_service_model_learns_step_cost_growing_with_occupancy() -> None:
+    svc = ServiceModel()
+    for k in (1, 4, 2, 8, 1, 6):  # a step running k slots takes 10 ms + 2 ms per extra slot
+        svc.observe_steps("w", "cpu", steps=10, decode_s=10 * (0.010 + 0.002 * (k - 1)), occupancy=10 * k)
+    r = svc.rates("w", "cpu")
+    assert r.step_s == pytest.approx(0.010, rel=1e-3) and r.slot_s == pytest.approx(0.002, rel=1e-3)
+    assert svc.estimate("w", "cpu", 0, 100, occupancy=5) == pytest.approx(100 * 0.018, rel=1e-3)
+    # ECT: a job goes to the emptier of two equally fast workers
+    full = W("w", max_batch=8, idle_since=None, busy_since=0.0, free_slots=1, running=7)
+    svc.observe_steps("v", "cpu", steps=10, decode_s=0.1, occupancy=10)
+    svc.observe_steps("v", "cpu", steps=10, decode_s=0.12, occupancy=20)
+    empty = W("v", max_batch=8, idle_since=None, busy_since=0.0, free_slots=7, running=1)
+    out = EctPolicy(svc).assign([job(max_tokens=50)], [full, empty], now=1.0)
+    assert [w.id for w, _ in out] == ["v"]

@@ -1,5 +1,6 @@
-"""Scheduling end to end over loopback with real processes: dynamic batching, admission control (429),
-client-disconnect cancellation, and FCFS vs ECT dispatch between a fast and a slow worker.
+"""Scheduling end to end over loopback with real processes: static batching (the baseline) and continuous
+batching (a request joins a running worker's free slot), admission control (429), client-disconnect
+cancellation, and FCFS vs ECT dispatch between a fast and a slow worker.
 
 Workers are slowed with ``--step-delay`` (seconds per decode step) so that "running" lasts long enough
 to act on; no assertion is about speed."""
@@ -7,6 +8,7 @@ to act on; no assertion is about speed."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import time
 
 import httpx
 import pytest
@@ -21,11 +23,11 @@ def complete(url: str, max_tokens: int, prompt: str = "go", **extra) -> httpx.Re
 
 @pytest.fixture(scope="module")
 def one_slow_worker(tmp_path_factory: pytest.TempPathFactory):
-    """Router with --max-queue 3 and one worker (max batch 4, 10 ms per decode step)."""
+    """Router with --max-queue 3 and one static-batching worker (4 slots, 10 ms per decode step)."""
     c = Cluster(tmp_path_factory.mktemp("sched"))
     try:
         c.router("--max-queue", "3")
-        c.worker("w0", "--max-batch", "4", "--step-delay", "0.01")
+        c.worker("w0", "--max-batch", "4", "--step-delay", "0.01", "--batching", "static")
         c.wait_workers({"w0"})
         yield c
     finally:
@@ -36,10 +38,10 @@ def running(c: Cluster) -> list[str]:
     return [j for w in c.workers() for j in w["running"]]
 
 
-def wait_idle(c: Cluster, batches_before: int = 0) -> dict:
-    """The single worker once it has reported the end of its batch (``busy`` clears only then)."""
+def wait_idle(c: Cluster, done_before: int = 0) -> dict:
+    """The single worker once nothing is queued or running and it has finished more than ``done_before``."""
     c.wait_for("worker idle", lambda: not c.health()["models"][TINY]["queue"] and all(
-        not w["busy"] and w["batches_done"] > batches_before for w in c.workers()), timeout=60)
+        not w["busy"] and w["jobs_done"] > done_before for w in c.workers()), timeout=60)
     return c.workers()[0]
 
 
@@ -55,7 +57,8 @@ def test_queued_compatible_requests_run_as_one_batch(one_slow_worker: Cluster) -
     timings = [r.json()["timings"] for r in responses[1:]]
     assert len({t["last_dispatch"] for t in timings}) == 1  # dispatched together ...
     assert {t["worker_id"] for t in timings} == {"w0"}
-    assert wait_idle(c)["last_batch"]["jobs"] == 3  # ... and run as one padded batch
+    assert min(t["last_dispatch"] for t in timings) >= responses[0].json()["timings"]["finish"]  # static: after it
+    wait_idle(c)
     assert [r.json()["usage"]["completion_tokens"] for r in responses[1:]] == [8, 8, 8]
     assert c.metric("caserve_batch_size_count") - c.metric("caserve_batch_size_bucket", le="2.0") >= 1
 
@@ -76,33 +79,63 @@ def test_full_queue_answers_429_with_retry_after(one_slow_worker: Cluster) -> No
     assert complete(c.url, 2).status_code == 200  # and the queue accepts again
 
 
+def freed_quickly(c: Cluster, before: int) -> None:
+    """The cancelled request's slot is free again: a new request on the static worker (which admits only
+    when all its slots are free) finishes long before the 800 steps of the cancelled one would."""
+    c.wait_for("cancelled", lambda: c.metric("caserve_requests_total", outcome="cancelled") == before + 1)
+    t0 = time.monotonic()
+    assert complete(c.url, 3).status_code == 200
+    assert time.monotonic() - t0 < 5.0  # 800 steps take >= 8 s (10 ms each)
+    assert not running(c)
+
+
 def test_stream_disconnect_cancels_and_frees_the_worker(one_slow_worker: Cluster) -> None:
     c = one_slow_worker
     before = c.metric("caserve_requests_total", outcome="cancelled")
-    batches = c.workers()[0]["batches_done"]
     with httpx.stream("POST", f"{c.url}/v1/completions", timeout=60, json={
             "model": TINY, "prompt": "long", "max_tokens": 800, "stream": True, "ignore_eos": True}) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i >= 6:
                 break  # leaving the block closes the connection mid-stream
-    worker = wait_idle(c, batches)
-    assert worker["batches_done"] == batches + 1 and worker["last_batch"]["jobs"] == 1
-    assert worker["last_batch"]["generated_tokens"] < 800  # the worker stopped generating early
-    assert c.metric("caserve_requests_total", outcome="cancelled") == before + 1
-    assert complete(c.url, 3).status_code == 200
+    freed_quickly(c, before)
 
 
 def test_non_stream_disconnect_cancels_and_frees_the_worker(one_slow_worker: Cluster) -> None:
     c = one_slow_worker
     before = c.metric("caserve_requests_total", outcome="cancelled")
-    batches = c.workers()[0]["batches_done"]
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{c.url}/v1/completions", timeout=httpx.Timeout(60, read=1.0), json={
             "model": TINY, "prompt": "long", "max_tokens": 800, "ignore_eos": True})
-    worker = wait_idle(c, batches)
-    assert worker["batches_done"] == batches + 1 and worker["last_batch"]["jobs"] == 1
-    assert worker["last_batch"]["generated_tokens"] < 800
-    assert c.metric("caserve_requests_total", outcome="cancelled") == before + 1
+    freed_quickly(c, before)
+
+
+@pytest.fixture(scope="module")
+def continuous_worker(tmp_path_factory: pytest.TempPathFactory):
+    """One continuous-batching worker (4 slots, 10 ms per decode step)."""
+    c = Cluster(tmp_path_factory.mktemp("continuous"))
+    try:
+        c.router()
+        c.worker("w0", "--max-batch", "4", "--step-delay", "0.01")
+        c.wait_workers({"w0"})
+        yield c
+    finally:
+        c.stop()
+
+
+def test_short_request_joins_a_running_worker_and_finishes_long_before_the_long_one(continuous_worker) -> None:
+    c = continuous_worker
+    with cf.ThreadPoolExecutor(2) as pool:
+        long = pool.submit(complete, c.url, 400)  # >= 4 s
+        c.wait_for("long request running", lambda: len(running(c)) == 1)
+        short = complete(c.url, 4, prompt="short")
+        long_t = long.result().json()["timings"]
+    short_t = short.json()["timings"]
+    assert short_t["worker_id"] == long_t["worker_id"] == "w0"
+    assert short_t["queue_delay_s"] < 0.5  # it took a free slot at once
+    assert short_t["finish"] < long_t["finish"]
+    assert short_t["jct_s"] < 0.2 * long_t["jct_s"]
+    health = c.workers()[0]
+    assert health["batching"] == "continuous" and health["max_batch"] == 4
 
 
 @pytest.fixture(scope="module", params=["fcfs", "ect"])
@@ -111,8 +144,8 @@ def fast_and_slow(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     c = Cluster(tmp_path_factory.mktemp(request.param))
     try:
         c.router("--policy", request.param)
-        c.worker("fast", "--step-delay", "0.01", kind="native")
-        c.worker("slow", "--step-delay", "0.2", kind="cpu")
+        c.worker("fast", "--step-delay", "0.01", "--max-batch", "1", kind="native")  # one slot each
+        c.worker("slow", "--step-delay", "0.2", "--max-batch", "1", kind="cpu")
         c.wait_workers({"fast", "slow"})
         yield request.param, c
     finally:

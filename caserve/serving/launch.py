@@ -48,6 +48,8 @@ class ServeConfig:
     cpu_workers: int = 0
     policy: str = "fcfs"
     max_batch: int = 8
+    batching: str = "continuous"
+    max_len: int = 2048
     max_queue: int = 256
     gpu_port: int = 7070
     gpu_device: str = "auto"
@@ -79,7 +81,8 @@ def child_commands(cfg: ServeConfig, router_url: str) -> list[tuple[str, list[st
     for kind, count in (("native", cfg.native_workers), ("assisted", cfg.assisted_workers), ("cpu", cfg.cpu_workers)):
         for i in range(count):
             argv = ["worker", "--router", router_url, "--kind", kind, "--model", cfg.model,
-                    "--max-batch", str(cfg.max_batch), "--threads", str(threads),
+                    "--max-batch", str(cfg.max_batch), "--batching", cfg.batching, "--max-len", str(cfg.max_len),
+                    "--threads", str(threads),
                     "--worker-id", f"{kind}-{i}", *common]
             if kind == "assisted":
                 argv += ["--gpu-server", f"127.0.0.1:{cfg.gpu_port}"]

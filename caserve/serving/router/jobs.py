@@ -51,6 +51,7 @@ class Job:
     worker_kind: Optional[str] = None
     first_dispatch: Optional[float] = None
     dispatch: Optional[float] = None
+    estimate_s: float = 0.0  # the service model's estimate of this attempt, made at dispatch
     first_token: Optional[float] = None
     finish: Optional[float] = None
     # generation results (token ids kept so that a requeued job continues where it stopped)

@@ -1,10 +1,12 @@
-"""Dispatch policies: which queued jobs go to which idle worker, now.
+"""Dispatch policies: which queued jobs go to which worker with free slots, now.
 
 One interface (:class:`DispatchPolicy`), two implementations (:class:`FcfsPolicy`,
 :class:`EctPolicy`), built by one factory (:func:`make_policy`). A policy is a pure decision over a
-snapshot of one model's queue and workers; the router applies the decisions. Both policies form
-batches the same way (:func:`fill_batch`): a dispatched job takes along up to ``max_batch - 1``
-compatible jobs queued behind it, in queue order.
+snapshot of one model's queue and workers; the router applies the decisions. A worker has
+``max_batch`` slots; ``free_slots`` of them can take a job now (a continuous-batching worker has a free
+slot whenever fewer than ``max_batch`` jobs run there; a static one only when it is idle). Both
+policies form dispatches the same way (:func:`fill_batch`): a dispatched job takes along compatible
+jobs queued behind it, in queue order, up to the worker's free slots.
 """
 
 from __future__ import annotations
@@ -28,27 +30,37 @@ class WorkerView(Protocol):
     id: str
     kind: str
     max_batch: int
-    idle_since: Optional[float]  # None while busy
-    busy_since: Optional[float]
-    batch_estimate_s: float  # the service model's estimate for the batch it is running
+    free_slots: int  # jobs it can start now
+    running: int  # jobs running there now
+    idle_since: Optional[float]  # None while it runs jobs
+    slot_free_at: float  # when its next slot is expected to free (its running jobs' estimates)
 
 
 @dataclass
 class _Rates:
-    """Linear service-time model of one worker: ``overhead + prefill * prompt_units + step * tokens``."""
+    """Linear service-time model of one worker: ``overhead + prefill * prompt_units + step(k) * tokens``,
+    where a decode step running k slots takes ``step(k) = step_s + slot_s * (k - 1)``."""
 
     overhead_s: float = 0.0
     prefill_s_per_unit: float = 0.0
     step_s: float = 0.0
+    slot_s: float = 0.0
     samples: int = 0
+    moments: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # EWMA of k, t, k*k, k*t per step
+    step_samples: int = 0
+    job_samples: int = 0
+
+    def step(self, occupancy: float) -> float:
+        return self.step_s + self.slot_s * (max(1.0, occupancy) - 1.0)
 
 
 class ServiceModel:
-    """Per-worker service-time estimates learned from finished batches.
+    """Per-worker service-time estimates learned from what workers report.
 
-    For each worker, three rates are exponentially weighted averages (``alpha``) of what its finished
-    batches showed: decode seconds per generated step and prefill seconds per prompt unit (from the
-    durations the worker reports), and a fixed overhead (router-observed batch time minus both).
+    For each worker: the time of a decode step as a line in the number of slots it runs (a least-squares
+    fit over exponentially weighted (``alpha``) moments of the steps' occupancy and duration, from the
+    worker's progress reports), prefill seconds per prompt unit (from the durations finished jobs
+    report) and a fixed overhead (router-observed job time minus both).
     A worker without samples borrows the mean rates of workers of the same kind, else of all workers,
     else zero (used for busy-time and Retry-After estimates; ECT treats unmeasured workers as free).
     """
@@ -63,17 +75,39 @@ class ServiceModel:
 
     def observe(
         self, worker_id: str, kind: str, *, prompt_units: int, steps: int,
-        prefill_s: float, decode_s: float, observed_s: float,
+        prefill_s: float, decode_s: float, observed_s: float, occupancy: float = 1.0,
     ) -> None:
+        """A finished job (or batch): its steps ran ``occupancy`` slots on average."""
+        self.observe_steps(worker_id, kind, steps=steps, decode_s=decode_s, occupancy=occupancy * steps)
+        self.observe_job(worker_id, kind, prompt_units=prompt_units, prefill_s=prefill_s, decode_s=decode_s,
+                         observed_s=observed_s)
+
+    def observe_job(self, worker_id: str, kind: str, *, prompt_units: int, prefill_s: float, decode_s: float,
+                    observed_s: float) -> None:
         r = self._rates.setdefault(worker_id, _Rates())
         self._kinds[worker_id] = kind
-        first = r.samples == 0
+        first = r.job_samples == 0
         if prompt_units > 0:
             r.prefill_s_per_unit = self._ewma(r.prefill_s_per_unit, prefill_s / prompt_units, first)
-        if steps > 0:
-            r.step_s = self._ewma(r.step_s, decode_s / steps, first)
         r.overhead_s = self._ewma(r.overhead_s, max(0.0, observed_s - prefill_s - decode_s), first)
-        r.samples += 1
+        r.job_samples += 1
+        r.samples = r.job_samples + r.step_samples
+
+    def observe_steps(self, worker_id: str, kind: str, *, steps: int, decode_s: float, occupancy: int) -> None:
+        """``steps`` decode steps took ``decode_s`` and ran ``occupancy`` slots in all."""
+        if steps <= 0:
+            return
+        r = self._rates.setdefault(worker_id, _Rates())
+        self._kinds[worker_id] = kind
+        k, t = max(1.0, occupancy / steps), decode_s / steps
+        first = r.step_samples == 0
+        mk, mt, mkk, mkt = (self._ewma(old, new, first) for old, new in zip(r.moments, (k, t, k * k, k * t)))
+        r.moments, r.step_samples = (mk, mt, mkk, mkt), r.step_samples + 1
+        var = mkk - mk * mk
+        slope = max(0.0, (mkt - mk * mt) / var) if var > 1e-6 else r.slot_s
+        r.slot_s = slope
+        r.step_s = max(0.0, mt - slope * (mk - 1.0))
+        r.samples = r.job_samples + r.step_samples
 
     def known(self, worker_id: str) -> bool:
         r = self._rates.get(worker_id)
@@ -95,23 +129,20 @@ class ServiceModel:
                     sum(k.overhead_s for k in known) / n,
                     sum(k.prefill_s_per_unit for k in known) / n,
                     sum(k.step_s for k in known) / n,
+                    sum(k.slot_s for k in known) / n,
                 )
         return _Rates()
 
-    def estimate(self, worker_id: str, kind: str, prompt_units: int, output_tokens: int) -> float:
+    def estimate(self, worker_id: str, kind: str, prompt_units: int, output_tokens: int,
+                 occupancy: float = 1.0) -> float:
+        """One job's service time on a worker whose decode steps run ``occupancy`` slots."""
         r = self.rates(worker_id, kind)
-        return r.overhead_s + r.prefill_s_per_unit * prompt_units + r.step_s * output_tokens
-
-    def estimate_batch(self, worker_id: str, kind: str, jobs: Sequence[Job]) -> float:
-        """A padded batch runs its summed prefill once and as many decode steps as its longest row."""
-        units = sum(j.prompt_units for j in jobs)
-        steps = max((j.expected_output for j in jobs), default=0)
-        return self.estimate(worker_id, kind, units, steps)
+        return r.overhead_s + r.prefill_s_per_unit * prompt_units + r.step(occupancy) * output_tokens
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         return {
             w: {"overhead_s": r.overhead_s, "prefill_s_per_unit": r.prefill_s_per_unit,
-                "step_s": r.step_s, "samples": r.samples}
+                "step_s": r.step_s, "slot_s": r.slot_s, "samples": r.samples}
             for w, r in self._rates.items()
         }
 
@@ -132,16 +163,16 @@ def fill_batch(queue: Sequence[Job], head: int, max_batch: int, taken: set[int])
     return batch
 
 
-def share_out(n_jobs: int, idle: Sequence[WorkerView]) -> dict[str, int]:
-    """Batch size per idle worker: ``n_jobs`` spread evenly, capped by each worker's ``max_batch``
-    (water-filling, smallest cap first, so that the total is ``min(n_jobs, total capacity)``).
-    ``idle`` is in dispatch order."""
+def share_out(n_jobs: int, open_: Sequence[WorkerView]) -> dict[str, int]:
+    """Jobs per worker with free slots: ``n_jobs`` spread evenly, capped by each worker's ``free_slots``
+    (water-filling, smallest cap first, so that the total is ``min(n_jobs, total free slots)``).
+    ``open_`` is in dispatch order."""
     sizes: dict[str, int] = {}
     left = n_jobs
-    order = {w.id: i for i, w in enumerate(idle)}  # among equal caps, the longest idle gets the larger share
-    ordered = sorted(idle, key=lambda w: (w.max_batch, order[w.id]))
+    order = {w.id: i for i, w in enumerate(open_)}  # among equal caps, the first in order gets the larger share
+    ordered = sorted(open_, key=lambda w: (w.free_slots, order[w.id]))
     for i, w in enumerate(ordered):
-        sizes[w.id] = min(w.max_batch, math.ceil(left / (len(ordered) - i))) if left > 0 else 0
+        sizes[w.id] = min(w.free_slots, math.ceil(left / (len(ordered) - i))) if left > 0 else 0
         left -= sizes[w.id]
     return sizes
 
@@ -156,29 +187,31 @@ class DispatchPolicy(abc.ABC):
 
     @abc.abstractmethod
     def assign(self, queue: Sequence[Job], workers: Sequence[WorkerView], now: float) -> list[Assignment]:
-        """Return (idle worker, batch) pairs; every job and worker appears at most once."""
+        """Return (worker, jobs) pairs, at most ``free_slots`` jobs each; every job and worker appears at
+        most once."""
 
 
 class FcfsPolicy(DispatchPolicy):
     """First come, first served over one shared FIFO queue (the reference system).
 
-    Algorithm: while the queue is not empty and some worker is idle, the worker that has been idle
-    longest takes the job at the head of the queue together with compatible jobs behind it. Batch
-    sizes share the queue out among the idle workers (water-filling: each gets ``ceil(jobs left /
-    workers left)``, at most its ``max_batch``, smallest ``max_batch`` first), so idle workers are
-    not left waiting while one of them takes a large batch. Worker speed is ignored: a slow idle
-    worker is always used rather than wait.
+    Algorithm: while the queue is not empty and some worker has a free slot, the workers with free
+    slots take the jobs at the head of the queue in order: idle workers first, the longest idle first,
+    then busy ones, the least loaded first. The queue is shared out among them (water-filling: each gets
+    ``ceil(jobs left / workers left)``, at most its free slots, smallest cap first), so that a burst is
+    spread rather than piled onto one worker. Worker speed is ignored: a slow worker with a free slot is
+    always used rather than wait.
     """
 
     name = "fcfs"
 
     def assign(self, queue: Sequence[Job], workers: Sequence[WorkerView], now: float) -> list[Assignment]:
-        idle = sorted((w for w in workers if w.idle_since is not None), key=lambda w: (w.idle_since, w.id))
-        sizes = share_out(len(queue), idle)
+        open_ = sorted((w for w in workers if w.free_slots > 0),
+                       key=lambda w: (w.idle_since is None, w.idle_since or 0.0, w.running, w.id))
+        sizes = share_out(len(queue), open_)
         taken: set[int] = set()
         out: list[Assignment] = []
         head = 0
-        for worker in idle:
+        for worker in open_:
             while head < len(queue) and head in taken:
                 head += 1
             if head >= len(queue):
@@ -191,17 +224,18 @@ class EctPolicy(DispatchPolicy):
     """Expected completion time: each job goes where it is expected to finish first.
 
     Algorithm (list scheduling over the first ``window`` queued jobs, in arrival order): every worker
-    has a *free-at* time, ``now`` when idle, else its batch's dispatch time plus the service model's
-    estimate for that batch (never before ``now``). For each job, the expected completion on worker
-    ``w`` is ``free_at[w] + estimate(w, prompt length, max_tokens)``; the job picks the minimum.
-    If that worker is idle and still unclaimed in this round, the job is dispatched to it (with
-    compatible jobs behind it, up to ``max_batch`` and an even share of the queue among the idle
-    workers); otherwise the job stays queued and reserves the
-    worker (``free_at[w] += estimate``), so later jobs see it as taken. A job therefore waits for a
-    busy fast worker instead of taking an idle slow one when the fast one is expected to finish it
-    sooner, while later jobs may still use the slow one. A worker that has not finished a batch yet
-    is estimated at zero cost (optimism), so every worker gets measured once instead of borrowing
-    rates that could hide that it is faster.
+    has a *free-at* time, ``now`` when it has a free slot, else when its next slot is expected to free
+    (its running jobs' dispatch times plus their estimates; never before ``now``). For each job, the
+    expected completion on worker ``w`` is ``free_at[w] + estimate(w, prompt length, max_tokens,
+    occupancy)``, where the per-step cost grows with the slots ``w`` would then run; the job picks the
+    minimum. If that worker has a free slot and is still unclaimed in this round, the job is dispatched
+    to it (with compatible jobs behind it, up to its free slots and an even share of the queue among
+    the workers with free slots); otherwise the job stays queued and reserves the worker
+    (``free_at[w] += estimate``), so later jobs see it as taken. A job therefore waits for a busy fast
+    worker instead of taking a free slow one when the fast one is expected to finish it sooner, while
+    later jobs may still use the slow one. A worker not measured yet is estimated at zero cost
+    (optimism), so every worker gets measured once instead of borrowing rates that could hide that it
+    is faster.
     """
 
     name = "ect"
@@ -211,13 +245,7 @@ class EctPolicy(DispatchPolicy):
         self.window = window
 
     def assign(self, queue: Sequence[Job], workers: Sequence[WorkerView], now: float) -> list[Assignment]:
-        free_at: dict[str, float] = {}
-        for w in workers:
-            if w.idle_since is not None:
-                free_at[w.id] = now
-            else:
-                started = w.busy_since if w.busy_since is not None else now
-                free_at[w.id] = max(now, started + w.batch_estimate_s)
+        free_at = {w.id: now if w.free_slots > 0 else max(now, w.slot_free_at) for w in workers}
         claimed: set[str] = set()
         taken: set[int] = set()
         out: list[Assignment] = []
@@ -227,21 +255,22 @@ class EctPolicy(DispatchPolicy):
             job = queue[i]
             best, best_key = None, None
             for w in workers:
-                cost = (self.service.estimate(w.id, w.kind, job.prompt_units, job.expected_output)
+                cost = (self.service.estimate(w.id, w.kind, job.prompt_units, job.expected_output, w.running + 1)
                         if self.service.known(w.id) else 0.0)
                 t = free_at[w.id] + cost
-                startable = w.idle_since is not None and w.id not in claimed
+                startable = w.free_slots > 0 and w.id not in claimed
                 key = (t, not startable, w.id)  # ties go to a worker that can start now
                 if best_key is None or key < best_key:
                     best, best_key = w, key
             if best is None or best_key is None:
                 break
             if not best_key[1]:
-                startable = sum(1 for w in workers if w.idle_since is not None and w.id not in claimed)
+                startable = sum(1 for w in workers if w.free_slots > 0 and w.id not in claimed)
                 share = math.ceil((min(len(queue), self.window) - len(taken)) / max(1, startable))
-                batch = fill_batch(queue, i, max(1, min(best.max_batch, share)), taken)
+                batch = fill_batch(queue, i, max(1, min(best.free_slots, share)), taken)
                 claimed.add(best.id)
-                free_at[best.id] = now + (self.service.estimate_batch(best.id, best.kind, batch)
+                free_at[best.id] = now + (max(self.service.estimate(best.id, best.kind, j.prompt_units, j.expected_output,
+                                                                    best.running + len(batch)) for j in batch)
                                           if self.service.known(best.id) else 0.0)
                 out.append((best, batch))
             else:

@@ -26,7 +26,7 @@ from caserve.serving.errors import (
     ServingError,
 )
 from caserve.serving.messages import (
-    MODEL_TASKS, BatchDone, Cancel, Done, DrainReply, Error, Event, RouterMessage, Run, Tokens,
+    MODEL_TASKS, Cancel, Done, DrainReply, Error, Event, Progress, RouterMessage, Run, Tokens,
 )
 from caserve.serving.router.jobs import Job, JobState
 from caserve.serving.router.metrics import ServingMetrics
@@ -52,24 +52,38 @@ class WorkerSession:
     jobs: dict[str, Job] = field(default_factory=dict)  # dispatch id -> job, running here
     # every dispatch id sent to this session (the last REMEMBERED_DISPATCHES), finished or not
     dispatched: "collections.OrderedDict[str, None]" = field(default_factory=collections.OrderedDict)
-    batch: list[Job] = field(default_factory=list)
+    batching: str = "continuous"  # static: takes jobs only when idle (see messages.RegisterRequest)
     idle_since: Optional[float] = field(default_factory=time.monotonic)
     busy_since: Optional[float] = None
-    batch_estimate_s: float = 0.0
+    slot_free_at: float = 0.0  # when its next slot is expected to free (set before each policy decision)
     last_seen: float = field(default_factory=time.monotonic)
     registered_at: float = field(default_factory=time.monotonic)
     channel_open: bool = False
     alive: bool = True
-    draining: bool = False  # receives no new batches; its running batch finishes normally
-    batches_done: int = 0
-    last_batch: dict[str, Any] = field(default_factory=dict)  # the worker's own report of its last batch
+    draining: bool = False  # receives no new jobs; its running jobs finish normally
+    jobs_done: int = 0
+    progress: dict[str, Any] = field(default_factory=dict)  # the worker's last progress report
+    progress_at: Optional[float] = None
+
+    @property
+    def running(self) -> int:
+        return len(self.jobs)
+
+    @property
+    def free_slots(self) -> int:
+        """Jobs this worker can start now: the router's own count (a cancelled job's slot counts as free
+        at once; the worker holds a job sent meanwhile until its next step frees the slot)."""
+        if self.batching == "static":
+            return 0 if self.jobs else self.max_batch
+        return max(0, self.max_batch - len(self.jobs))
 
     def describe(self) -> dict[str, Any]:
         return {
             "id": self.id, "kind": self.kind, "task": self.task, "max_batch": self.max_batch,
+            "batching": self.batching, "free_slots": self.free_slots,
             "busy": self.idle_since is None, "channel_open": self.channel_open, "draining": self.draining,
             "running": [j.id for j in self.jobs.values()], "registered_at": self.registered_at,
-            "batches_done": self.batches_done, "last_batch": self.last_batch,
+            "jobs_done": self.jobs_done, "progress": self.progress,
         }
 
 
@@ -123,6 +137,7 @@ class Router:
 
     def cancel(self, job: Job) -> None:
         """The client went away: drop a queued job, or stop a running one and free its worker."""
+        ws: Optional[WorkerSession] = None
         if job.state is JobState.QUEUED:
             state = self.models.get(job.model)
             if state is not None and job in state.queue:
@@ -133,14 +148,17 @@ class Router:
             if ws is not None and job.dispatch_id is not None:
                 ws.outbox.put_nowait(Cancel(dispatch=job.dispatch_id))
                 ws.jobs.pop(job.dispatch_id, None)
+                self._slot_freed(ws)
         else:
             return
         self._finish(job, JobState.CANCELLED, RequestCancelled("client disconnected"))
+        if ws is not None:
+            self._schedule(self.models[ws.model])
 
     # ------------------------------------------------------------------------------------ worker side
 
     def register(self, *, worker_id: str, kind: str, model: str, task: str, max_batch: int,
-                 max_context: int) -> WorkerSession:
+                 max_context: int, batching: str = "continuous") -> WorkerSession:
         if task not in MODEL_TASKS:
             raise BadRequest(f"unknown model task {task!r}", param="task")
         state = self.models.setdefault(model, ModelState(model))
@@ -149,10 +167,11 @@ class Router:
             self.worker_lost(old, "re-registered")
         state.task = state.task or task
         state.max_context = max_context
-        ws = WorkerSession(worker_id, kind, model, task, max(1, max_batch), max_context)
+        ws = WorkerSession(worker_id, kind, model, task, max(1, max_batch), max_context, batching=batching)
         state.workers[worker_id] = ws
         self._update_worker_gauge(state)
-        logger.info("worker %s (%s) registered for %s, max_batch=%d", worker_id, kind, model, ws.max_batch)
+        logger.info("worker %s (%s) registered for %s, %d slot(s), %s batching", worker_id, kind, model,
+                    ws.max_batch, batching)
         return ws
 
     def session(self, worker_id: str, session: str) -> WorkerSession:
@@ -209,15 +228,15 @@ class Router:
         """Apply a worker's events in order. Refuses the whole list (400, nothing applied) when one names a
         dispatch id this session was never sent; events of rows that were requeued, cancelled or finished
         since are dropped (exactly-once)."""
-        unknown = [e.dispatch for e in events if not isinstance(e, BatchDone) and e.dispatch not in ws.dispatched]
+        unknown = [e.dispatch for e in events if not isinstance(e, Progress) and e.dispatch not in ws.dispatched]
         if unknown:
             logger.warning("worker %s sent events for %d dispatch id(s) it was never sent (first %r); refused",
                            ws.id, len(unknown), unknown[0][:40])
             raise BadRequest(f"dispatch id {unknown[0][:40]!r} was never sent to this worker session",
                              param="events.dispatch")
         for event in events:
-            if isinstance(event, BatchDone):
-                self._batch_done(ws, event)
+            if isinstance(event, Progress):
+                self._progress(ws, event)
                 continue
             job = ws.jobs.get(event.dispatch)
             if job is None or job.state is not JobState.RUNNING or job.dispatch_id != event.dispatch:
@@ -243,11 +262,16 @@ class Router:
                     job.first_token = now
                 job.completion_tokens = len(job.generated_ids)
                 del ws.jobs[job.dispatch_id]
+                self._learn(ws, job, now)
                 self._finish(job, JobState.DONE, None)
+                self._slot_freed(ws)
             elif isinstance(event, Error):
                 error_type = WORKER_ERROR_TYPES.get(event.error_type, RequestFailed)
                 del ws.jobs[job.dispatch_id]
                 self._finish(job, JobState.FAILED, error_type(event.message))
+                self._slot_freed(ws)
+        if ws.alive:
+            self._schedule(self.models[ws.model])
 
     async def reap_forever(self, period_s: float = 1.0) -> None:
         """Drop workers whose heartbeats stopped (a channel that closes is noticed at once, not here),
@@ -280,9 +304,12 @@ class Router:
 
     def _schedule(self, state: ModelState) -> None:
         workers = [w for w in state.workers.values() if w.channel_open and w.alive and not w.draining]
-        if not state.queue or not any(w.idle_since is not None for w in workers):
+        if not state.queue or not any(w.free_slots > 0 for w in workers):
             return
         now = time.monotonic()
+        for w in workers:
+            w.slot_free_at = min((j.dispatch + j.estimate_s for j in w.jobs.values() if j.dispatch is not None),
+                                 default=now)
         for ws, batch in self.policy.assign(list(state.queue), workers, now):
             self._dispatch(state, ws, batch, now)
         self._update_queue_gauge(state)
@@ -297,39 +324,45 @@ class Router:
             if job.first_dispatch is None:
                 job.first_dispatch = now
                 self.metrics.queue_delay.labels(job.model).observe(now - job.arrival)
+            job.estimate_s = self.service.estimate(ws.id, ws.kind, job.prompt_units, job.expected_output,
+                                                   len(ws.jobs) + len(batch))
             ws.jobs[job.dispatch_id] = job
             ws.dispatched[job.dispatch_id] = None
             while len(ws.dispatched) > REMEMBERED_DISPATCHES:
                 ws.dispatched.popitem(last=False)
             rows.append(job.row(job.dispatch_id))
-        ws.idle_since, ws.busy_since, ws.batch = None, now, list(batch)
-        ws.batch_estimate_s = self.service.estimate_batch(ws.id, ws.kind, batch)
-        self.metrics.batch_size.labels(state.name).observe(len(batch))
+        if ws.idle_since is not None:
+            ws.idle_since, ws.busy_since = None, now
+        self.metrics.batch_size.labels(state.name).observe(len(ws.jobs))
         ws.outbox.put_nowait(Run(rows=rows))
         logger.debug("dispatched %d job(s) to %s", len(batch), ws.id)
 
-    def _batch_done(self, ws: WorkerSession, event: BatchDone) -> None:
-        if ws.idle_since is not None:
-            return
+    def _progress(self, ws: WorkerSession, event: Progress) -> None:
+        """A worker's engine report: the service model learns the cost of a step at its occupancy."""
         now = time.monotonic()
-        observed = now - (ws.busy_since or now)
-        prefill_s, decode_s, steps = event.prefill_s, event.decode_s, event.steps
-        self.service.observe(
-            ws.id, ws.kind, prompt_units=sum(j.prompt_units for j in ws.batch), steps=steps,
-            prefill_s=prefill_s, decode_s=decode_s, observed_s=observed)
-        generated = event.generated_tokens
-        if observed > 0:
-            self.metrics.tokens_per_second.labels(ws.id, ws.kind).set(generated / observed)
-        self._account_busy(ws, now)
-        ws.batches_done += 1
-        ws.last_batch = {"steps": steps, "generated_tokens": generated, "jobs": len(ws.batch),
-                         "prefill_s": prefill_s, "decode_s": decode_s, "observed_s": observed}
-        for dispatch_id in [d for d, j in ws.jobs.items() if j in ws.batch]:
-            job = ws.jobs.pop(dispatch_id)  # the worker ended the batch without answering this job
-            if job.state is JobState.RUNNING:
-                self._finish(job, JobState.FAILED, RequestFailed("worker finished the batch without a result"))
-        ws.idle_since, ws.busy_since, ws.batch = now, None, []
-        self._schedule(self.models[ws.model])
+        self.service.observe_steps(ws.id, ws.kind, steps=event.steps, decode_s=event.decode_s,
+                                   occupancy=event.occupancy)
+        if ws.progress_at is not None and now > ws.progress_at:
+            self.metrics.tokens_per_second.labels(ws.id, ws.kind).set(event.generated_tokens / (now - ws.progress_at))
+        ws.progress_at = now
+        ws.progress = {"steps": event.steps, "generated_tokens": event.generated_tokens,
+                       "prefill_tokens": event.prefill_tokens, "prefill_s": event.prefill_s,
+                       "decode_s": event.decode_s, "occupancy": event.occupancy, "active": event.active,
+                       "free_slots": event.free_slots}
+
+    def _learn(self, ws: WorkerSession, job: Job, now: float) -> None:
+        durations = job.worker_durations
+        self.service.observe_job(ws.id, ws.kind, prompt_units=job.prompt_units,
+                                 prefill_s=float(durations.get("prefill_s", 0.0)),
+                                 decode_s=float(durations.get("decode_s", 0.0)),
+                                 observed_s=now - (job.dispatch or now))
+        ws.jobs_done += 1
+
+    def _slot_freed(self, ws: WorkerSession) -> None:
+        if not ws.jobs and ws.idle_since is None:
+            now = time.monotonic()
+            self._account_busy(ws, now)
+            ws.idle_since, ws.busy_since = now, None
 
     def _account_busy(self, ws: WorkerSession, now: float) -> None:
         if ws.busy_since is not None:
