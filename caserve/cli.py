@@ -243,6 +243,31 @@ def bench_compare_cmd(
     typer.echo(f"wrote {out_dir}/compare.json, compare.md, jct_cdf.png, queue_delay.png")
 
 
+@bench_app.command("batching")
+def bench_batching_cmd(
+    model: str = typer.Option("caserve/tiny-gpt2", help="Model both configurations serve."),
+    sharegpt: Path = typer.Option(..., help="ShareGPT JSON file (prompts: first human turns)."),
+    trace: Path = typer.Option(..., help="Azure LLM trace CSV (output lengths: GeneratedTokens)."),
+    num_requests: int = typer.Option(60, "--num-requests", "-n", min=1, help="Requests per run."),
+    loads: str = typer.Option("0.5,0.9,1.5", help="Comma-separated Poisson loads, x the static capacity."),
+    max_batch: int = typer.Option(8, min=1, help="Slots of the one worker."),
+    max_output: int = typer.Option(256, min=1, help="Cap on a request's output tokens."),
+    max_prompt_words: int = typer.Option(96, min=1, help="Prompts are cut to this many words."),
+    shrink: bool = typer.Option(False, help="Zoo models: the shrunk architecture (random weights)."),
+    seed: int = typer.Option(0),
+    out_dir: Path = typer.Option(Path("results/batching"), help="Directory for batching.json and .md."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Static against continuous batching on the same arrivals: saturation throughput, then Poisson loads."""
+    _setup_logging(verbose)
+    from caserve.bench.batching import BatchingSpec, markdown, run_batching
+
+    spec = BatchingSpec(model=model, sharegpt=sharegpt, trace=trace, num_requests=num_requests,
+                        loads=tuple(_csv_floats(loads)), max_batch=max_batch, max_output=max_output,
+                        max_prompt_words=max_prompt_words, shrink=shrink, seed=seed)
+    typer.echo(markdown(run_batching(spec, out_dir)))
+
+
 @bench_app.command("matrix")
 def bench_matrix_cmd(
     models: str = typer.Option("", help="Comma-separated models (default: the 10 LMs of the zoo)."),

@@ -39,6 +39,7 @@ import torch
 from caserve.models import LoadedModel
 from caserve.serving.messages import MODEL_TASKS, TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, Error, Progress
 from caserve.serving.messages import Row as RowMessage
+from caserve.serving.messages import SamplingParams
 from caserve.serving.worker.batch import BatchRunner
 from caserve.serving.worker.rows import Emit, IsCancelled, Row, RowError, error_event, make_row
 from caserve.serving.worker.slot_sampler import SlotSampler, Unsupported
@@ -180,6 +181,16 @@ class Engine:
         if self.batching == "static" and (self.occupied or self.reads):
             return 0
         return max(0, self.slots - self.occupied - len(self.pending))
+
+    def warm_up(self) -> None:
+        """Pay first-call costs (cache allocation, op planning, a decode step's capture) before serving,
+        so that the first requests and the router's first estimates do not carry them."""
+        if not self.causal:
+            return
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        row = RowMessage(dispatch="warm-up", job="warm-up", task=TASK_GENERATE, prompt_ids=[0],
+                         params=params)
+        self.run([row], lambda event: None, lambda dispatch: False)
 
     def abandon(self) -> list[str]:
         """Drop every row (after a failure, or when the router session ends); returns their dispatch ids."""

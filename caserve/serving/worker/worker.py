@@ -151,8 +151,10 @@ class Worker:
             graph_mode(lm.model)  # a decode step of a batch shape becomes one message after two steps
         # Every kind runs the same slot engine: one static KV cache of max_batch x max_len, fixed shapes (what
         # graph mode captures on a remote device), decode one step ahead on a remote device.
-        return Engine(lm, max_batch=c.max_batch, max_len=c.max_len, batching=c.batching,
-                      step_delay_s=c.step_delay_s)
+        engine = Engine(lm, max_batch=c.max_batch, max_len=c.max_len, batching=c.batching,
+                        step_delay_s=c.step_delay_s)
+        engine.warm_up()
+        return engine
 
     async def _serve_router(self) -> None:
         """Register and serve; on losing the router, register again (with backoff while it stays

@@ -1,0 +1,163 @@
+"""``caserve bench batching``: the same arrivals against static and continuous batching.
+
+Requests are ShareGPT first turns (read from the file given) with output lengths drawn from an Azure
+LLM trace's ``GeneratedTokens`` (mixed short and long), capped at ``max_output``. For each batching mode
+a fresh ``caserve serve`` (one worker, ``--max-batch`` slots) is started, warmed up and sent:
+
+1. a burst of ``num_requests`` at once: throughput at saturation. The static configuration's
+   throughput is its capacity (requests/s);
+2. Poisson arrivals at each ``loads`` x that capacity (the same seeded arrivals for both modes).
+
+The modes alternate inside each step (static, then continuous), so that drift on a shared machine hits
+both alike. Reported per run: throughput, mean and p99 queue delay, TTFT, TPOT and JCT (server timings
+where the router reports them), in ``batching.json`` and a markdown table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from caserve.bench import arrivals as arr
+from caserve.bench.compare import Config, launched_server, warm_up
+from caserve.bench.datasets import BenchRequest, load_workload
+from caserve.bench.loadgen import LoadGenConfig, run_load_sync
+from caserve.bench.metrics import compute_metrics
+from caserve.bench.run import WorkloadSpec, save_result
+
+logger = logging.getLogger(__name__)
+
+MODES = ("static", "continuous")
+SERVE = ("{python} -m caserve.cli serve --model {model} --port {port} --gpu-port {gpu_port} "
+         "--native-workers {native} --assisted-workers {assisted} {extra}")
+
+
+class BatchingBenchError(RuntimeError):
+    """The benchmark could not run (bad inputs, a run where every request failed)."""
+
+
+@dataclass(frozen=True)
+class BatchingSpec:
+    model: str = "caserve/tiny-gpt2"
+    sharegpt: Optional[Path] = None
+    trace: Optional[Path] = None
+    num_requests: int = 60
+    loads: tuple[float, ...] = (0.5, 0.9, 1.5)
+    max_batch: int = 8
+    max_output: int = 256
+    max_prompt_words: int = 96
+    shrink: bool = False
+    worker_threads: int = 1
+    seed: int = 0
+
+
+def output_lengths(trace: Path, n: int, *, cap: int, seed: int) -> list[int]:
+    """``n`` GeneratedTokens values drawn (seeded, with replacement) from the trace, each in [1, cap]."""
+    with Path(trace).open(encoding="utf-8", newline="") as fh:
+        values = [int(row["GeneratedTokens"]) for row in csv.DictReader(fh) if row.get("GeneratedTokens")]
+    if not values:
+        raise BatchingBenchError(f"{trace}: no GeneratedTokens values")
+    rng = random.Random(seed)
+    return [max(1, min(cap, rng.choice(values))) for _ in range(n)]
+
+
+def build_requests(spec: BatchingSpec) -> list[BenchRequest]:
+    if spec.sharegpt is None or spec.trace is None:
+        raise BatchingBenchError("give the ShareGPT file and the Azure trace (--sharegpt, --trace)")
+    lens = output_lengths(spec.trace, spec.num_requests, cap=spec.max_output, seed=spec.seed)
+    return load_workload("sharegpt", spec.num_requests, path=spec.sharegpt, seed=spec.seed, output_lens=lens,
+                         max_prompt_words=spec.max_prompt_words)
+
+
+def summary(records: Sequence[Any], duration: float) -> dict[str, Any]:
+    m = compute_metrics(records, duration)
+    if m["completed"] == 0:
+        raise BatchingBenchError(f"every request failed: {records[0].error if records else 'no requests'}")
+
+    def pick(name: str, key: str) -> Optional[float]:
+        block = m.get(name)
+        return None if not block else block.get(key)
+
+    return {"completed": m["completed"], "failed": m["failed"], "throughput_rps": m["request_throughput"],
+            "output_tok_s": m["output_throughput"],
+            "queue_delay_mean_ms": pick("queue_delay_ms", "mean"), "queue_delay_p99_ms": pick("queue_delay_ms", "p99"),
+            "ttft_mean_ms": pick("ttft_ms", "mean"), "ttft_p99_ms": pick("ttft_ms", "p99"),
+            "tpot_mean_ms": pick("tpot_ms", "mean"), "jct_mean_ms": pick("jct_ms", "mean"),
+            "jct_p99_ms": pick("jct_ms", "p99")}
+
+
+def run_batching(spec: BatchingSpec, out_dir: Optional[Path] = None, progress: bool = False) -> dict[str, Any]:
+    reqs = build_requests(spec)
+    extra = {mode: f"--max-batch {spec.max_batch} --batching {mode} --worker-threads {spec.worker_threads}"
+                   + (" --shrink" if spec.shrink else "") for mode in MODES}
+    rows: list[dict[str, Any]] = []
+    cfg = Config(native=1, assisted=0)
+    servers: dict[str, str] = {}
+    capacity: Optional[float] = None
+    with contextlib.ExitStack() as stack:
+        for mode in MODES:  # both servers stay up, so that their runs can alternate
+            log = Path(out_dir) / f"server_{mode}.log" if out_dir else None
+            servers[mode] = stack.enter_context(launched_server(SERVE, model=spec.model, cfg=cfg, log_path=log,
+                                                                extra=extra[mode]))
+            warm_up(servers[mode], WorkloadSpec(dataset="synthetic", output_len=8), n=2)
+        for step, load in [("saturation", None)] + [(f"{x:g}x", x) for x in spec.loads]:
+            if load is None:
+                offsets = np.zeros(len(reqs))
+            else:
+                assert capacity is not None
+                offsets = arr.poisson(len(reqs), load * capacity, seed=spec.seed + 1)
+            for mode in MODES:
+                recs, duration = run_load_sync(reqs, offsets, LoadGenConfig(url=servers[mode], progress=progress))
+                row = {"step": step, "mode": mode, "rate_rps": None if load is None else load * capacity,
+                       **summary(recs, duration)}
+                logger.info("%s", row)
+                rows.append(row)
+                if load is None and mode == "static":
+                    capacity = row["throughput_rps"]
+    result = {"schema": "caserve-batching/1", "spec": {k: (str(v) if isinstance(v, Path) else v)
+                                                        for k, v in spec.__dict__.items()},
+              "static_capacity_rps": capacity, "rows": rows, "targets": targets(rows)}
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        save_result(result, Path(out_dir) / "batching.json")
+        (Path(out_dir) / "batching.md").write_text(markdown(result) + "\n")
+    return result
+
+
+def targets(rows: Sequence[dict[str, Any]]) -> dict[str, Optional[float]]:
+    """Continuous over static: throughput ratio at saturation, p99 JCT reduction (%) at 0.9x."""
+    by = {(r["step"], r["mode"]): r for r in rows}
+    out: dict[str, Optional[float]] = {"saturation_throughput_ratio": None, "p99_jct_reduction_pct_at_0.9x": None}
+    s, c = by.get(("saturation", "static")), by.get(("saturation", "continuous"))
+    if s and c and s["throughput_rps"]:
+        out["saturation_throughput_ratio"] = c["throughput_rps"] / s["throughput_rps"]
+    s, c = by.get(("0.9x", "static")), by.get(("0.9x", "continuous"))
+    if s and c and s["jct_p99_ms"]:
+        out["p99_jct_reduction_pct_at_0.9x"] = 100.0 * (1 - c["jct_p99_ms"] / s["jct_p99_ms"])
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    def f(v: Optional[float], digits: int = 0) -> str:
+        return "n/a" if v is None else f"{v:.{digits}f}"
+
+    lines = ["| load | batching | done | failed | req/s | out tok/s | queue mean / p99 (ms) | TTFT mean / p99 (ms) | "
+             "TPOT mean (ms) | JCT mean / p99 (ms) |", "|" + "---|" * 10]
+    for r in result["rows"]:
+        lines.append(f"| {r['step']} | {r['mode']} | {r['completed']} | {r['failed']} | {f(r['throughput_rps'], 2)} | "
+                     f"{f(r['output_tok_s'], 1)} | {f(r['queue_delay_mean_ms'])} / {f(r['queue_delay_p99_ms'])} | "
+                     f"{f(r['ttft_mean_ms'])} / {f(r['ttft_p99_ms'])} | {f(r['tpot_mean_ms'], 1)} | "
+                     f"{f(r['jct_mean_ms'])} / {f(r['jct_p99_ms'])} |")
+    t = result["targets"]
+    lines.append("")
+    lines.append(f"static capacity {f(result['static_capacity_rps'], 2)} req/s; continuous/static throughput at "
+                 f"saturation {f(t['saturation_throughput_ratio'], 2)}x; p99 JCT at 0.9x "
+                 f"{f(t['p99_jct_reduction_pct_at_0.9x'], 1)}% lower")
+    return "\n".join(lines)
