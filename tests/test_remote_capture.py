@@ -217,13 +217,13 @@ def test_assisted_engine_replays_decode_steps_with_the_same_tokens(dev):
     greedy = [r for r in rows() if r.params.temperature == 0]
     assert len(greedy) == 2
     ahead = run(engine, greedy)
-    assert ahead == {r["dispatch"]: want[r["dispatch"]] for r in greedy}
+    assert ahead == {r.dispatch: want[r.dispatch] for r in greedy}
     # Rows that stop early (on a stop string taken from their own output): the step computed ahead for
     # them is dropped, nothing more is emitted.
     text = {d: lm.tokenizer.decode(ids) for d, ids in want.items()}
     stopped = [replace(r, params=replace(r.params, stop=[text[r.dispatch][5]])) for r in greedy]
     local_stopped = run(Engine(load_model(DEFAULT_MODEL)), stopped)
-    assert all(len(local_stopped[r["dispatch"]]) < len(want[r["dispatch"]]) for r in greedy)
+    assert all(len(local_stopped[r.dispatch]) < len(want[r.dispatch]) for r in greedy)
     assert run(engine, stopped) == local_stopped
 
 

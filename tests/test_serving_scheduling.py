@@ -144,8 +144,8 @@ def fast_and_slow(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     c = Cluster(tmp_path_factory.mktemp(request.param))
     try:
         c.router("--policy", request.param)
-        c.worker("fast", "--step-delay", "0.01", "--max-batch", "1", kind="native")  # one slot each
-        c.worker("slow", "--step-delay", "0.2", "--max-batch", "1", kind="cpu")
+        c.worker("fast", "--step-delay", "0.01", "--max-batch", "1", "--max-len", "256", kind="native")  # one slot each
+        c.worker("slow", "--step-delay", "0.2", "--max-batch", "1", "--max-len", "256", kind="cpu")
         c.wait_workers({"fast", "slow"})
         yield request.param, c
     finally:

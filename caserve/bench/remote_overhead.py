@@ -75,8 +75,10 @@ def _generate(model, ids, n: int, cache: str) -> None:
 
 
 def _engine_decode(engine, ids: list[int], n: int) -> None:
-    params = {"max_tokens": n, "temperature": 0, "top_p": 1, "stop": [], "seed": None, "ignore_eos": True}
-    row = {"dispatch": "bench", "task": "generate", "prompt_ids": ids, "params": params}
+    from caserve.serving.messages import Row, SamplingParams
+
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    row = Row(dispatch="bench", job="bench", task="generate", prompt_ids=ids, params=params)
     engine.run([row], lambda event: None, lambda dispatch: False)
 
 

@@ -10,7 +10,7 @@ A causal LM gets ``max_batch`` slots over one :class:`~caserve.serving.worker.sl
 3. prefills waiting prompts in chunks of ``chunk`` tokens, as many chunks as the step's token budget
    (``step_tokens`` minus one token per decoding slot) allows, at least one; a prompt's last chunk
    samples its first token;
-4. runs one decode step over all slots (idle ones write a scratch column), samples the decoding
+4. runs one decode step over all slots (the others write a column nothing reads), samples the decoding
    slots' next tokens on the device and keeps them there as the next step's inputs;
 5. reads the sampled ids (one fetch per forward) and emits tokens, stops and ``done`` events. On a
    remote device (assisted workers) a step's ids are read only after the next step has been sent
@@ -115,7 +115,7 @@ class Engine:
         self.batch = BatchRunner(lm, self.vocab, self.eos_ids, self.pad_id)
         self.causal = lm.task == "causal-lm"
         self.context = min(lm.max_context, max_len)  # most tokens one slot holds
-        self.length = _round_up(self.context + 1, PREFILL_ROUND)  # cache columns; the last is scratch
+        self.length = _round_up(self.context, PREFILL_ROUND) + PREFILL_ROUND  # room for a last chunk's padding
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x: cache
         self._takes_positions = "position_ids" in params
@@ -266,6 +266,7 @@ class Engine:
         the logits [n, q, V] on the device."""
         cache = self._slot_cache()
         cache.rows, cache.cols = rows, host["cols"].to(self.device)
+        cache.window = int(host["mask"].shape[-1])
         kwargs: dict[str, Any] = {"use_cache": True, self._cache_arg: cache,
                                   "attention_mask": host["mask"].to(self.device)}
         positions = host["position_ids"].to(self.device)
@@ -309,12 +310,14 @@ class Engine:
         if not decoding:
             return False
         t0 = time.perf_counter()
-        positions = [-1] * self.slots
+        # An idle slot writes column 0, a slot being prefilled its next unfilled one (its next chunk's).
+        cols = [0 if s is None else s.filled for s in self.active]
         for s in decoding:
-            positions[s.index] = len(s.seq) + s.issued - 1  # the column of its newest sampled token
+            cols[s.index] = len(s.seq) + s.issued - 1  # the column of its newest sampled token
         assert self._next_ids is not None and self._all_rows is not None
         logits = self._forward(self._next_ids.view(-1, 1), self._all_rows,
-                               decode_inputs(positions, self.length))[:, -1, :]  # [slots, V]
+                               decode_inputs(cols, [s is not None and s.decoding for s in self.active],
+                                             self.length))[:, -1, :]  # [slots, V]
         index = [s.index for s in decoding]
         if len(index) == self.slots:
             result = self.sampler.sample(logits, index)

@@ -1,15 +1,18 @@
 """One KV cache of fixed shape shared by a worker's slots, and the inputs of the forwards over it.
 
 The cache holds ``slots`` rows of ``length`` columns per layer. Slot ``s`` keeps the token at position
-``p`` of its sequence in column ``p`` of row ``s``; the last column is scratch, written by padding and
-by idle slots, and never seen by a real token. Every forward names, per input row, the slot it writes
-(``rows`` [n, 1]) and, per token, the column (``cols`` [n, q]); both are tensors set on the cache
-before the call, so that a forward's Python reads only its arguments and shapes (what graph-mode
-capture on a remote device needs: a decode step over all slots has the same key every time).
+``p`` of its sequence in column ``p`` of row ``s``. Every forward names, per input row, the slot it
+writes (``rows`` [n, 1]) and, per token, the column (``cols`` [n, q]); both are tensors set on the cache
+before the call, and attends over the first ``window`` columns only (a multiple of ``WINDOW``: short
+sequences do not pay for the whole cache). A forward's Python thus reads only its arguments and shapes
+(what graph-mode capture on a remote device needs: a decode step over all slots has one key per window).
 
 Two forwards exist: a decode step over all slots ([slots, 1]) and a prefill chunk of one slot
-([1, width], width a multiple of ``PREFILL_ROUND``). Their boolean 4-D masks [n, 1, q, length] are
-used by Transformers as given (no device sync to inspect a 2-D mask).
+([1, width], width a multiple of ``PREFILL_ROUND``). Padding tokens and slots that are not decoding
+write columns no real token reads before they are written again (a chunk's padding the columns right
+after it, an idle slot its next unfilled column) and see only themselves, so their outputs stay finite.
+The boolean 4-D masks [n, 1, q, window] are used by Transformers as given (no device sync to inspect a
+2-D mask).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from transformers import StaticCache
 
 PREFILL_ROUND = 64  # prefill chunk widths are padded to a multiple of this: few shapes to plan and capture
+WINDOW = 128  # attended columns are a multiple of this
 
 
 class SlotCache(StaticCache):
@@ -38,6 +42,7 @@ class SlotCache(StaticCache):
         self.slots, self.length = slots, length
         self.rows: torch.Tensor = torch.zeros(0, 1, dtype=torch.long)  # [n, 1], set before each forward
         self.cols: torch.Tensor = torch.zeros(0, 1, dtype=torch.long)  # [n, q]
+        self.window = length  # columns attended by the next forward
         self.k: list[torch.Tensor] = []  # per layer [slots, length, heads, dim], made at the first write
         self.v: list[torch.Tensor] = []
 
@@ -51,10 +56,11 @@ class SlotCache(StaticCache):
         k, v = self.k[layer_idx], self.v[layer_idx]
         k[self.rows, self.cols] = key_states.transpose(1, 2)  # [n, q, heads, dim] at (slot, column)
         v[self.rows, self.cols] = value_states.transpose(1, 2)
+        w = self.window
         if key_states.shape[0] == self.slots:  # a decode step: rows are all slots in order
-            return k.transpose(1, 2), v.transpose(1, 2)
+            return k[:, :w].transpose(1, 2), v[:, :w].transpose(1, 2)  # [slots, heads, window, dim]
         picked = self.rows[:, 0]
-        return k[picked].transpose(1, 2), v[picked].transpose(1, 2)  # [n, heads, length, dim]
+        return k[picked, :w].transpose(1, 2), v[picked, :w].transpose(1, 2)  # [n, heads, window, dim]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions always come as position_ids; nothing may derive them from the cache
@@ -64,27 +70,32 @@ class SlotCache(StaticCache):
             t.zero_()
 
 
-def decode_inputs(positions: Sequence[int], length: int) -> dict[str, torch.Tensor]:
-    """Host tensors of one decode step over all slots: ``positions[s]`` is slot s's next column, or -1
-    for an idle slot (it writes the scratch column and sees only it).
-    Returns cols and position_ids [slots, 1] and the boolean mask [slots, 1, 1, length]."""
-    pos = torch.tensor(positions, dtype=torch.long).view(-1, 1)  # [S, 1]
-    idle = pos < 0
-    cols = torch.where(idle, torch.full_like(pos, length - 1), pos)
-    k = torch.arange(length).view(1, -1)  # [1, L]
-    mask = torch.where(idle, k == length - 1, k <= pos)  # [S, L]
-    return {"cols": cols, "position_ids": torch.where(idle, torch.zeros_like(pos), pos),
+def window_for(last_col: int, length: int) -> int:
+    """Attended columns for a forward whose highest written column is ``last_col``."""
+    return min(length, -(-(last_col + 1) // WINDOW) * WINDOW)
+
+
+def decode_inputs(cols: Sequence[int], decoding: Sequence[bool], length: int) -> dict[str, torch.Tensor]:
+    """Host tensors of one decode step over all slots: slot s writes column ``cols[s]``; a decoding slot
+    sees its columns up to it, any other slot only that column.
+    Returns cols and position_ids [slots, 1] and the boolean mask [slots, 1, 1, window]."""
+    col = torch.tensor(cols, dtype=torch.long).view(-1, 1)  # [S, 1]
+    live = torch.tensor(decoding, dtype=torch.bool).view(-1, 1)
+    window = window_for(int(col.max()), length)
+    k = torch.arange(window).view(1, -1)  # [1, W]
+    mask = torch.where(live, k <= col, k == col)  # [S, W]
+    return {"cols": col, "position_ids": torch.where(live, col, torch.zeros_like(col)),
             "mask": mask[:, None, None, :]}
 
 
 def prefill_inputs(start: int, count: int, width: int, length: int) -> dict[str, torch.Tensor]:
     """Host tensors of a prefill chunk of ``count`` tokens at columns ``start..start+count-1``, padded
-    on the right to ``width`` (padding writes the scratch column and sees only it).
-    Returns cols and position_ids [1, width] and the boolean mask [1, 1, width, length]."""
-    i = torch.arange(width).view(-1, 1)  # [W, 1]
-    real = i < count
-    col = torch.where(real, start + i, torch.full_like(i, length - 1))  # [W, 1]
-    k = torch.arange(length).view(1, -1)
-    mask = torch.where(real, k <= col, k == length - 1)  # [W, L]
+    on the right to ``width`` (the padding writes the next columns, which later tokens overwrite).
+    Returns cols and position_ids [1, width] and the boolean mask [1, 1, width, window]."""
+    col = start + torch.arange(width).view(-1, 1)  # [W, 1]
+    real = torch.arange(width).view(-1, 1) < count
+    window = window_for(start + width - 1, length)
+    k = torch.arange(window).view(1, -1)
+    mask = torch.where(real, k <= col, k == col)  # [width, window]
     return {"cols": col.view(1, -1), "position_ids": torch.where(real, col, torch.zeros_like(col)).view(1, -1),
             "mask": mask[None, None]}
