@@ -265,7 +265,8 @@ class _Session:
             engine = self.worker.engine
             if beats % PROBE_EVERY == 0 and (engine is None or not engine.busy):
                 await self._probe_device()
-                self.cancelled.clear()  # nothing runs: no cancellation is still to be applied
+                if engine is None or not engine.busy:  # checked again after the await: a run may have come
+                    self.cancelled.clear()  # nothing runs: no cancellation is still to be applied
             resp = await self.client.post(f"{self.base}/heartbeat", content=self.session_body, headers=JSON)
             if resp.status_code == 404:
                 raise RouterLost("session unknown")
