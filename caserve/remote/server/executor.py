@@ -16,6 +16,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from caserve.remote.wire import protocol as P
+from caserve.remote.server import cudagraph
 from caserve.remote.server.blobs import BlobStore
 from caserve.remote.wire.codec import DTYPE_NAMES, extent, flatten_fresh
 from caserve.remote.server.replay import (
@@ -106,6 +107,7 @@ class Tenant:
         self.gen = torch.Generator(device=device)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.pinned: dict[bytes, int] = {}  # shared weights found by HasBlobs, held until bound
+        self.cuda_graphs = cudagraph.for_tenant(self)  # captured steps as CUDA graphs (None: not on this device)
 
     # -- storages -----------------------------------------------------------------------------
 
@@ -146,6 +148,8 @@ class Tenant:
         return st.tensor.as_strided(size, stride, offset)
 
     def free(self, handles: list[int]) -> None:
+        if self.cuda_graphs is not None:
+            self.cuda_graphs.forget_handles(handles)
         for h in handles:
             st = self.storages.pop(h, None)
             if st is None:
@@ -157,6 +161,8 @@ class Tenant:
     def close(self) -> None:
         """Free everything this tenant holds (its connection ended)."""
         self.free(list(self.storages))
+        if self.cuda_graphs is not None:
+            self.cuda_graphs.clear()
         self.templates.clear()
         self.graphs.clear()
         for digest, pins in self.pinned.items():
@@ -257,6 +263,8 @@ class Tenant:
         elif t is P.DefineGraph:
             self._define_graph(op)
         elif t is P.ResetTemplates:
+            if self.cuda_graphs is not None:
+                self.cuda_graphs.clear()
             self.templates.clear()
             self.graphs.clear()
             self.graph_sizes.clear()
@@ -315,6 +323,8 @@ class Tenant:
         total = self.graph_ops - self.graph_sizes.get(op.gid, 0) + len(op.ops)
         if total > MAX_TENANT_GRAPH_OPS:
             raise TenantError(f"a tenant's graphs may hold at most {MAX_TENANT_GRAPH_OPS} records together", "limit")
+        if self.cuda_graphs is not None:
+            self.cuda_graphs.forget_graph(op.gid)
         self.graphs[op.gid] = compile_graph(op, self.templates, self.device)
         self.graph_sizes[op.gid] = len(op.ops)
         self.graph_ops = total
@@ -339,6 +349,8 @@ class Tenant:
         if views is None:  # not compiled, or a check failed: the record-by-record path says which op
             self._replay_records(prog, op, payloads, kept)
             return
+        if kept is not None and self.cuda_graphs is not None:  # a captured step: maybe one CUDA graph replay
+            run = self.cuda_graphs.runner(prog, op, kept, run, views, need)
         regs: list[Any] = [None] * prog.n_regs
         try:
             run(regs, views, op.scalars, self.gen, payloads, op.payload_base)
