@@ -27,7 +27,7 @@ CONFIGS = {  # the shapes of tests/test_remote_models.py, spelled out so that th
     "qwen2": lambda: transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=256),
 }
-NEW_TOKENS = 16
+NEW_TOKENS = 20
 KW = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None,
           cache_implementation="static")
 
@@ -44,24 +44,28 @@ def _prompt(batch: int = 2, length: int = 7) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask
 
 
+def _decode(server: GPUServer, dev: torch.device, model: torch.nn.Module, graph: bool, ids: torch.Tensor,
+            mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Greedy tokens of ``model`` on caserve device ``dev`` and its tenant's CUDA graph figures."""
+    tenant = server.tenants[R.server_stats(dev)["tenant"]]
+    remote = copy.deepcopy(model).to(dev)
+    if graph:
+        remote = R.graph_mode(remote)
+    with torch.no_grad():
+        out = remote.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **KW).cpu()
+    graphs = tenant.cuda_graphs
+    figures = {"captures": graphs.stats.captures, "replays": graphs.stats.replays, "failures": graphs.stats.failures,
+               "graph_bytes": graphs.nbytes, "step_replays": R.stats(dev)["step_replays"]}
+    return out, figures
+
+
 def _remote_generate(server: GPUServer, model: torch.nn.Module, graph: bool, ids: torch.Tensor,
                      mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Greedy tokens of ``model`` on ``server`` and its tenant's CUDA graph figures."""
     dev = R.connect(server=server)
     try:
-        tenant = server.tenants[R.server_stats(dev)["tenant"]]
-        remote = copy.deepcopy(model).to(dev)
-        if graph:
-            remote = R.graph_mode(remote)
-        with torch.no_grad():
-            out = remote.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **KW).cpu()
-        graphs = tenant.cuda_graphs
-        figures = {"captures": graphs.stats.captures, "replays": graphs.stats.replays,
-                   "failures": graphs.stats.failures, "graph_bytes": graphs.nbytes,
-                   "step_replays": R.stats(dev)["step_replays"]}
+        return _decode(server, dev, model, graph, ids, mask)
     finally:
         R.disconnect(dev)
-    return out, figures
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +82,10 @@ def test_cuda_graph_replay_gives_eager_tokens(arch, server):
     assert eager_figures["replays"] == 0  # eager forwarding never replays anything
     assert figures["failures"] == 0, figures
     assert figures["captures"] >= 1, figures
-    # Decode steps 1-3 are recorded, watched and captured; every later one is a CUDA graph replay.
-    assert figures["replays"] >= NEW_TOKENS - 6, figures
+    # The client records the first decode steps, then replays them as a step; the server runs the first
+    # two replays compiled (learning which handles change) and captures on the third: the rest, about
+    # NEW_TOKENS - 7 of them (13 on the CPU with a fake backend), are CUDA graph replays.
+    assert figures["replays"] >= NEW_TOKENS // 2, figures
     assert torch.equal(graphed, eager), (arch, graphed, eager)
 
 
@@ -100,19 +106,24 @@ def test_tenants_capture_and_replay_side_by_side(server):
     model = _model("llama")
     ids, mask = _prompt()
     want, _ = _remote_generate(server, model, False, ids, mask)
+    devs = [R.connect(server=server) for _ in range(2)]
     results: dict[int, tuple] = {}
 
     def decode(i: int) -> None:
         try:
-            results[i] = _remote_generate(server, model, True, ids, mask)
+            results[i] = _decode(server, devs[i], model, True, ids, mask)
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             results[i] = (exc, None)
 
     threads = [threading.Thread(target=decode, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    finally:
+        for dev in devs:
+            R.disconnect(dev)
     for i in range(2):
         got, figures = results[i]
         assert isinstance(got, torch.Tensor), got

@@ -270,7 +270,8 @@ def test_static_cache_decode_matches_eager_for_gpt2(server, dev, fake):
         got = remote.generate(input_ids=ids.to(dev), **kw)
     assert torch.equal(got.cpu(), want)
     graphs = _tenant(server).cuda_graphs
-    assert graphs.stats.captures >= 1 and graphs.stats.replays >= 5 and graphs.stats.failures == 0
+    # 11 decode steps: the client records three, the server runs two replays compiled and captures on the third.
+    assert graphs.stats.captures == 1 and graphs.stats.replays >= 3 and graphs.stats.failures == 0
 
 
 def test_off_by_environment_and_on_cpu_without_a_fake(monkeypatch):
