@@ -134,7 +134,14 @@ def test_tenants_capture_and_replay_side_by_side(server):
 def test_graphs_are_freed_with_their_tenant(server):
     model = _model("gpt2")
     ids, mask = _prompt()
-    _, figures = _remote_generate(server, model, True, ids, mask)
-    assert figures["captures"] >= 1 and figures["graph_bytes"] > 0
-    assert not server.tenants  # disconnected: nothing held
+    dev = R.connect(server=server)
+    try:
+        tenant = server.tenants[R.server_stats(dev)["tenant"]]
+        _, figures = _decode(server, dev, model, True, ids, mask)
+        assert figures["captures"] >= 1, figures
+    finally:
+        R.disconnect(dev)
+    graphs = tenant.cuda_graphs
+    assert not graphs.lru and graphs.nbytes == 0 and graphs.pool is None and tenant.bytes == 0
+    assert tenant.id not in server.tenants
     torch.cuda.synchronize()

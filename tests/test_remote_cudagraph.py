@@ -21,15 +21,14 @@ from test_remote_models import DECODERS
 
 
 class FakeGraph:
-    """Captures by running ``fn`` with every storage of the server restored afterwards (a real capture
+    """Captures by running ``fn`` with every storage of its tenant restored afterwards (a real capture
     launches nothing), poisons the outputs, and replays by running ``fn`` again into them."""
 
-    def __init__(self, fn, server: GPUServer) -> None:
+    def __init__(self, fn, tenant) -> None:
         self.fn = fn
         held = {}
-        for tenant in server.tenants.values():
-            for st in tenant.storages.values():
-                held.setdefault(st.tensor.untyped_storage().data_ptr(), st.tensor.untyped_storage())
+        for st in list(tenant.storages.values()):
+            held.setdefault(st.tensor.untyped_storage().data_ptr(), st.tensor.untyped_storage())
         saved = [(s, s.clone()) for s in held.values()]
         self.outs = fn()
         for s, copy in saved:
@@ -64,7 +63,8 @@ class FakeBackend:
         self.attempts += 1
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
-        self.graphs.append(FakeGraph(fn, self.server))
+        (tenant,) = [t for t in list(self.server.tenants.values()) if t.cuda_graphs and t.cuda_graphs.pool is pool]
+        self.graphs.append(FakeGraph(fn, tenant))
         return self.graphs[-1]
 
 
