@@ -28,8 +28,10 @@ CONFIGS = {  # the shapes of tests/test_remote_models.py, spelled out so that th
                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=256),
 }
 NEW_TOKENS = 20
+# disable_compile: Transformers compiles a static-cache decode on a native CUDA model by itself (Inductor
+# kernels, other numerics); native CUDA here means eager.
 KW = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None,
-          cache_implementation="static")
+          cache_implementation="static", disable_compile=True)
 
 
 def _model(arch: str) -> torch.nn.Module:
