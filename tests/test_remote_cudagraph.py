@@ -244,6 +244,8 @@ def test_a_graph_that_would_pass_the_memory_limit_is_not_captured(fake):
         local, remote = _pair(dev)
         lbox, rbox = Box(torch.zeros(4)), Box(torch.zeros(4).to(dev))
         _steps(local, remote, lbox, rbox, 3)
+        gc.collect()  # what the steps let go of is freed now, not at some later collection
+        R.server_stats(dev)
         tenant = _tenant(server)
         step = max(prog.out_nbytes for prog in tenant.graphs.values())
         # Room for a step (its program, and the last step's output until the client frees it), not for a
