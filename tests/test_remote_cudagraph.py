@@ -250,7 +250,7 @@ def test_a_graph_that_would_pass_the_memory_limit_is_not_captured(fake):
         step = max(prog.out_nbytes for prog in tenant.graphs.values())
         # Room for a step (its program, and the last step's output until the client frees it), not for a
         # step and a graph (its inputs and its program's peak once more).
-        tenant.memory_limit = tenant.bytes + step + 48
+        tenant.memory_limit = tenant.bytes + step + 32
         _steps(local, remote, lbox, rbox, 6, seed=1)
         assert fake.attempts == 0 and tenant.cuda_graphs.stats.captures == 0
         assert tenant.error is None and tenant.bytes <= tenant.memory_limit
