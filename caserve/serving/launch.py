@@ -105,7 +105,7 @@ def child_commands(cfg: ServeConfig, router_url: str) -> list[tuple[str, list[st
     return out
 
 
-def usage_text(url: str, model: str) -> str:
+def usage_text(url: str, model: str, api_key: bool = False) -> str:
     return (
         f"caserve is serving {model} at {url}\n"
         f"  curl {url}/v1/completions -H 'Content-Type: application/json' \\\n"
@@ -115,6 +115,8 @@ def usage_text(url: str, model: str) -> str:
         f"  health: {url}/health   metrics: {url}/metrics   Ctrl-C stops everything"
         + ("\n  (caserve/tiny-gpt2 has random weights: its text is noise, its timings are real)"
            if model == DEFAULT_MODEL else "")
+        + ("\n  this router requires its API key: add -H 'Authorization: Bearer KEY' (curl), api_key=KEY (openai)"
+           if api_key else "")
     )
 
 
@@ -174,7 +176,7 @@ async def serve(cfg: ServeConfig, announce: Callable[[str], None]) -> None:
     children = [_Child(name, argv, env) for name, argv in child_commands(cfg, url)]
     for child in children:
         child.start()
-    announce(usage_text(url, cfg.model))
+    announce(usage_text(url, cfg.model, api_key=cfg.api_key is not None))
     try:
         while not serving.done() and not server.should_exit:
             await asyncio.sleep(0.5)
