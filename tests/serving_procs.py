@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 import httpx
 
-from caserve.serving.credentials import WORKER_TOKEN_HEADER
+from caserve.serving.messages import WORKER_TOKEN_HEADER
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "caserve/tiny-gpt2"

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serving_procs import TINY, Cluster, openai_client
-from caserve.serving.credentials import WORKER_TOKEN_HEADER
+from caserve.serving.messages import WORKER_TOKEN_HEADER
 
 WORKER_ROUTES = [  # (method, path): every route of the worker channel, and the controller's drain
     ("POST", "/internal/workers/register"),
@@ -314,10 +314,11 @@ def test_guard_in_process_decides_before_the_body_is_read() -> None:
             assert (await http.post("/v1/completions", content=chunked())).status_code == 413
             big = await http.post("/v1/completions", content=b"x" * 1001)
             assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
-            # Worker routes have their own, larger limit: an events batch of 5000 bytes is read.
-            events = await http.post("/internal/workers/a/events", headers=good,
-                                     json={"session": session, "events": [{"type": "tokens", "text": "x" * 5000}]})
-            assert events.status_code == 200
+            # Worker routes have their own, larger limit: an events batch of 5000 bytes is read (and
+            # decoded: its dispatch id was never sent to this session, so it is a 400, not a 413).
+            events = await http.post("/internal/workers/a/events", headers=good, json={
+                "session": session, "events": [{"type": "tokens", "dispatch": "d", "text": "x" * 5000}]})
+            assert events.status_code == 400
 
     asyncio.run(scenario())
 

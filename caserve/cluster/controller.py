@@ -37,7 +37,7 @@ from caserve.cluster.adopt import adopt
 from caserve.cluster.errors import ClusterError, StartupTimeout
 from caserve.cluster.placement import ServerLoad, least_loaded
 from caserve.cluster.specs import ActorSpecs, Managed
-from caserve.serving.credentials import WORKER_TOKEN_HEADER
+from caserve.serving.messages import WORKER_TOKEN_HEADER
 
 logger = logging.getLogger(__name__)
 

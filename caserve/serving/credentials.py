@@ -1,7 +1,7 @@
 """The two secrets of the serving layer, shared by the router, the workers and the launchers.
 
 * The **worker token** proves that a caller may act as a worker or administer workers: every
-  ``/internal/*`` request carries it in the :data:`WORKER_TOKEN_HEADER` header. ``caserve serve``
+  ``/internal/*`` request carries it in the ``messages.WORKER_TOKEN_HEADER`` header. ``caserve serve``
   generates one for the workers it starts unless ``--worker-token-file`` names one (needed for workers
   on other hosts); children receive it in the :data:`WORKER_TOKEN_ENV` environment variable, never
   on a command line (``/proc/PID/environ`` is readable by the same user only, ``ps`` shows argv).
@@ -23,7 +23,6 @@ from typing import Optional
 
 logger = logging.getLogger(__name__)
 
-WORKER_TOKEN_HEADER = "x-caserve-worker-token"
 WORKER_TOKEN_ENV = "CASERVE_WORKER_TOKEN"
 API_KEY_ENV = "CASERVE_API_KEY"
 MIN_SECRET_CHARS = 16

@@ -32,8 +32,9 @@ from typing import Any, Awaitable, Callable, Optional
 
 from starlette.responses import JSONResponse
 
-from caserve.serving.credentials import MIN_SECRET_CHARS, WORKER_TOKEN_HEADER
+from caserve.serving.credentials import MIN_SECRET_CHARS
 from caserve.serving.errors import BadRequest, Forbidden, PayloadTooLarge, ServingError, Unauthorized, error_body
+from caserve.serving.messages import WORKER_TOKEN_HEADER
 
 logger = logging.getLogger(__name__)
 

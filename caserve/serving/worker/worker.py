@@ -24,10 +24,9 @@ import torch
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from caserve.models import load_model
-from caserve.serving.credentials import WORKER_TOKEN_HEADER
 from caserve.serving.messages import (
-    MAX_EVENTS, WORKER_KINDS, Cancel, Error, Event, EventsRequest, RegisterReply, RegisterRequest, Row, Run,
-    SessionRequest, encode, router_message_decoder,
+    MAX_EVENTS, WORKER_KINDS, WORKER_TOKEN_HEADER, Cancel, Error, Event, EventsRequest, RegisterReply,
+    RegisterRequest, Row, Run, SessionRequest, encode, router_message_decoder,
 )
 from caserve.serving.worker.engine import BATCHING, MAX_LEN, Engine
 
