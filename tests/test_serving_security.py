@@ -311,6 +311,11 @@ def test_guard_in_process_decides_before_the_body_is_read() -> None:
                 for _ in range(5):
                     yield b"x" * 400
 
+            for path in ("/internal/workers/register/", "/%69nternal/workers/register", "/Internal/workers/register",
+                         "/internal/workers/./register", "/v1/../internal/workers/register"):
+                sneaky = await http.post(path, json=register_body("sneaky"))  # spellings of a worker route
+                assert sneaky.status_code in (401, 404), (path, sneaky.status_code)
+            assert set(router.models[TINY].workers) == {"a"}
             assert (await http.post("/v1/completions", content=chunked())).status_code == 413
             big = await http.post("/v1/completions", content=b"x" * 1001)
             assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
