@@ -338,3 +338,32 @@ def test_router_security_refuses_short_secrets_and_bad_limits() -> None:
     with pytest.raises(ValueError, match="positive"):
         RouterSecurity("t" * 32, max_body_bytes=0)
     assert "t" * 32 not in repr(RouterSecurity("t" * 32, api_key="k" * 32))
+
+
+def test_secret_files_and_the_cli_refuse_what_is_not_a_secret(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import subprocess
+    import sys
+
+    from caserve.serving.credentials import CredentialError, read_secret_file
+    from serving_procs import REPO, child_env
+
+    loose = tmp_path / "loose"
+    loose.write_text("s" * 32 + "\nignored second line\n")
+    loose.chmod(0o644)
+    assert read_secret_file(loose, "worker token") == "s" * 32
+    assert "readable by other users" in caplog.text
+    short = tmp_path / "short"
+    short.write_text("abc")
+    with pytest.raises(CredentialError, match="at least 16"):
+        read_secret_file(short, "API key")
+    env = {k: v for k, v in child_env().items() if k not in ("CASERVE_WORKER_TOKEN", "CASERVE_API_KEY")}
+    for args, complaint in (
+            (["worker", "--router", "http://127.0.0.1:9", "--kind", "cpu"], "worker token"),
+            (["worker", "--router", "http://127.0.0.1:9", "--kind", "cpu", "--worker-token-file", str(short)],
+             "at least 16"),
+            (["serve", "--api-key-file", str(tmp_path / "missing")], "cannot read the API key file"),
+            (["serve", "--max-body-size", "0"], "positive size")):
+        done = subprocess.run([sys.executable, "-m", "caserve.cli", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, (args, done.stderr[-2000:])
+        assert complaint in " ".join((done.stdout + done.stderr).split()), (args, done.stderr[-2000:])
