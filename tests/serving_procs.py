@@ -130,7 +130,7 @@ class Cluster:
         except (httpx.HTTPError, ValueError):
             return []
 
-    def wait_for(self, what: str, cond: Callable[[], bool], timeout: float = 90.0) -> None:
+    def wait_for(self, what: str, cond: Callable[[], bool], timeout: float = 240.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -142,7 +142,7 @@ class Cluster:
         logs = "\n".join(f"--- {p.name}\n{p.tail()}" for p in self.procs)
         raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
-    def wait_workers(self, ids: set[str], model: str = TINY, timeout: float = 90.0) -> None:
+    def wait_workers(self, ids: set[str], model: str = TINY, timeout: float = 240.0) -> None:
         self.wait_for(f"workers {sorted(ids)} on {model}",
                       lambda: ids <= {w["id"] for w in self.workers(model) if w["channel_open"]}, timeout)
 
