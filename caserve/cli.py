@@ -91,10 +91,10 @@ def serve(
     _setup_logging(verbose)
     import asyncio
 
-    from caserve.remote.server.executor import parse_size
     from caserve.serving.credentials import API_KEY_ENV, WORKER_TOKEN_ENV, CredentialError, resolve_secret
     from caserve.serving.launch import ServeConfig
     from caserve.serving.launch import serve as run_serve
+    from caserve.units import parse_size
 
     try:
         worker_token = resolve_secret(worker_token_file, WORKER_TOKEN_ENV, "worker token")

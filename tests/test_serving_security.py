@@ -367,3 +367,28 @@ def test_secret_files_and_the_cli_refuse_what_is_not_a_secret(tmp_path: Path, ca
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, (args, done.stderr[-2000:])
         assert complaint in " ".join((done.stdout + done.stderr).split()), (args, done.stderr[-2000:])
+
+
+def test_a_worker_whose_token_is_refused_stops_instead_of_retrying() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from caserve.serving.worker.worker import Worker, WorkerConfig, WorkerTokenRefused
+
+    token = "t" * 32
+    worker, seen = Worker(WorkerConfig(router_url="http://r", kind="cpu", model="m", worker_id="w",
+                                       router_token=token)), []
+    worker.engine = SimpleNamespace(lm=SimpleNamespace(task="causal-lm", max_context=64))  # type: ignore[assignment]
+
+    def router(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get(WORKER_TOKEN_HEADER))
+        return httpx.Response(403, json={"error": {"message": "wrong worker token"}})
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(router),
+                                     headers={WORKER_TOKEN_HEADER: token}) as client:
+            with pytest.raises(WorkerTokenRefused, match="403"):
+                await worker._register_with_backoff(client)
+
+    asyncio.run(scenario())
+    assert seen == [token]  # sent once, not retried
