@@ -392,3 +392,53 @@ def test_a_worker_whose_token_is_refused_stops_instead_of_retrying() -> None:
 
     asyncio.run(scenario())
     assert seen == [token]  # sent once, not retried
+
+
+def test_cluster_mode_hands_one_token_to_every_actor_child_by_environment(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+    """Without Ray: `cluster up`'s config carries the token through pickling (Ray's copy of actor
+    arguments); router and worker actors put it in their child's environment, never its argv; the
+    controller sends it. A token file configured in YAML is read once, where `cluster up` runs."""
+    import asyncio
+    import pickle
+
+    from caserve.cluster import actors
+    from caserve.cluster.config import parse_config
+    from caserve.cluster.controller import ClusterController
+
+    started: list[tuple[str, list[str], dict[str, str]]] = []
+
+    class FakeProcess:  # records what SupervisedProcess would spawn
+        def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+            started.append((name, argv, env))
+
+        def start(self) -> "FakeProcess":
+            return self
+
+    monkeypatch.setattr(actors, "SupervisedProcess", FakeProcess)
+    key_file = tmp_path / "key"
+    key_file.write_text("k" * 32)
+    key_file.chmod(0o600)
+    cfg = pickle.loads(pickle.dumps(parse_config({
+        "network": {"mode": "loopback"}, "router": {"api_key_file": str(key_file)}}).with_secrets()))
+    assert cfg.worker_token and len(cfg.worker_token) >= 32 and cfg.api_key == "k" * 32
+    assert cfg.worker_token not in cfg.model_dump_json()  # never written back to YAML/JSON
+    actors.RouterActor(cfg)
+    actors.WorkerActor(cfg, "assisted-0", "assisted", "http://127.0.0.1:8000", "127.0.0.1:7070")
+    actors.WorkerActor(cfg, "native-0-0", "native", "http://127.0.0.1:8000", None, "0")
+    assert [name for name, _, _ in started] == ["router", "assisted-0", "native-0-0"]
+    for name, argv, env in started:
+        assert env["CASERVE_WORKER_TOKEN"] == cfg.worker_token
+        assert cfg.worker_token not in " ".join(argv) and "k" * 32 not in " ".join(argv)
+    assert started[0][2]["CASERVE_API_KEY"] == "k" * 32 and "CASERVE_API_KEY" not in started[1][2]
+
+    async def controller_header() -> str:
+        ctrl = ClusterController(cfg)
+        try:
+            return ctrl._http.headers[WORKER_TOKEN_HEADER]
+        finally:
+            await ctrl._http.aclose()
+
+    assert asyncio.run(controller_header()) == cfg.worker_token
+    other = parse_config({"network": {"mode": "loopback"}}).with_secrets()
+    assert other.worker_token != cfg.worker_token  # generated per deployment
