@@ -378,7 +378,7 @@ def test_a_worker_whose_token_is_refused_stops_instead_of_retrying() -> None:
     token = "t" * 32
     worker, seen = Worker(WorkerConfig(router_url="http://r", kind="cpu", model="m", worker_id="w",
                                        router_token=token)), []
-    worker.engine = SimpleNamespace(lm=SimpleNamespace(task="causal-lm", max_context=64))  # type: ignore[assignment]
+    worker.engine = SimpleNamespace(lm=SimpleNamespace(task="causal-lm"), context=64)  # type: ignore[assignment]
 
     def router(request: httpx.Request) -> httpx.Response:
         seen.append(request.headers.get(WORKER_TOKEN_HEADER))
