@@ -226,7 +226,7 @@ def test_serve_passes_the_token_to_its_workers_off_the_command_line(cluster: Clu
             assert API_KEY.encode() not in argv
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
                     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
                     max_leaves=20)
 FIELDS = st.fixed_dictionaries({}, optional={
