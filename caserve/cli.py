@@ -69,6 +69,13 @@ def serve(
     gpu_port: int = typer.Option(7070, help="Port of the GPU server started for assisted workers."),
     gpu_device: str = typer.Option("auto", help="GPU server device: auto, cpu or cuda:N."),
     token_file: Optional[Path] = typer.Option(None, help="Shared GPU-server token file."),
+    worker_token_file: Optional[Path] = typer.Option(
+        None, help="Router's worker token (workers on other hosts need it too); default: $CASERVE_WORKER_TOKEN, "
+                   "else a fresh one only the workers started here know."),
+    api_key_file: Optional[Path] = typer.Option(
+        None, help="API key the public routes require as 'Authorization: Bearer KEY' (default: $CASERVE_API_KEY, "
+                   "else none)."),
+    max_body_size: str = typer.Option("4MiB", help="Largest request body of the public routes (413 above it)."),
     shrink: bool = typer.Option(False, help="Zoo models: 2 layers, 64 wide, random weights."),
     task: Optional[str] = typer.Option(None, help="Override the model task (e.g. classification)."),
     worker_threads: Optional[int] = typer.Option(None, help="Torch threads per worker (default: cores / workers)."),
@@ -84,14 +91,26 @@ def serve(
     _setup_logging(verbose)
     import asyncio
 
+    from caserve.serving.credentials import API_KEY_ENV, WORKER_TOKEN_ENV, CredentialError, resolve_secret
     from caserve.serving.launch import ServeConfig
     from caserve.serving.launch import serve as run_serve
+    from caserve.units import parse_size
 
+    try:
+        worker_token = resolve_secret(worker_token_file, WORKER_TOKEN_ENV, "worker token")
+        api_key = resolve_secret(api_key_file, API_KEY_ENV, "API key")
+        max_body_bytes = parse_size(max_body_size)
+    except (CredentialError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if max_body_bytes <= 0:
+        raise typer.BadParameter("must be a positive size", param_hint="--max-body-size")
     cfg = ServeConfig(host=host, port=port, native_workers=native_workers, assisted_workers=assisted_workers,
                       cpu_workers=cpu_workers, policy=policy, max_batch=max_batch, batching=batching,
                       max_len=max_len, max_queue=max_queue,
                       gpu_port=gpu_port, gpu_device=gpu_device, token_file=token_file, shrink=shrink, task=task,
-                      worker_threads=worker_threads, verbose=verbose)
+                      worker_threads=worker_threads, verbose=verbose, api_key=api_key, max_body_bytes=max_body_bytes)
+    if worker_token:
+        cfg.worker_token = worker_token
     if model:
         cfg.model = model
     try:
@@ -107,6 +126,8 @@ def worker(
     model: Optional[str] = typer.Option(None, help="Model to serve (default: caserve/tiny-gpt2)."),
     gpu_server: Optional[str] = typer.Option(None, help="host:port of the GPU server (assisted workers)."),
     token_file: Optional[Path] = typer.Option(None, help="File holding the GPU server token."),
+    worker_token_file: Optional[Path] = typer.Option(
+        None, help="File holding the router's worker token (default: $CASERVE_WORKER_TOKEN)."),
     worker_id: Optional[str] = typer.Option(None, help="Stable worker id (default: kind-host-pid)."),
     max_batch: int = typer.Option(8, min=1, help="Slots: requests this worker runs at once."),
     batching: str = typer.Option("continuous", help="continuous or static (admit only when all slots are free)."),
@@ -123,19 +144,24 @@ def worker(
     import asyncio
 
     from caserve.models import DEFAULT_MODEL
-    from caserve.serving.worker.worker import Worker, WorkerConfig
+    from caserve.serving.credentials import WORKER_TOKEN_ENV, CredentialError, resolve_secret
+    from caserve.serving.worker.worker import Worker, WorkerConfig, WorkerTokenRefused
 
     try:
+        router_token = resolve_secret(worker_token_file, WORKER_TOKEN_ENV, "worker token")
         cfg = WorkerConfig(router_url=router, kind=kind, model=model or DEFAULT_MODEL, gpu_server=gpu_server,
+                           router_token=router_token or "",
                            token=token_file.read_text().strip() if token_file else None, worker_id=worker_id,
                            max_batch=max_batch, shrink=shrink, task=task, threads=threads, step_delay_s=step_delay,
                            graph=graph, batching=batching, max_len=max_len)
-    except ValueError as exc:
+    except (CredentialError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
     try:
         asyncio.run(Worker(cfg).run_forever())
     except KeyboardInterrupt:
         pass
+    except WorkerTokenRefused as exc:
+        raise _fail(exc) from None
 
 
 # --- bench and sim: parse, then call into caserve.bench -------------------------------------------------

@@ -8,6 +8,7 @@ test's temporary directory and their tail is shown when a wait times out.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import httpx
+
+from caserve.serving.messages import WORKER_TOKEN_HEADER
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "caserve/tiny-gpt2"
@@ -84,13 +87,19 @@ class Proc:
 
 
 class Cluster:
-    """A router (``caserve serve``) plus workers; ``stop()`` ends all of them."""
+    """A router (``caserve serve``) plus workers; ``stop()`` ends all of them. Routers and workers
+    started by :meth:`router` and :meth:`worker` share one worker token, kept in a 0600 file."""
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.procs: list[Proc] = []
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.worker_token = secrets.token_urlsafe(24)
+        self.token_file = log_dir / "worker-token"
+        self.token_file.touch(mode=0o600)
+        self.token_file.write_text(self.worker_token)
+        self.admin = {WORKER_TOKEN_HEADER: self.worker_token}  # headers: worker routes, /health details
 
     def start(self, name: str, args: list[str]) -> Proc:
         proc = Proc(name, args, self.log_dir).start()
@@ -100,18 +109,20 @@ class Cluster:
     def router(self, *extra: str, name: str = "router") -> Proc:
         """Only the router: ``caserve serve`` with no workers of its own unless ``extra`` asks."""
         return self.start(name, ["serve", "--port", str(self.port), "--native-workers", "0",
-                                 "--assisted-workers", "0", "--cpu-workers", "0", *extra])
+                                 "--assisted-workers", "0", "--cpu-workers", "0",
+                                 "--worker-token-file", str(self.token_file), *extra])
 
     def worker(self, worker_id: str, *extra: str, kind: str = "cpu", model: str = TINY) -> Proc:
         return self.start(worker_id, ["worker", "--router", self.url, "--kind", kind, "--model", model,
-                                      "--worker-id", worker_id, "--threads", "1", *extra])
+                                      "--worker-id", worker_id, "--threads", "1",
+                                      "--worker-token-file", str(self.token_file), *extra])
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
 
     def health(self) -> dict[str, Any]:
-        return httpx.get(f"{self.url}/health", timeout=5).json()
+        return httpx.get(f"{self.url}/health", headers=self.admin, timeout=5).json()
 
     def workers(self, model: str = TINY) -> list[dict[str, Any]]:
         try:
@@ -119,7 +130,7 @@ class Cluster:
         except (httpx.HTTPError, ValueError):
             return []
 
-    def wait_for(self, what: str, cond: Callable[[], bool], timeout: float = 90.0) -> None:
+    def wait_for(self, what: str, cond: Callable[[], bool], timeout: float = 240.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -131,14 +142,14 @@ class Cluster:
         logs = "\n".join(f"--- {p.name}\n{p.tail()}" for p in self.procs)
         raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
-    def wait_workers(self, ids: set[str], model: str = TINY, timeout: float = 90.0) -> None:
+    def wait_workers(self, ids: set[str], model: str = TINY, timeout: float = 240.0) -> None:
         self.wait_for(f"workers {sorted(ids)} on {model}",
                       lambda: ids <= {w["id"] for w in self.workers(model) if w["channel_open"]}, timeout)
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of a Prometheus sample over series whose labels include ``labels``."""
         total = 0.0
-        for line in httpx.get(f"{self.url}/metrics", timeout=5).text.splitlines():
+        for line in httpx.get(f"{self.url}/metrics", headers=self.admin, timeout=5).text.splitlines():
             if not line.startswith(name):
                 continue
             head, _, value = line.rpartition(" ")

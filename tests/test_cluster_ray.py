@@ -130,6 +130,27 @@ def test_placement_gpu_servers_native_beside_them_assisted_on_cpu_nodes(cluster)
     assert reply["usage"]["completion_tokens"] == 3
 
 
+def test_the_worker_token_reaches_router_and_workers_by_environment_only(cluster) -> None:
+    """The router's worker routes refuse strangers; its children and the workers' children hold the token
+    `cluster up` generated in their environment, never on their command line."""
+    _, status, _ = cluster
+    url = status["router"]["url"]
+    assert httpx.post(f"{url}/internal/workers/register", json={}, timeout=10).status_code == 401
+    assert httpx.post(f"{url}/internal/workers/assisted-0/drain", timeout=10,
+                      headers={"x-caserve-worker-token": "w" * 32}).status_code == 403
+    pids = [status["router"]["child_pid"]] + [w["child_pid"] for kind in ("native", "assisted")
+                                              for w in status["workers"][kind]]
+    tokens = set()
+    for pid in pids:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        token = environ[b"CASERVE_WORKER_TOKEN"]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert token not in f.read()
+        tokens.add(token)
+    assert len(tokens) == 1 and len(tokens.pop()) >= 32  # one token, shared by all of them
+
+
 def test_impossible_placement_is_a_typed_error_and_leaves_nothing_behind(cluster) -> None:
     cfg, _, _ = cluster
     greedy = cfg.model_copy(update={"name": "greedy", "gpu_servers": 1, "ready_timeout_s": 4.0})  # both GPUs taken

@@ -14,13 +14,15 @@ import pytest
 
 from caserve.serving.messages import (
     MAX_EVENTS, MAX_IDS, Progress, Cancel, Done, EventsRequest, Ping, RegisterReply, Row, Run, SamplingParams,
-    Tokens, encode, encode_line, events_decoder, router_message_decoder,
+    WORKER_TOKEN_HEADER, Tokens, encode, encode_line, events_decoder, router_message_decoder,
 )
 from caserve.serving.router.api import create_app
 from caserve.serving.router.jobs import Job, JobState
 from caserve.serving.router.router import Router
+from caserve.serving.router.security import RouterSecurity
 
 BASE = "http://router/internal/workers"
+TOKEN = "t" * 32  # the worker token (router security is tested in test_serving_security)
 
 
 def job() -> Job:
@@ -30,7 +32,9 @@ def job() -> Job:
 async def setup() -> tuple[Router, httpx.AsyncClient, dict[str, str]]:
     """A router with workers a and b registered over HTTP (channels marked open), one running job each."""
     router = Router(policy="fcfs", max_queue=8)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(router)), base_url="http://router")
+    app = create_app(router, RouterSecurity(TOKEN))
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router",
+                               headers={WORKER_TOKEN_HEADER: TOKEN})
     sessions = {}
     for wid in ("a", "b"):
         r = await client.post(f"{BASE}/register", json={"worker_id": wid, "kind": "cpu", "model": "m",

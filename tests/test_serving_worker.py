@@ -14,7 +14,8 @@ from caserve.serving.worker.worker import RouterLost, Worker, WorkerConfig
 
 
 def make_worker() -> Worker:
-    return Worker(WorkerConfig(router_url="http://127.0.0.1:1", kind="cpu", model="m", worker_id="w"))
+    return Worker(WorkerConfig(router_url="http://127.0.0.1:1", kind="cpu", model="m", worker_id="w",
+                               router_token="t" * 32))
 
 
 def test_registration_backs_off_until_the_router_answers() -> None:

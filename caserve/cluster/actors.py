@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from caserve.cluster.config import ClusterConfig
+from caserve.cluster.errors import ConfigError
 from caserve.cluster.processes import SupervisedProcess, caserve_argv, child_env
+from caserve.serving.credentials import API_KEY_ENV, WORKER_TOKEN_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,13 @@ def reconstructed() -> bool:
             return bool(ray.get_runtime_context().was_current_actor_reconstructed)
         except AttributeError:
             return False
+
+
+def _secrets_env(cfg: ClusterConfig) -> dict[str, str]:
+    """The router's worker token for a child's environment (never its argv, which ``ps`` shows)."""
+    if not cfg.worker_token:
+        raise ConfigError("the cluster config carries no worker token (ClusterConfig.with_secrets)")
+    return {WORKER_TOKEN_ENV: cfg.worker_token}
 
 
 def _setup_logging() -> None:
@@ -111,7 +120,10 @@ class RouterActor:
         argv = caserve_argv("serve", "--host", bind, "--port", str(r.port), "--model", cfg.model,
                             "--native-workers", "0", "--assisted-workers", "0", "--cpu-workers", "0",
                             "--policy", r.policy, "--max-batch", str(r.max_batch), "--max-queue", str(r.max_queue))
-        self.proc = SupervisedProcess("router", argv, child_env(), log_dir(cfg) / "router.log").start()
+        env = _secrets_env(cfg)
+        if cfg.api_key:
+            env[API_KEY_ENV] = cfg.api_key
+        self.proc = SupervisedProcess("router", argv, child_env(env), log_dir(cfg) / "router.log").start()
 
     def info(self) -> dict[str, Any]:
         return {"url": self.url, "child_pid": self.proc.pid, "child_restarts": self.proc.restarts,
@@ -142,7 +154,9 @@ class WorkerActor:
             argv += ["--task", cfg.task]
         if cfg.worker_step_delay_s:
             argv += ["--step-delay", str(cfg.worker_step_delay_s)]
-        env = {"CUDA_VISIBLE_DEVICES": cuda_visible} if cuda_visible is not None else {}
+        env = _secrets_env(cfg)
+        if cuda_visible is not None:
+            env["CUDA_VISIBLE_DEVICES"] = cuda_visible
         env["OMP_NUM_THREADS"] = str(threads)
         self.proc = SupervisedProcess(worker_id, caserve_argv(*argv), child_env(env),
                                       log_dir(cfg) / f"{worker_id}.log").start()

@@ -10,6 +10,7 @@
       max: 16
       target_queue_delay_s: 0.5
     router:  {port: 8000, policy: fcfs, max_batch: 8, max_queue: 256}
+                                 # optional: worker_token_file, api_key_file (read where `cluster up` runs)
     gpu_server: {base_port: 7070, device: auto, token_file: /etc/caserve/token}
     network: {mode: cluster}     # cluster: bind node IPs (token required); loopback: one host only
     resources:
@@ -28,9 +29,10 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from caserve.cluster.errors import ConfigError
+from caserve.serving.credentials import CredentialError, new_token, read_secret_file
 from caserve.models import DEFAULT_MODEL
 from caserve.units import parse_size
 
@@ -69,6 +71,9 @@ class RouterConfig(_Strict):
     max_queue: int = Field(256, ge=1)
     num_cpus: float = Field(1.0, ge=0)
     resource: Optional[str] = Field(None, description="custom resource the router requests 0.001 of (pins it, e.g. to the head)")
+    worker_token_file: Optional[Path] = Field(
+        None, description="the router's worker token (for workers outside the cluster too); default: generated")
+    api_key_file: Optional[Path] = Field(None, description="API key the public routes require; default: none")
 
 
 class GPUServerConfig(_Strict):
@@ -116,6 +121,10 @@ class ClusterConfig(_Strict):
     control_interval_s: float = Field(1.0, gt=0, description="controller loop period")
     ready_timeout_s: float = Field(600.0, gt=0, description="`cluster up` waits this long for the minimum layout")
     worker_step_delay_s: float = Field(0.0, ge=0, description="testing only: sleep per decode step in workers")
+    # The router's secrets, resolved once where `cluster up` runs (:meth:`with_secrets`) and handed to
+    # every actor inside this config (Ray pickles private attributes), never written to YAML or argv.
+    _worker_token: Optional[str] = PrivateAttr(None)
+    _api_key: Optional[str] = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ClusterConfig":
@@ -127,6 +136,27 @@ class ClusterConfig(_Strict):
     @property
     def loopback(self) -> bool:
         return self.network.mode == "loopback"
+
+    @property
+    def worker_token(self) -> Optional[str]:
+        return self._worker_token
+
+    @property
+    def api_key(self) -> Optional[str]:
+        return self._api_key
+
+    def with_secrets(self) -> "ClusterConfig":
+        """A copy holding the router's worker token (read from ``router.worker_token_file``, else fresh)
+        and API key (from ``router.api_key_file``, if any)."""
+        out = self.model_copy()
+        try:
+            r = self.router
+            out._worker_token = read_secret_file(r.worker_token_file, "worker token") if r.worker_token_file \
+                else new_token()
+            out._api_key = read_secret_file(r.api_key_file, "API key") if r.api_key_file else None
+        except CredentialError as exc:
+            raise ConfigError(str(exc)) from None
+        return out
 
 
 def parse_config(data: object) -> ClusterConfig:

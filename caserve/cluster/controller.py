@@ -37,6 +37,7 @@ from caserve.cluster.adopt import adopt
 from caserve.cluster.errors import ClusterError, StartupTimeout
 from caserve.cluster.placement import ServerLoad, least_loaded
 from caserve.cluster.specs import ActorSpecs, Managed
+from caserve.serving.messages import WORKER_TOKEN_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ class ClusterController:
     def __init__(self, cfg: ClusterConfig) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
-        self.cfg = cfg
-        self.specs = ActorSpecs(cfg)
+        self.cfg = cfg if cfg.worker_token else cfg.with_secrets()  # `cluster up` resolved them already
+        self.specs = ActorSpecs(self.cfg)
         self.gpu: list[Managed] = []
         self.router: Optional[Managed] = None
         self.workers: dict[str, Managed] = {}
@@ -64,7 +65,9 @@ class ClusterController:
         self._drains: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._full_noted = False
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(CALL_TIMEOUT_S, connect=3.0))
+        # The worker token opens drain, and all of /health and /metrics when the router has an API key.
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(CALL_TIMEOUT_S, connect=3.0),
+                                       headers={WORKER_TOKEN_HEADER: str(self.cfg.worker_token)})
         if reconstructed():  # Ray restarted this controller: take over what the previous one ran
             self._loop = asyncio.get_running_loop().create_task(self._adopt_then_control())
 

@@ -103,6 +103,7 @@ def up(cfg: ClusterConfig) -> dict[str, Any]:
     if leftovers:
         raise AlreadyRunning(f"actors of caserve cluster '{cfg.name}' still exist without a controller "
                              f"({', '.join(leftovers)}): `caserve cluster down --name {cfg.name}` first")
+    cfg = cfg.with_secrets()  # resolved once: a restarted controller gets the same token with its arguments
     # Restartable: a restarted controller adopts the (detached) actors of its predecessor.
     controller = ray.remote(ClusterController).options(
         name=controller_name(cfg.name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,

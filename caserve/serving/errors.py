@@ -55,6 +55,42 @@ class NotFound(ServingError):
     code = "not_found"
 
 
+class Unauthorized(ServingError):
+    """No credential where one is required: the API key on public routes, the worker token on
+    ``/internal/*``. OpenAI clients raise ``AuthenticationError`` on it."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(ServingError):
+    """A credential was presented and is wrong (a worker token the router did not issue)."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
+
+
+class Conflict(ServingError):
+    """The request clashes with live state: a worker id held by a live session, a second channel."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class PayloadTooLarge(ServingError):
+    """The request body is larger than the router accepts; refused before it is read or parsed."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
 class QueueFull(ServingError):
     """Admission control: the model's queue is full. Carries a Retry-After estimate in seconds."""
 

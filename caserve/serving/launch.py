@@ -10,7 +10,8 @@
      └─ caserve worker --kind cpu       × --cpu-workers
 
 Children are started once the router listens and are restarted (after a short pause) when they
-exit; all of them are stopped when the router stops.
+exit; all of them are stopped when the router stops. Workers receive the router's worker token in
+their environment (``CASERVE_WORKER_TOKEN``), never on their command line.
 """
 
 from __future__ import annotations
@@ -23,15 +24,17 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import uvicorn
 
 from caserve.models import DEFAULT_MODEL
+from caserve.serving.credentials import WORKER_TOKEN_ENV, new_token
 from caserve.serving.router.api import create_app
 from caserve.serving.router.router import Router
+from caserve.serving.router.security import DEFAULT_MAX_BODY_BYTES, RouterSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,12 @@ class ServeConfig:
     task: Optional[str] = None
     worker_threads: Optional[int] = None
     verbose: bool = False
+    # Router security (``caserve.serving.router.security``): the token workers present (generated
+    # when not given: then only the workers started here know it), the optional public API key and
+    # the largest request body the public routes accept.
+    worker_token: str = field(default_factory=new_token, repr=False)
+    api_key: Optional[str] = field(default=None, repr=False)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     @property
     def n_workers(self) -> int:
@@ -96,7 +105,7 @@ def child_commands(cfg: ServeConfig, router_url: str) -> list[tuple[str, list[st
     return out
 
 
-def usage_text(url: str, model: str) -> str:
+def usage_text(url: str, model: str, api_key: bool = False) -> str:
     return (
         f"caserve is serving {model} at {url}\n"
         f"  curl {url}/v1/completions -H 'Content-Type: application/json' \\\n"
@@ -106,6 +115,8 @@ def usage_text(url: str, model: str) -> str:
         f"  health: {url}/health   metrics: {url}/metrics   Ctrl-C stops everything"
         + ("\n  (caserve/tiny-gpt2 has random weights: its text is noise, its timings are real)"
            if model == DEFAULT_MODEL else "")
+        + ("\n  this router requires its API key: add -H 'Authorization: Bearer KEY' (curl), api_key=KEY (openai)"
+           if api_key else "")
     )
 
 
@@ -125,12 +136,13 @@ class _Server(uvicorn.Server):
 
 
 class _Child:
-    def __init__(self, name: str, argv: list[str]) -> None:
-        self.name, self.argv = name, argv
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self.name, self.argv, self.env = name, argv, env
         self.proc: Optional[subprocess.Popen[bytes]] = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        self.proc = subprocess.Popen(self.argv, env=self.env,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         logger.info("started %s (pid %d)", self.name, self.proc.pid)
 
     def stop(self) -> None:
@@ -145,7 +157,8 @@ class _Child:
 
 async def serve(cfg: ServeConfig, announce: Callable[[str], None]) -> None:
     router = Router(policy=cfg.policy, max_queue=cfg.max_queue, models=[cfg.model])
-    server = _Server(uvicorn.Config(create_app(router), host=cfg.host, port=cfg.port,
+    security = RouterSecurity(cfg.worker_token, cfg.api_key, cfg.max_body_bytes)
+    server = _Server(uvicorn.Config(create_app(router, security), host=cfg.host, port=cfg.port,
                                            log_level="info" if cfg.verbose else "warning",
                                     timeout_graceful_shutdown=5))
     loop = asyncio.get_running_loop()
@@ -159,10 +172,11 @@ async def serve(cfg: ServeConfig, announce: Callable[[str], None]) -> None:
         await asyncio.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
     url = f"http://{cfg.host}:{port}"
-    children = [_Child(name, argv) for name, argv in child_commands(cfg, url)]
+    env = {**os.environ, WORKER_TOKEN_ENV: cfg.worker_token}
+    children = [_Child(name, argv, env) for name, argv in child_commands(cfg, url)]
     for child in children:
         child.start()
-    announce(usage_text(url, cfg.model))
+    announce(usage_text(url, cfg.model, api_key=cfg.api_key is not None))
     try:
         while not serving.done() and not server.should_exit:
             await asyncio.sleep(0.5)

@@ -19,6 +19,8 @@ with a :class:`msgspec.ValidationError` naming the field, never a ``KeyError`` d
       | POST /internal/workers/{id}/drain  --> | <--- DrainReply
 
 The JSON field names are the dict keys of earlier caserve versions; ``type`` tags the unions.
+Every request also carries the router's worker token in the :data:`WORKER_TOKEN_HEADER` header (the
+router checks it before decoding anything: ``caserve.serving.router.security``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ MODEL_TASKS: dict[str, set[str]] = {
 }
 
 WORKER_KINDS = ("native", "assisted", "cpu")
+
+WORKER_TOKEN_HEADER = "x-caserve-worker-token"  # on every request a worker (or the controller) sends
 
 # ---------------------------------------------------------------------------------------------- limits
 

@@ -27,6 +27,7 @@ from caserve.serving.messages import TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, C
 from caserve.serving.router.jobs import Job
 from caserve.serving.router.metrics import CONTENT_TYPE_LATEST
 from caserve.serving.router.router import Router
+from caserve.serving.router.security import Access, RouterGuard, RouterSecurity, access_of
 from caserve.serving.router.worker_api import make_worker_routes
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,9 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 256
 
 
-def create_app(router: Router) -> FastAPI:
+def create_app(router: Router, security: RouterSecurity) -> FastAPI:
+    """The router's ASGI app: public routes, worker routes, and :class:`RouterGuard` in front of both."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         reaper = asyncio.create_task(router.reap_forever())
@@ -48,9 +51,12 @@ def create_app(router: Router) -> FastAPI:
     app.state.router = router
     app.include_router(make_worker_routes(router))
     _install_error_handlers(app)
+    app.add_middleware(RouterGuard, security=security)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
+        if access_of(request.scope) is Access.ANONYMOUS:
+            return {"status": "ok"}  # liveness only: workers, queues and job ids need the API key
         return {"status": "ok", **router.describe()}
 
     @app.get("/metrics")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 from caserve.serving.errors import (
-    WORKER_ERROR_TYPES, BadRequest, ModelNotFound, NotFound, QueueFull, RequestCancelled, RequestFailed,
+    WORKER_ERROR_TYPES, BadRequest, Conflict, ModelNotFound, NotFound, QueueFull, RequestCancelled, RequestFailed,
     ServingError,
 )
 from caserve.serving.messages import (
@@ -35,6 +35,7 @@ from caserve.serving.router.policies import ServiceModel, make_policy
 logger = logging.getLogger(__name__)
 
 REMEMBERED_DISPATCHES = 4096  # dispatch ids a session remembers, so that late events of old rows are known
+MAX_MODELS = 64  # configured models plus those registered workers serve
 
 
 @dataclass(eq=False)
@@ -100,7 +101,7 @@ class ModelState:
 class Router:
     def __init__(
         self, *, policy: str = "fcfs", max_queue: int = 256, heartbeat_timeout_s: float = 10.0,
-        max_attempts: int = 3, models: Iterable[str] = (),
+        max_attempts: int = 3, models: Iterable[str] = (), max_models: int = MAX_MODELS,
     ) -> None:
         self.service = ServiceModel()
         self.policy = make_policy(policy, self.service)
@@ -108,7 +109,10 @@ class Router:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.max_attempts = max_attempts
         self.metrics = ServingMetrics()
+        # Bounded: only configured models and those a registered (token-holding) worker serves; a
+        # client naming any other model gets a 404 and adds nothing here or to the metrics.
         self.models: dict[str, ModelState] = {m: ModelState(m) for m in models}
+        self.max_models = max(max_models, len(self.models))
 
     # ------------------------------------------------------------------------------------ client side
 
@@ -116,7 +120,8 @@ class Router:
         """The model's state; 404 when unknown, 400 when its workers cannot run ``task``."""
         state = self.models.get(name)
         if state is None:
-            raise ModelNotFound(f"The model '{name}' does not exist", param="model")
+            shown = name if len(name) <= 100 else name[:100] + "..."
+            raise ModelNotFound(f"The model '{shown}' does not exist", param="model")
         if task is not None and state.task is not None and task not in MODEL_TASKS.get(state.task, set()):
             raise BadRequest(f"model '{name}' is a {state.task} model and cannot serve {task} requests",
                              param="model")
@@ -161,10 +166,17 @@ class Router:
                  max_context: int, batching: str = "continuous") -> WorkerSession:
         if task not in MODEL_TASKS:
             raise BadRequest(f"unknown model task {task!r}", param="task")
+        for other in self.models.values():
+            if worker_id in other.workers:  # alive: lost sessions leave the table at once
+                # Never evict a live session: a second registration under its id is refused, and a
+                # restarted worker gets its id back once its old channel closed or timed out.
+                logger.warning("refused registration of worker id %r for %s: a live session holds it",
+                               worker_id, model)
+                raise Conflict(f"worker id {worker_id!r} is held by a live session; pick another id or "
+                               f"retry once that worker is gone", param="worker_id")
+        if model not in self.models and len(self.models) >= self.max_models:
+            raise Conflict(f"this router already serves {len(self.models)} models (its limit)", param="model")
         state = self.models.setdefault(model, ModelState(model))
-        old = state.workers.get(worker_id)
-        if old is not None:
-            self.worker_lost(old, "re-registered")
         state.task = state.task or task
         state.max_context = max_context
         ws = WorkerSession(worker_id, kind, model, task, max(1, max_batch), max_context, batching=batching)

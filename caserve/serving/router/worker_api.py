@@ -2,6 +2,9 @@
 
 The messages are the structs of :mod:`caserve.serving.messages` (its docstring draws the exchange);
 every body is decoded into them on receipt, and a malformed one is answered 400 and logged.
+Every request carries the router's worker token (header ``X-Caserve-Worker-Token``), checked by
+``security.RouterGuard`` before any route runs (401 missing, 403 wrong). A worker id held by a live
+session cannot be registered again (409), and a session has at most one channel (409).
 
 A channel that closes (worker killed, worker gave up its GPU server) loses the session at once and
 requeues its jobs; silent workers are dropped after the heartbeat timeout. Any 404 on a session
@@ -18,7 +21,7 @@ import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from caserve.serving.errors import BadRequest
+from caserve.serving.errors import BadRequest, Conflict
 from caserve.serving.messages import (
     DrainReply, EventsRequest, Ok, Ping, RegisterReply, RegisterRequest, SessionRequest, encode, encode_line,
     events_decoder,
@@ -56,7 +59,7 @@ def _json(message: Any) -> Response:
 
 
 def make_worker_routes(router: Router) -> APIRouter:
-    api = APIRouter(prefix="/internal/workers")
+    api = APIRouter(prefix="/internal/workers", include_in_schema=False)
 
     @api.post("/register")
     async def register(request: Request) -> Response:
@@ -67,6 +70,8 @@ def make_worker_routes(router: Router) -> APIRouter:
     @api.get("/{worker_id}/channel")
     async def channel(worker_id: str, session: str) -> StreamingResponse:
         ws = router.session(worker_id, session)
+        if ws.channel_open:
+            raise Conflict("this session already has a channel open", param="session")
         return StreamingResponse(_channel_lines(router, ws), media_type="application/x-ndjson")
 
     @api.post("/{worker_id}/events")

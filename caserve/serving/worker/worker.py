@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 import httpx
@@ -25,8 +25,8 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from caserve.models import load_model
 from caserve.serving.messages import (
-    MAX_EVENTS, WORKER_KINDS, Cancel, Error, Event, EventsRequest, RegisterReply, RegisterRequest, Row, Run,
-    SessionRequest, encode, router_message_decoder,
+    MAX_EVENTS, WORKER_KINDS, WORKER_TOKEN_HEADER, Cancel, Error, Event, EventsRequest, RegisterReply,
+    RegisterRequest, Row, Run, SessionRequest, encode, router_message_decoder,
 )
 from caserve.serving.worker.engine import BATCHING, MAX_LEN, Engine
 
@@ -45,13 +45,18 @@ class DeviceLost(Exception):
     """The device (GPU server) is gone: reconnect and reload before serving again."""
 
 
+class WorkerTokenRefused(Exception):
+    """The router refused our worker token (401/403): fatal, retrying cannot help."""
+
+
 @dataclass
 class WorkerConfig:
     router_url: str
     kind: str
     model: str
+    router_token: str = field(default="", repr=False)  # sent on every request to the router
     gpu_server: Optional[str] = None
-    token: Optional[str] = None
+    token: Optional[str] = field(default=None, repr=False)  # the GPU server's token (assisted)
     worker_id: Optional[str] = None
     max_batch: int = 8
     shrink: bool = False
@@ -69,6 +74,9 @@ class WorkerConfig:
             raise ValueError(f"batching must be one of {BATCHING}")
         if self.kind == "assisted" and not self.gpu_server:
             raise ValueError("an assisted worker needs --gpu-server host:port")
+        if not self.router_token:
+            raise ValueError("a worker needs the router's worker token: --worker-token-file F or "
+                             "$CASERVE_WORKER_TOKEN")
         self.router_url = self.router_url.rstrip("/")
         self.worker_id = self.worker_id or f"{self.kind}-{socket.gethostname()}-{os.getpid()}"
 
@@ -158,8 +166,9 @@ class Worker:
 
     async def _serve_router(self) -> None:
         """Register and serve; on losing the router, register again (with backoff while it stays
-        unreachable). Raises DeviceLost."""
-        async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0)) as client:
+        unreachable). Raises DeviceLost, or WorkerTokenRefused when the router refuses our token."""
+        headers = {WORKER_TOKEN_HEADER: self.config.router_token}
+        async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0), headers=headers) as client:
             while True:
                 reply = await self._register_with_backoff(client)
                 try:
@@ -185,6 +194,9 @@ class Worker:
                                   task=lm.task, max_batch=c.max_batch, max_context=self.engine.context,
                                   batching=c.batching)  # type: ignore[arg-type]
         resp = await client.post(f"{c.router_url}/internal/workers/register", content=encode(request), headers=JSON)
+        if resp.status_code in (401, 403):  # not retried: the same token would be refused again
+            raise WorkerTokenRefused(f"the router at {c.router_url} refused this worker's token "
+                                     f"({resp.status_code}); check --worker-token-file")
         resp.raise_for_status()
         try:
             reply = msgspec.json.decode(resp.content, type=RegisterReply)
