@@ -351,6 +351,20 @@ def sim_cmd(
                        assisted_factor=assisted_factor, cv=cv, trace=trace, time_scale=time_scale))
 
 
+def _delays(text: str) -> Optional[list[Optional[float]]]:
+    """``direct,0,25`` -> [None, 0.0, 25.0]; empty -> None (no relay)."""
+    out: list[Optional[float]] = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        try:
+            value = None if item == "direct" else float(item)
+        except ValueError:
+            raise typer.BadParameter(f"{item!r} is not a delay in us or 'direct'", param_hint="--delays") from None
+        if value is not None and not 0 <= value <= 100_000:
+            raise typer.BadParameter(f"delay {value} us is outside 0..100000", param_hint="--delays")
+        out.append(value)
+    return out or None
+
+
 @bench_app.command("remote-overhead")
 def bench_remote_overhead(
     models: str = typer.Option("tiny-gpt2,gpt2-124m", help="Comma-separated: tiny-gpt2, gpt2-124m."),
@@ -364,8 +378,10 @@ def bench_remote_overhead(
     runs: int = typer.Option(3, help="Runs per configuration; medians are reported."),
     threads: int = typer.Option(1, help="torch CPU threads, for this process and the server it starts."),
     out: Path = typer.Option(Path("results/remote_overhead.json"), help="JSON result file."),
+    delays: str = typer.Option("", help="Network sensitivity: comma-separated one-way delays (us) of a TCP relay "
+                               "between client and server, e.g. direct,0,25,50,100 (direct: no relay)."),
 ) -> None:
-    """Native vs remote ms/token, ops, frames and bytes per token, server CPU per token."""
+    """Native vs remote ms/token, ops, frames and bytes per token, round trips, server CPU per token."""
     _setup_logging(False)
     from caserve.bench import remote_overhead as ro
 
@@ -377,7 +393,7 @@ def bench_remote_overhead(
     if not mode_list or any(m not in ro.MODES for m in mode_list):
         raise typer.BadParameter(f"modes must be among {sorted(ro.MODES)}")
     results = ro.run(names, mode_list, server=server, device=device, transport=transport, native_device=native_device,
-                     new_tokens=new_tokens, runs=runs, threads=threads, out=out)
+                     new_tokens=new_tokens, runs=runs, threads=threads, out=out, delays_us=_delays(delays))
     ro.print_table(results)
     typer.echo(f"wrote {out}")
 

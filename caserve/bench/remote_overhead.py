@@ -20,10 +20,14 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
+
+from caserve.bench.relay import RelayProcess, echo_server, measure_rtt
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,8 @@ class Result:
     server_cpu_vs_native: float
     runs: int
     step_replays_per_token: float = 0.0  # graph mode: forward calls replayed without running their Python
+    sync_wait_ms_per_token: float = 0.0  # client time blocked on replies (the syncs above)
+    relay_delay_us: float | None = None  # one-way delay of the relay between client and server (None: direct)
 
 
 def _start_server(device: str, threads: int) -> tuple[subprocess.Popen, str]:
@@ -129,7 +135,8 @@ def measure(name: str, mode: str, address: str, transport: str, native_device: s
         s1 = R.stats(dev)
         server_cpu.append(R.server_stats(dev)["cpu_seconds"] - before)
         remote_runs.append(wall)
-        counts.append({k: s1[k] - s0[k] for k in ("ops", "records", "frames", "bytes_sent", "syncs", "step_replays")})
+        counts.append({k: s1[k] - s0[k] for k in ("ops", "records", "frames", "bytes_sent", "syncs", "step_replays",
+                                                  "sync_wait_s")})
     R.disconnect(dev)
 
     per = lambda x: x / new_tokens  # noqa: E731
@@ -140,7 +147,7 @@ def measure(name: str, mode: str, address: str, transport: str, native_device: s
     med = {k: per(statistics.median(c[k] for c in counts)) for k in counts[0]}
     return Result(loaded.label, mode, new_tokens, native_ms, remote_ms, remote_ms / native_ms, med["ops"], med["records"],
                   med["frames"], med["bytes_sent"], med["syncs"], native_cpu, server, server / native_cpu, runs,
-                  med["step_replays"])
+                  med["step_replays"], med["sync_wait_s"] * 1e3)
 
 
 def _timed_once(fn, sync) -> tuple[float, float]:
@@ -152,13 +159,25 @@ def _timed_once(fn, sync) -> tuple[float, float]:
 
 
 def run(models: list[str], modes: list[str], *, server: str | None, device: str, transport: str, native_device: str,
-        new_tokens: int, runs: int, threads: int, out: Path) -> list[Result]:
+        new_tokens: int, runs: int, threads: int, out: Path, delays_us: list[float | None] | None = None) -> list[Result]:
+    """``delays_us``: measure every (model, mode) through a relay adding each one-way delay (TCP only);
+    ``None`` in the list is the direct connection."""
     torch.set_num_threads(threads)
+    if delays_us and transport == "unix":
+        raise ValueError("a relay delay needs the TCP transport")
     proc = None
     if server is None:
         proc, server = _start_server(device, threads)
+    results: list[Result] = []
     try:
-        results = [measure(m, mode, server, transport, native_device, new_tokens, runs) for m in models for mode in modes]
+        for delay in delays_us or [None]:
+            with _link(server, delay) as address:
+                for m in models:
+                    for mode in modes:
+                        r = measure(m, mode, address, "tcp" if delay is not None else transport, native_device,
+                                    new_tokens, runs)
+                        r.relay_delay_us = delay
+                        results.append(r)
     finally:
         if proc is not None:
             proc.terminate()
@@ -169,6 +188,7 @@ def run(models: list[str], modes: list[str], *, server: str | None, device: str,
                      "gpu_server_device": device, "native_device": native_device,
                      "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "transport": transport, "threads": threads, "torch": torch.__version__,
+        "relay_rtt_us": relay_rtt_us([d for d in delays_us if d is not None]) if delays_us else None,
         "results": [asdict(r) for r in results],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -176,16 +196,42 @@ def run(models: list[str], modes: list[str], *, server: str | None, device: str,
     return results
 
 
+@contextmanager
+def _link(server: str, delay_us: float | None) -> Iterator[str]:
+    """The server's address, or that of a relay adding ``delay_us`` in front of it."""
+    if delay_us is None:
+        yield server
+        return
+    with RelayProcess(server, delay_us) as address:
+        yield address
+
+
+def relay_rtt_us(delays_us: list[float]) -> dict[str, float]:
+    """Median 1-byte round trip (us) to an echo server, direct and through a relay of each delay: what the
+    relay really adds on this machine (its own hop plus twice the delay, plus any oversleep)."""
+    sock, echo = echo_server()
+    try:
+        rtt = {"direct": measure_rtt(echo)}
+        for d in delays_us:
+            with RelayProcess(echo, d) as address:
+                rtt[f"{d:g}"] = measure_rtt(address)
+    finally:
+        sock.close()
+    return rtt
+
+
 def print_table(results: list[Result]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="caserve remote overhead (median per generated token)")
-    for col in ("model", "mode", "native ms", "remote ms", "remote/native", "ATen ops", "records", "frames", "bytes",
-                "step replays", "server CPU / native CPU"):
+    for col in ("model", "mode", "delay us", "native ms", "remote ms", "remote/native", "ATen ops", "records", "frames", "bytes",
+                "step replays", "round trips", "server CPU / native CPU"):
         table.add_column(col, justify="right")
     for r in results:
-        table.add_row(r.model, r.mode, f"{r.native_ms_per_token:.2f}", f"{r.remote_ms_per_token:.2f}", f"{r.ratio:.2f}",
+        delay = "direct" if r.relay_delay_us is None else f"{r.relay_delay_us:g}"
+        table.add_row(r.model, r.mode, delay, f"{r.native_ms_per_token:.2f}", f"{r.remote_ms_per_token:.2f}", f"{r.ratio:.2f}",
                       f"{r.aten_ops_per_token:.0f}", f"{r.records_per_token:.0f}", f"{r.frames_per_token:.1f}",
-                      f"{r.bytes_per_token:.0f}", f"{r.step_replays_per_token:.2f}", f"{r.server_cpu_vs_native:.2f}")
+                      f"{r.bytes_per_token:.0f}", f"{r.step_replays_per_token:.2f}", f"{r.syncs_per_token:.2f}",
+                      f"{r.server_cpu_vs_native:.2f}")
     Console(width=190).print(table)
