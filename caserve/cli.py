@@ -31,16 +31,19 @@ def gpu_server(
     tenant_memory_limit: str = typer.Option("0", help="Per-tenant device memory limit, e.g. 8GiB (0: none)."),
     unix_socket: Optional[Path] = typer.Option(None, help="Unix socket path (default: one per port in the temp dir)."),
     no_unix_socket: bool = typer.Option(False, "--no-unix-socket", help="Listen on TCP only."),
-    threads: int = typer.Option(0, help="torch intra-op CPU threads (0: torch's default)."),
+    threads: int = typer.Option(0, min=0, help="torch intra-op CPU threads (0: 1 on a CPU device, torch's "
+                                "default with CUDA; see docs/results.md, server scaling)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Own one device and execute the op streams of many CPU-node clients on it."""
     _setup_logging(verbose)
+    import torch
+
     from caserve.remote.server import serve_forever
 
+    if threads == 0 and (device == "cpu" or (device == "auto" and not torch.cuda.is_available())):
+        threads = 1  # decode-sized ops gain nothing from intra-op threads; idle OpenMP workers spin
     if threads:
-        import torch
-
         torch.set_num_threads(threads)
     serve_forever(
         host=host,
@@ -395,6 +398,39 @@ def bench_remote_overhead(
     results = ro.run(names, mode_list, server=server, device=device, transport=transport, native_device=native_device,
                      new_tokens=new_tokens, runs=runs, threads=threads, out=out, delays_us=_delays(delays))
     ro.print_table(results)
+    typer.echo(f"wrote {out}")
+
+
+@bench_app.command("server-scaling")
+def bench_server_scaling(
+    model: str = typer.Option("tiny-gpt2", help="Bench model: tiny-gpt2, gpt2-124m, qwen2.5-0.5b (random weights)."),
+    tenants: str = typer.Option("1,2,4,8,16,32", help="Comma-separated tenant counts (one process each)."),
+    device: str = typer.Option("auto", help="Device of the GPU server this command starts."),
+    server_threads: int = typer.Option(0, min=0, help="GPU server's torch threads (0: its default)."),
+    new_tokens: int = typer.Option(32, min=1, help="Tokens per decode."),
+    runs: int = typer.Option(2, min=1, help="Decodes per tenant per round."),
+    transport: str = typer.Option("auto", help="auto (Unix socket on one host), tcp or unix."),
+    delay_us: Optional[float] = typer.Option(None, min=0, help="Put a TCP relay adding this one-way delay (us) "
+                                             "between the tenants and the server."),
+    out: Path = typer.Option(Path("results/server_scaling.json"), help="JSON result file."),
+) -> None:
+    """N tenants decoding with the serving engine against one GPU server: tokens/s, server CPU per step."""
+    _setup_logging(False)
+    from caserve.bench import remote_overhead as ro
+    from caserve.bench import server_scaling as ss
+
+    if model not in ro.MODELS:
+        raise typer.BadParameter(f"choose from {sorted(ro.MODELS)}", param_hint="--model")
+    if delay_us is not None and transport == "unix":
+        raise typer.BadParameter("a relay delay needs the TCP transport", param_hint="--transport")
+    counts = _csv_ints(tenants)
+    if not counts or min(counts) < 1:
+        raise typer.BadParameter("tenant counts must be integers >= 1", param_hint="--tenants")
+    doc = ss.run(model=model, tenants=counts, device=device, server_threads=server_threads,
+                 new_tokens=new_tokens, runs=runs, transport=transport, delay_us=delay_us, out=out)
+    typer.echo(ss.markdown(doc))
+    for err in doc["errors"]:
+        typer.echo(f"error: {err}", err=True)
     typer.echo(f"wrote {out}")
 
 

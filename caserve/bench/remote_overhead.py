@@ -61,8 +61,9 @@ class Result:
     relay_delay_us: float | None = None  # one-way delay of the relay between client and server (None: direct)
 
 
-def _start_server(device: str, threads: int) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+def start_server(device: str, threads: int) -> tuple[subprocess.Popen, str]:
+    """A GPU server subprocess on a free port; ``threads`` 0 lets ``caserve gpu-server`` choose."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads > 0 else {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "caserve.cli", "gpu-server", "--port", "0", "--device", device, "--threads", str(threads)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
@@ -80,7 +81,7 @@ def _generate(model, ids, n: int, cache: str) -> None:
                        cache_implementation=cache)
 
 
-def _engine_decode(engine, ids: list[int], n: int) -> None:
+def engine_decode(engine, ids: list[int], n: int) -> None:
     from caserve.serving.messages import Row, SamplingParams
 
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
@@ -117,8 +118,8 @@ def measure(name: str, mode: str, address: str, transport: str, native_device: s
 
         native_engine, remote_engine = Engine(loaded), Engine(rloaded)  # as workers run them
         prompt = ids[0].tolist()
-        run_native = lambda: _engine_decode(native_engine, prompt, new_tokens)  # noqa: E731
-        run_remote = lambda: _engine_decode(remote_engine, prompt, new_tokens)  # noqa: E731
+        run_native = lambda: engine_decode(native_engine, prompt, new_tokens)  # noqa: E731
+        run_remote = lambda: engine_decode(remote_engine, prompt, new_tokens)  # noqa: E731
     else:
         run_native = lambda: _generate(native, nids, new_tokens, cache)  # noqa: E731
         run_remote = lambda: _generate(remote, rids, new_tokens, cache)  # noqa: E731
@@ -167,7 +168,7 @@ def run(models: list[str], modes: list[str], *, server: str | None, device: str,
         raise ValueError("a relay delay needs the TCP transport")
     proc = None
     if server is None:
-        proc, server = _start_server(device, threads)
+        proc, server = start_server(device, threads)
     results: list[Result] = []
     try:
         for delay in delays_us or [None]:
