@@ -434,6 +434,32 @@ def bench_server_scaling(
     typer.echo(f"wrote {out}")
 
 
+@bench_app.command("gpu-suite")
+def bench_gpu_suite(
+    out: Path = typer.Option(..., help="Folder for the suite's files (at most 7)."),
+    device: str = typer.Option("cuda", help="cuda (the GPU run) or cpu (a dry run of the whole pipeline)."),
+    quick: bool = typer.Option(False, help="Small models and counts: the CPU dry run (about two minutes)."),
+    time_limit: Optional[float] = typer.Option(None, min=30, help="Seconds for the whole suite (default: 470, "
+                                               "quick 600); each step also has its own budget."),
+) -> None:
+    """Every GPU figure in one command: environment, CUDA tests, remote overhead, server scaling, one box."""
+    _setup_logging(False)
+    import torch
+
+    from caserve.bench import gpu_suite
+
+    if device not in ("cuda", "cpu"):
+        raise typer.BadParameter("cuda or cpu", param_hint="--device")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("no CUDA device here; use --device cpu --quick for the dry run", param_hint="--device")
+    doc = gpu_suite.run(out, device=device, quick=quick, time_limit_s=time_limit)
+    typer.echo((out / "summary.md").read_text())
+    bad = [n for n, r in doc["steps"].items() if r["status"] != "ok"]
+    if bad:
+        typer.echo(f"steps not ok: {', '.join(bad)}", err=True)
+        raise typer.Exit(1)
+
+
 @cluster_app.command("up")
 def cluster_up(
     config: Path = typer.Option(..., help="Cluster YAML (see docs/cluster.md)."),

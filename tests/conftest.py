@@ -25,7 +25,8 @@ class GPUServerProcess:
     def __init__(self, tmp: Path, token: str | None = None, limit: str = "0", unix: bool = True) -> None:
         self.port = free_port()
         self.token = token
-        args = [sys.executable, "-m", "caserve.cli", "gpu-server", "--port", str(self.port), "--device", "cpu",
+        device = os.environ.get("CASERVE_TEST_GPU_DEVICE", "cpu")  # the gpu-suite runs these tests on cuda
+        args = [sys.executable, "-m", "caserve.cli", "gpu-server", "--port", str(self.port), "--device", device,
                 "--tenant-memory-limit", limit]
         if token:
             tf = tmp / f"token-{self.port}"
