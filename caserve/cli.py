@@ -22,6 +22,15 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+def server_threads(device: str, threads: int, cuda: bool) -> int:
+    """A GPU server's torch intra-op threads; 0 keeps torch's default. On a CPU device the default is 1:
+    decode-sized ops gain little from intra-op threads, and idle OpenMP workers spin between ops on the
+    cores the clients need (docs/results.md, section 6, measures it)."""
+    if threads:
+        return threads
+    return 1 if device == "cpu" or (device == "auto" and not cuda) else 0
+
+
 @app.command("gpu-server")
 def gpu_server(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
@@ -41,8 +50,7 @@ def gpu_server(
 
     from caserve.remote.server import serve_forever
 
-    if threads == 0 and (device == "cpu" or (device == "auto" and not torch.cuda.is_available())):
-        threads = 1  # decode-sized ops gain nothing from intra-op threads; idle OpenMP workers spin
+    threads = server_threads(device, threads, torch.cuda.is_available())
     if threads:
         torch.set_num_threads(threads)
     serve_forever(
