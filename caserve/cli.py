@@ -448,7 +448,7 @@ def bench_gpu_suite(
     device: str = typer.Option("cuda", help="cuda (the GPU run) or cpu (a dry run of the whole pipeline)."),
     quick: bool = typer.Option(False, help="Small models and counts: the CPU dry run (about two minutes)."),
     time_limit: Optional[float] = typer.Option(None, min=30, help="Seconds for the whole suite (default: 470, "
-                                               "quick 600); each step also has its own budget."),
+                                               "quick 1200); each step also has its own budget."),
 ) -> None:
     """Every GPU figure in one command: environment, CUDA tests, remote overhead, server scaling, one box."""
     _setup_logging(False)

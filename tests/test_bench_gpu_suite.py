@@ -101,11 +101,11 @@ def quick_suite(tmp_path_factory):
     out = tmp_path_factory.mktemp("suite") / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "caserve.cli", "bench", "gpu-suite", "--device", "cpu", "--quick",
-                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=1500, cwd=REPO)
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=1400, cwd=REPO)
     return out, proc
 
 
-@pytest.mark.timeout(1600)
+@pytest.mark.timeout(1500)
 def test_quick_suite_writes_a_complete_report(quick_suite):
     out, proc = quick_suite
     files = {p.name for p in out.iterdir()}

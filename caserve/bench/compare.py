@@ -235,15 +235,21 @@ def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
     runs = result["runs"]
     title = f"{result['model']} / {result['workload']['dataset']}"
     plots.jct_cdf({d["label"]: jct_values(records_of(d)) for d in runs}, out_dir / "jct_cdf.png", title=f"JCT CDF: {title}")
+    series = queue_delay_series(runs)
+    if series:
+        plots.queue_delay_over_time(series, out_dir / "queue_delay.png", title=f"Queue delay: {title}")
+    (out_dir / "compare.md").write_text(markdown_table(result["rows"]) + "\n")
+
+
+def queue_delay_series(runs: Sequence[dict[str, Any]]) -> dict[str, tuple[list[float], list[float]]]:
+    """Per run label: (arrival offset s, queue delay s) of its requests with server timings."""
     series = {}
     for d in runs:
         recs = [r for r in records_of(d) if r.success and r.server is not None]
         if recs:
             a0 = min(r.server.arrival for r in recs)
             series[d["label"]] = ([r.server.arrival - a0 for r in recs], [r.server.queue_delay for r in recs])
-    if series:
-        plots.queue_delay_over_time(series, out_dir / "queue_delay.png", title=f"Queue delay: {title}")
-    (out_dir / "compare.md").write_text(markdown_table(result["rows"]) + "\n")
+    return series
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:

@@ -36,7 +36,7 @@ import httpx
 import numpy as np
 
 from caserve.bench import arrivals as arr
-from caserve.bench.compare import free_port, subprocess_env, table_rows
+from caserve.bench.compare import free_port, queue_delay_series, subprocess_env, table_rows
 from caserve.bench.datasets import load_workload
 from caserve.bench.loadgen import LoadGenConfig, run_load_sync, wait_healthy
 from caserve.bench.metrics import compute_metrics, jct_values
@@ -246,12 +246,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     title = f"one box, {result['spec']['model']}, {result['spec']['load']}x native capacity"
     paths = [plots.jct_cdf({d["label"]: jct_values(records_of(d)) for d in runs}, out_dir / "onebox_jct_cdf.png",
                            title=f"JCT CDF: {title}")]
-    series = {}
-    for d in runs:
-        recs = [r for r in records_of(d) if r.success and r.server is not None]
-        if recs:
-            a0 = min(r.server.arrival for r in recs)
-            series[d["label"]] = ([r.server.arrival - a0 for r in recs], [r.server.queue_delay for r in recs])
+    series = queue_delay_series(runs)
     if series:
         paths.append(plots.queue_delay_over_time(series, out_dir / "onebox_queue_delay.png",
                                                  title=f"Queue delay: {title}"))

@@ -169,6 +169,14 @@ def run(models: list[str], modes: list[str], *, server: str | None, device: str,
     proc = None
     if server is None:
         proc, server = start_server(device, threads)
+    report = {
+        "benchmark": "remote-overhead",
+        "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                     "gpu_server_device": device, "native_device": native_device,
+                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "transport": transport, "threads": threads, "torch": torch.__version__, "relay_rtt_us": None, "results": [],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
     results: list[Result] = []
     try:
         for delay in delays_us or [None]:
@@ -179,20 +187,14 @@ def run(models: list[str], modes: list[str], *, server: str | None, device: str,
                                     new_tokens, runs)
                         r.relay_delay_us = delay
                         results.append(r)
+                        report["results"].append(asdict(r))
+                        out.write_text(json.dumps(report, indent=2))  # a run cut short keeps what it measured
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(10)
-    report = {
-        "benchmark": "remote-overhead",
-        "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                     "gpu_server_device": device, "native_device": native_device,
-                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "transport": transport, "threads": threads, "torch": torch.__version__,
-        "relay_rtt_us": relay_rtt_us([d for d in delays_us if d is not None]) if delays_us else None,
-        "results": [asdict(r) for r in results],
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if delays_us:
+        report["relay_rtt_us"] = relay_rtt_us([d for d in delays_us if d is not None])
     out.write_text(json.dumps(report, indent=2))
     return results
 
