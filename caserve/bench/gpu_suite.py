@@ -62,7 +62,7 @@ def profile(device: str, quick: bool) -> Profile:
     if not quick:
         return Profile(device, ("gpt2-124m", "qwen2.5-0.5b"), 32, 3, "gpt2-124m", "1,2,4,8,16", 32,
                        {"model": "gpt2", "assisted": [0, 2, 4, 8], "num_requests": 200, "output_scale": 0.25,
-                        "max_output": 256},
+                        "max_output": 192, "max_prompt_words": 48},
                        {"cuda_tests": 70, "remote_overhead:gpt2-124m": 55, "remote_overhead:qwen2.5-0.5b": 70,
                         "server_scaling": 95, "onebox": 165})
     return Profile(device, ("tiny-gpt2",), 8, 1, "tiny-gpt2", "1,2", 8,
