@@ -63,8 +63,8 @@ def profile(device: str, quick: bool) -> Profile:
         return Profile(device, ("gpt2-124m", "qwen2.5-0.5b"), 32, 3, "gpt2-124m", "1,2,4,8,16", 32,
                        {"model": "gpt2", "assisted": [0, 2, 4, 8], "num_requests": 200, "output_scale": 0.25,
                         "max_output": 192, "max_prompt_words": 48},
-                       {"cuda_tests": 70, "remote_overhead:gpt2-124m": 55, "remote_overhead:qwen2.5-0.5b": 70,
-                        "server_scaling": 95, "onebox": 165})
+                       {"cuda_tests": 60, "remote_overhead:gpt2-124m": 55, "remote_overhead:qwen2.5-0.5b": 70,
+                        "server_scaling": 85, "onebox": 185})
     return Profile(device, ("tiny-gpt2",), 8, 1, "tiny-gpt2", "1,2", 8,
                    {"model": "caserve/tiny-gpt2", "assisted": [0, 1], "num_requests": 12, "output_scale": 0.03,
                     "max_output": 8, "max_prompt_words": 24, "max_batch": 4, "start_timeout_s": 150},
