@@ -82,10 +82,11 @@ def _generate(model, ids, n: int, cache: str) -> None:
 
 
 def engine_decode(engine, ids: list[int], n: int) -> None:
+    """One greedy decode of ``n`` tokens through the engine's public entry point, as a worker's batch of one."""
     from caserve.serving.messages import Row, SamplingParams
 
-    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-    row = Row(dispatch="bench", job="bench", task="generate", prompt_ids=ids, params=params)
+    params = SamplingParams(max_tokens=n, temperature=0.0, top_p=1.0, stop=[], seed=None, ignore_eos=True)
+    row = Row(dispatch="bench", job="bench", task="generate", prompt_ids=list(ids), params=params)
     engine.run([row], lambda event: None, lambda dispatch: False)
 
 
