@@ -140,8 +140,11 @@ def run(*, model: str, tenants: list[int], device: str, server_threads: int = 0,
         for t in pool:
             stack.callback(t.stop)
         deadline = time.monotonic() + start_timeout_s
-        label = [t.receive(deadline) for t in pool][0]["label"]
-        doc["model"] = label
+        try:
+            doc["model"] = [t.receive(deadline) for t in pool][0]["label"]
+        except ScalingError as exc:  # reported in the document, like a failed round
+            doc["errors"].append(f"start: {exc}")
+            tenants = []
         for n in sorted(set(tenants)):
             try:
                 r = _round(pool[:n], runs, proc.pid, round_timeout_s)
