@@ -13,10 +13,9 @@ import time
 import torch
 
 import caserve.remote as R
-from caserve.bench.remote_overhead import MODELS, engine_decode, start_server
+from caserve.bench.remote_overhead import MODELS, assisted_engine, engine_decode, start_server
 from caserve.bench.server_scaling import _cpu_seconds
 from caserve.models import load_model
-from caserve.serving.worker.engine import Engine
 
 
 def main() -> None:
@@ -29,7 +28,7 @@ def main() -> None:
         dev = R.connect(address)
         lm = load_model(MODELS[model], device=dev)
         R.graph_mode(lm.model)
-        engine = Engine(lm, static_cache=True)
+        engine = assisted_engine(lm)
         for _ in range(3):
             engine_decode(engine, list(range(1, 9)), tokens)
         arms[threads] = {"proc": proc, "engine": engine, "cpu_ms_per_step": [], "ms_per_token": []}

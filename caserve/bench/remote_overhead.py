@@ -81,6 +81,14 @@ def _generate(model, ids, n: int, cache: str) -> None:
                        cache_implementation=cache)
 
 
+def assisted_engine(lm):
+    """The serving engine as an assisted worker builds it with the worker's defaults (one place for
+    remote-overhead, server-scaling's tenants and scripts/ab_server_threads.py)."""
+    from caserve.serving.worker.engine import Engine
+
+    return Engine(lm)
+
+
 def engine_decode(engine, ids: list[int], n: int) -> None:
     """One greedy decode of ``n`` tokens through the engine's public entry point, as a worker's batch of one."""
     from caserve.serving.messages import Row, SamplingParams
@@ -117,7 +125,7 @@ def measure(name: str, mode: str, address: str, transport: str, native_device: s
     if mode == "engine":
         from caserve.serving.worker.engine import Engine
 
-        native_engine, remote_engine = Engine(loaded), Engine(rloaded)  # as workers run them
+        native_engine, remote_engine = Engine(loaded), assisted_engine(rloaded)  # as workers run them
         prompt = ids[0].tolist()
         run_native = lambda: engine_decode(native_engine, prompt, new_tokens)  # noqa: E731
         run_remote = lambda: engine_decode(remote_engine, prompt, new_tokens)  # noqa: E731

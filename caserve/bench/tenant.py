@@ -37,14 +37,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)  # one process per tenant, one core's worth of client work each
     try:
         import caserve.remote as R
-        from caserve.bench.remote_overhead import MODELS, engine_decode
+        from caserve.bench.remote_overhead import MODELS, assisted_engine, engine_decode
         from caserve.models import load_model
-        from caserve.serving.worker.engine import Engine
-
+        
         dev = R.connect(a.server, transport=a.transport)
         loaded = load_model(MODELS[a.model], device=dev)
         R.graph_mode(loaded.model)
-        engine = Engine(loaded, static_cache=True)  # as assisted workers run it
+        engine = assisted_engine(loaded)  # as assisted workers run it
         prompt = torch.randint(0, min(loaded.model.config.vocab_size, 256), (8,),
                                generator=torch.Generator().manual_seed(0)).tolist()
         for _ in range(a.warmup):
