@@ -25,7 +25,7 @@ def _setup_logging(verbose: bool) -> None:
 def server_threads(device: str, threads: int, cuda: bool) -> int:
     """A GPU server's torch intra-op threads; 0 keeps torch's default. On a CPU device the default is 1:
     decode-sized ops gain little from intra-op threads, and idle OpenMP workers spin between ops on the
-    cores the clients need (docs/results.md, section 6, measures it)."""
+    cores the clients need (docs/results.md, section 7, measures it)."""
     if threads:
         return threads
     return 1 if device == "cpu" or (device == "auto" and not cuda) else 0

@@ -1,7 +1,7 @@
 """A/B of a CPU GPU server's intra-op threads: two servers (``--threads A`` and ``--threads B``), one engine
 client each in this process, decode runs alternating A, B, A, B..., server CPU time per decode step read from
 /proc. Usage: PYTHONPATH=. python scripts/ab_server_threads.py [A B [reps [tokens [model]]]]
-(docs/results.md, section 6)."""
+(docs/results.md, section 7)."""
 
 from __future__ import annotations
 
