@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 import torch
 
-from caserve.remote.server import GPUServer, LocalChannel
+from caserve.remote.local import LocalChannel
+from caserve.remote.server import GPUServer
 from caserve.remote.wire import protocol as P
 from caserve.remote.wire.transport import SocketChannel
 

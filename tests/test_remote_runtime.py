@@ -145,15 +145,16 @@ def test_shared_weights_stored_once_and_copy_on_write(gpu_server):
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).eval()
     devs = [R.connect(gpu_server.address, token=gpu_server.token) for _ in range(4)]
+    admin = R.connect(gpu_server.address, token=gpu_server.admin_token)  # server-wide figures
     try:
         replicas = []
         for i, dev in enumerate(devs):
             torch.manual_seed(0)
             replicas.append(transformers.GPT2LMHeadModel(config).eval().to(dev))
-            stats = R.server_stats(dev)
+            stats = R.server_stats(admin)
             if i == 0:
                 one = stats["stored_bytes"]
-        four = R.server_stats(devs[0])["stored_bytes"]
+        four = R.server_stats(admin)["stored_bytes"]
         assert one > 1_000_000
         assert four <= 1.1 * one, (one, four)
         # An in-place write to a shared weight gives that tenant a private copy; the others keep theirs.
@@ -165,7 +166,7 @@ def test_shared_weights_stored_once_and_copy_on_write(gpu_server):
             assert torch.allclose(replicas[1](ids.to(devs[1])).logits.cpu(), want, atol=1e-5)
             assert replicas[0].transformer.wte.weight.abs().sum().item() == 0
     finally:
-        for dev in devs:
+        for dev in [*devs, admin]:
             R.disconnect(dev)
 
 
@@ -271,7 +272,7 @@ def test_200_cycles_leave_server_memory_at_baseline(make_gpu_server):
     R.disconnect(probe)
     for _ in range(200):
         cycle()
-    probe = R.connect(server.address)
+    probe = R.connect(server.address, token=server.admin_token)
     stats = R.server_stats(probe)
     R.disconnect(probe)
     assert stats["shared_blobs"] == 0 and stats["shared_bytes"] == 0

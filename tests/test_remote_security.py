@@ -236,8 +236,8 @@ def test_stats_describe_the_caller_only():
 
 def test_an_admin_token_sees_every_tenant():
     server = GPUServer("cpu", token="user-token", admin_token="admin-token")
-    a = RawTenant(__import__("caserve.remote.server", fromlist=["LocalChannel"]).LocalChannel(server), "user-token")
-    admin = RawTenant(__import__("caserve.remote.server", fromlist=["LocalChannel"]).LocalChannel(server),
+    a = RawTenant(__import__("caserve.remote.local", fromlist=["LocalChannel"]).LocalChannel(server), "user-token")
+    admin = RawTenant(__import__("caserve.remote.local", fromlist=["LocalChannel"]).LocalChannel(server),
                       "admin-token")
     a.upload(torch.ones(1000))
     ids = {t["id"] for t in admin.stats()["tenants"]}
@@ -246,7 +246,7 @@ def test_an_admin_token_sees_every_tenant():
 
 
 def test_weights_are_shared_only_within_a_trust_group():
-    from caserve.remote.server import LocalChannel
+    from caserve.remote.local import LocalChannel
     from caserve.remote.wire import protocol as P
 
     server = GPUServer("cpu", token=["group-one", "group-two"])

@@ -23,13 +23,14 @@ Session
 ::
 
     client                                  server
-      | HELLO {version}                       |
+      | HELLO {version, client nonce c}       |
       |-------------------------------------->|   version mismatch -> ERROR, close
-      |             CHALLENGE {version, nonce}|
+      |         CHALLENGE {version, nonce s}  |
       |<--------------------------------------|
-      | AUTH {mac = HMAC-SHA256(token, nonce)}|
+      | AUTH {mac = HMAC-SHA256(token, s)}    |
       |-------------------------------------->|   bad mac -> ERROR, close
-      |        WELCOME {tenant, device, ...}  |
+      | WELCOME {tenant, device, ...,         |
+      |   proof = HMAC-SHA256(token, c + s)}  |   a client holding a token checks the proof
       |<--------------------------------------|
       | SUBMIT {ops..., sync: None}           |   streamed, never answered
       |-------------------------------------->|
@@ -64,24 +65,34 @@ import msgspec
 PROTOCOL_VERSION = 5
 
 FRAME_PREFIX = struct.Struct("<IBI")  # len, kind, header length
+
+# Limits of a GPU server (defaults; each is configurable on ``caserve gpu-server`` and sent in WELCOME).
 MAX_HANDSHAKE_FRAME = 64 * 1024  # before authentication a peer may not make us buffer more
 
 
 class Limits(msgspec.Struct, frozen=True):
-    """What one tenant may send and keep on the server. The server enforces these and sends them in
-    :class:`Welcome`; the client obeys what it was sent and keeps no copies. A new limit is a new field
-    with a default (and a protocol version bump)."""
+    """What one tenant may send and keep on the server, and how long a connection may take. The server
+    enforces these and sends them in :class:`Welcome`; the client obeys what it was sent and keeps no
+    copies. A new limit is a new field with a default (and a protocol version bump)."""
 
-    max_frame: int = 4 * 1024**3  # bytes in one frame after the handshake (4 GiB)
+    # After the handshake one frame carries at most this much (the zoo's largest weight, Qwen2.5-0.5B's
+    # fp32 embedding, is 544 MB); memory for a frame is taken as its bytes arrive, never on the word of
+    # its length prefix.
+    max_frame: int = 768 * 1024**2
     max_templates: int = 65536  # op templates (DefineOp) held at once
     max_graphs: int = 1024  # graphs (DefineGraph) held at once
     max_graph_records: int = 100_000  # records in one graph
     max_tenant_graph_records: int = 1 << 18  # records in all of a tenant's graphs together
     max_pins: int = 4096  # shared weights asked for (HasBlobs) and not yet bound
     max_dims: int = 64  # dimensions of one tensor
+    max_connections: int = 256  # open connections to the server in all (authenticated or not)
+    max_peer_connections: int = 64  # open connections from one peer address
+    handshake_timeout: float = 10.0  # seconds from accept to WELCOME
+    idle_timeout: float = 0.0  # seconds an authenticated connection may stay silent (0: no limit)
 
 
 LIMITS = Limits()  # what this build's server enforces unless it is configured otherwise
+DEFAULT_TENANT_SHARE = 0.25  # the default per-tenant memory quota (Welcome.memory_limit): this share of the device
 
 
 class Kind(enum.IntEnum):
@@ -103,6 +114,7 @@ class Kind(enum.IntEnum):
 class Hello(msgspec.Struct, frozen=True):
     version: int
     client: str = ""
+    nonce: bytes = b""  # the client's challenge: WELCOME proves the server knows the token too
 
 
 class Challenge(msgspec.Struct, frozen=True):
@@ -121,6 +133,7 @@ class Welcome(msgspec.Struct, frozen=True):
     device_name: str
     memory_limit: int  # bytes, 0 = unlimited
     limits: Limits
+    proof: bytes = b""  # server_proof(token, client nonce, server nonce); empty when no token matched
 
 
 class Error(msgspec.Struct, frozen=True):
@@ -137,6 +150,12 @@ def auth_mac(token: str, nonce: bytes) -> bytes:
 
 def check_mac(token: str, nonce: bytes, mac: bytes) -> bool:
     return hmac.compare_digest(auth_mac(token, nonce), mac)
+
+
+def server_proof(token: str, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """The server's answer to the client's challenge: it knows the token as well (under its own label, so
+    that it can never be replayed as a client's AUTH)."""
+    return hmac.new(token.encode(), b"caserve-server-v1:" + client_nonce + server_nonce, hashlib.sha256).digest()
 
 
 # ---------------------------------------------------------------------------------------------
