@@ -23,15 +23,26 @@ def tensor(slot: int, dtype: str, size: Sequence[int], stride: Sequence[int] | N
     """A tensor slot of a DefineOp skeleton."""
     if stride is None:
         stride = torch.empty(tuple(size), device="meta").stride()
-    return {"$t": [slot, dtype, list(size), list(stride), offset]}
+    return P.TensorSlot(slot, dtype, tuple(size), tuple(stride), offset)
 
 
 def device(index: int = 0) -> Any:
-    return {"$dev": index}
+    return P.DeviceArg(index)
 
 
 def dtype(name: str) -> Any:
-    return {"$dtype": name}
+    return P.DTypeArg(name)
+
+
+def scalar(index: int, kind: str) -> Any:
+    return P.ScalarSlot(index, kind)
+
+
+def skeleton(value: Any) -> Any:
+    """Plain lists in a test's argument list become the wire's ArgList."""
+    if isinstance(value, (list, tuple)):
+        return P.ArgList([skeleton(v) for v in value])
+    return value
 
 
 class Refused(Exception):
@@ -101,7 +112,8 @@ class RawTenant:
     def define(self, name: str, args: list[Any], kwargs: dict[str, Any] | None = None,
                outs: Sequence[tuple[str, tuple, tuple, int]] = ()) -> int:
         tid = next(self.tids)
-        self.send([P.DefineOp(tid, name, args, kwargs or {}, list(outs))])
+        self.send([P.DefineOp(tid, name, [skeleton(a) for a in args],
+                              {k: skeleton(v) for k, v in (kwargs or {}).items()}, list(outs))])
         return tid
 
     def run(self, tid: int, slots: list[int], nouts: int = 1, scalars: Sequence[Any] = ()) -> list[int]:

@@ -66,11 +66,11 @@ def _meta_outs(name: str, args: list, kwargs: dict, slots: list[tuple]) -> list[
                          device="meta").as_strided(sz, sd, off) for dt, sz, sd, off in slots]
 
     def conv(v: Any) -> Any:
-        if isinstance(v, dict) and "$t" in v:
-            return metas[v["$t"][0]]
-        if isinstance(v, dict) and "$dtype" in v:
-            return NAMES[v["$dtype"]]
-        if isinstance(v, dict) and "$dev" in v:
+        if isinstance(v, P.TensorSlot):
+            return metas[v.slot]
+        if isinstance(v, P.DTypeArg):
+            return NAMES[v.name]
+        if isinstance(v, P.DeviceArg):
             return torch.device("meta")
         if isinstance(v, list):
             return [conv(e) for e in v]

@@ -76,8 +76,8 @@ def test_failing_op_raises_at_sync_with_op_name_and_client_stays_usable(local_de
     session = session_of(dev)
     a = torch.ones(2, 3, device=dev)
     # Forge a template the server cannot run: the client raises nothing yet (ops stream) ...
-    session.emit(P.DefineOp(999_999, "aten.mm.default", [{"$t": [0, "float32", [2, 3], [3, 1], 0]},
-                                                          {"$t": [1, "float32", [2, 3], [3, 1], 0]}], {},
+    session.emit(P.DefineOp(999_999, "aten.mm.default", [P.TensorSlot(0, "float32", (2, 3,), (3, 1,), 0),
+                                                          P.TensorSlot(1, "float32", (2, 3,), (3, 1,), 0)], {},
                             [("float32", (2, 3), (3, 1), 0)]))
     session.emit(P.Run(999_999, [a._st.handle, a._st.handle], [session.new_handle()]))
     with pytest.raises(R.RemoteOpError, match="aten.mm.default"):
@@ -105,8 +105,8 @@ def test_fetch_later_raises_a_failure_before_it_and_the_session_goes_on(local_de
     session = session_of(dev)
     a = torch.ones(2, 3, device=dev)
     first = R.fetch_later(a)
-    session.emit(P.DefineOp(999_998, "aten.mm.default", [{"$t": [0, "float32", [2, 3], [3, 1], 0]},
-                                                          {"$t": [1, "float32", [2, 3], [3, 1], 0]}], {},
+    session.emit(P.DefineOp(999_998, "aten.mm.default", [P.TensorSlot(0, "float32", (2, 3,), (3, 1,), 0),
+                                                          P.TensorSlot(1, "float32", (2, 3,), (3, 1,), 0)], {},
                             [("float32", (2, 3), (3, 1), 0)]))
     session.emit(P.Run(999_998, [a._st.handle, a._st.handle], [session.new_handle()]))
     second = R.fetch_later(a * 2)
@@ -118,9 +118,9 @@ def test_fetch_later_raises_a_failure_before_it_and_the_session_goes_on(local_de
 
 @pytest.mark.parametrize("bad", [
     P.DefineOp(77, "aten.from_file.default", ["/etc/passwd"], {}, []),
-    P.DefineOp(76, "aten.resize_.default", [{"$t": [0, "float32", [4], [1], 0]}, [1 << 40]], {}, []),
+    P.DefineOp(76, "aten.resize_.default", [P.TensorSlot(0, "float32", (4,), (1,), 0), P.ArgList([1 << 40])], {}, []),
     P.DefineOp(78, "os.system.default", ["true"], {}, []),
-    P.DefineOp(79, "aten.add.Tensor", [{"$t": [0, "float32", [1000], [1], 0]}, 1], {}, [("float32", (1000,), (1,), 0)]),
+    P.DefineOp(79, "aten.add.Tensor", [P.TensorSlot(0, "float32", (1000,), (1,), 0), 1], {}, [("float32", (1000,), (1,), 0)]),
     P.Run(123456, [1], [2]),
     P.Free([10**12]),
     P.Alloc(1, "float32", (4,), (1,)),  # handle 1 already exists

@@ -14,7 +14,7 @@ import torch
 
 from caserve.remote.server import GPUServer
 from caserve.remote.server.blobs import BlobStore
-from remote_attacker import RawTenant, Refused, ServerProcess, device, dtype, idle_connections, tensor
+from remote_attacker import RawTenant, Refused, ServerProcess, device, dtype, idle_connections, scalar, tensor
 
 N = 64  # elements of the attacked tensors
 
@@ -60,7 +60,7 @@ def test_inplace_fill_through_an_oversized_view_does_not_crash_the_server(tmp_pa
         x = t.upload(torch.ones(4))
         tid = t.define(name, args(), {}, [("float32", (1 << 27,), (1,), 0)])
         (big,) = t.run(tid, [x])
-        fill = t.define("aten.fill_.Scalar", [tensor(0, "float32", [1 << 27]), {"$s": [0, "float"]}], {}, [])
+        fill = t.define("aten.fill_.Scalar", [tensor(0, "float32", [1 << 27]), scalar(0, "float")], {}, [])
         t.run(fill, [big], 0, [3.0])
         with pytest.raises(Refused):
             t.check()

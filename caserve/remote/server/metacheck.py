@@ -24,7 +24,7 @@ import torch
 from torch._subclasses.fake_tensor import DynamicOutputShapeException
 
 from caserve.remote.server.errors import TenantError
-from caserve.remote.wire.codec import extent, flatten_fresh
+from caserve.remote.wire.codec import extent, flatten_fresh, takes_generator
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ def meta_outputs(name: str, fn: torch._ops.OpOverload, build: Callable[..., tupl
     tensors = [_meta_slot(s.dtype, s.geom, s.extent) for s in slots]
     before = [(tuple(t.shape), t.stride(), t.storage_offset()) for t in tensors]
     args, kwargs = build(tensors, [_SCALAR_SAMPLES[t] for t in scalar_types])
+    if takes_generator(fn):  # the tenant's generator is passed at run time; meta draws nothing
+        kwargs["generator"] = None
     try:
         with torch.inference_mode():
             result = fn(*args, **kwargs)

@@ -464,8 +464,12 @@ def compile_graph(op: P.DefineGraph, templates: dict[int, Template], device: tor
                 raise TenantError(f"graph {gid} uses unknown op template {rec.tid}")
             if not tpl.runnable:
                 raise TenantError(f"graph {gid}: {tpl.name} can only be executed (its outputs are known once it ran)")
-            if any(a is not None for a in tpl.alias_of):
-                fast = False  # views of a storage are bound by Tenant.bind_alias, on the record-by-record path
+            if any(a is not None and a < len(rec.slots) and not (type(rec.slots[a]) is int and rec.slots[a] >= 0)
+                   for a in tpl.alias_of):
+                # A view of an external storage (a weight, say) must inherit its shared status: such graphs
+                # run record by record, where Tenant.bind_alias binds it. A view of a value the graph made
+                # is private memory; the program binds it as a storage of its own, charged in full.
+                fast = False
             steps.append((tpl, rec.slots, rec.outs))  # the template is resolved once, here
             names.append(tpl.name)
             b.run_step(tpl, rec.slots, rec.outs, len(scalar_types), i)

@@ -98,36 +98,32 @@ class _SpecCompiler:
         return f"C[{len(self.consts) - 1}]"
 
     def expr(self, value: Any) -> str:
-        if value is None or isinstance(value, (bool, int, float, str)):
+        t = type(value)
+        if value is None or t in (bool, int, float, str):
             return self.const(value)
-        if isinstance(value, list):
-            return "[" + "".join(self.expr(v) + "," for v in value) + "]"
-        if isinstance(value, dict) and len(value) == 1:
-            (key, arg), = value.items()
-            if key == "$t":
-                if not (isinstance(arg, list) and len(arg) == 5 and arg[0] == len(self.slots)):
-                    raise TenantError("tensor slots must be numbered in order")
-                dt, size, stride, offset = check_geom(*arg[1:])
-                self.slots.append(Slot(dt, (size, stride, offset), extent(size, stride, offset)))
-                return f"T[{arg[0]}]"
-            if key == "$s":
-                if not (isinstance(arg, list) and len(arg) == 2 and arg[0] == len(self.scalar_types)
-                        and arg[1] in _SCALAR_TYPES):
-                    raise TenantError("scalar slots must be numbered in order and typed bool, int or float")
-                self.scalar_types.append(_SCALAR_TYPES[arg[1]])
-                return f"S[{arg[0]}]"
-            if key == "$dtype" and arg in DTYPES:
-                return self.const(DTYPES[arg])
-            if key == "$dev":
-                return self.const(self.device)
-            if key == "$layout" and arg in LAYOUTS:
-                return self.const(LAYOUTS[arg])
-            if key == "$mf" and arg in MEMORY_FORMATS:
-                return self.const(MEMORY_FORMATS[arg])
-            if key == "$cpu" and isinstance(arg, list) and len(arg) == 2 and arg[0] in DTYPES:
-                if not isinstance(arg[1], (bool, int, float)):
-                    raise TenantError("a CPU scalar tensor constant must hold a number")
-                return self.const(torch.tensor(arg[1], dtype=DTYPES[arg[0]]))
+        if t is P.ArgList:
+            return "[" + "".join(self.expr(v) + "," for v in value.items) + "]"
+        if t is P.TensorSlot:
+            if value.slot != len(self.slots):
+                raise TenantError("tensor slots must be numbered in order")
+            dt, size, stride, offset = check_geom(value.dtype, value.size, value.stride, value.offset)
+            self.slots.append(Slot(dt, (size, stride, offset), extent(size, stride, offset)))
+            return f"T[{value.slot}]"
+        if t is P.ScalarSlot:
+            if value.index != len(self.scalar_types):
+                raise TenantError("scalar slots must be numbered in order")
+            self.scalar_types.append(_SCALAR_TYPES[value.kind])
+            return f"S[{value.index}]"
+        if t is P.DTypeArg and value.name in DTYPES:
+            return self.const(DTYPES[value.name])
+        if t is P.DeviceArg:
+            return self.const(self.device)
+        if t is P.LayoutArg:
+            return self.const(LAYOUTS[value.name])
+        if t is P.MemoryFormatArg:
+            return self.const(MEMORY_FORMATS[value.name])
+        if t is P.CpuScalar and value.dtype in DTYPES:
+            return self.const(torch.tensor(value.value, dtype=DTYPES[value.dtype]))
         raise TenantError(f"cannot decode argument {value!r}")
 
     def compile(self, fn: torch._ops.OpOverload, args: list[Any], kwargs: dict[str, Any]) -> Callable:
@@ -147,8 +143,8 @@ def _base_type(schema_type: str) -> str:
     return schema_type[len("Optional["):-1] if schema_type.startswith("Optional[") else schema_type
 
 
-# Schema argument types that must travel typed: the skeleton's one-key map for each.
-_TYPED = {"Device": "$dev", "ScalarType": "$dtype", "Layout": "$layout", "MemoryFormat": "$mf"}
+# Schema argument types that must travel typed: the skeleton's struct for each.
+_TYPED = {"Device": P.DeviceArg, "ScalarType": P.DTypeArg, "Layout": P.LayoutArg, "MemoryFormat": P.MemoryFormatArg}
 
 
 def check_typed_args(fn: torch._ops.OpOverload, args: list[Any], kwargs: dict[str, Any]) -> None:
@@ -163,13 +159,12 @@ def check_typed_args(fn: torch._ops.OpOverload, args: list[Any], kwargs: dict[st
     for a, v in [*zip(positional, args), *((by_name[k], v) for k, v in kwargs.items() if k in by_name)]:
         base = _base_type(str(a.real_type))
         want = _TYPED.get(base)
-        special = next(iter(v)) if isinstance(v, dict) and len(v) == 1 else None
         if want is not None:
-            if v is not None and special != want:
-                raise TenantError(f"{fn}: argument {a.name} is a {base} and travels as {want}, not {v!r}",
+            if v is not None and type(v) is not want:
+                raise TenantError(f"{fn}: argument {a.name} is a {base} and travels as {want.__name__}, not {v!r}",
                                   "bad_argument")
-        elif special in _TYPED.values():
-            raise TenantError(f"{fn}: argument {a.name} is a {base}, not a {special}", "bad_argument")
+        elif type(v) in _TYPED.values():
+            raise TenantError(f"{fn}: argument {a.name} is a {base}, not a {type(v).__name__}", "bad_argument")
         elif isinstance(v, str) and base != "str":
             raise TenantError(f"{fn}: argument {a.name} is a {base}, not a string", "bad_argument")
 

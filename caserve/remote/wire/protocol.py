@@ -56,13 +56,13 @@ import enum
 import hashlib
 import hmac
 import struct
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import msgspec
 
 # Bump on any change to the structs or framing below; tests/test_protocol.py pins a digest of the
 # schema so that a change without a bump fails.
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 FRAME_PREFIX = struct.Struct("<IBI")  # len, kind, header length
 
@@ -162,27 +162,82 @@ def server_proof(token: str, client_nonce: bytes, server_nonce: bytes) -> bytes:
 # Ops (inside SUBMIT). Array-like tagged structs keep the hot records a few bytes each.
 
 Geometry = tuple[tuple[int, ...], tuple[int, ...], int]  # size, stride, storage offset (elements)
+Number = Union[bool, int, float]
+
+# Every dtype that may cross the wire (caserve.remote.wire.codec maps the names to torch dtypes).
+DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "bool",
+               "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64")
+DType = Literal["float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "bool",
+                "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"]
+
+
+# The argument skeleton of a DefineOp: a tagged union, so that the decoder itself refuses a malformed
+# argument (a device or dtype given as a free string, a slot without its geometry).
+
+
+class TensorSlot(msgspec.Struct, array_like=True, tag="t", frozen=True):
+    """Tensor slot ``slot`` (numbered in order) viewed as ``dtype``/``size``/``stride``/``offset``."""
+
+    slot: int
+    dtype: DType
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+
+class ScalarSlot(msgspec.Struct, array_like=True, tag="s", frozen=True):
+    """A number that cannot change the output's shape; each Run carries its value (``scalars[index]``)."""
+
+    index: int
+    kind: Literal["bool", "int", "float"]
+
+
+class DeviceArg(msgspec.Struct, array_like=True, tag="dev", frozen=True):
+    """The tenant's device; the server maps it to its own (the index is the client's device index)."""
+
+    index: int
+
+
+class DTypeArg(msgspec.Struct, array_like=True, tag="dtype", frozen=True):
+    name: DType
+
+
+class LayoutArg(msgspec.Struct, array_like=True, tag="layout", frozen=True):
+    name: Literal["strided"]
+
+
+class MemoryFormatArg(msgspec.Struct, array_like=True, tag="mf", frozen=True):
+    name: Literal["contiguous_format", "preserve_format", "channels_last", "channels_last_3d"]
+
+
+class CpuScalar(msgspec.Struct, array_like=True, tag="cpu", frozen=True):
+    """A 0-dim CPU tensor constant."""
+
+    dtype: DType
+    value: Number
+
+
+class ArgList(msgspec.Struct, array_like=True, tag="list", frozen=True):
+    items: list[Arg]
+
+
+Arg = Union[None, bool, int, float, str, TensorSlot, ScalarSlot, DeviceArg, DTypeArg, LayoutArg, MemoryFormatArg,
+            CpuScalar, ArgList]
+ARG_TYPES = (TensorSlot, ScalarSlot, DeviceArg, DTypeArg, LayoutArg, MemoryFormatArg, CpuScalar, ArgList)
 
 
 class DefineOp(msgspec.Struct, array_like=True, tag=1):
-    """Template ``tid``: the ATen op ``name`` called with ``args``/``kwargs``.
+    """Template ``tid``: the ATen op ``name`` called with ``args``/``kwargs`` (see :data:`Arg`).
 
-    Inside ``args``/``kwargs`` special values are one-key maps (ATen arguments are never maps):
-    ``{"$t": [slot, dtype, size, stride, offset]}`` a tensor slot, ``{"$dtype": "float32"}``,
-    ``{"$dev": 0}`` the tenant's device, ``{"$layout": "strided"}``, ``{"$mf": "contiguous_format"}``,
-    ``{"$cpu": [dtype, value]}`` a 0-dim CPU tensor constant, ``{"$s": [index, "int"|"float"|"bool"]}`` a
-    scalar slot: a number that cannot change the output's shape, whose value each Run carries.
-    ``outs`` is the expected ``[dtype, size, stride, offset]`` of each fresh output, in order.
+    ``outs`` is the expected ``[dtype, size, stride, offset]`` of each fresh output, in order; the server
+    checks it against what the op makes (its meta kernel) and refuses a template that differs.
     """
 
     tid: int
     name: str
-    args: list[Any]
-    kwargs: dict[str, Any]
+    args: list[Arg]
+    kwargs: dict[str, Arg]
     outs: list[tuple[str, tuple[int, ...], tuple[int, ...], int]]
-
-
-Number = Union[bool, int, float]
 
 
 class Run(msgspec.Struct, array_like=True, tag=2):
@@ -424,7 +479,7 @@ def _type_name(tp: Any) -> str:
 def schema_digest() -> str:
     """A digest of every struct's fields and tags, pinned by a test against PROTOCOL_VERSION."""
     parts = [f"{k.name}={k.value}" for k in Kind]
-    for cls in (*HEADERS.values(), Limits, *Op.__args__, *SyncRequest.__args__, RemoteFailure):  # type: ignore[attr-defined]
+    for cls in (*HEADERS.values(), Limits, *Op.__args__, *SyncRequest.__args__, RemoteFailure, *ARG_TYPES):  # type: ignore[attr-defined]
         info = msgspec.structs.fields(cls)
         tag = getattr(cls, "__struct_config__").tag
         # Types are written without this module's path, so moving the module does not change the digest.
