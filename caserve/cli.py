@@ -53,7 +53,7 @@ def gpu_server(
     """Own one device and execute the op streams of many CPU-node clients on it."""
     _setup_logging(verbose)
     from caserve.remote.server import serve_forever
-    from caserve.remote.server.executor import parse_size
+    from caserve.units import parse_size
 
     if threads:
         import torch

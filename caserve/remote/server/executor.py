@@ -50,6 +50,7 @@ class Executor(Protocol):
     id: int
     stats: "TenantStats"
     stream: Any  # the CUDA stream the connection runs this tenant's frames on, or None
+    admin: bool  # it presented the admin token: Stats describes every tenant
     bytes: int  # device bytes this tenant is charged for (shared weights counted in full)
     storages: dict
 
