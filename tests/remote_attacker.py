@@ -68,7 +68,7 @@ class RawTenant:
             raise ConnectionRefusedError(f"{msg}")
         self.welcome = msg
         if hasattr(channel, "max_frame"):
-            channel.max_frame = msg.max_frame
+            channel.max_frame = msg.limits.max_frame
         self.seq = itertools.count(1)
         self.handles = itertools.count(1000)
         self.tids = itertools.count(1)

@@ -58,8 +58,36 @@ def _meta_slot(dtype: torch.dtype, geom: tuple, reach: int) -> torch.Tensor:
     return torch.empty((reach,), dtype=dtype, device=META).as_strided(size, stride, offset)
 
 
+MAX_CACHED = 1 << 16
+_CACHE: dict[bytes, MetaOutputs | TenantError] = {}  # server-wide: tenants of one model define the same templates
+
+
 def meta_outputs(name: str, fn: torch._ops.OpOverload, build: Callable[..., tuple[tuple, dict]],
-                 slots: list[Any], scalar_types: tuple[type, ...], write_slots: frozenset[int]) -> MetaOutputs:
+                 slots: list[Any], scalar_types: tuple[type, ...], write_slots: frozenset[int],
+                 key: bytes | None = None) -> MetaOutputs:
+    """:func:`decide`, remembered by ``key`` (the template's encoded name and skeleton, which determine the
+    answer) for the next tenant that defines the same template."""
+    if key is not None:
+        known = _CACHE.get(key)
+        if known is not None:
+            if isinstance(known, TenantError):
+                raise type(known)(str(known)) if isinstance(known, NoMetaKernel) else TenantError(str(known), known.code)
+            return known
+    try:
+        result: MetaOutputs | TenantError = decide(name, fn, build, slots, scalar_types, write_slots)
+    except TenantError as exc:
+        result = exc
+    if key is not None:
+        if len(_CACHE) >= MAX_CACHED:
+            _CACHE.pop(next(iter(_CACHE), None), None)  # the oldest goes
+        _CACHE[key] = result
+    if isinstance(result, TenantError):
+        raise result
+    return result
+
+
+def decide(name: str, fn: torch._ops.OpOverload, build: Callable[..., tuple[tuple, dict]],
+           slots: list[Any], scalar_types: tuple[type, ...], write_slots: frozenset[int]) -> MetaOutputs:
     """Run ``fn`` on meta tensors shaped like ``slots`` (built by ``build``, whose device constant is meta).
 
     Raises NoMetaKernel when the op has no data-independent meta kernel, TenantError naming ``name``

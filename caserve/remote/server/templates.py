@@ -8,6 +8,7 @@ skeleton; its source holds only slot and constant references, never client text.
 from __future__ import annotations
 
 import keyword
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -192,10 +193,13 @@ def compile_template(op: P.DefineOp, device: torch.device, surface: OpSurface) -
             if k in written:
                 write_slots.update(range(before, len(sub.slots)))
     scalar_types = tuple(comp.scalar_types)
-    meta_build = _SpecCompiler(META).compile(fn, op.args, op.kwargs)
+    # The same builder over constants whose device is meta (no second compile).
+    meta_consts = [META if c is device else c for c in comp.consts]
+    meta_build = types.FunctionType(build.__code__, {"C": meta_consts, "__builtins__": {}})
     extra: dict[str, Any] = {}
     try:
-        true = meta_outputs(op.name, fn, meta_build, comp.slots, scalar_types, frozenset(write_slots))
+        true = meta_outputs(op.name, fn, meta_build, comp.slots, scalar_types, frozenset(write_slots),
+                            key=P.encode_header((op.name, op.args, op.kwargs)))
     except NoMetaKernel as exc:
         if declared:
             raise TenantError(f"{exc}; the server cannot check the outputs the template declares",
