@@ -462,12 +462,13 @@ class Listener:
 def serve_forever(host: str = "127.0.0.1", port: int = 7070, unix_socket: str | None = "auto",
                   tls_cert: str | None = None, tls_key: str | None = None, **server_options: Any) -> None:
     """Entry point of ``caserve gpu-server``; ``server_options`` are :class:`GPUServer`'s. SIGTERM stops it
-    like Ctrl-C, so that its Unix socket is removed."""
+    after removing its Unix socket."""
     server = GPUServer(**server_options)
     listener = Listener(server, host, port, unix_socket, tls_cert, tls_key).start()
 
     def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        listener.stop()  # removes the Unix socket; then exit at once, as SIGTERM always did
+        os._exit(0)
 
     signal.signal(signal.SIGTERM, on_term)
     limit = f", tenant limit {server.memory_limit} bytes" if server.memory_limit else ""
