@@ -41,18 +41,19 @@ def _generate_runs(model: Any, dev: torch.device, seq2seq: bool) -> list[Callabl
     return runs
 
 
-def _engine_rows(task: str) -> list[list[dict[str, Any]]]:
+def _engine_rows(task: str) -> list[list[Any]]:
+    from caserve.serving.messages import Row, SamplingParams
+
     if task == "causal-lm" or task == "seq2seq":
         rows = []
         for temperature, top_p, seed in ((0.0, 1.0, None), (0.8, 0.9, 7), (1.0, 1.0, None)):
-            params = {"max_tokens": 4, "temperature": temperature, "top_p": top_p, "stop": [], "seed": seed,
-                      "ignore_eos": True}
-            rows.append([{"dispatch": f"r{i}", "task": "generate", "prompt_ids": list(range(5, 5 + n)),
-                          "params": params} for i, n in enumerate((6, 11))])
+            params = SamplingParams(max_tokens=4, temperature=temperature, top_p=top_p, seed=seed, ignore_eos=True)
+            rows.append([Row(dispatch=f"r{i}", job=f"j{i}", task="generate", prompt_ids=list(range(5, 5 + n)),
+                             params=params) for i, n in enumerate((6, 11))])
         return rows
     if task == "embedding":
-        return [[{"dispatch": "e", "task": "embed", "inputs": ["hello there", "a longer input text"]}]]
-    return [[{"dispatch": "c", "task": "classify", "inputs": ["some text", "more"]}]]
+        return [[Row(dispatch="e", job="e", task="embed", inputs=["hello there", "a longer input text"])]]
+    return [[Row(dispatch="c", job="c", task="classify", inputs=["some text", "more"])]]
 
 
 def _library_ops(dev: torch.device) -> None:
@@ -142,7 +143,7 @@ def record(models: list[str] | None = None, library: bool = True) -> set[str]:
                     elm = lm if task == lm.task else load_model(name, device=dev, shrink=True, task=task)
                     if graph:
                         R.graph_mode(elm.model)
-                    engine = Engine(elm, static_cache=graph)
+                    engine = Engine(elm, batching="continuous" if graph else "static")
                     for rows in _engine_rows(task):
                         engine.run(rows, lambda event: None, lambda dispatch: False)
                 torch.caserve.synchronize(dev)
