@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -36,9 +37,24 @@ def gpu_server(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(7070, help="TCP port (0 picks a free one)."),
     device: str = typer.Option("auto", help="cuda:N, cpu, or auto (CUDA when present)."),
-    token_file: Optional[Path] = typer.Option(None, help="File holding the shared client token."),
-    tenant_memory_limit: str = typer.Option("0", help="Per-tenant device memory limit, e.g. 8GiB (0: none)."),
-    unix_socket: Optional[Path] = typer.Option(None, help="Unix socket path (default: one per port in the temp dir)."),
+    token_file: Optional[Path] = typer.Option(
+        None, help="Client tokens, one a line; tenants presenting the same token form a trust group (shared "
+                   "weights are deduplicated only within one)."),
+    admin_token_file: Optional[Path] = typer.Option(None, help="A token whose tenants see every tenant in Stats."),
+    tenant_memory_limit: str = typer.Option(
+        "auto", help="Per-tenant device memory limit, e.g. 8GiB; auto: a quarter of the device; 0: none."),
+    allow_any_op: bool = typer.Option(
+        False, "--allow-any-op", help="Accept any ATen op outside the deny list, not only the allow-list "
+                                      "(trusted single-user deployments only)."),
+    max_frame: str = typer.Option("768MiB", help="Largest frame a tenant may send."),
+    max_connections: int = typer.Option(256, help="Open connections in all."),
+    max_peer_connections: int = typer.Option(64, help="Open connections from one peer address."),
+    handshake_timeout: float = typer.Option(10.0, help="Seconds a new connection has to authenticate."),
+    idle_timeout: float = typer.Option(0.0, help="Seconds an authenticated connection may stay silent (0: no limit)."),
+    tls_cert: Optional[Path] = typer.Option(None, help="TLS certificate (PEM) for TCP clients."),
+    tls_key: Optional[Path] = typer.Option(None, help="The certificate's private key (PEM)."),
+    unix_socket: Optional[Path] = typer.Option(
+        None, help="Unix socket path (default: one per port in this user's 0700 directory in the temp dir)."),
     no_unix_socket: bool = typer.Option(False, "--no-unix-socket", help="Listen on TCP only."),
     threads: int = typer.Option(0, min=0, help="torch intra-op CPU threads (0: 1 on a CPU device, torch's "
                                 "default with CUDA; see docs/results.md, server scaling)."),
@@ -49,17 +65,28 @@ def gpu_server(
     import torch
 
     from caserve.remote.server import serve_forever
+    from caserve.units import parse_size
 
     threads = server_threads(device, threads, torch.cuda.is_available())
     if threads:
         torch.set_num_threads(threads)
+    tokens = [t.strip() for t in token_file.read_text().splitlines() if t.strip()] if token_file else None
     serve_forever(
         host=host,
         port=port,
-        device=device,
-        token=token_file.read_text().strip() if token_file else None,
-        tenant_memory_limit=tenant_memory_limit,
         unix_socket=None if no_unix_socket else (str(unix_socket) if unix_socket else "auto"),
+        tls_cert=str(tls_cert) if tls_cert else None,
+        tls_key=str(tls_key) if tls_key else None,
+        device=device,
+        token=tokens,
+        admin_token=admin_token_file.read_text().strip() if admin_token_file else None,
+        tenant_memory_limit=tenant_memory_limit,
+        allow_any_op=allow_any_op,
+        max_frame=parse_size(max_frame),
+        max_connections=max_connections,
+        max_peer_connections=max_peer_connections,
+        handshake_timeout=handshake_timeout,
+        idle_timeout=idle_timeout,
     )
 
 
@@ -139,6 +166,7 @@ def worker(
     token_file: Optional[Path] = typer.Option(None, help="File holding the GPU server token."),
     worker_token_file: Optional[Path] = typer.Option(
         None, help="File holding the router's worker token (default: $CASERVE_WORKER_TOKEN)."),
+    tls_ca: Optional[Path] = typer.Option(None, help="CA file: reach the GPU server over TLS, checking its certificate."),
     worker_id: Optional[str] = typer.Option(None, help="Stable worker id (default: kind-host-pid)."),
     max_batch: int = typer.Option(8, min=1, help="Slots: requests this worker runs at once."),
     batching: str = typer.Option("continuous", help="continuous or static (admit only when all slots are free)."),
@@ -158,6 +186,8 @@ def worker(
     from caserve.serving.credentials import WORKER_TOKEN_ENV, CredentialError, resolve_secret
     from caserve.serving.worker.worker import Worker, WorkerConfig, WorkerTokenRefused
 
+    if tls_ca:  # read by caserve.remote.connect
+        os.environ["CASERVE_TLS_CA"] = str(tls_ca)
     try:
         router_token = resolve_secret(worker_token_file, WORKER_TOKEN_ENV, "worker token")
         cfg = WorkerConfig(router_url=router, kind=kind, model=model or DEFAULT_MODEL, gpu_server=gpu_server,

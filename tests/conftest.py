@@ -25,9 +25,12 @@ class GPUServerProcess:
     def __init__(self, tmp: Path, token: str | None = None, limit: str = "0", unix: bool = True) -> None:
         self.port = free_port()
         self.token = token
+        self.admin_token = secrets.token_hex(16)  # for tests that read server-wide Stats
+        admin = tmp / f"admin-token-{self.port}"
+        admin.write_text(self.admin_token)
         device = os.environ.get("CASERVE_TEST_GPU_DEVICE", "cpu")  # the gpu-suite runs these tests on cuda
         args = [sys.executable, "-m", "caserve.cli", "gpu-server", "--port", str(self.port), "--device", device,
-                "--tenant-memory-limit", limit]
+                "--tenant-memory-limit", limit, "--admin-token-file", str(admin)]
         if token:
             tf = tmp / f"token-{self.port}"
             tf.write_text(token)

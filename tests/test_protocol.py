@@ -16,7 +16,10 @@ from caserve.remote.server.listener import Connection, GPUServer
 from caserve.remote.wire.transport import recv_frame, send_frame
 
 # A change to any struct, tag or kind changes this digest: bump PROTOCOL_VERSION and update both.
-PINNED = {4: "8347acde3429294c", 5: "776985b37447219f"}  # 5: Welcome carries a Limits struct
+PINNED = {4: "8347acde3429294c", 5: "776985b37447219f",  # 5: Welcome carries a Limits struct
+          # 6: typed arguments (a tagged union), connection limits in Limits, HELLO's client nonce and
+          # WELCOME's proof of the token
+          6: "e65c36d0d24afd03"}
 
 
 def test_schema_change_requires_version_bump():
@@ -74,8 +77,9 @@ ops = st.one_of(
     st.builds(P.Upload, st.integers(0, 50), st.sampled_from(["float32", "bool", "x"]),
               st.lists(st.integers(0, 8), max_size=2).map(tuple), st.integers(-1, 2), st.booleans()),
     st.builds(P.DefineOp, st.integers(0, 50), st.sampled_from(["aten.add.Tensor", "aten.mm.default", "aten.empty.memory_format", "bad", "aten.nope.default"]),
-              st.lists(st.one_of(st.integers(-3, 3), st.floats(allow_nan=False), st.just({"$t": [0, "float32", [2], [1], 0]}),
-                                 st.just({"$dev": 0}), st.just({"$t": [5, "float32", [2], [1], 0]}), st.just([2, 2])), max_size=3),
+              st.lists(st.one_of(st.integers(-3, 3), st.floats(allow_nan=False), st.just(P.TensorSlot(0, "float32", (2,), (1,), 0)),
+                                 st.just(P.DeviceArg(0)), st.just(P.TensorSlot(5, "float32", (2,), (1,), 0)),
+                                 st.just(P.ArgList([2, 2])), st.just("meta"), st.just(P.DTypeArg("int64"))), max_size=3),
               st.just({}), st.lists(st.just(("float32", (2,), (1,), 0)), max_size=2)),
     st.builds(P.CopyStorage, st.integers(0, 50), st.integers(-5, 50)),
 )
@@ -95,6 +99,15 @@ def test_fuzzed_op_streams_are_reported_not_fatal(stream, payloads):
     kind, reply, out = conn.on_frame(P.Kind.SUBMIT, ok, [])
     assert reply.error is None and len(out[0]) == 12
     conn.close()
+
+
+@pytest.mark.parametrize("arg", [{"$dev": "meta"}, ["dev", "meta"], ["t", 0, "float32"], ["dtype", "float128"],
+                                 ["mf", "sideways"], [1, 2]])
+def test_the_decoder_refuses_a_malformed_argument(arg):
+    """Typed arguments are a tagged union: a device, dtype or slot that is not well formed never decodes."""
+    raw = P.encode_header({"ops": [[1, 1, "aten.add.Tensor", [arg], {}, []]], "payloads": []})
+    with pytest.raises(P.ProtocolError):
+        P.decode_header(P.Kind.SUBMIT, raw)
 
 
 def test_garbage_on_the_socket_does_not_disturb_other_tenants(gpu_server):

@@ -10,6 +10,7 @@ import torch
 from caserve.remote.wire import protocol as P
 from caserve.remote.server.blobs import BlobStore
 from caserve.remote.server.executor import Tenant
+from caserve.remote.server.opsurface import OpSurface
 
 
 def t(slot: int, size: tuple[int, ...], stride: tuple[int, ...] | None = None, offset: int = 0,
@@ -17,7 +18,7 @@ def t(slot: int, size: tuple[int, ...], stride: tuple[int, ...] | None = None, o
     """A DefineOp tensor slot (contiguous unless ``stride`` says otherwise)."""
     if stride is None:
         stride = tuple(torch.empty(size, device="meta").stride())
-    return {"$t": [slot, dtype, list(size), list(stride), offset]}
+    return P.TensorSlot(slot, dtype, tuple(size), tuple(stride), offset)
 
 
 def out(size: tuple[int, ...], dtype: str = "float32") -> tuple:
@@ -27,16 +28,16 @@ def out(size: tuple[int, ...], dtype: str = "float32") -> tuple:
 ADD, MUL_S, ADD_, MM, INDEX, RAND, SUM, LN = range(1, 9)
 TEMPLATES = [
     P.DefineOp(ADD, "aten.add.Tensor", [t(0, (4,)), t(1, (4,))], {}, [out((4,))]),
-    P.DefineOp(MUL_S, "aten.mul.Tensor", [t(0, (4,)), {"$s": [0, "float"]}], {}, [out((4,))]),
+    P.DefineOp(MUL_S, "aten.mul.Tensor", [t(0, (4,)), P.ScalarSlot(0, "float")], {}, [out((4,))]),
     P.DefineOp(ADD_, "aten.add_.Tensor", [t(0, (4,)), t(1, (4,))], {}, []),
     # a transposed view of a 2x2 storage times the storage itself
     P.DefineOp(MM, "aten.mm.default", [t(0, (2, 2), (1, 2)), t(1, (2, 2))], {}, [out((2, 2))]),
     P.DefineOp(INDEX, "aten.index_select.default", [t(0, (4,)), 0, t(1, (2,), dtype="int64")], {}, [out((2,))]),
-    P.DefineOp(RAND, "aten.rand.generator", [[4]], {"dtype": {"$dtype": "float32"}, "device": {"$dev": 0}},
+    P.DefineOp(RAND, "aten.rand.generator", [P.ArgList([4])], {"dtype": P.DTypeArg("float32"), "device": P.DeviceArg(0)},
                [out((4,))]),
     P.DefineOp(SUM, "aten.sum.default", [t(0, (4,))], {}, [out(())]),
     # three fresh outputs and a float constant (ATen's parser imports while checking it)
-    P.DefineOp(LN, "aten.native_layer_norm.default", [t(0, (1, 4)), [4], None, None, 1e-5], {},
+    P.DefineOp(LN, "aten.native_layer_norm.default", [t(0, (1, 4)), P.ArgList([4]), None, None, 1e-5], {},
                [out((1, 4)), out((1, 1)), out((1, 1))]),
 ]
 
@@ -45,7 +46,8 @@ class Rig:
     """A tenant with its templates defined, and helpers to upload and read storages."""
 
     def __init__(self, memory_limit: int = 0) -> None:
-        self.tenant = Tenant(1, torch.device("cpu"), BlobStore(), memory_limit)
+        # Replay mechanics on hand-written templates: any ATen op (the allow-list is tested elsewhere).
+        self.tenant = Tenant(1, torch.device("cpu"), BlobStore(), memory_limit, OpSurface(allow_any=True))
         self.next = 1000
         self.run(*TEMPLATES)
 

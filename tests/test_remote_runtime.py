@@ -76,8 +76,8 @@ def test_failing_op_raises_at_sync_with_op_name_and_client_stays_usable(local_de
     session = session_of(dev)
     a = torch.ones(2, 3, device=dev)
     # Forge a template the server cannot run: the client raises nothing yet (ops stream) ...
-    session.emit(P.DefineOp(999_999, "aten.mm.default", [{"$t": [0, "float32", [2, 3], [3, 1], 0]},
-                                                          {"$t": [1, "float32", [2, 3], [3, 1], 0]}], {},
+    session.emit(P.DefineOp(999_999, "aten.mm.default", [P.TensorSlot(0, "float32", (2, 3,), (3, 1,), 0),
+                                                          P.TensorSlot(1, "float32", (2, 3,), (3, 1,), 0)], {},
                             [("float32", (2, 3), (3, 1), 0)]))
     session.emit(P.Run(999_999, [a._st.handle, a._st.handle], [session.new_handle()]))
     with pytest.raises(R.RemoteOpError, match="aten.mm.default"):
@@ -105,8 +105,8 @@ def test_fetch_later_raises_a_failure_before_it_and_the_session_goes_on(local_de
     session = session_of(dev)
     a = torch.ones(2, 3, device=dev)
     first = R.fetch_later(a)
-    session.emit(P.DefineOp(999_998, "aten.mm.default", [{"$t": [0, "float32", [2, 3], [3, 1], 0]},
-                                                          {"$t": [1, "float32", [2, 3], [3, 1], 0]}], {},
+    session.emit(P.DefineOp(999_998, "aten.mm.default", [P.TensorSlot(0, "float32", (2, 3,), (3, 1,), 0),
+                                                          P.TensorSlot(1, "float32", (2, 3,), (3, 1,), 0)], {},
                             [("float32", (2, 3), (3, 1), 0)]))
     session.emit(P.Run(999_998, [a._st.handle, a._st.handle], [session.new_handle()]))
     second = R.fetch_later(a * 2)
@@ -118,9 +118,9 @@ def test_fetch_later_raises_a_failure_before_it_and_the_session_goes_on(local_de
 
 @pytest.mark.parametrize("bad", [
     P.DefineOp(77, "aten.from_file.default", ["/etc/passwd"], {}, []),
-    P.DefineOp(76, "aten.resize_.default", [{"$t": [0, "float32", [4], [1], 0]}, [1 << 40]], {}, []),
+    P.DefineOp(76, "aten.resize_.default", [P.TensorSlot(0, "float32", (4,), (1,), 0), P.ArgList([1 << 40])], {}, []),
     P.DefineOp(78, "os.system.default", ["true"], {}, []),
-    P.DefineOp(79, "aten.add.Tensor", [{"$t": [0, "float32", [1000], [1], 0]}, 1], {}, [("float32", (1000,), (1,), 0)]),
+    P.DefineOp(79, "aten.add.Tensor", [P.TensorSlot(0, "float32", (1000,), (1,), 0), 1], {}, [("float32", (1000,), (1,), 0)]),
     P.Run(123456, [1], [2]),
     P.Free([10**12]),
     P.Alloc(1, "float32", (4,), (1,)),  # handle 1 already exists
@@ -145,15 +145,16 @@ def test_shared_weights_stored_once_and_copy_on_write(gpu_server):
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).eval()
     devs = [R.connect(gpu_server.address, token=gpu_server.token) for _ in range(4)]
+    admin = R.connect(gpu_server.address, token=gpu_server.admin_token)  # server-wide figures
     try:
         replicas = []
         for i, dev in enumerate(devs):
             torch.manual_seed(0)
             replicas.append(transformers.GPT2LMHeadModel(config).eval().to(dev))
-            stats = R.server_stats(dev)
+            stats = R.server_stats(admin)
             if i == 0:
                 one = stats["stored_bytes"]
-        four = R.server_stats(devs[0])["stored_bytes"]
+        four = R.server_stats(admin)["stored_bytes"]
         assert one > 1_000_000
         assert four <= 1.1 * one, (one, four)
         # An in-place write to a shared weight gives that tenant a private copy; the others keep theirs.
@@ -165,7 +166,7 @@ def test_shared_weights_stored_once_and_copy_on_write(gpu_server):
             assert torch.allclose(replicas[1](ids.to(devs[1])).logits.cpu(), want, atol=1e-5)
             assert replicas[0].transformer.wte.weight.abs().sum().item() == 0
     finally:
-        for dev in devs:
+        for dev in [*devs, admin]:
             R.disconnect(dev)
 
 
@@ -271,7 +272,7 @@ def test_200_cycles_leave_server_memory_at_baseline(make_gpu_server):
     R.disconnect(probe)
     for _ in range(200):
         cycle()
-    probe = R.connect(server.address)
+    probe = R.connect(server.address, token=server.admin_token)
     stats = R.server_stats(probe)
     R.disconnect(probe)
     assert stats["shared_blobs"] == 0 and stats["shared_bytes"] == 0

@@ -27,11 +27,12 @@ __all__ = [
 
 
 def connect(address: str | None = None, token: str | None = None, *, transport: str = "auto",
-            server: Any = None, timeout: float = 10.0) -> torch.device:
+            server: Any = None, timeout: float = 10.0, tls_ca: str | None = None) -> torch.device:
     """Open a session on a GPU server and return its ``torch.device("caserve", N)``.
 
     ``address`` is ``host:port``; on the same host the server's Unix socket is used when it exists
-    (``transport="tcp"`` forces TCP). ``token`` defaults to ``$CASERVE_TOKEN``. ``server`` connects to an
+    (``transport="tcp"`` forces TCP). ``token`` defaults to ``$CASERVE_TOKEN``. ``tls_ca`` (default
+    ``$CASERVE_TLS_CA``): TCP goes over TLS to a server whose certificate chains to that CA file. ``server`` connects to an
     in-process :class:`caserve.remote.server.GPUServer` instead (tests, single-process use).
     """
     from caserve.remote.client import device, session
@@ -46,7 +47,7 @@ def connect(address: str | None = None, token: str | None = None, *, transport: 
     elif address is None:
         raise ValueError("connect() needs a GPU server address host:port (or server=)")
     else:
-        channel = SocketChannel.connect(address, transport=transport, timeout=timeout)
+        channel = SocketChannel.connect(address, transport=transport, timeout=timeout, tls_ca=tls_ca)
     sess = session.register(lambda index: session.Session.open(channel, token, index))
     # The remote generator starts from the local seed, so torch.manual_seed() before connect() counts.
     sess.emit(P.Seed(torch.initial_seed()))

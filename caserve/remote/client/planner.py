@@ -48,27 +48,27 @@ def _meta_arg(x: Any) -> Any:
 
 
 def _spec(x: Any, slots: list[RemoteTensor], geoms: dict[int, tuple]) -> Any:
-    """The argument skeleton for DefineOp (see protocol.DefineOp)."""
+    """The argument skeleton for DefineOp (see protocol.Arg)."""
     tx = type(x)
     if isinstance(x, RemoteTensor):
         i = len(slots)
         slots.append(x)
         dtype, size, stride, offset = geoms.get(i, x._cs)
-        return {"$t": [i, DTYPE_NAMES[dtype], list(size), list(stride), offset]}
+        return P.TensorSlot(i, DTYPE_NAMES[dtype], tuple(size), tuple(stride), offset)
     if tx is list or tx is tuple:
-        return [_spec(e, slots, geoms) for e in x]
+        return P.ArgList([_spec(e, slots, geoms) for e in x])
     if isinstance(x, torch.Tensor):
-        return {"$cpu": [DTYPE_NAMES[x.dtype], x.item()]}
+        return P.CpuScalar(DTYPE_NAMES[x.dtype], x.item())
     if tx is torch.dtype:
-        return {"$dtype": DTYPE_NAMES[x]}
+        return P.DTypeArg(DTYPE_NAMES[x])
     if tx is torch.device:
         if x.type != "caserve":
             raise RuntimeError(f"a caserve op cannot target device {x}")
-        return {"$dev": x.index or 0}
+        return P.DeviceArg(x.index or 0)
     if tx is torch.layout:
-        return {"$layout": str(x).split(".")[-1]}
+        return P.LayoutArg(str(x).split(".")[-1])
     if tx is torch.memory_format:
-        return {"$mf": MEMORY_FORMAT_NAMES[x]}
+        return P.MemoryFormatArg(MEMORY_FORMAT_NAMES[x])
     if x is None or tx in (bool, int, float, str):
         return x
     raise NotImplementedError(f"caserve cannot send an argument of type {tx.__name__}")
@@ -164,7 +164,7 @@ def _define(session: Session, func, args, kwargs, plan: Plan, replace: dict[int,
         nonlocal nscalars
         if liftable and type(value) in (int, float, bool):
             nscalars += 1
-            return {"$s": [nscalars - 1, type(value).__name__]}
+            return P.ScalarSlot(nscalars - 1, type(value).__name__)
         return _spec(value, slots, geoms)
 
     spec_args = [top(a, i in lift_pos) for i, a in enumerate(args)]

@@ -7,8 +7,10 @@ the server, once. The first remote failure since the last sync is raised there.
 from __future__ import annotations
 
 import collections
+import hmac
 import itertools
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -81,7 +83,8 @@ class Session:
 
     @classmethod
     def open(cls, channel: Channel, token: str | None, index: int) -> "Session":
-        channel.send(P.Kind.HELLO, P.Hello(P.PROTOCOL_VERSION, "caserve-client"))
+        mine = secrets.token_bytes(32)
+        channel.send(P.Kind.HELLO, P.Hello(P.PROTOCOL_VERSION, "caserve-client", mine))
         kind, msg, _ = channel.recv()
         if kind == P.Kind.ERROR:
             raise HandshakeError(msg.code, msg.message)
@@ -90,13 +93,18 @@ class Session:
         if msg.auth_required and not token:
             channel.close()
             raise HandshakeError("auth", "the GPU server requires a token (token= or CASERVE_TOKEN)")
-        channel.send(P.Kind.AUTH, P.Auth(P.auth_mac(token, msg.nonce) if msg.auth_required else b""))
+        # A token is proved even where none is required: an admin token on a loopback-only server.
+        theirs = msg.nonce
+        channel.send(P.Kind.AUTH, P.Auth(P.auth_mac(token, theirs) if token else b""))
         kind, msg, _ = channel.recv()
         if kind == P.Kind.ERROR:
             channel.close()
             raise HandshakeError(msg.code, msg.message)
         if kind != P.Kind.WELCOME:
             raise HandshakeError("protocol", f"expected WELCOME, got kind {kind}")
+        if token and not hmac.compare_digest(msg.proof, P.server_proof(token, mine, theirs)):
+            channel.close()
+            raise HandshakeError("auth", "the GPU server could not prove that it knows the token: not talking to it")
         if hasattr(channel, "max_frame"):
             channel.max_frame = msg.limits.max_frame
         return cls(channel, msg, index)

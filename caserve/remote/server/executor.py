@@ -28,15 +28,9 @@ from caserve.remote.server.replay import (
     payload_at,
     tensor_from_bytes,
 )
-from caserve.remote.server.templates import (
-    QuotaError,
-    check_scalars,
-    Slot,
-    Template,
-    TenantError,
-    check_geom,
-    compile_template,
-)
+from caserve.remote.server.errors import QuotaError, TenantError
+from caserve.remote.server.opsurface import OpSurface
+from caserve.remote.server.templates import Slot, Template, check_geom, check_scalars, compile_template
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +50,7 @@ class Executor(Protocol):
     id: int
     stats: "TenantStats"
     stream: Any  # the CUDA stream the connection runs this tenant's frames on, or None
+    admin: bool  # it presented the admin token: Stats describes every tenant
     bytes: int  # device bytes this tenant is charged for (shared weights counted in full)
     storages: dict
 
@@ -75,8 +70,14 @@ class Storage:
     geom: tuple[tuple[int, ...], tuple[int, ...], int]
     numel: int
     nbytes: int
-    blob: bytes | None = None  # digest when this is a shared, read-only weight
+    blob: bytes | None = None  # digest when this is a shared, read-only weight (or a view of one)
     views: dict | None = None  # graph replays: views of it that programs read, by geometry (see _replay_views)
+    # Views of a storage made by ops (alias, view.dtype, ...) are storages of their own that count no
+    # bytes: ``root`` is the storage whose memory they view; a root freed while ``aliases`` remain keeps
+    # its bytes charged (``freed``) until the last of them goes.
+    root: "Storage | None" = None
+    aliases: int = 0
+    freed: bool = False
 
 
 @dataclass
@@ -86,14 +87,17 @@ class TenantStats:
     syncs: int = 0
     errors: int = 0
     busy_s: float = 0.0
+    cpu_s: float = 0.0  # CPU time of this tenant's requests (its connection thread)
 
 
 class Tenant:
     """One client's state on the GPU server. Used by exactly one connection thread."""
 
-    def __init__(self, tid: int, device: torch.device, blobs: BlobStore, memory_limit: int = 0) -> None:
+    def __init__(self, tid: int, device: torch.device, blobs: BlobStore, memory_limit: int = 0,
+                 surface: OpSurface | None = None) -> None:
         self.id = tid
         self.device = device
+        self.surface = surface or OpSurface()
         self.blobs = blobs
         self.memory_limit = memory_limit
         self.storages: dict[int, Storage] = {}
@@ -108,6 +112,7 @@ class Tenant:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.pinned: dict[bytes, int] = {}  # shared weights found by HasBlobs, held until bound
         self.cuda_graphs = cudagraph.for_tenant(self)  # captured steps as CUDA graphs (None: not on this device)
+        self.admin = False  # an admin token: Stats describes every tenant
 
     # -- storages -----------------------------------------------------------------------------
 
@@ -127,8 +132,23 @@ class Tenant:
         itemsize = tensor.dtype.itemsize
         if nbytes is None:
             nbytes = extent(*geom) * itemsize
+            if nbytes > tensor.untyped_storage().nbytes():
+                raise TenantError(f"a tensor of layout {geom} reaches past its own memory")
         self.storages[handle] = Storage(tensor, geom, nbytes // itemsize, nbytes, blob)
         self.bytes += nbytes
+
+    def bind_alias(self, handle: int, tensor: torch.Tensor, base: int, geom: tuple) -> None:
+        """Name ``tensor``, a view of storage ``base`` (checked by the template), ``handle``: it inherits the
+        base's shared, read-only status and counts no new bytes; the base's memory lives as long as it."""
+        if type(handle) is not int or handle in self.storages:
+            raise TenantError(f"storage handle {handle!r} is invalid or already in use")
+        st = self.storages[base]
+        root = st.root or st
+        numel = extent(*geom)
+        if numel * tensor.dtype.itemsize > tensor.untyped_storage().nbytes():  # never, after the meta check
+            raise TenantError(f"a view of layout {geom} reaches past storage {base}")
+        self.storages[handle] = Storage(tensor, geom, numel, 0, root.blob, None, root)
+        root.aliases += 1
 
     @property
     def private_bytes(self) -> int:
@@ -154,6 +174,15 @@ class Tenant:
             st = self.storages.pop(h, None)
             if st is None:
                 continue  # freeing twice or a handle whose op failed: nothing to do
+            root = st.root
+            if root is not None:  # a view: its root goes with the last of them, once freed itself
+                root.aliases -= 1
+                if root.aliases or not root.freed:
+                    continue
+                st = root
+            elif st.aliases:
+                st.freed = True
+                continue
             self.bytes -= st.nbytes
             if st.blob is not None:
                 self.blobs.release(st.blob)
@@ -222,7 +251,7 @@ class Tenant:
         elif t is P.DefineOp:
             if len(self.templates) >= MAX_TEMPLATES and op.tid not in self.templates:
                 raise TenantError(f"more than {MAX_TEMPLATES} op templates", "limit")
-            tpl = compile_template(op, self.device)
+            tpl = compile_template(op, self.device, self.surface)
             tpl.runner = compile_runner(tpl, Storage)
             self.templates[op.tid] = tpl
         elif t is P.Free:
@@ -254,7 +283,7 @@ class Tenant:
             src = self.storages.get(op.src)
             if src is None:
                 raise TenantError(f"unknown storage handle {op.src}")
-            self._charge(src.nbytes, "copy-on-write")
+            self._charge(src.numel * src.tensor.dtype.itemsize, "copy-on-write")
             self._bind(op.handle, src.tensor.clone(memory_format=torch.preserve_format))
         elif t is P.Seed:
             self.gen.manual_seed(op.seed)
@@ -478,21 +507,30 @@ class Tenant:
                 self.stream.synchronize()
             return True, []
         if t is P.Stats:
-            return {**server_stats(), "tenant": self.id, "tenant_bytes": self.bytes, "tenant_ops": self.stats.ops,
-                    "tenant_storages": len(self.storages), "tenant_templates": len(self.templates)}, []
+            return {"shared_blobs": len(self.blobs), "shared_bytes": self.blobs.nbytes,  # this trust group's
+                    "cpu_seconds": self.stats.cpu_s, **server_stats(), "tenant": self.id, "tenant_bytes": self.bytes,
+                    "tenant_ops": self.stats.ops, "tenant_storages": len(self.storages),
+                    "tenant_templates": len(self.templates), "tenant_cpu_seconds": self.stats.cpu_s}, []
         raise TenantError(f"unknown sync request {t.__name__}")  # pragma: no cover
 
     def _execute(self, req: P.Execute) -> Any:
+        """Run a template now and describe what it returned. Its outputs are charged before it runs when
+        the meta call knew them, else (data-dependent shapes) before they are bound."""
         tpl = self.templates.get(req.tid)
         if tpl is None:
             raise TenantError(f"unknown op template {req.tid}")
         if len(req.slots) != len(tpl.slots):
             raise TenantError(f"{tpl.name}: expected {len(tpl.slots)} inputs")
+        handle = req.first_handle
+        if type(handle) is not int or handle < 0:
+            raise TenantError("invalid first handle")
         check_scalars(tpl, req.scalars)
         tensors = [self._view(h, s) for h, s in zip(req.slots, tpl.slots)]
         for i in tpl.write_slots:
             if self.storages[req.slots[i]].blob is not None:
                 raise TenantError(f"{tpl.name} writes to a shared read-only weight")
+        if tpl.meta_known:
+            self._charge(tpl.charge, tpl.name)
         args, kwargs = tpl.build(tensors, req.scalars)
         if tpl.random:
             kwargs["generator"] = self.gen
@@ -500,21 +538,29 @@ class Tenant:
             result = tpl.fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - reported to the tenant with the op's name
             raise TenantError(f"{tpl.name}: {type(exc).__name__}: {exc}") from None
-        fresh = {id(t) for t in flatten_fresh(tpl.fn, result)}
-        handle = req.first_handle
-        if type(handle) is not int or handle < 0:
-            raise TenantError("invalid first handle")
+        fresh = flatten_fresh(tpl.fn, result)
+        if tpl.meta_known:
+            if len(fresh) != len(tpl.alias_of):
+                raise TenantError(f"{tpl.name} returned {len(fresh)} tensors; its meta kernel made {len(tpl.alias_of)}")
+            views = dict(zip(map(id, fresh), tpl.alias_of))
+        else:  # no meta kernel: a tensor over an input's memory is a view of that input
+            ptrs = {t.untyped_storage().data_ptr(): i for i, t in enumerate(tensors) if t.numel()}
+            views = {id(t): ptrs.get(t.untyped_storage().data_ptr()) if t.numel() else None for t in fresh}
+            self._charge(sum(t.untyped_storage().nbytes() for t in fresh if views[id(t)] is None), tpl.name)
 
         def describe(value: Any) -> Any:
             nonlocal handle
             if isinstance(value, torch.Tensor):
-                if id(value) not in fresh:
+                if id(value) not in views:
                     return None  # a written argument: the client already holds it
-                self._charge(value.numel() * value.element_size(), tpl.name)
-                self._bind(handle, value)
+                geom = (tuple(value.shape), tuple(value.stride()), value.storage_offset())
+                base = views[id(value)]
+                if base is None:
+                    self._bind(handle, value)
+                else:
+                    self.bind_alias(handle, value, req.slots[base], geom)
                 handle += 1
-                return {"$t": [handle - 1, DTYPE_NAMES[value.dtype], list(value.shape), list(value.stride()),
-                               value.storage_offset()]}
+                return {"$t": [handle - 1, DTYPE_NAMES[value.dtype], list(geom[0]), list(geom[1]), geom[2]]}
             if isinstance(value, (list, tuple)):
                 return [describe(v) for v in value]
             if isinstance(value, (bool, int, float)) or value is None:

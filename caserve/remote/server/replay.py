@@ -85,11 +85,21 @@ def conform(t: torch.Tensor, want: Want) -> torch.Tensor:
     return out
 
 
-def _fresh_outputs(fn: torch._ops.OpOverload, result: Any, wants: list[Want], name: str) -> list[torch.Tensor]:
+def _fresh_outputs(fn: torch._ops.OpOverload, result: Any, wants: list[Want], name: str,
+                   alias_of: tuple[int | None, ...] = ()) -> list[torch.Tensor]:
     fresh = flatten_fresh(fn, result)
     if len(fresh) != len(wants):
         raise TenantError(f"{name} returned {len(fresh)} tensors, the client expected {len(wants)}")
-    return [conform(t, w) for t, w in zip(fresh, wants)]
+    return [conform(t, w) if a is None else exact_view(t, w, name)
+            for t, w, a in zip(fresh, wants, alias_of or (None,) * len(wants))]
+
+
+def exact_view(t: torch.Tensor, want: Want, name: str) -> torch.Tensor:
+    """A view output must be exactly the view the meta call promised: never conformed by a copy."""
+    if t.dtype is not want[0] or t.shape != want[1] or t.stride() != want[2] or t.storage_offset() != want[3]:
+        raise TenantError(f"{name} made the view {tuple(t.shape)}/{t.stride()}+{t.storage_offset()} of {t.dtype}, "
+                          f"not the one its meta kernel made")
+    return t
 
 
 def _upload(payloads: list[memoryview], index: int, dtype: torch.dtype, size: tuple[int, ...],
@@ -273,35 +283,45 @@ def compile_runner(tpl: Template, storage: type) -> Callable[[Any, list[int], li
     """
     k = _Consts()
     n, m = len(tpl.slots), len(tpl.outs)
-    lines = [f"if len(slots) != {n} or len(outs) != {m}: "
-             f"raise {k(TenantError)}({k(f'{tpl.name}: expected {n} inputs and {m} outputs')})"]
-    if tpl.scalar_types:
-        checks = " or ".join(f"type(S[{i}]) is not {k(t)}" for i, t in enumerate(tpl.scalar_types))
-        lines.append(f"if len(S) != {len(tpl.scalar_types)} or {checks}: {k(check_scalars)}({k(tpl)}, S)")
+    if not tpl.runnable:
+        lines = [f"raise {k(TenantError)}({k(f'{tpl.name}: its outputs are known only once it ran; use Execute')}, "
+                 f"'bad_template')"]
+        m = n = 0
     else:
-        lines.append(f"if S: {k(check_scalars)}({k(tpl)}, S)")
-    lines.append("T = self.storages")
-    for i, slot in enumerate(tpl.slots):
+        lines = [f"if len(slots) != {n} or len(outs) != {m}: "
+                 f"raise {k(TenantError)}({k(f'{tpl.name}: expected {n} inputs and {m} outputs')})"]
+        if tpl.scalar_types:
+            checks = " or ".join(f"type(S[{i}]) is not {k(t)}" for i, t in enumerate(tpl.scalar_types))
+            lines.append(f"if len(S) != {len(tpl.scalar_types)} or {checks}: {k(check_scalars)}({k(tpl)}, S)")
+        else:
+            lines.append(f"if S: {k(check_scalars)}({k(tpl)}, S)")
+        lines.append("T = self.storages")
+    for i, slot in enumerate(tpl.slots[:n]):
         lines.append(f"h{i} = slots[{i}]; s{i} = T.get(h{i})")
         lines.append(f"a{i} = s{i}.tensor if s{i} is not None and s{i}.geom == {k(slot.geom)} and "
                      f"s{i}.tensor.dtype is {k(slot.dtype)} else self._view(h{i}, {k(slot)})")
-    for i in sorted(tpl.write_slots):
+    for i in sorted(tpl.write_slots) if n else ():
         lines.append(f"if T[h{i}].blob is not None: {k(_write_refused)}({k(tpl.name)}, h{i})")
-    if tpl.total_out_nbytes:
-        lines.append(f"if self.memory_limit: self._charge({tpl.total_out_nbytes}, {k(tpl.name)})")
-    call = _call_source(tpl, [f"a{i}" for i in range(n)], 0, "self.gen", k)
-    if not m:
+    if tpl.charge and n + m:
+        lines.append(f"if self.memory_limit: self._charge({tpl.charge}, {k(tpl.name)})")
+    call = _call_source(tpl, [f"a{i}" for i in range(n)], 0, "self.gen", k) if tpl.runnable else ""
+    if not tpl.runnable:
+        pass
+    elif not m:
         lines.append(call)
     else:
-        if tpl.single:
+        if tpl.single and tpl.alias_of[0] is None:
             lines.append(f"v0 = {call}")
             lines.append(_conform_source("v0", tpl.outs[0], k))
         else:
             lines.append(f"{''.join(f'v{i}, ' for i in range(m))}= {k(_fresh_outputs)}({k(tpl.fn)}, {call}, "
-                         f"{k(tpl.outs)}, {k(tpl.name)})")
-        for i, (want, nbytes) in enumerate(zip(tpl.outs, tpl.out_nbytes)):
-            # Tenant._bind, inlined: it raises for a handle that is invalid or already in use.
+                         f"{k(tpl.outs)}, {k(tpl.name)}, {k(tpl.alias_of)})")
+        for i, (want, nbytes, base) in enumerate(zip(tpl.outs, tpl.out_nbytes, tpl.alias_of)):
             lines.append(f"o = outs[{i}]")
+            if base is not None:  # a view of a slot: bound as a view of its storage (see Tenant.bind_alias)
+                lines.append(f"self.bind_alias(o, v{i}, h{base}, {k(want[1:])})")
+                continue
+            # Tenant._bind, inlined: it raises for a handle that is invalid or already in use.
             lines.append(f"if type(o) is not int or o in T: self._bind(o, v{i})")
             lines.append(f"T[o] = {k(storage)}(v{i}, {k(want[1:])}, {nbytes // want[0].itemsize}, {nbytes}, None)")
             lines.append(f"self.bytes += {nbytes}")
@@ -442,6 +462,14 @@ def compile_graph(op: P.DefineGraph, templates: dict[int, Template], device: tor
             tpl = templates.get(rec.tid)
             if tpl is None:
                 raise TenantError(f"graph {gid} uses unknown op template {rec.tid}")
+            if not tpl.runnable:
+                raise TenantError(f"graph {gid}: {tpl.name} can only be executed (its outputs are known once it ran)")
+            if any(a is not None and a < len(rec.slots) and not (type(rec.slots[a]) is int and rec.slots[a] >= 0)
+                   for a in tpl.alias_of):
+                # A view of an external storage (a weight, say) must inherit its shared status: such graphs
+                # run record by record, where Tenant.bind_alias binds it. A view of a value the graph made
+                # is private memory; the program binds it as a storage of its own, charged in full.
+                fast = False
             steps.append((tpl, rec.slots, rec.outs))  # the template is resolved once, here
             names.append(tpl.name)
             b.run_step(tpl, rec.slots, rec.outs, len(scalar_types), i)

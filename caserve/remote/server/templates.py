@@ -8,37 +8,20 @@ skeleton; its source holds only slot and constant references, never client text.
 from __future__ import annotations
 
 import keyword
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
+from caserve.remote.server.errors import QuotaError, TenantError
+from caserve.remote.server.metacheck import META, NoMetaKernel, check_declared, meta_outputs
+from caserve.remote.server.opsurface import OpSurface
 from caserve.remote.wire import protocol as P
 from caserve.remote.wire.codec import DTYPES, LAYOUTS, MEMORY_FORMATS, extent, takes_generator, written_args
 
-# Ops a client may never run: they touch files, raw memory or process state rather than tensors.
-DENIED_OPS = frozenset(
-    {"from_file", "_from_file", "set_", "record_stream", "_pin_memory", "pin_memory", "_cudnn_init_dropout_state",
-     "_fused_adam_", "_fused_adamw_", "_use_cudnn_ctc_loss", "save", "_local_scalar_dense", "item"}
-)
-# Name fragments of ops that are never allowed: resizing grows storage behind the tenant's memory
-# accounting; the others reach raw pointers, streams or the allocator.
-DENIED_FRAGMENTS = ("resize", "data_ptr", "_cuda", "stream", "_nested_from_buffer", "_make_per_")
 MAX_DIMS = P.LIMITS.max_dims  # the limit sent in Welcome
 _SCALAR_TYPES = {"bool": bool, "int": int, "float": float}
-
-
-class TenantError(Exception):
-    """An op or request of one tenant failed; reported to that tenant only."""
-
-    def __init__(self, message: str, code: str = "op_failed") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class QuotaError(TenantError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "quota_exceeded")
 
 
 @dataclass(frozen=True)
@@ -61,7 +44,13 @@ class Template:
     scalar_types: tuple[type, ...] = ()  # the type of each scalar slot, whose values each Run carries
     call: Callable[..., Any] = None  # type: ignore[assignment]  # the op's C++ entry point
     single: bool = False  # one fresh tensor return: the result is the output
-    total_out_nbytes: int = 0
+    # Decided on the server (caserve.remote.server.metacheck), never taken from the client: per output, the
+    # slot it is a view of (None: new memory); the bytes the op allocates, charged before it runs; whether
+    # a Run may call it (False: its outputs are unknown before it runs, or it declares none it makes).
+    alias_of: tuple[int | None, ...] = ()
+    charge: int = 0
+    runnable: bool = True
+    meta_known: bool = True
     # The builder's source pieces, for graph programs that inline the call (caserve.remote.server.replay):
     # positional argument expressions and (keyword, expression) pairs over ``T[i]``, ``S[j]`` and
     # ``C[k]`` (an index into ``consts``) only.
@@ -75,28 +64,8 @@ class Template:
         self.call = self.fn._op
         rets = self.fn._schema.returns
         self.single = len(self.outs) == 1 and len(rets) == 1 and str(rets[0].type) == "Tensor"
-        self.total_out_nbytes = sum(self.out_nbytes)
-
-
-_OP_CACHE: dict[str, torch._ops.OpOverload] = {}
-
-
-def resolve_op(name: str) -> torch._ops.OpOverload:
-    """``"aten.add.Tensor"`` -> the OpOverload; only ATen ops, never a denied one."""
-    op = _OP_CACHE.get(name)
-    if op is not None:
-        return op
-    parts = name.split(".")
-    if len(parts) != 3 or parts[0] != "aten" or not all(p.isidentifier() for p in parts):
-        raise TenantError(f"op {name!r} is not an ATen op name (aten.NAME.OVERLOAD)", "unknown_op")
-    if parts[1] in DENIED_OPS or any(f in parts[1] for f in DENIED_FRAGMENTS):
-        raise TenantError(f"op {name} is not allowed on the GPU server", "denied_op")
-    try:
-        op = getattr(getattr(torch.ops.aten, parts[1]), parts[2])
-    except (AttributeError, RuntimeError):
-        raise TenantError(f"unknown op {name}", "unknown_op") from None
-    _OP_CACHE[name] = op
-    return op
+        if len(self.alias_of) != len(self.outs) and self.runnable:
+            self.alias_of = (None,) * len(self.outs)
 
 
 def check_geom(dtype: Any, size: Any, stride: Any, offset: Any) -> tuple[torch.dtype, tuple, tuple, int]:
@@ -130,36 +99,32 @@ class _SpecCompiler:
         return f"C[{len(self.consts) - 1}]"
 
     def expr(self, value: Any) -> str:
-        if value is None or isinstance(value, (bool, int, float, str)):
+        t = type(value)
+        if value is None or t in (bool, int, float, str):
             return self.const(value)
-        if isinstance(value, list):
-            return "[" + "".join(self.expr(v) + "," for v in value) + "]"
-        if isinstance(value, dict) and len(value) == 1:
-            (key, arg), = value.items()
-            if key == "$t":
-                if not (isinstance(arg, list) and len(arg) == 5 and arg[0] == len(self.slots)):
-                    raise TenantError("tensor slots must be numbered in order")
-                dt, size, stride, offset = check_geom(*arg[1:])
-                self.slots.append(Slot(dt, (size, stride, offset), extent(size, stride, offset)))
-                return f"T[{arg[0]}]"
-            if key == "$s":
-                if not (isinstance(arg, list) and len(arg) == 2 and arg[0] == len(self.scalar_types)
-                        and arg[1] in _SCALAR_TYPES):
-                    raise TenantError("scalar slots must be numbered in order and typed bool, int or float")
-                self.scalar_types.append(_SCALAR_TYPES[arg[1]])
-                return f"S[{arg[0]}]"
-            if key == "$dtype" and arg in DTYPES:
-                return self.const(DTYPES[arg])
-            if key == "$dev":
-                return self.const(self.device)
-            if key == "$layout" and arg in LAYOUTS:
-                return self.const(LAYOUTS[arg])
-            if key == "$mf" and arg in MEMORY_FORMATS:
-                return self.const(MEMORY_FORMATS[arg])
-            if key == "$cpu" and isinstance(arg, list) and len(arg) == 2 and arg[0] in DTYPES:
-                if not isinstance(arg[1], (bool, int, float)):
-                    raise TenantError("a CPU scalar tensor constant must hold a number")
-                return self.const(torch.tensor(arg[1], dtype=DTYPES[arg[0]]))
+        if t is P.ArgList:
+            return "[" + "".join(self.expr(v) + "," for v in value.items) + "]"
+        if t is P.TensorSlot:
+            if value.slot != len(self.slots):
+                raise TenantError("tensor slots must be numbered in order")
+            dt, size, stride, offset = check_geom(value.dtype, value.size, value.stride, value.offset)
+            self.slots.append(Slot(dt, (size, stride, offset), extent(size, stride, offset)))
+            return f"T[{value.slot}]"
+        if t is P.ScalarSlot:
+            if value.index != len(self.scalar_types):
+                raise TenantError("scalar slots must be numbered in order")
+            self.scalar_types.append(_SCALAR_TYPES[value.kind])
+            return f"S[{value.index}]"
+        if t is P.DTypeArg and value.name in DTYPES:
+            return self.const(DTYPES[value.name])
+        if t is P.DeviceArg:
+            return self.const(self.device)
+        if t is P.LayoutArg:
+            return self.const(LAYOUTS[value.name])
+        if t is P.MemoryFormatArg:
+            return self.const(MEMORY_FORMATS[value.name])
+        if t is P.CpuScalar and value.dtype in DTYPES:
+            return self.const(torch.tensor(value.value, dtype=DTYPES[value.dtype]))
         raise TenantError(f"cannot decode argument {value!r}")
 
     def compile(self, fn: torch._ops.OpOverload, args: list[Any], kwargs: dict[str, Any]) -> Callable:
@@ -175,15 +140,43 @@ class _SpecCompiler:
         return eval(src, {"C": self.consts, "__builtins__": {}})  # noqa: S307 - source built above
 
 
-def compile_template(op: P.DefineOp, device: torch.device) -> Template:
-    fn = resolve_op(op.name)
+def _base_type(schema_type: str) -> str:
+    return schema_type[len("Optional["):-1] if schema_type.startswith("Optional[") else schema_type
+
+
+# Schema argument types that must travel typed: the skeleton's struct for each.
+_TYPED = {"Device": P.DeviceArg, "ScalarType": P.DTypeArg, "Layout": P.LayoutArg, "MemoryFormat": P.MemoryFormatArg}
+
+
+def check_typed_args(fn: torch._ops.OpOverload, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """Each argument is of its schema type's kind: a device, dtype, layout or memory format only as its
+    typed value (so a tenant never picks a device by a string: the server maps ``$dev`` to its own), and a
+    plain string only where the schema takes one."""
+    schema = fn._schema
+    positional = [a for a in schema.arguments if not a.kwarg_only]
+    if len(args) > len(positional):
+        raise TenantError(f"{fn} takes at most {len(positional)} positional arguments", "bad_argument")
+    by_name = {a.name: a for a in schema.arguments}
+    for a, v in [*zip(positional, args), *((by_name[k], v) for k, v in kwargs.items() if k in by_name)]:
+        base = _base_type(str(a.real_type))
+        want = _TYPED.get(base)
+        if want is not None:
+            if v is not None and type(v) is not want:
+                raise TenantError(f"{fn}: argument {a.name} is a {base} and travels as {want.__name__}, not {v!r}",
+                                  "bad_argument")
+        elif type(v) in _TYPED.values():
+            raise TenantError(f"{fn}: argument {a.name} is a {base}, not a {type(v).__name__}", "bad_argument")
+        elif isinstance(v, str) and base != "str":
+            raise TenantError(f"{fn}: argument {a.name} is a {base}, not a string", "bad_argument")
+
+
+def compile_template(op: P.DefineOp, device: torch.device, surface: OpSurface) -> Template:
+    """Check a DefineOp and compile it; what its op makes is decided on the server (see metacheck)."""
+    fn = surface.resolve(op.name)
+    check_typed_args(fn, op.args, op.kwargs)
     comp = _SpecCompiler(device)
     build = comp.compile(fn, op.args, op.kwargs)
-    outs, out_nbytes = [], []
-    for out in op.outs:
-        dt, size, stride, offset = check_geom(*out)
-        outs.append((dt, size, stride, offset))
-        out_nbytes.append(extent(size, stride, offset) * dt.itemsize)
+    declared = [check_geom(*out) for out in op.outs]
     written = written_args(fn)
     write_slots: set[int] = set()
     if written:
@@ -199,8 +192,27 @@ def compile_template(op: P.DefineOp, device: torch.device) -> Template:
             sub.expr(v)
             if k in written:
                 write_slots.update(range(before, len(sub.slots)))
-    return Template(op.name, fn, build, comp.slots, outs, out_nbytes, frozenset(write_slots), takes_generator(fn),
-                    tuple(comp.scalar_types), args_src=comp.args_src, kwargs_src=comp.kwargs_src, consts=comp.consts)
+    scalar_types = tuple(comp.scalar_types)
+    # The same builder over constants whose device is meta (no second compile).
+    meta_consts = [META if c is device else c for c in comp.consts]
+    meta_build = types.FunctionType(build.__code__, {"C": meta_consts, "__builtins__": {}})
+    extra: dict[str, Any] = {}
+    try:
+        true = meta_outputs(op.name, fn, meta_build, comp.slots, scalar_types, frozenset(write_slots),
+                            key=P.encode_header((op.name, op.args, op.kwargs)))
+    except NoMetaKernel as exc:
+        if declared:
+            raise TenantError(f"{exc}; the server cannot check the outputs the template declares",
+                              "bad_template") from None
+        extra = dict(runnable=False, meta_known=False)
+    else:
+        check_declared(op.name, declared, true)
+        # A template that declares none of the outputs its op makes can only be executed.
+        extra = dict(alias_of=tuple(true.alias_of), charge=true.charge, runnable=bool(declared) or not true.outs)
+    out_nbytes = [extent(*w[1:]) * w[0].itemsize for w in declared]
+    return Template(op.name, fn, build, comp.slots, declared, out_nbytes, frozenset(write_slots),
+                    takes_generator(fn), scalar_types, args_src=comp.args_src, kwargs_src=comp.kwargs_src,
+                    consts=comp.consts, **extra)
 
 
 def check_scalars(tpl: Template, scalars: list[Any]) -> None:

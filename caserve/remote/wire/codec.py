@@ -10,14 +10,9 @@ import functools
 
 import torch
 
-DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, name)
-    for name in (
-        "float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "bool",
-        "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64",
-    )
-    if hasattr(torch, name)
-}
+from caserve.remote.wire import protocol as P
+
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in P.DTYPE_NAMES if hasattr(torch, name)}
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 LAYOUTS: dict[str, torch.layout] = {"strided": torch.strided}

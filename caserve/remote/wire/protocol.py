@@ -23,13 +23,14 @@ Session
 ::
 
     client                                  server
-      | HELLO {version}                       |
+      | HELLO {version, client nonce c}       |
       |-------------------------------------->|   version mismatch -> ERROR, close
-      |             CHALLENGE {version, nonce}|
+      |         CHALLENGE {version, nonce s}  |
       |<--------------------------------------|
-      | AUTH {mac = HMAC-SHA256(token, nonce)}|
+      | AUTH {mac = HMAC-SHA256(token, s)}    |
       |-------------------------------------->|   bad mac -> ERROR, close
-      |        WELCOME {tenant, device, ...}  |
+      | WELCOME {tenant, device, ...,         |
+      |   proof = HMAC-SHA256(token, c + s)}  |   a client holding a token checks the proof
       |<--------------------------------------|
       | SUBMIT {ops..., sync: None}           |   streamed, never answered
       |-------------------------------------->|
@@ -55,33 +56,43 @@ import enum
 import hashlib
 import hmac
 import struct
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import msgspec
 
 # Bump on any change to the structs or framing below; tests/test_protocol.py pins a digest of the
 # schema so that a change without a bump fails.
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 FRAME_PREFIX = struct.Struct("<IBI")  # len, kind, header length
+
+# Limits of a GPU server (defaults; each is configurable on ``caserve gpu-server`` and sent in WELCOME).
 MAX_HANDSHAKE_FRAME = 64 * 1024  # before authentication a peer may not make us buffer more
 
 
 class Limits(msgspec.Struct, frozen=True):
-    """What one tenant may send and keep on the server. The server enforces these and sends them in
-    :class:`Welcome`; the client obeys what it was sent and keeps no copies. A new limit is a new field
-    with a default (and a protocol version bump)."""
+    """What one tenant may send and keep on the server, and how long a connection may take. The server
+    enforces these and sends them in :class:`Welcome`; the client obeys what it was sent and keeps no
+    copies. A new limit is a new field with a default (and a protocol version bump)."""
 
-    max_frame: int = 4 * 1024**3  # bytes in one frame after the handshake (4 GiB)
+    # After the handshake one frame carries at most this much (the zoo's largest weight, Qwen2.5-0.5B's
+    # fp32 embedding, is 544 MB); memory for a frame is taken as its bytes arrive, never on the word of
+    # its length prefix.
+    max_frame: int = 768 * 1024**2
     max_templates: int = 65536  # op templates (DefineOp) held at once
     max_graphs: int = 1024  # graphs (DefineGraph) held at once
     max_graph_records: int = 100_000  # records in one graph
     max_tenant_graph_records: int = 1 << 18  # records in all of a tenant's graphs together
     max_pins: int = 4096  # shared weights asked for (HasBlobs) and not yet bound
     max_dims: int = 64  # dimensions of one tensor
+    max_connections: int = 256  # open connections to the server in all (authenticated or not)
+    max_peer_connections: int = 64  # open connections from one peer address
+    handshake_timeout: float = 10.0  # seconds from accept to WELCOME
+    idle_timeout: float = 0.0  # seconds an authenticated connection may stay silent (0: no limit)
 
 
 LIMITS = Limits()  # what this build's server enforces unless it is configured otherwise
+DEFAULT_TENANT_SHARE = 0.25  # the default per-tenant memory quota (Welcome.memory_limit): this share of the device
 
 
 class Kind(enum.IntEnum):
@@ -103,6 +114,7 @@ class Kind(enum.IntEnum):
 class Hello(msgspec.Struct, frozen=True):
     version: int
     client: str = ""
+    nonce: bytes = b""  # the client's challenge: WELCOME proves the server knows the token too
 
 
 class Challenge(msgspec.Struct, frozen=True):
@@ -121,6 +133,7 @@ class Welcome(msgspec.Struct, frozen=True):
     device_name: str
     memory_limit: int  # bytes, 0 = unlimited
     limits: Limits
+    proof: bytes = b""  # server_proof(token, client nonce, server nonce); empty when no token matched
 
 
 class Error(msgspec.Struct, frozen=True):
@@ -139,31 +152,92 @@ def check_mac(token: str, nonce: bytes, mac: bytes) -> bool:
     return hmac.compare_digest(auth_mac(token, nonce), mac)
 
 
+def server_proof(token: str, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """The server's answer to the client's challenge: it knows the token as well (under its own label, so
+    that it can never be replayed as a client's AUTH)."""
+    return hmac.new(token.encode(), b"caserve-server-v1:" + client_nonce + server_nonce, hashlib.sha256).digest()
+
+
 # ---------------------------------------------------------------------------------------------
 # Ops (inside SUBMIT). Array-like tagged structs keep the hot records a few bytes each.
 
 Geometry = tuple[tuple[int, ...], tuple[int, ...], int]  # size, stride, storage offset (elements)
+Number = Union[bool, int, float]
+
+# Every dtype that may cross the wire (caserve.remote.wire.codec maps the names to torch dtypes).
+DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "bool",
+               "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64")
+DType = Literal["float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "bool",
+                "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"]
+
+
+# The argument skeleton of a DefineOp: a tagged union, so that the decoder itself refuses a malformed
+# argument (a device or dtype given as a free string, a slot without its geometry).
+
+
+class TensorSlot(msgspec.Struct, array_like=True, tag="t", frozen=True):
+    """Tensor slot ``slot`` (numbered in order) viewed as ``dtype``/``size``/``stride``/``offset``."""
+
+    slot: int
+    dtype: DType
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+
+class ScalarSlot(msgspec.Struct, array_like=True, tag="s", frozen=True):
+    """A number that cannot change the output's shape; each Run carries its value (``scalars[index]``)."""
+
+    index: int
+    kind: Literal["bool", "int", "float"]
+
+
+class DeviceArg(msgspec.Struct, array_like=True, tag="dev", frozen=True):
+    """The tenant's device; the server maps it to its own (the index is the client's device index)."""
+
+    index: int
+
+
+class DTypeArg(msgspec.Struct, array_like=True, tag="dtype", frozen=True):
+    name: DType
+
+
+class LayoutArg(msgspec.Struct, array_like=True, tag="layout", frozen=True):
+    name: Literal["strided"]
+
+
+class MemoryFormatArg(msgspec.Struct, array_like=True, tag="mf", frozen=True):
+    name: Literal["contiguous_format", "preserve_format", "channels_last", "channels_last_3d"]
+
+
+class CpuScalar(msgspec.Struct, array_like=True, tag="cpu", frozen=True):
+    """A 0-dim CPU tensor constant."""
+
+    dtype: DType
+    value: Number
+
+
+class ArgList(msgspec.Struct, array_like=True, tag="list", frozen=True):
+    items: list[Arg]
+
+
+Arg = Union[None, bool, int, float, str, TensorSlot, ScalarSlot, DeviceArg, DTypeArg, LayoutArg, MemoryFormatArg,
+            CpuScalar, ArgList]
+ARG_TYPES = (TensorSlot, ScalarSlot, DeviceArg, DTypeArg, LayoutArg, MemoryFormatArg, CpuScalar, ArgList)
 
 
 class DefineOp(msgspec.Struct, array_like=True, tag=1):
-    """Template ``tid``: the ATen op ``name`` called with ``args``/``kwargs``.
+    """Template ``tid``: the ATen op ``name`` called with ``args``/``kwargs`` (see :data:`Arg`).
 
-    Inside ``args``/``kwargs`` special values are one-key maps (ATen arguments are never maps):
-    ``{"$t": [slot, dtype, size, stride, offset]}`` a tensor slot, ``{"$dtype": "float32"}``,
-    ``{"$dev": 0}`` the tenant's device, ``{"$layout": "strided"}``, ``{"$mf": "contiguous_format"}``,
-    ``{"$cpu": [dtype, value]}`` a 0-dim CPU tensor constant, ``{"$s": [index, "int"|"float"|"bool"]}`` a
-    scalar slot: a number that cannot change the output's shape, whose value each Run carries.
-    ``outs`` is the expected ``[dtype, size, stride, offset]`` of each fresh output, in order.
+    ``outs`` is the expected ``[dtype, size, stride, offset]`` of each fresh output, in order; the server
+    checks it against what the op makes (its meta kernel) and refuses a template that differs.
     """
 
     tid: int
     name: str
-    args: list[Any]
-    kwargs: dict[str, Any]
+    args: list[Arg]
+    kwargs: dict[str, Arg]
     outs: list[tuple[str, tuple[int, ...], tuple[int, ...], int]]
-
-
-Number = Union[bool, int, float]
 
 
 class Run(msgspec.Struct, array_like=True, tag=2):
@@ -405,7 +479,7 @@ def _type_name(tp: Any) -> str:
 def schema_digest() -> str:
     """A digest of every struct's fields and tags, pinned by a test against PROTOCOL_VERSION."""
     parts = [f"{k.name}={k.value}" for k in Kind]
-    for cls in (*HEADERS.values(), Limits, *Op.__args__, *SyncRequest.__args__, RemoteFailure):  # type: ignore[attr-defined]
+    for cls in (*HEADERS.values(), Limits, *Op.__args__, *SyncRequest.__args__, RemoteFailure, *ARG_TYPES):  # type: ignore[attr-defined]
         info = msgspec.structs.fields(cls)
         tag = getattr(cls, "__struct_config__").tag
         # Types are written without this module's path, so moving the module does not change the digest.

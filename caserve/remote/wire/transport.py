@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
+import stat
 import tempfile
 from typing import Any, Protocol, Sequence
 
@@ -30,9 +32,51 @@ class Channel(Protocol):
     def close(self) -> None: ...
 
 
+def unix_dir() -> str:
+    """This user's directory for GPU-server sockets: ``$TMPDIR/caserve-UID``, mode 0700."""
+    return os.path.join(tempfile.gettempdir(), f"caserve-{os.getuid()}")
+
+
 def default_unix_path(port: int) -> str:
-    """Where a GPU server on TCP ``port`` also listens for clients on the same host."""
-    return os.path.join(tempfile.gettempdir(), f"caserve-gpu-{port}.sock")
+    """Where a GPU server on TCP ``port`` also listens for clients of the same user on the same host."""
+    return os.path.join(unix_dir(), f"gpu-{port}.sock")
+
+
+def make_unix_dir(path: str) -> None:
+    """Create the directory of a server's socket, private to this user (refusing one owned by another)."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    st = os.lstat(parent)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise PermissionError(f"{parent} is not a directory of this user; not putting a socket there")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(parent, 0o700)
+
+
+def owned_socket(path: str) -> bool:
+    """Whether ``path`` is a socket that this user owns in a directory only this user can enter (a client
+    checks before it trusts a local server with its weights and token proof)."""
+    try:
+        parent, sock = os.lstat(os.path.dirname(path)), os.lstat(path)
+    except OSError:
+        return False
+    uid = os.getuid()
+    return (stat.S_ISDIR(parent.st_mode) and parent.st_uid == uid and not stat.S_IMODE(parent.st_mode) & 0o077
+            and stat.S_ISSOCK(sock.st_mode) and sock.st_uid == uid)
+
+
+def client_tls_context(ca_file: str) -> ssl.SSLContext:
+    """TLS for a client: the server's certificate must chain to ``ca_file`` and name the host dialled."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_file, key_file)
+    return ctx
 
 
 def is_loopback(host: str) -> bool:
@@ -53,6 +97,13 @@ def send_frame(sock: socket.socket, kind: P.Kind, header: Any, payloads: Sequenc
     total = sum(len(p) for p in segments)
     buffers: list[Any] = [P.frame_prefix(kind, len(hdr), total), hdr, *segments]
     size = P.FRAME_PREFIX.size + len(hdr) + total
+    if isinstance(sock, ssl.SSLSocket):  # TLS has no scatter-gather send: small parts go as one record
+        if total < (1 << 16):
+            sock.sendall(b"".join(buffers))
+        else:
+            for b in buffers:
+                sock.sendall(b)
+        return size
     while buffers:
         sent = sock.sendmsg(buffers[:512])
         while buffers and sent >= len(buffers[0]):
@@ -69,12 +120,19 @@ def as_bytes(data: memoryview | bytes) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
+RECV_STEP = 1 << 20  # a frame's buffer starts at most this large and doubles as its bytes arrive
+
+
 def recv_exact(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
+    """Read exactly ``n`` bytes. Memory is committed as the bytes arrive (the buffer grows from
+    RECV_STEP by doubling), so a peer that announces a large frame and stalls holds little."""
+    buf = bytearray(min(n, RECV_STEP))
     pos = 0
     while pos < n:
-        got = sock.recv_into(view[pos:], n - pos)
+        if pos == len(buf):
+            buf += bytes(min(n - pos, len(buf)))
+        with memoryview(buf) as view:
+            got = sock.recv_into(view[pos:], len(buf) - pos)
         if got == 0:
             raise ConnectionLost("connection closed by peer")
         pos += got
@@ -103,13 +161,19 @@ class SocketChannel:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     @classmethod
-    def connect(cls, address: str, *, transport: str = "auto", timeout: float = 10.0) -> "SocketChannel":
-        """Connect to ``host:port``; on the same host prefer the server's Unix socket (``transport="auto"``)."""
+    def connect(cls, address: str, *, transport: str = "auto", timeout: float = 10.0,
+                tls_ca: str | None = None) -> "SocketChannel":
+        """Connect to ``host:port``; on the same host prefer the server's Unix socket (``transport="auto"``)
+        when it is this user's own. ``tls_ca`` (default ``$CASERVE_TLS_CA``): TCP goes over TLS, and the
+        server's certificate must chain to that CA file."""
         host, port = parse_address(address)
         if transport not in ("auto", "tcp", "unix"):
             raise ValueError(f"transport must be auto, tcp or unix, got {transport!r}")
+        tls_ca = tls_ca or os.environ.get("CASERVE_TLS_CA") or None
         path = default_unix_path(port)
-        if transport == "unix" or (transport == "auto" and is_loopback(host) and os.path.exists(path)):
+        if transport == "unix" and not owned_socket(path):
+            raise PermissionError(f"{path} is not a socket of this user in a private directory")
+        if transport == "unix" or (transport == "auto" and is_loopback(host) and owned_socket(path)):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(timeout)
             try:
@@ -122,12 +186,20 @@ class SocketChannel:
                 sock.settimeout(None)
                 return cls(sock)
         sock = socket.create_connection((host, port), timeout=timeout)
+        if tls_ca:
+            try:
+                sock = client_tls_context(tls_ca).wrap_socket(sock, server_hostname=host)
+            except (ssl.SSLError, OSError):
+                sock.close()
+                raise
         sock.settimeout(None)
         return cls(sock)
 
     @property
     def kind(self) -> str:
-        return "unix" if self.sock.family == socket.AF_UNIX else "tcp"
+        if self.sock.family == socket.AF_UNIX:
+            return "unix"
+        return "tls" if isinstance(self.sock, ssl.SSLSocket) else "tcp"
 
     def send(self, kind: P.Kind, header: Any, payloads: Sequence[memoryview | bytes] = ()) -> int:
         try:
