@@ -57,6 +57,10 @@ MAX_TEXT = 1 << 22  # characters in one text field
 MAX_INPUTS = 4096  # inputs of one embedding / classification row
 MAX_VECTOR = 1 << 16  # floats in one embedding or score vector
 MAX_ID = 200  # characters of a worker id, session, dispatch or job id
+MAX_LOGPROBS = 20  # top alternatives per token
+MAX_LOGIT_BIAS = 300  # biased tokens per request (OpenAI's limit)
+MAX_STOP_IDS = 64  # stop token ids per request
+GREEDY_BELOW = 1e-5  # a temperature under this means argmax
 
 Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID)]
 TokenIds = Annotated[list[Annotated[int, Meta(ge=0, lt=1 << 31)]], Meta(max_length=MAX_IDS)]
@@ -102,12 +106,39 @@ class Ok(Struct):
 
 
 class SamplingParams(Struct, forbid_unknown_fields=True):
-    max_tokens: Annotated[int, Meta(ge=1)]
+    """How one request samples and stops (``worker.sampling``). Neutral values turn a processor off."""
+
+    max_tokens: Annotated[int, Meta(ge=0)] = 16  # 0: only score the prompt (echo)
     temperature: Annotated[float, Meta(ge=0.0)] = 1.0
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
-    stop: Annotated[list[Text], Meta(max_length=16)] = []
+    top_k: Annotated[int, Meta(ge=0)] = 0  # 0: off
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    repetition_penalty: Annotated[float, Meta(gt=0.0)] = 1.0  # > 1 discourages prompt and output tokens
+    presence_penalty: float = 0.0  # subtracted once from a token the output already has
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    logit_bias: Annotated[dict[int, float], Meta(max_length=MAX_LOGIT_BIAS)] = {}
     seed: Optional[int] = None
+    min_tokens: Count = 0  # EOS and stop_token_ids are banned before this many tokens
+    stop: Annotated[list[Text], Meta(max_length=16)] = []
+    stop_token_ids: Annotated[list[Annotated[int, Meta(ge=0)]], Meta(max_length=MAX_STOP_IDS)] = []
     ignore_eos: bool = False
+    logprobs: Optional[Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)]] = None  # alternatives per generated token
+    prompt_logprobs: Optional[Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)]] = None  # the same for the prompt
+    fit_context: bool = True  # False: max_tokens was asked for and must fit the context (else an error)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Nothing but an argmax of the model's logits."""
+        return self.greedy and not self.penalized and not self.logit_bias and not self.min_tokens \
+            and self.logprobs is None
 
 
 class ChatMessage(Struct, forbid_unknown_fields=True):
@@ -161,6 +192,22 @@ class Tokens(Struct, tag="tokens", tag_field="type", forbid_unknown_fields=True)
     dispatch: Id
     ids: TokenIds = []
     text: Text = ""
+    logprobs: Optional[Annotated[list["TokenLogprob"], Meta(max_length=MAX_IDS)]] = None  # one per id, if asked
+
+
+class TopLogprob(Struct, forbid_unknown_fields=True):
+    """A token as the worker names it (the router has no tokenizer): id, text, UTF-8 bytes, logprob."""
+
+    id: Annotated[int, Meta(ge=0)]
+    token: Annotated[str, Meta(max_length=1000)]
+    logprob: Optional[float]  # None: the first prompt token (nothing predicts it)
+    bytes: Annotated[list[Annotated[int, Meta(ge=0, le=255)]], Meta(max_length=4000)] = []
+
+
+class TokenLogprob(TopLogprob, forbid_unknown_fields=True):
+    """A sampled (or prompt) token's logprob and the most likely alternatives at its position."""
+
+    top: Annotated[list[TopLogprob], Meta(max_length=MAX_LOGPROBS)] = []
 
 
 class ClassScore(Struct, forbid_unknown_fields=True):
@@ -179,6 +226,8 @@ class Done(Struct, tag="done", tag_field="type", forbid_unknown_fields=True):
     embeddings: Optional[Annotated[list[Annotated[list[float], Meta(max_length=MAX_VECTOR)]],
                                    Meta(max_length=MAX_INPUTS)]] = None
     classes: Optional[Annotated[list[ClassScore], Meta(max_length=MAX_INPUTS)]] = None
+    prompt_logprobs: Optional[Annotated[list[TokenLogprob], Meta(max_length=MAX_IDS)]] = None  # echo
+    prompt_text: Optional[Text] = None  # echo: the prompt as the worker decoded it
 
 
 class Error(Struct, tag="error", tag_field="type", forbid_unknown_fields=True):
