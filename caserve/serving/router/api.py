@@ -16,13 +16,16 @@ import logging
 import uuid
 from typing import Any, AsyncIterator, Optional, Union
 
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from caserve.serving.router import schemas as S
-from caserve.serving.errors import BadRequest, NotFound, RequestCancelled, ServingError, error_body
+from caserve.serving.errors import (
+    BadRequest, ContextLengthExceeded, NotFound, RequestCancelled, ServingError, error_body,
+)
 from caserve.serving.messages import TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, ChatMessage, SamplingParams
 from caserve.serving.router.jobs import Job
 from caserve.serving.router.metrics import CONTENT_TYPE_LATEST
@@ -72,15 +75,27 @@ def create_app(router: Router, security: RouterSecurity) -> FastAPI:
         state = router.model(model)
         return S.model_card(state.name, state.created)
 
+    def check_context(req: S.SamplingRequest, params: SamplingParams) -> None:
+        """A max_tokens the context cannot hold is a 400 here; prompt + max_tokens is checked by the worker."""
+        limit = router.model(req.model, TASK_GENERATE).max_context
+        if not params.fit_context and limit is not None and params.max_tokens >= limit:
+            raise ContextLengthExceeded(
+                f"max_tokens is {params.max_tokens}, but this model's maximum context length is {limit} "
+                f"tokens (prompt included)", param="max_tokens")
+
     @app.post("/v1/completions", response_model=None)
     async def completions(req: S.CompletionRequest, request: Request) -> Union[JSONResponse, StreamingResponse]:
         req.check_supported()
+        if req.stream and req.echo:
+            raise BadRequest("echo cannot be streamed", param="echo")
         params = SamplingParams(**req.sampling_params(COMPLETION_DEFAULT_MAX_TOKENS))
+        check_context(req, params)
         jobs = []
         for prompt in req.prompts():
             key = "prompt" if isinstance(prompt, str) else "prompt_ids"
-            jobs.append(Job(req.model, TASK_GENERATE, {key: prompt, "params": params},
-                            prompt_units=len(prompt), max_tokens=params.max_tokens, stream=req.stream))
+            for p in _choices_params(params, req.n):
+                jobs.append(Job(req.model, TASK_GENERATE, {key: prompt, "params": p},
+                                prompt_units=len(prompt), max_tokens=p.max_tokens, stream=req.stream))
         if req.stream and len(jobs) > 1:
             raise BadRequest("streaming supports a single prompt", param="prompt")
         return await _run_generation(router, request, req, jobs, chat=False)
@@ -89,11 +104,12 @@ def create_app(router: Router, security: RouterSecurity) -> FastAPI:
     async def chat(req: S.ChatCompletionRequest, request: Request) -> Union[JSONResponse, StreamingResponse]:
         req.check_supported()
         params = SamplingParams(**req.sampling_params(CHAT_DEFAULT_MAX_TOKENS))
+        check_context(req, params)
         messages = [ChatMessage(role=m.role, content=m.text()) for m in req.messages]
-        job = Job(req.model, TASK_GENERATE, {"messages": messages, "params": params},
-                  prompt_units=sum(len(m.content) for m in messages), max_tokens=params.max_tokens,
-                  stream=req.stream)
-        return await _run_generation(router, request, req, [job], chat=True)
+        jobs = [Job(req.model, TASK_GENERATE, {"messages": messages, "params": p},
+                    prompt_units=sum(len(m.content) for m in messages), max_tokens=p.max_tokens,
+                    stream=req.stream) for p in _choices_params(params, req.n)]
+        return await _run_generation(router, request, req, jobs, chat=True)
 
     async def run_encoder(model: str, task: str, inputs: list, request: Request) -> Job:
         """Queue one embedding or classification job and wait for it."""
@@ -127,6 +143,13 @@ def create_app(router: Router, security: RouterSecurity) -> FastAPI:
         return JSONResponse(body, headers=_timing_headers(job))
 
     return app
+
+
+def _choices_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """One job per choice; with a seed, choice j draws with seed + j (different choices, reproducible)."""
+    if n == 1 or params.seed is None:
+        return [params] * n
+    return [msgspec.structs.replace(params, seed=params.seed + j) for j in range(n)]
 
 
 def _unit(v: list[float]) -> list[float]:
@@ -206,7 +229,7 @@ async def _run_generation(
     created = S.now_unix()
     if not req.stream:
         await _wait(router, request, jobs)
-        choices = [_choice(i, job, chat) for i, job in enumerate(jobs)]
+        choices = [_choice(i, job, req) for i, job in enumerate(jobs)]
         body = {
             "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": req.model, "choices": choices, "system_fingerprint": None,
@@ -218,7 +241,7 @@ async def _run_generation(
     job = jobs[0]
     # Wait for the first event before answering, so that a worker-side error is still a plain 4xx.
     first = await _first_event(router, request, job)
-    chunks = _sse(job, first, rid, created, req.model, chat=chat, include_usage=req.include_usage)
+    chunks = _sse(job, first, rid, created, req, chat=chat)
     return StreamingResponse(_cancel_on_exit(router, job, chunks), media_type="text/event-stream",
                              headers={"x-caserve-request-id": job.id})
 
@@ -252,16 +275,23 @@ async def _cancel_on_exit(router: Router, job: Job, chunks: AsyncIterator[str]) 
 
 
 async def _sse(
-    job: Job, first: tuple[str, Any], rid: str, created: int, model: str, *, chat: bool, include_usage: bool,
+    job: Job, first: tuple[str, Any], rid: str, created: int, req: S.SamplingRequest, *, chat: bool,
 ) -> AsyncIterator[str]:
-    def chunk(text: Optional[str], finish: Optional[str], **extra: Any) -> str:
+    model, include_usage = req.model, req.include_usage
+    offset = 0  # characters streamed so far (completions' text_offset)
+
+    def chunk(text: Optional[str], finish: Optional[str], entries: Optional[list] = None, **extra: Any) -> str:
+        nonlocal offset
         if chat:
             delta = {} if text is None else {"content": text}
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            logprobs = S.chat_logprobs(entries) if entries and req.logprobs else None
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            logprobs = S.completion_logprobs(entries, offset) if entries and req.logprobs is not None else None
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
             obj = "text_completion"
+        offset += len(text or "")
         body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], **extra}
         return f"data: {json.dumps(body)}\n\n"
 
@@ -273,7 +303,7 @@ async def _sse(
     while True:
         kind, value = event
         if kind == "delta":
-            yield chunk(value, None)
+            yield chunk(value[0], None, value[1])
         elif kind == "done":
             yield chunk(None if chat else "", job.finish_reason, timings=job.timings())
             break
@@ -289,8 +319,16 @@ async def _sse(
     yield "data: [DONE]\n\n"
 
 
-def _choice(index: int, job: Job, chat: bool) -> dict[str, Any]:
-    if chat:
+def _choice(index: int, job: Job, req: S.SamplingRequest) -> dict[str, Any]:
+    if isinstance(req, S.ChatCompletionRequest):
+        logprobs = S.chat_logprobs(job.logprobs) if req.logprobs else None
         return {"index": index, "message": {"role": "assistant", "content": job.text},
-                "finish_reason": job.finish_reason, "logprobs": None}
-    return {"index": index, "text": job.text, "finish_reason": job.finish_reason, "logprobs": None}
+                "finish_reason": job.finish_reason, "logprobs": logprobs}
+    assert isinstance(req, S.CompletionRequest)
+    text, entries = job.text, list(job.logprobs)
+    if req.echo:  # the prompt as given (a token-id prompt as the worker decoded it), then the completion
+        prompt = job.payload.get("prompt")
+        text = (prompt if isinstance(prompt, str) else job.prompt_text or "") + text
+        entries = list(job.prompt_logprobs or []) + entries
+    logprobs = S.completion_logprobs(entries) if req.logprobs is not None else None
+    return {"index": index, "text": text, "finish_reason": job.finish_reason, "logprobs": logprobs}

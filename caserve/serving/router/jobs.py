@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from caserve.serving.errors import ServingError
-from caserve.serving.messages import Row
+from caserve.serving.messages import Row, TokenLogprob
 
 _seq = itertools.count()
 
@@ -60,6 +60,9 @@ class Job:
     finish_reason: Optional[str] = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one entry per generated token, if asked
+    prompt_logprobs: Optional[list[TokenLogprob]] = None  # echo: one per prompt token (the first's logprob None)
+    prompt_text: Optional[str] = None  # echo: the worker's decode of the prompt
     worker_durations: dict[str, float] = field(default_factory=dict)
     result: Any = None  # embeddings / classification output
     error: Optional[ServingError] = None

@@ -260,8 +260,10 @@ class Router:
                 if job.first_token is None:
                     job.first_token = now
                 self.metrics.tokens.labels(job.model, ws.id, ws.kind).inc(len(event.ids))
-                if event.text:
-                    job.events.put_nowait(("delta", event.text))
+                entries = list(event.logprobs or [])
+                job.logprobs.extend(entries)
+                if event.text or entries:
+                    job.events.put_nowait(("delta", (event.text, entries)))
             elif isinstance(event, Done):
                 job.finish_reason = event.finish_reason
                 job.prompt_tokens = event.prompt_tokens
@@ -269,6 +271,7 @@ class Router:
                     job.result = event.embeddings
                 elif event.classes is not None:
                     job.result = [{"label": c.label, "score": c.score, "scores": c.scores} for c in event.classes]
+                job.prompt_logprobs, job.prompt_text = event.prompt_logprobs, event.prompt_text
                 job.worker_durations = dict(event.durations)
                 if job.first_token is None:
                     job.first_token = now

@@ -1,0 +1,217 @@
+"""OpenAI sampling parameters end to end through the official ``openai`` client: each one changes the
+output the way it should (checked against a direct forward of the same model in this process), and what
+caserve cannot honour is refused with a 400 naming it. Layout: ``caserve serve`` with one native and one
+CPU worker of ``caserve/tiny-gpt2`` (byte-level tokenizer: token id = byte, EOS 256)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import math
+
+import httpx
+import openai
+import pytest
+import torch
+
+from serving_procs import TINY, Cluster, openai_client
+
+EOS = 256
+PROMPT = "abc"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    c = Cluster(tmp_path_factory.mktemp("params"))
+    try:
+        c.router("--native-workers", "1", "--cpu-workers", "1", "--max-batch", "4", "--worker-threads", "1")
+        c.wait_workers({"native-0", "cpu-0"}, timeout=300)  # a shared 2-core machine can be slow
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster: Cluster):
+    return openai_client(cluster.url)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from caserve.models import DEFAULT_MODEL, load_model
+
+    return load_model(DEFAULT_MODEL)  # the same weights as the workers' (seeded random weights)
+
+
+def forward_logprobs(lm, ids: list[int]) -> torch.Tensor:
+    """log_softmax of the model's logits at every position of ``ids`` [T, vocab], one plain forward."""
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits[:, : len(lm.tokenizer)], dim=-1)
+
+
+def complete(client, **kw):
+    kw = {"model": TINY, "prompt": PROMPT, "max_tokens": 12, "temperature": 0, **kw}
+    kw.setdefault("extra_body", {}).setdefault("ignore_eos", True)
+    return client.completions.create(**kw)
+
+
+def test_completion_logprobs_match_a_direct_forward(client, lm) -> None:
+    resp = complete(client, logprobs=3)
+    lp = resp.choices[0].logprobs
+    ids = list(PROMPT.encode())
+    assert len(lp.tokens) == len(lp.token_logprobs) == 12
+    for step, (token_lp, top) in enumerate(zip(lp.token_logprobs, lp.top_logprobs)):
+        ref = forward_logprobs(lm, ids)[-1]
+        chosen = int(ref.argmax())  # greedy
+        assert token_lp == pytest.approx(float(ref[chosen]), abs=1e-4)
+        best = ref.topk(3).values.tolist()  # distinct ids may share a string (bytes >= 128 all show as U+FFFD)
+        assert max(top.values()) == pytest.approx(best[0], abs=1e-4) and len(top) <= 4
+        assert all(min(abs(v - b) for b in best) < 1e-4 for v in top.values())
+        assert sum(math.exp(v) for v in top.values()) <= 1.0 + 1e-6
+        ids.append(chosen)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(12)]
+
+
+def test_echo_scores_the_prompt_like_a_direct_forward(client, lm) -> None:
+    prompt = "The quick brown fox"
+    for max_tokens in (0, 2):  # 0: scoring only, as evaluation harnesses ask
+        resp = complete(client, prompt=prompt, max_tokens=max_tokens, echo=True, logprobs=1)
+        choice = choice0 = resp.choices[0]
+        assert choice.text.startswith(prompt) and len(choice.text) >= len(prompt) + (max_tokens > 0)
+        lp = choice0.logprobs
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts the first
+        ids = list(prompt.encode())
+        ref = forward_logprobs(lm, ids)
+        want = [float(ref[t - 1, ids[t]]) for t in range(1, len(ids))]
+        assert lp.token_logprobs[1:len(ids)] == pytest.approx(want, abs=1e-4)
+        assert len(lp.tokens) == len(ids) + max_tokens
+        assert "".join(lp.tokens) == choice.text
+    plain = complete(client, prompt=list(prompt.encode()), max_tokens=3, echo=True)
+    assert plain.choices[0].text.startswith(prompt) and plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs_and_top_logprobs(client) -> None:
+    resp = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens
+    for item in content:
+        assert len(item.top_logprobs) == 2 and item.logprob <= 0
+        assert item.logprob == pytest.approx(item.top_logprobs[0].logprob, abs=1e-6)  # greedy took the top
+        assert sum(math.exp(t.logprob) for t in item.top_logprobs) <= 1.0 + 1e-6
+    assert "".join(i.token for i in content) == resp.choices[0].message.content
+    off = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}], max_tokens=6)
+    assert off.choices[0].logprobs is None
+
+
+def test_top_k_1_is_greedy_and_seeds_reproduce(client) -> None:
+    greedy = complete(client, max_tokens=20).choices[0].text
+    assert complete(client, max_tokens=20, temperature=1.5, seed=3, extra_body={"top_k": 1}).choices[0].text == greedy
+    sampled = {complete(client, max_tokens=20, temperature=1.5, seed=s).choices[0].text for s in range(3)}
+    assert len(sampled) > 1 and greedy not in sampled
+    assert complete(client, max_tokens=20, temperature=1.5, seed=1, extra_body={"min_p": 0.5}).choices[0].text \
+        != complete(client, max_tokens=20, temperature=1.5, seed=1).choices[0].text
+
+
+def test_seeded_requests_agree_on_native_and_cpu_workers(client) -> None:
+    with cf.ThreadPoolExecutor(4) as pool:
+        resps = list(pool.map(lambda _: complete(client, max_tokens=30, temperature=1.0, seed=77, top_p=0.9),
+                              range(6)))
+    assert {r.model_extra["timings"]["worker_kind"] for r in resps} == {"native", "cpu"}
+    assert len({r.choices[0].text for r in resps}) == 1
+
+
+def test_penalties_change_repetition(client) -> None:
+    ascii_only = {str(t): -100 for t in range(128, EOS + 6)}  # one character per token, so text shows ids
+
+    def gen(**kw):
+        return complete(client, max_tokens=30, logit_bias=ascii_only, **kw).choices[0].text
+
+    greedy = gen()
+    assert len(greedy) == 30 and len(set(greedy)) <= 3  # this random model repeats itself greedily
+    assert len(set(gen(presence_penalty=2.0))) == 30  # every token seen is pushed below the unseen ones
+    freq = gen(frequency_penalty=0.5)
+    assert max(freq.count(c) for c in set(freq)) < max(greedy.count(c) for c in set(greedy))
+    rep = gen(extra_body={"repetition_penalty": 2.0, "ignore_eos": True})
+    assert max(rep.count(c) for c in set(rep)) < max(greedy.count(c) for c in set(greedy))
+
+
+def test_logit_bias_forces_a_token_and_stop_token_ids_stop(client) -> None:
+    forced = complete(client, max_tokens=8, logit_bias={str(ord("Q")): 100})
+    assert forced.choices[0].text == "Q" * 8
+    banned = complete(client, max_tokens=20, logit_bias={str(ord("c")): -100}).choices[0].text
+    assert "c" not in banned
+    stopped = complete(client, max_tokens=8, logit_bias={str(ord("Q")): 100},
+                       extra_body={"stop_token_ids": [ord("Q")], "ignore_eos": True})
+    assert stopped.choices[0].text == "" and stopped.choices[0].finish_reason == "stop"
+
+
+def test_min_tokens_holds_eos_back(client) -> None:
+    eos = {str(EOS): 100}
+    early = complete(client, max_tokens=10, logit_bias=eos, extra_body={"ignore_eos": False})
+    assert early.usage.completion_tokens == 0 and early.choices[0].finish_reason == "stop"
+    held = complete(client, max_tokens=10, logit_bias=eos, extra_body={"ignore_eos": False, "min_tokens": 4})
+    assert held.usage.completion_tokens == 4 and held.choices[0].finish_reason == "stop"
+
+
+def test_n_choices(client) -> None:
+    resp = complete(client, n=3, temperature=1.0, seed=5, max_tokens=10)
+    assert [c.index for c in resp.choices] == [0, 1, 2] and len({c.text for c in resp.choices}) > 1
+    again = complete(client, n=3, temperature=1.0, seed=5, max_tokens=10)
+    assert [c.text for c in again.choices] == [c.text for c in resp.choices]
+    assert resp.usage.completion_tokens == 30
+    chat = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "x"}], n=2,
+                                          max_tokens=4, temperature=0)
+    assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
+
+
+def test_stream_carries_logprobs(client) -> None:
+    ref = complete(client, logprobs=2, max_tokens=8)
+    chunks = list(complete(client, logprobs=2, max_tokens=8, stream=True))
+    tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert tokens == ref.choices[0].logprobs.tokens
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.choices[0].text
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"best_of": 3}, "best_of"),
+    ({"suffix": "tail"}, "suffix"),
+    ({"logprobs": True}, "logprobs"),  # True is not a count (True == 1 in Python)
+    ({"echo": 1}, "echo"),
+    ({"max_tokens": 5000}, "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"n": 2, "stream": True}, "n"),
+    ({"echo": True, "stream": True}, "echo"),
+    ({"min_tokens": 9, "max_tokens": 3}, "min_tokens"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ({"logit_bias": {"999999": 5}}, "vocabulary"),
+    ({"stop_token_ids": [1 << 40]}, "vocabulary"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"top_k": -2}, "top_k"),
+    ({"use_beam_search": True}, "use_beam_search"),
+])
+def test_unsupported_or_bad_parameters_are_400(cluster: Cluster, body: dict, param: str) -> None:
+    r = httpx.post(f"{cluster.url}/v1/completions", timeout=60,
+                   json={"model": TINY, "prompt": "x", "max_tokens": 3, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert param in (err["param"] or "") + err["message"]
+
+
+def test_chat_refusals_and_ignored_unknown_fields(cluster: Cluster, client) -> None:
+    base = {"model": TINY, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
+    for body, param in [({"logprobs": 1}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+                        ({"tool_choice": "required"}, "tool_choice"),
+                        ({"max_completion_tokens": 4096}, "max_tokens")]:
+        r = httpx.post(f"{cluster.url}/v1/chat/completions", json={**base, **body}, timeout=60)
+        assert r.status_code == 400 and param in r.json()["error"]["param"] + r.json()["error"]["message"], r.text
+    r = httpx.post(f"{cluster.url}/v1/chat/completions", json={**base, "some_future_field": {"a": 1},
+                                                                "response_format": {"type": "text"}}, timeout=60)
+    assert r.status_code == 200, r.text
+    with pytest.raises(openai.BadRequestError) as info:  # prompt + max_tokens beyond the context
+        client.completions.create(model=TINY, prompt="y" * 1000, max_tokens=100)
+    assert info.value.body["code"] == "context_length_exceeded"
+    assert complete(client, max_tokens=2).usage.completion_tokens == 2  # workers unharmed
