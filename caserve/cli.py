@@ -117,6 +117,7 @@ def serve(
     shrink: bool = typer.Option(False, help="Zoo models: 2 layers, 64 wide, random weights."),
     task: Optional[str] = typer.Option(None, help="Override the model task (e.g. classification)."),
     worker_threads: Optional[int] = typer.Option(None, help="Torch threads per worker (default: cores / workers)."),
+    served_model_name: Optional[str] = typer.Option(None, help="The model id clients use (default: --model)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Start the router, a GPU server and the workers on this machine, and serve until Ctrl-C."""
@@ -146,7 +147,8 @@ def serve(
                       cpu_workers=cpu_workers, policy=policy, max_batch=max_batch, batching=batching,
                       max_len=max_len, max_queue=max_queue,
                       gpu_port=gpu_port, gpu_device=gpu_device, token_file=token_file, shrink=shrink, task=task,
-                      worker_threads=worker_threads, verbose=verbose, api_key=api_key, max_body_bytes=max_body_bytes)
+                      worker_threads=worker_threads, verbose=verbose, api_key=api_key, max_body_bytes=max_body_bytes,
+                      served_model_name=served_model_name)
     if worker_token:
         cfg.worker_token = worker_token
     if model:
@@ -176,6 +178,7 @@ def worker(
     threads: Optional[int] = typer.Option(None, help="Torch CPU threads."),
     step_delay: float = typer.Option(0.0, hidden=True, help="Sleep per decode step (emulates a slow device)."),
     graph: bool = typer.Option(True, "--graph/--no-graph", help="Assisted: replay decode steps as captured graphs."),
+    served_model_name: Optional[str] = typer.Option(None, help="The model id the router knows (default: --model)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve one model for a router: register, heartbeat, run requests in its slots until stopped."""
@@ -194,7 +197,8 @@ def worker(
                            router_token=router_token or "",
                            token=token_file.read_text().strip() if token_file else None, worker_id=worker_id,
                            max_batch=max_batch, shrink=shrink, task=task, threads=threads, step_delay_s=step_delay,
-                           graph=graph, batching=batching, max_len=max_len)
+                           graph=graph, batching=batching, max_len=max_len,
+                           served_model_name=served_model_name)
     except (CredentialError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
     try:

@@ -11,7 +11,9 @@
 
 Children are started once the router listens and are restarted (after a short pause) when they
 exit; all of them are stopped when the router stops. Workers receive the router's worker token in
-their environment (``CASERVE_WORKER_TOKEN``), never on their command line.
+their environment (``CASERVE_WORKER_TOKEN``), never on their command line. "Ready" and
+the example commands are printed only once every worker started here answers and a probe request was
+served (``serving.startup``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from caserve.serving.credentials import WORKER_TOKEN_ENV, new_token
 from caserve.serving.router.api import create_app
 from caserve.serving.router.router import Router
 from caserve.serving.router.security import DEFAULT_MAX_BODY_BYTES, RouterSecurity
+from caserve.serving.startup import usage_text, wait_ready
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,11 @@ class ServeConfig:
     worker_token: str = field(default_factory=new_token, repr=False)
     api_key: Optional[str] = field(default=None, repr=False)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    served_model_name: Optional[str] = None  # the id clients use (default: --model)
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model
 
     @property
     def n_workers(self) -> int:
@@ -101,23 +109,10 @@ def child_commands(cfg: ServeConfig, router_url: str) -> list[tuple[str, list[st
                 argv.append("--shrink")
             if cfg.task:
                 argv += ["--task", cfg.task]
+            if cfg.served_model_name:
+                argv += ["--served-model-name", cfg.served_model_name]
             out.append((f"{kind}-{i}", _cli(*argv)))
     return out
-
-
-def usage_text(url: str, model: str, api_key: bool = False) -> str:
-    return (
-        f"caserve is serving {model} at {url}\n"
-        f"  curl {url}/v1/completions -H 'Content-Type: application/json' \\\n"
-        f"       -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 16, \"temperature\": 0}}'\n"
-        f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='none'); "
-        f"print(c.completions.create(model='{model}', prompt='Hello', max_tokens=16, temperature=0).choices[0].text)\"\n"
-        f"  health: {url}/health   metrics: {url}/metrics   Ctrl-C stops everything"
-        + ("\n  (caserve/tiny-gpt2 has random weights: its text is noise, its timings are real)"
-           if model == DEFAULT_MODEL else "")
-        + ("\n  this router requires its API key: add -H 'Authorization: Bearer KEY' (curl), api_key=KEY (openai)"
-           if api_key else "")
-    )
 
 
 def _die_with_parent() -> None:
@@ -156,7 +151,7 @@ class _Child:
 
 
 async def serve(cfg: ServeConfig, announce: Callable[[str], None]) -> None:
-    router = Router(policy=cfg.policy, max_queue=cfg.max_queue, models=[cfg.model])
+    router = Router(policy=cfg.policy, max_queue=cfg.max_queue, models=[cfg.name])
     security = RouterSecurity(cfg.worker_token, cfg.api_key, cfg.max_body_bytes)
     server = _Server(uvicorn.Config(create_app(router, security), host=cfg.host, port=cfg.port,
                                            log_level="info" if cfg.verbose else "warning",
@@ -176,9 +171,19 @@ async def serve(cfg: ServeConfig, announce: Callable[[str], None]) -> None:
     children = [_Child(name, argv, env) for name, argv in child_commands(cfg, url)]
     for child in children:
         child.start()
-    announce(usage_text(url, cfg.model, api_key=cfg.api_key is not None))
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else None  # the probe's
+    workers = {name for name, _ in child_commands(cfg, url) if name != "gpu-server"}
+    ready = asyncio.create_task(wait_ready(router, url, cfg.name, workers, headers)) if workers else None
+    if ready is None:
+        announce(usage_text(url, cfg.name, None, api_key=cfg.api_key is not None))
+    else:
+        logger.info("waiting for %d worker(s) to register and answer: %s", len(workers), ", ".join(sorted(workers)))
     try:
         while not serving.done() and not server.should_exit:
+            if ready is not None and ready.done():
+                announce(usage_text(url, cfg.name, ready.result(), workers=len(workers),
+                                    random_weights=cfg.model == DEFAULT_MODEL, api_key=cfg.api_key is not None))
+                ready = None
             await asyncio.sleep(0.5)
             for child in children:
                 if child.proc is not None and child.proc.poll() is not None and not server.should_exit:
@@ -187,6 +192,8 @@ async def serve(cfg: ServeConfig, announce: Callable[[str], None]) -> None:
                     await asyncio.sleep(RESTART_PAUSE_S)
                     child.start()
     finally:
+        if ready is not None:
+            ready.cancel()
         # Children first: their worker channels are open streams that would hold up uvicorn's shutdown.
         for child in reversed(children):
             await asyncio.to_thread(child.stop)

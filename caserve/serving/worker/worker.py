@@ -63,6 +63,7 @@ class WorkerConfig:
     task: Optional[str] = None
     threads: Optional[int] = None
     step_delay_s: float = 0.0
+    served_model_name: Optional[str] = None  # the id the router knows the model by (default: model)
     graph: bool = True  # assisted: decode steps replayed as captured graphs (caserve.remote.graph_mode)
     batching: str = "continuous"  # or "static": admit rows only when every slot is free (the baseline)
     max_len: int = MAX_LEN  # most tokens (prompt + output) one slot holds
@@ -190,7 +191,7 @@ class Worker:
     async def _register(self, client: httpx.AsyncClient) -> RegisterReply:
         assert self.engine is not None and self.config.worker_id is not None
         c, lm = self.config, self.engine.lm
-        request = RegisterRequest(worker_id=c.worker_id, kind=c.kind, model=c.model,  # type: ignore[arg-type]
+        request = RegisterRequest(worker_id=c.worker_id, kind=c.kind, model=c.served_model_name or c.model,  # type: ignore[arg-type]
                                   task=lm.task, max_batch=c.max_batch, max_context=self.engine.context,
                                   batching=c.batching)  # type: ignore[arg-type]
         resp = await client.post(f"{c.router_url}/internal/workers/register", content=encode(request), headers=JSON)
