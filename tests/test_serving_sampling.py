@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from caserve.serving.worker.sampling import SamplingParams, SlotSampler, row_keys, uniform_noise
+from caserve.serving.worker.sampling import SamplingParams, SlotSampler, row_key, uniform_noise
 
 V = 50
 EOS = 3
@@ -50,7 +50,7 @@ def reference_logits(logits: torch.Tensor, p: SamplingParams, prompt: list[int],
 def reference_draw(x: torch.Tensor, p: SamplingParams, step: int) -> int:
     if p.greedy:
         return int(x.argmax())
-    keys = torch.tensor([row_keys(p.seed, step)], dtype=torch.long)
+    keys = torch.tensor([[row_key(p.seed, step)]], dtype=torch.long)
     u = uniform_noise(keys, torch.arange(V))[0].double()
     return int((x - torch.log(-torch.log(u))).argmax())
 

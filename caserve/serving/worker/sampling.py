@@ -26,7 +26,7 @@ import torch
 
 from caserve.serving.messages import MAX_LOGPROBS, SamplingParams
 
-__all__ = ["SamplingParams", "SlotSampler", "SampleResult", "PromptLogprobs", "row_keys", "uniform_noise"]
+__all__ = ["SamplingParams", "SlotSampler", "SampleResult", "PromptLogprobs", "row_key", "uniform_noise"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +52,14 @@ class PromptLogprobs(NamedTuple):
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash on int64 tensors holding values in [0, 2^32). Every product stays below
-    2^63, so the result is exact (the same bits) on every device."""
-    x = x ^ (x >> 16)
-    x = (x * 0x045D9F3B) & _M32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    return x ^ (x >> 15)
+    """A 32-bit integer hash, in place, on an int64 tensor holding values in [0, 2^32). Every product stays
+    below 2^63, so the result is exact (the same bits) on every device."""
+    x ^= x >> 16
+    x.mul_(0x045D9F3B).bitwise_and_(_M32)
+    x ^= x >> 16
+    x.mul_(0x7FEB352D).bitwise_and_(_M32)
+    x ^= x >> 15
+    return x
 
 
 def _mix32_int(x: int) -> int:
@@ -69,18 +70,17 @@ def _mix32_int(x: int) -> int:
     return x ^ (x >> 15)
 
 
-def row_keys(seed: int, step: int) -> tuple[int, int]:
-    """Two 32-bit keys of the noise of draw ``step`` of a request seeded ``seed`` (any Python int)."""
+def row_key(seed: int, step: int) -> int:
+    """The 32-bit key of the noise of draw ``step`` of a request seeded ``seed`` (any Python int)."""
     s = seed & 0xFFFF_FFFF_FFFF_FFFF
-    a = _mix32_int(step & _M32 ^ 0x9E3779B9)
-    return _mix32_int((s & _M32) ^ a), _mix32_int((s >> 32) ^ _mix32_int(a ^ 0x5BD1E995))
+    return _mix32_int((s >> 32) ^ _mix32_int((s & _M32) ^ _mix32_int(step & _M32 ^ 0x9E3779B9)))
 
 
 def uniform_noise(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Uniform numbers in (0, 1), float32 [n, V], from ``keys`` [n, 2] and ``token_ids`` [V] (int64)."""
-    h = mix32(token_ids[None, :] ^ keys[:, :1])
-    h = mix32(h ^ keys[:, 1:])
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # 24 bits: exact in float32
+    """Uniform numbers in (0, 1), float32 [n, V], from ``keys`` [n, 1] and ``token_ids`` [V] (int64):
+    the hash of (key xor token id), one bijection of 32-bit words per row."""
+    h = mix32(token_ids[None, :] ^ keys)  # a fresh tensor, hashed in place (no temporaries of [n, V])
+    return (h >> 8).to(torch.float32).add_(0.5).mul_(1.0 / (1 << 24))  # 24 bits: exact in float32
 
 
 class SlotSampler:
@@ -248,10 +248,9 @@ class SlotSampler:
         if any(p.min_p > 0.0 for p in ps):
             probs = torch.softmax(x, dim=-1)
             x = x.masked_fill(probs < f[:, 2:3] * probs.max(dim=-1, keepdim=True).values, neg_inf)
-        keys = torch.tensor([row_keys(self.seeds[s], self.steps[s]) for s in slots], dtype=torch.long)
-        u = uniform_noise(keys.to(self.device), self._token_ids)
-        gumbel = -torch.log(-torch.log(u))
-        return (x + gumbel).argmax(-1)
+        keys = torch.tensor([[row_key(self.seeds[s], self.steps[s])] for s in slots], dtype=torch.long)
+        gumbel = uniform_noise(keys.to(self.device), self._token_ids).log_().neg_().log_().neg_()
+        return gumbel.add_(x).argmax(-1)
 
     def _advance(self, slots: tuple[int, ...], ps: list[SamplingParams], ids: torch.Tensor) -> None:
         """After a step: count the chosen ids for the penalties (on the device) and the draws (host)."""
