@@ -71,6 +71,15 @@ HOSTILE = [
     ("steps", lambda d: [{"type": "progress", "steps": -3}]),
     ("events", lambda d: [{"type": "progress"}] * (MAX_EVENTS + 1)),
     ("events", lambda d: {"type": "progress"}),
+    # logprob entries (sampling-api): bytes are bytes, at most MAX_LOGPROBS alternatives, typed fields
+    ("bytes", lambda d: [{"type": "tokens", "dispatch": d, "ids": [1],
+                          "logprobs": [{"id": 1, "token": "a", "logprob": -1.0, "bytes": [256]}]}]),
+    ("top", lambda d: [{"type": "tokens", "dispatch": d, "ids": [1], "logprobs": [
+        {"id": 1, "token": "a", "logprob": -1.0, "top": [{"id": 2, "token": "b", "logprob": -2.0}] * 21}]}]),
+    ("logprob", lambda d: [{"type": "tokens", "dispatch": d, "ids": [1],
+                            "logprobs": [{"id": 1, "token": "a", "logprob": "high"}]}]),
+    ("prompt_logprobs", lambda d: [{"type": "done", "dispatch": d, "prompt_logprobs": [{"id": -4, "token": "a",
+                                                                                        "logprob": None}]}]),
     # a valid event first: a refused body is applied not at all
     ("text", lambda d: [{"type": "tokens", "dispatch": d, "ids": [5], "text": "x"},
                         {"type": "tokens", "dispatch": d, "ids": [6], "text": 3}]),
