@@ -20,7 +20,8 @@ from caserve.serving.messages import TASK_EMBED, TASK_GENERATE, Event, Run, Samp
 from caserve.serving.router.jobs import Job, JobState
 from caserve.serving.router.policies import EctPolicy, FcfsPolicy, ServiceModel, make_policy
 from caserve.serving.router.router import Router
-from caserve.serving.worker.sampling import TextTracker, make_generator, sample_token
+from caserve.serving.worker.detokenize import TextTracker
+from caserve.serving.worker.sampling import SlotSampler
 
 
 @dataclass
@@ -179,7 +180,7 @@ def test_router_requeues_a_lost_workers_job_and_ignores_its_late_events() -> Non
         seen = []
         while not j.events.empty():
             seen.append(j.events.get_nowait())
-        assert seen == [("delta", "ab"), ("delta", "c"), ("done", None)]  # answered exactly once
+        assert seen == [("delta", ("ab", [])), ("delta", ("c", [])), ("done", None)]  # answered exactly once
 
     asyncio.run(scenario())
 
@@ -212,12 +213,18 @@ def test_text_tracker_holds_back_possible_stop_strings() -> None:
 
 
 def test_sampling_greedy_top_p_and_seed() -> None:
-    logits = torch.tensor([0.0, 3.0, 1.0, 2.9])
-    assert sample_token(logits, 0.0, 1.0, make_generator(None)) == 1
-    assert {sample_token(logits, 1.0, 0.01, make_generator(s)) for s in range(20)} == {1}
-    draws = [sample_token(logits, 1.0, 1.0, make_generator(5)) for _ in range(3)]
-    assert len(set(draws)) == 1
-    assert len({sample_token(logits, 2.0, 1.0, make_generator(s)) for s in range(50)}) > 2
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
+    sampler = SlotSampler(1, 4, "cpu", [])
+
+    def draw(**kw) -> int:
+        sampler.start(0, SamplingParams(**kw), [0])
+        return int(sampler.sample(logits, [0]).ids)
+
+    assert draw(temperature=0.0) == 1
+    assert {draw(temperature=1.0, top_p=0.01, seed=s) for s in range(20)} == {1}
+    assert len({draw(temperature=1.0, seed=5) for _ in range(3)}) == 1
+    assert len({draw(temperature=2.0, seed=s) for s in range(50)}) > 2
+
 
 
 def test_both_policies_dispatch_into_free_slots_of_busy_continuous_workers() -> None:

@@ -35,17 +35,20 @@ class LogprobRenderer:
                             top=[self.top(int(t), v) for t, v in zip(top_ids, top_logprobs)])
 
     def generated(self, extra: dict[str, Any], i: int, k: Optional[int]) -> Optional[TokenLogprob]:
-        """Row ``i`` of a step's host-side log-probabilities (see ``engine._to_host``), ``k`` alternatives."""
+        """Row ``i`` of a step's host-side log-probabilities (``sampling.unpack``), ``k`` alternatives."""
         if k is None or "logprobs" not in extra:
             return None
         return self.token(int(extra["ids"][i]), extra["logprobs"][i], extra["top_ids"][i][:k],
                           extra["top_logprobs"][i][:k])
 
-    def prompt(self, scored: PromptLogprobs, prompt_ids: Sequence[int]) -> list[TokenLogprob]:
-        """One entry per prompt token, the first with logprob None."""
+    def first(self, token_id: int) -> TokenLogprob:
+        """A prompt's first token: nothing predicts it (logprob None)."""
+        return self.token(int(token_id), None)
+
+    def prompt(self, scored: PromptLogprobs, ids: Sequence[int]) -> list[TokenLogprob]:
+        """Entries of ``ids[1:]`` scored by ``SlotSampler.prompt_logprobs(logits, ids, k)``."""
         lps = scored.logprobs.double().tolist()
         n = len(lps)
         top_ids = scored.top_ids.tolist() if scored.top_ids is not None else [[]] * n
         top_lps = scored.top_logprobs.double().tolist() if scored.top_logprobs is not None else [[]] * n
-        return [self.token(int(prompt_ids[0]), None)] + [
-            self.token(int(prompt_ids[j + 1]), lps[j], top_ids[j], top_lps[j]) for j in range(n)]
+        return [self.token(int(ids[j + 1]), lps[j], top_ids[j], top_lps[j]) for j in range(n)]

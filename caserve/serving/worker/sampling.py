@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from caserve.serving.messages import MAX_LOGPROBS, SamplingParams
 
-__all__ = ["SamplingParams", "SlotSampler", "SampleResult", "PromptLogprobs", "row_key", "uniform_noise"]
+__all__ = ["SamplingParams", "SlotSampler", "SampleResult", "PromptLogprobs", "row_key", "uniform_noise",
+           "pack", "unpack"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,29 @@ class SampleResult(NamedTuple):
     logprobs: Optional[torch.Tensor] = None  # [n] float32: each chosen id's
     top_ids: Optional[torch.Tensor] = None  # [n, k] int64
     top_logprobs: Optional[torch.Tensor] = None  # [n, k] float32
+
+
+def pack(result: SampleResult) -> torch.Tensor:
+    """What of a step leaves the device, as one tensor (one transfer): the ids [n], or, when rows asked
+    for logprobs, float64 rows ``[id, logprob, top ids..., top logprobs...]`` (ids are exact in float64)."""
+    if result.logprobs is None:
+        return result.ids
+    parts = [result.ids.double()[:, None], result.logprobs.double()[:, None]]
+    if result.top_ids is not None and result.top_logprobs is not None:
+        parts += [result.top_ids.double(), result.top_logprobs.double()]
+    return torch.cat(parts, dim=1)
+
+
+def unpack(host: torch.Tensor) -> tuple[list[int], dict[str, Any]]:
+    """:func:`pack`'s tensor, on the host: the ids and (when packed) ``{"ids", "logprobs", "top_ids",
+    "top_logprobs"}`` as lists, for ``LogprobRenderer.generated``."""
+    if host.dim() == 1:
+        return [int(t) for t in host.tolist()], {}
+    rows = host.tolist()
+    k = (host.shape[1] - 2) // 2
+    ids = [int(r[0]) for r in rows]
+    return ids, {"ids": ids, "logprobs": [r[1] for r in rows], "top_ids": [[int(t) for t in r[2:2 + k]] for r in rows],
+                 "top_logprobs": [r[2 + k:] for r in rows]}
 
 
 class PromptLogprobs(NamedTuple):
