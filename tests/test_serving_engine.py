@@ -1,7 +1,8 @@
 """The slot engine in-process on CPU: rows joining and leaving under load give the tokens they give alone
 (and those of Transformers' own greedy ``generate``), static batching gives the same tokens, long prompts
 are prefilled in chunks while other slots keep decoding, a short row sent while a long one runs finishes
-in a few steps, cancellation frees the slot at the next step, unsupported parameters are refused."""
+in a few steps, cancellation frees the slot at the next step, and an echo row's prompt logprobs
+equal a plain forward's."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import torch
 from caserve.models import DEFAULT_MODEL, load_model
 from caserve.serving.messages import Done, Error, Row, SamplingParams, Tokens
 from caserve.serving.worker.engine import Engine
-from caserve.serving.worker.slot_sampler import SamplingParams as SlotParams, SlotSampler, Unsupported
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, top_p=1, stop=[], seed=None, ignore_eos=True)
 SAMPLED = SamplingParams(max_tokens=17, temperature=0.9, top_p=0.9, stop=[], seed=11, ignore_eos=True)
@@ -142,15 +142,27 @@ def test_bad_rows_are_refused_and_the_others_served(lm) -> None:
         Engine(lm, batching="dynamic")
 
 
-def test_slot_sampler_refuses_what_it_cannot_honour_and_keeps_seeded_sampling() -> None:
-    sampler = SlotSampler(2, 10, torch.device("cpu"), [0])
-    with pytest.raises(Unsupported, match="top_k"):
-        sampler.start(0, SlotParams(top_k=3), [1, 2])
-    logits = torch.randn(2, 12)
-    draws = []
-    for _ in range(2):
-        sampler.start(0, SlotParams(temperature=0.8, seed=5), [1])
-        sampler.start(1, SlotParams(temperature=0.0), [1])
-        draws.append([sampler.sample(logits, [0, 1]).ids.tolist() for _ in range(4)])
-    assert draws[0] == draws[1]  # a seed gives the same draws
-    assert all(d[1] == int(logits[1, :10].argmax()) for d in draws[0])  # greedy is argmax over the vocab
+def test_echo_prompt_logprobs_across_prefill_chunks_equal_a_plain_forward(lm) -> None:
+    """A prompt longer than a chunk is scored chunk by chunk; the logprobs are those of one forward."""
+    prompt = [(7 * i) % 250 + 3 for i in range(150)]
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=2, logprobs=1)
+    events: list = []
+    engine = Engine(lm, max_batch=2, chunk=64)
+    score_only = SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=0)  # echo, max_tokens 0
+    engine.run([Row(dispatch="e", job="e", task="generate", prompt_ids=prompt, params=params),
+                gen("other", [5, 6, 7], 6),
+                Row(dispatch="z", job="z", task="generate", prompt_ids=prompt[:70], params=score_only)],
+               events.append, lambda d: False)
+    (scored,) = [e for e in events if isinstance(e, Done) and e.dispatch == "z"]
+    assert scored.finish_reason == "length" and len(scored.prompt_logprobs) == 70
+    assert not [e for e in events if isinstance(e, Tokens) and e.dispatch == "z"]
+    (finished,) = [e for e in events if isinstance(e, Done) and e.dispatch == "e"]
+    entries = finished.prompt_logprobs
+    assert [e.id for e in entries] == prompt and entries[0].logprob is None
+    with torch.no_grad():
+        ref = torch.log_softmax(lm.model(torch.tensor([prompt])).logits[0, :, : engine.vocab].float(), -1)
+    want = [float(ref[t - 1, prompt[t]]) for t in range(1, len(prompt))]
+    assert [e.logprob for e in entries[1:]] == pytest.approx(want, abs=1e-4)
+    assert all(len(e.top) == 2 for e in entries[1:])
+    generated = [lp for e in events if isinstance(e, Tokens) and e.dispatch == "e" for lp in (e.logprobs or [])]
+    assert len(generated) == 2 and generated[0].logprob == pytest.approx(float(ref[-1].max()), abs=1e-4)

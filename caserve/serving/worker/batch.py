@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from caserve.models import LoadedModel
 from caserve.serving.messages import ClassScore, Done, Row as RowMessage
 from caserve.serving.worker.rows import Emit, IsCancelled, Row, RowError, error_event, make_row
-from caserve.serving.worker.slot_sampler import SlotSampler, Unsupported
+from caserve.serving.worker.logprobs import LogprobRenderer
+from caserve.serving.worker.sampling import SlotSampler, pack, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ class BatchRunner:
         self.model, self.tok = lm.model, lm.tokenizer
         self.device = next(self.model.parameters()).device
         self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self.renderer = LogprobRenderer(self.tok)
 
     # ---------------------------------------------------------------------------------- seq2seq
 
@@ -49,9 +51,9 @@ class BatchRunner:
         live = []
         for i, row in enumerate(rows):
             try:
-                sampler.start(i, row.params, row.prompt_ids)
+                sampler.start(i, row.params, row.prompt_ids, row.text.ids)
                 live.append(row)
-            except Unsupported as exc:
+            except ValueError as exc:
                 emit(error_event(row.dispatch, RowError("bad_request", str(exc))))
                 row.finish_reason = "error"
         logits, state = self._prefill(rows)
@@ -64,11 +66,12 @@ class BatchRunner:
             active = [i for i in active if rows[i].finish_reason is None]
             if not active:
                 return steps
-            ids = sampler.sample(logits[active], active).ids.tolist()
-            for i, token in zip(active, ids):
+            ids, extra = unpack(pack(sampler.sample(logits[active], active)).cpu())
+            for n, (i, token) in enumerate(zip(active, ids)):
                 if rows[i].prefilled is None:
                     rows[i].prefilled = time.perf_counter()
-                rows[i].take(int(token), self.eos_ids, emit)
+                rows[i].take(int(token), self.eos_ids, emit,
+                             self.renderer.generated(extra, n, rows[i].params.logprobs))
             if all(r.finish_reason is not None for r in rows):
                 return steps
             last = [r.text.ids[-1] if r.finish_reason is None else self.pad_id for r in rows]

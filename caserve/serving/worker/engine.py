@@ -18,8 +18,9 @@ A causal LM gets ``max_batch`` slots over one :class:`~caserve.serving.worker.sl
    stops then has one step computed in vain, and its slot is refilled at the step after.
 
 Chunk boundaries depend only on the row, never on what else runs, so a row's tokens are the same
-whether it runs alone or among others. Sampling goes through ``SlotSampler`` (one interface, see
-``slot_sampler``). Encoder-decoder, embedding and classification models run through ``BatchRunner``
+whether it runs alone or among others. Sampling runs on the device (``sampling.SlotSampler``): only
+the chosen ids, and the logprobs a request asked for, are read back; an echo request's prompt logprobs
+are scored chunk by chunk from the prefill's own logits. Encoder-decoder, embedding and classification models run through ``BatchRunner``
 one dispatched batch at a time. Device failures are not caught here: the worker decides what losing
 a device means.
 """
@@ -42,7 +43,8 @@ from caserve.serving.messages import Row as RowMessage
 from caserve.serving.messages import SamplingParams
 from caserve.serving.worker.batch import BatchRunner
 from caserve.serving.worker.rows import Emit, IsCancelled, Row, RowError, error_event, make_row
-from caserve.serving.worker.slot_sampler import SlotSampler, Unsupported
+from caserve.serving.worker.logprobs import LogprobRenderer
+from caserve.serving.worker.sampling import SampleResult, SlotSampler, pack, unpack
 from caserve.serving.worker.slots import PREFILL_ROUND, SlotCache, decode_inputs, prefill_inputs
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class _Slot:
     seq: list[int]  # what is prefilled: prompt and an earlier attempt's tokens
     filled: int = 0  # tokens of seq in the cache
     issued: int = 0  # tokens sampled on the device (read or not)
+    last_logits: Optional[torch.Tensor] = None  # echo: the last prefilled position's logits [1, V]
 
     @property
     def decoding(self) -> bool:
@@ -73,7 +76,7 @@ class _Slot:
 
 @dataclass
 class _Read:
-    fetch: Callable[[], torch.Tensor]  # the sampled ids [n] as a CPU tensor
+    fetch: Callable[[], torch.Tensor]  # the step's sampling.pack()ed result as a CPU tensor
     owners: list[_Slot]
     step: int
 
@@ -122,6 +125,7 @@ class Engine:
         self._takes_cache_position = "cache_position" in params  # older transformers
         self.ahead = decode_ahead and self.device.type == "caserve"
         self.sampler = SlotSampler(max_batch, self.vocab, self.device, sorted(self.eos_ids))
+        self.renderer = LogprobRenderer(self.tok)
         self.active: list[Optional[_Slot]] = [None] * max_batch
         self.pending: collections.deque[RowMessage] = collections.deque()
         self.reads: collections.deque[_Read] = collections.deque()
@@ -219,7 +223,7 @@ class Engine:
             for slot in sorted((s for s in self.active if s is not None and s.filled < len(s.seq)),
                                key=lambda s: s.row.started):
                 while slot.filled < len(slot.seq) and (budget > 0 or chunks == 0):
-                    budget -= self._prefill_chunk(slot)
+                    budget -= self._prefill_chunk(slot, emit)
                     chunks += 1
             decoded = self._decode(emit)
             for read in list(self.reads):
@@ -244,14 +248,14 @@ class Engine:
             except RowError as exc:
                 emit(error_event(raw.dispatch, exc))
                 continue
-            if row.max_new <= 0:  # an earlier attempt already produced everything
+            if row.max_new <= 0 and row.params.prompt_logprobs is None:  # an earlier attempt produced everything
                 row.finish_reason = "length"
                 row.done(emit)
                 continue
             index = self.active.index(None)
             try:
-                self.sampler.start(index, row.params, row.prompt_ids)
-            except Unsupported as exc:
+                self.sampler.start(index, row.params, row.prompt_ids, row.text.ids)
+            except ValueError as exc:
                 emit(error_event(row.dispatch, RowError("bad_request", str(exc))))
                 continue
             self.active[index] = _Slot(index, row, row.sequence)
@@ -283,7 +287,7 @@ class Engine:
             self._next_ids = torch.full((self.slots,), self.pad_id, dtype=torch.long).to(self.device)
         return self._cache
 
-    def _prefill_chunk(self, slot: _Slot) -> int:
+    def _prefill_chunk(self, slot: _Slot, emit: Emit) -> int:
         """Prefill the next chunk of ``slot``'s sequence; the last one samples its first token.
         Returns the chunk's padded width (what it cost of the step's budget)."""
         t0 = time.perf_counter()
@@ -293,13 +297,19 @@ class Engine:
         ids = torch.tensor([slot.seq[start:start + count] + [self.pad_id] * (width - count)]).to(self.device)
         rows = torch.tensor([[slot.index]]).to(self.device)
         logits = self._forward(ids, rows, prefill_inputs(start, count, width, self.length))  # [1, W, V]
+        if slot.row.params.prompt_logprobs is not None:
+            self._score_prompt(slot, logits[0, :count], start)
         slot.filled += count
-        if slot.filled == len(slot.seq):
+        if slot.filled == len(slot.seq) and slot.row.max_new <= 0:  # echo with max_tokens 0: scored, done
+            slot.row.finish_reason = "length"
+            slot.row.done(emit)
+            self._free(slot)
+        elif slot.filled == len(slot.seq):
             result = self.sampler.sample(logits[:, count - 1, :], [slot.index])
             assert self._next_ids is not None
             self._next_ids = self._next_ids.index_copy(0, rows.view(-1), result.ids)
             slot.issued = 1
-            self._read_later(result.ids, [slot])
+            self._read_later(result, [slot])
         self.stats.prefill_tokens += count
         self.stats.prefill_s += time.perf_counter() - t0
         return width
@@ -328,7 +338,7 @@ class Engine:
             self._next_ids = self._next_ids.index_copy(0, at, result.ids)
         for s in decoding:
             s.issued += 1
-        self._read_later(result.ids, decoding)
+        self._read_later(result, decoding)
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         self.stats.steps += 1
@@ -336,26 +346,43 @@ class Engine:
         self.stats.decode_s += time.perf_counter() - t0
         return True
 
-    def _read_later(self, ids: torch.Tensor, owners: list[_Slot]) -> None:
+    def _score_prompt(self, slot: _Slot, logits: torch.Tensor, start: int) -> None:
+        """Echo: the logprobs of the prompt tokens this chunk (``logits`` [count, V], from position
+        ``start``) scores; the chunk's last row scores the next chunk's first token."""
+        row, k = slot.row, slot.row.params.prompt_logprobs or 0
+        end = min(start + logits.shape[0], len(row.prompt_ids))
+        if start >= end:
+            return
+        if start == 0:
+            row.prompt_logprobs = [self.renderer.first(row.prompt_ids[0])]
+            ids, scoring = row.prompt_ids[:end], logits[: end]
+        else:
+            assert slot.last_logits is not None and row.prompt_logprobs is not None
+            ids, scoring = row.prompt_ids[start - 1:end], torch.cat([slot.last_logits, logits[: end - start]])
+        row.prompt_logprobs += self.renderer.prompt(self.sampler.prompt_logprobs(scoring, ids, k), ids)
+        slot.last_logits = logits[-1:]
+
+    def _read_later(self, result: SampleResult, owners: list[_Slot]) -> None:
+        packed = pack(result)  # ids, or ids with the logprobs rows asked for: one transfer either way
         if self.ahead:
             from caserve.remote import fetch_later
 
-            fetch = fetch_later(ids)
+            fetch = fetch_later(packed)
         else:
-            fetch = ids.cpu
+            fetch = packed.cpu
         self.reads.append(_Read(fetch, owners, self._step_no))
 
     def _apply(self, read: _Read, emit: Emit) -> None:
-        tokens = read.fetch().view(-1).tolist()
+        tokens, extra = unpack(read.fetch())
         now = time.perf_counter()
-        for slot, token in zip(read.owners, tokens):
+        for i, (slot, token) in enumerate(zip(read.owners, tokens)):
             row = slot.row
             if self.active[slot.index] is not slot or row.finish_reason is not None:
                 continue  # stopped or cancelled: a step computed ahead in vain
             if row.prefilled is None:
                 row.prefilled = now
             self.stats.generated_tokens += 1
-            if row.take(int(token), self.eos_ids, emit):
+            if row.take(int(token), self.eos_ids, emit, self.renderer.generated(extra, i, row.params.logprobs)):
                 self._free(slot)
 
     # ---------------------------------------------------------------------------------- other models

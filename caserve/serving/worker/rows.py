@@ -11,12 +11,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import msgspec
-
 from caserve.models import LoadedModel
-from caserve.serving.messages import Done, Error, Event, Row as RowMessage, Tokens
-from caserve.serving.worker.sampling import TextTracker
-from caserve.serving.worker.slot_sampler import SamplingParams
+from caserve.serving.messages import Done, Error, Event, Row as RowMessage, SamplingParams, TokenLogprob, Tokens
+from caserve.serving.worker.detokenize import TextTracker
 
 Emit = Callable[[Event], None]
 IsCancelled = Callable[[str], bool]
@@ -41,20 +38,22 @@ class Row:
     finish_reason: Optional[str] = None
     started: float = field(default_factory=time.perf_counter)
     prefilled: Optional[float] = None  # perf_counter when its first token was sampled
+    prompt_logprobs: Optional[list[TokenLogprob]] = None  # echo: one entry per prompt token, filled by prefill
 
     @property
     def sequence(self) -> list[int]:
         """What the model reads before generating on: the prompt and an earlier attempt's tokens."""
         return self.prompt_ids + self.text.ids
 
-    def take(self, token: int, eos_ids: set[int], emit: Emit) -> bool:
-        """Give the row its next token and emit what follows; True when the row has finished."""
-        if token in eos_ids and not self.params.ignore_eos:
+    def take(self, token: int, eos_ids: set[int], emit: Emit, logprob: Optional[TokenLogprob] = None) -> bool:
+        """Give the row its next token (with its logprob entry, when asked for) and emit what follows;
+        True when the row has finished."""
+        if (token in eos_ids and not self.params.ignore_eos) or token in self.params.stop_token_ids:
             self.finish_reason = "stop"
         else:
             self.generated += 1
             delta = self.text.add(token)
-            emit(Tokens(dispatch=self.dispatch, ids=[token], text=delta))
+            emit(Tokens(dispatch=self.dispatch, ids=[token], text=delta, logprobs=None if logprob is None else [logprob]))
             if self.text.stopped:
                 self.finish_reason = "stop"
             elif self.generated >= self.max_new:
@@ -71,8 +70,12 @@ class Row:
         now = time.perf_counter()
         prefilled = self.prefilled if self.prefilled is not None else now
         durations = {"prefill_s": prefilled - self.started, "decode_s": now - prefilled}  # worker clock
+        prompt_text = None
+        if self.prompt_logprobs is not None:
+            prompt_text = self.text.decoder.tokenizer.decode(self.prompt_ids, skip_special_tokens=True)
         emit(Done(dispatch=self.dispatch, finish_reason=self.finish_reason,  # type: ignore[arg-type]
-                  prompt_tokens=len(self.prompt_ids), durations=durations))
+                  prompt_tokens=len(self.prompt_ids), durations=durations, prompt_logprobs=self.prompt_logprobs,
+                  prompt_text=prompt_text))
 
 
 def error_event(dispatch: str, exc: RowError) -> Error:
@@ -111,7 +114,17 @@ def make_row(lm: LoadedModel, vocab: int, row: RowMessage, *, context: int, seq2
         raise RowError("context_length_exceeded",
                        f"This model's maximum context length is {context} tokens, "
                        f"but the prompt has {len(prompt)} tokens.")
+    room = context - (1 if seq2seq else len(prompt))  # most tokens this request can generate
+    if not raw.fit_context and raw.max_tokens > room:
+        raise RowError("context_length_exceeded",
+                       f"This model's maximum context length is {context} tokens. However, you requested "
+                       f"{raw.max_tokens + (0 if seq2seq else len(prompt))} tokens "
+                       f"({len(prompt)} in the prompt, {raw.max_tokens} for the completion).")
+    if raw.prompt_logprobs is not None and seq2seq:
+        raise RowError("bad_request", "prompt logprobs (echo) need a decoder-only model")
+    for t in list(raw.logit_bias) + list(raw.stop_token_ids):
+        if not 0 <= t < vocab:
+            raise RowError("bad_request", f"token id {t} is outside the vocabulary [0, {vocab})")
     max_new = min(raw.max_tokens - len(prefix), context - used - (1 if seq2seq else 0))
-    params = SamplingParams.from_dict(msgspec.structs.asdict(raw))
-    text = TextTracker(lm.tokenizer, list(params.stop), prefix, row.prefix_chars_sent)
-    return Row(row.dispatch, prompt, max_new, params, text)
+    text = TextTracker(lm.tokenizer, list(raw.stop), prefix, row.prefix_chars_sent)
+    return Row(row.dispatch, prompt, max_new, raw, text)
