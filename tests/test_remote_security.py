@@ -105,17 +105,27 @@ def test_an_alias_of_a_shared_weight_cannot_be_written(server, how):
 
 
 def test_an_alias_counts_no_new_bytes_and_keeps_its_base_alive(server):
-    if not server.allow_any_op:
-        pytest.skip("aten.alias is not on the allow-list; the allow-any-op server runs it")
+    # aten.view.dtype is on the allow-list, so both servers (allow-list and allow-any-op) run this.
     t = RawTenant.local(server)
     x = t.upload(torch.arange(8.0))
     before = t.stats()["tenant_bytes"]
-    tid = t.define("aten.alias.default", [tensor(0, "float32", [8])], {}, [("float32", (8,), (1,), 0)])
+    tid = t.define("aten.view.dtype", [tensor(0, "float32", [8]), dtype("int32")], {}, [("int32", (8,), (1,), 0)])
     (alias,) = t.run(tid, [x])
     assert t.stats()["tenant_bytes"] == before
     t.send([__import__("caserve.remote.wire.protocol", fromlist=["Free"]).Free([x])])
     assert t.stats()["tenant_bytes"] == before  # the base's memory lives on through the alias
-    assert t.fetch(alias, torch.float32, [8]).tolist() == list(range(8))
+    assert torch.equal(t.fetch(alias, torch.int32, [8]), torch.arange(8.0).view(torch.int32))
+
+
+def test_aten_alias_runs_only_with_allow_any_op(server):
+    t = RawTenant.local(server)
+    tid = t.define("aten.alias.default", [tensor(0, "float32", [8])], {}, [("float32", (8,), (1,), 0)])
+    (alias,) = t.run(tid, [t.upload(torch.arange(8.0))])
+    if server.allow_any_op:
+        assert t.fetch(alias, torch.float32, [8]).tolist() == list(range(8))
+    else:
+        with pytest.raises(Refused, match="alias"):
+            t.check()
 
 
 # -- the server decides what an op does -------------------------------------------------------------
