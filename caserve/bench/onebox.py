@@ -41,6 +41,7 @@ from caserve.bench.datasets import load_workload
 from caserve.bench.loadgen import LoadGenConfig, run_load_sync, wait_healthy
 from caserve.bench.metrics import compute_metrics, jct_values
 from caserve.bench.run import SCHEMA, hardware_label, records_of
+from caserve.serving.credentials import WORKER_TOKEN_ENV, new_token
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +91,12 @@ class _Box:
         self.url = f"http://127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen] = []
         self.assisted = 0
+        self.worker_token = new_token()  # the router and the workers this box starts share it (environment only)
 
     def _start(self, slot: int, *args: str) -> subprocess.Popen:
         core, wrapped = core_of(slot)
         self.shared_cores |= wrapped
-        env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
+        env = {**subprocess_env(), "OMP_NUM_THREADS": "1", WORKER_TOKEN_ENV: self.worker_token}
         proc = subprocess.Popen([sys.executable, "-m", "caserve.cli", *args], env=env, preexec_fn=_pinned(core),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(proc)
