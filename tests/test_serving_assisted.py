@@ -62,9 +62,13 @@ def test_default_layout_serves_on_native_and_assisted_workers(served: Cluster) -
     by_kind = {r.json()["timings"]["worker_kind"] for r in responses}
     assert "assisted" in by_kind
     assert len({r.json()["choices"][0]["text"] for r in responses}) == 1  # same weights, same greedy text
-    stream = openai_client(c.url).chat.completions.create(
-        model=TINY, messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True)
-    assert sum(1 for _ in stream) >= 3
+    # Greedy, so the streamed text can be compared with a whole answer (a sampled one may end at once).
+    kw = dict(model=TINY, messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0)
+    chunks = list(openai_client(c.url).chat.completions.create(**kw, stream=True))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    whole = openai_client(c.url).chat.completions.create(**kw)
+    assert streamed == whole.choices[0].message.content
+    assert any(ch.choices and ch.choices[0].finish_reason for ch in chunks)
 
 
 def test_gpu_server_restart_assisted_workers_come_back_and_nothing_is_lost(served: Cluster) -> None:
