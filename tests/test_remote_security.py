@@ -164,6 +164,67 @@ def test_quota_holds_for_execute_before_the_op_runs():
     assert t.stats()["tenant_bytes"] == 0
 
 
+def test_quota_holds_for_data_dependent_outputs_before_the_op_runs():
+    """nonzero/masked_select/unique have no meta kernel: the tenant is charged their bound from the input
+    sizes before the op runs, so even an input whose true result is empty cannot take it past its quota."""
+    server = GPUServer("cpu", tenant_memory_limit="1MiB")
+    t = RawTenant.local(server)
+    zeros = t.upload(torch.zeros(200_000))  # 800 KB held; nonzero's bound: 200k indices x 8 bytes = 1.6 MB
+    held = t.stats()["tenant_bytes"]
+    tid = t.define("aten.nonzero.default", [tensor(0, "float32", [200_000])])
+    with pytest.raises(Refused) as err:
+        t.execute(tid, [zeros])
+    assert err.value.failure.code == "quota_exceeded"
+    assert t.stats()["tenant_bytes"] == held
+    # Within the bound it runs, and what it returns is charged at its true size.
+    x = t.upload(torch.tensor([0.0, 2.0, 0.0, 3.0]))
+    tid = t.define("aten.nonzero.default", [tensor(0, "float32", [4])])
+    value = t.execute(tid, [x])
+    h, dt, size, _, _ = value["$t"]
+    assert (dt, size) == ("int64", [2, 1])
+    assert t.fetch(h, torch.int64, size).flatten().tolist() == [1, 3]
+    # x[mask] on the 200k zeros: its bound (every element, 800 KB) would pass the limit; refused unrun.
+    mask = t.upload(torch.zeros(200_000, dtype=torch.bool))
+    held = t.stats()["tenant_bytes"]
+    tid = t.define("aten.index.Tensor", [tensor(0, "float32", [200_000]), [tensor(1, "bool", [200_000])]])
+    with pytest.raises(Refused) as err:
+        t.execute(tid, [zeros, mask])
+    assert err.value.failure.code == "quota_exceeded"
+    assert t.stats()["tenant_bytes"] == held
+    # The other bounded ops run (RawTenant numbers Execute outputs from its next handle: run them last).
+    for name, args in [("aten.masked_select.default", [tensor(0, "float32", [4]), tensor(1, "bool", [4])]),
+                       ("aten.index.Tensor", [tensor(0, "float32", [4]), [tensor(1, "bool", [4])]]),
+                       ("aten._unique2.default", [tensor(0, "float32", [4]), True, True, True])]:
+        tid = t.define(name, args)
+        t.execute(tid, [x] if "unique" in name else [x, t.upload(torch.tensor([True, False, True, True]))])
+    t.check()
+
+
+def test_an_op_the_server_can_neither_meta_check_nor_bound_runs_only_with_allow_any_op():
+    """With --allow-any-op the server accepts ops off the allow-list; one whose output sizes it can neither
+    compute nor bound is charged after the call, before its outputs are bound (the documented trade-off)."""
+    server = GPUServer("cpu", tenant_memory_limit="1MiB", allow_any_op=True)
+    t = RawTenant.local(server)
+    x = t.upload(torch.tensor([1.0, 1.0, 2.0, 2.0, 2.0]))
+    tid = t.define("aten.unique_consecutive.default", [tensor(0, "float32", [5])])
+    value = t.execute(tid, [x])
+    h = value[0]["$t"][0]
+    assert t.fetch(h, torch.float32, [2]).tolist() == [1.0, 2.0]
+    big = t.upload(torch.arange(100_000, dtype=torch.float32))  # unique values: 400 KB more, past the limit
+    tid = t.define("aten.unique_consecutive.default", [tensor(0, "float32", [100_000]), False, True])
+    held = t.stats()["tenant_bytes"]
+    with pytest.raises(Refused) as err:
+        t.execute(tid, [big])
+    assert err.value.failure.code == "quota_exceeded"
+    assert t.stats()["tenant_bytes"] == held
+    # The same op on a server without --allow-any-op is refused when defined.
+    t2 = RawTenant.local(GPUServer("cpu", tenant_memory_limit="1MiB"))
+    t2.define("aten.unique_consecutive.default", [tensor(0, "float32", [5])])
+    with pytest.raises(Refused) as err:
+        t2.check()
+    assert err.value.failure.code in ("denied_op", "bad_template")
+
+
 def test_quota_holds_for_run_with_understated_or_missing_outputs():
     server = GPUServer("cpu", tenant_memory_limit="1MiB")
     t = RawTenant.local(server)

@@ -514,8 +514,9 @@ class Tenant:
         raise TenantError(f"unknown sync request {t.__name__}")  # pragma: no cover
 
     def _execute(self, req: P.Execute) -> Any:
-        """Run a template now and describe what it returned. Its outputs are charged before it runs when
-        the meta call knew them, else (data-dependent shapes) before they are bound."""
+        """Run a template now and describe what it returned. Its outputs are charged before it runs: their
+        true sizes when the meta call knew them, else (data-dependent shapes) the bound metacheck gives; an op
+        with neither (only with ``--allow-any-op``) is charged after the call, before its outputs are bound."""
         tpl = self.templates.get(req.tid)
         if tpl is None:
             raise TenantError(f"unknown op template {req.tid}")
@@ -529,8 +530,7 @@ class Tenant:
         for i in tpl.write_slots:
             if self.storages[req.slots[i]].blob is not None:
                 raise TenantError(f"{tpl.name} writes to a shared read-only weight")
-        if tpl.meta_known:
-            self._charge(tpl.charge, tpl.name)
+        self._charge(tpl.charge, tpl.name)
         args, kwargs = tpl.build(tensors, req.scalars)
         if tpl.random:
             kwargs["generator"] = self.gen

@@ -11,7 +11,11 @@ When a tenant defines a template, its op is called on meta tensors of the slots'
 - that no argument is resized or restrided in place (``out=`` growth, ``as_strided_``).
 
 Ops whose output shapes depend on data (``nonzero``, ``unique``) have no such kernel: their templates may
-only be executed (``Execute``), which checks their outputs after the call instead.
+only be executed (``Execute``). Their outputs cannot be known before the call, but they can be bounded from
+the inputs' sizes: :func:`data_dependent_bound` gives that bound for each such op on the allow-list, and the
+tenant is charged the bound before the op runs, so no call takes a tenant past its quota even for a moment.
+An op with neither a meta kernel nor a bound is refused unless the server admits any op (``--allow-any-op``),
+where its outputs are charged after the call.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from torch._subclasses.fake_tensor import DynamicOutputShapeException
 
 from caserve.remote.server.errors import TenantError
-from caserve.remote.wire.codec import extent, flatten_fresh, takes_generator
+from caserve.remote.wire.codec import extent, flatten_fresh, fresh_returns, takes_generator
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,55 @@ class MetaOutputs:
 def _meta_slot(dtype: torch.dtype, geom: tuple, reach: int) -> torch.Tensor:
     size, stride, offset = geom
     return torch.empty((reach,), dtype=dtype, device=META).as_strided(size, stride, offset)
+
+
+def _numel(size: tuple[int, ...]) -> int:
+    n = 1
+    for d in size:
+        n *= d
+    return n
+
+
+def _nonzero(slots: list[Any]) -> int:  # [count, ndim] int64 indices, count <= numel
+    size = slots[0].geom[0]
+    return _numel(size) * max(len(size), 1) * 8
+
+
+def _masked_select(slots: list[Any]) -> int:  # at most every element of the broadcast shape
+    size = torch.broadcast_shapes(slots[0].geom[0], slots[1].geom[0])
+    return _numel(tuple(size)) * slots[0].dtype.itemsize
+
+
+def _unique2(slots: list[Any]) -> int:  # values (<= numel), inverse indices (numel) and counts (<= numel)
+    n = _numel(slots[0].geom[0])
+    return n * slots[0].dtype.itemsize + 2 * n * 8
+
+
+def _index(slots: list[Any]) -> int:
+    """``x[mask]`` and mixed indexing: boolean masks select at most every element of ``x``; an integer index
+    tensor can repeat elements, at most its own size times."""
+    repeat = max([_numel(s.geom[0]) for s in slots[1:] if not s.dtype.is_floating_point
+                  and s.dtype != torch.bool] or [1])
+    return _numel(slots[0].geom[0]) * max(repeat, 1) * slots[0].dtype.itemsize
+
+
+_BOUNDS: dict[str, Callable[[list[Any]], int]] = {
+    "aten.index.Tensor": _index,
+    "aten.nonzero.default": _nonzero,
+    "aten.masked_select.default": _masked_select,
+    "aten._unique2.default": _unique2,
+    "aten._local_scalar_dense.default": lambda slots: 0,  # a Python number, no tensor
+}
+
+
+def data_dependent_bound(name: str, fn: torch._ops.OpOverload, slots: list[Any]) -> int | None:
+    """Bytes the op ``name`` can at most allocate on ``slots`` (its template's input slots) when no meta kernel
+    can say its output sizes; ``None`` when caserve knows no bound for it. An op that returns only the
+    arguments it writes (in place, ``out=``) allocates no output."""
+    if not any(fresh_returns(fn)):
+        return 0
+    bound = _BOUNDS.get(name)
+    return None if bound is None else bound(slots)
 
 
 MAX_CACHED = 1 << 16

@@ -303,7 +303,9 @@ def compile_runner(tpl: Template, storage: type) -> Callable[[Any, list[int], li
     for i in sorted(tpl.write_slots) if n else ():
         lines.append(f"if T[h{i}].blob is not None: {k(_write_refused)}({k(tpl.name)}, h{i})")
     if tpl.charge and n + m:
-        lines.append(f"if self.memory_limit: self._charge({tpl.charge}, {k(tpl.name)})")
+        # Tenant._charge, inlined: it raises when the outputs would take the tenant past its limit.
+        lines.append(f"if self.memory_limit and self.bytes + {tpl.charge} > self.memory_limit: "
+                     f"self._charge({tpl.charge}, {k(tpl.name)})")
     call = _call_source(tpl, [f"a{i}" for i in range(n)], 0, "self.gen", k) if tpl.runnable else ""
     if not tpl.runnable:
         pass

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from caserve.remote.server.errors import QuotaError, TenantError
-from caserve.remote.server.metacheck import META, NoMetaKernel, check_declared, meta_outputs
+from caserve.remote.server.metacheck import META, NoMetaKernel, check_declared, data_dependent_bound, meta_outputs
 from caserve.remote.server.opsurface import OpSurface
 from caserve.remote.wire import protocol as P
 from caserve.remote.wire.codec import DTYPES, LAYOUTS, MEMORY_FORMATS, extent, takes_generator, written_args
@@ -204,7 +204,11 @@ def compile_template(op: P.DefineOp, device: torch.device, surface: OpSurface) -
         if declared:
             raise TenantError(f"{exc}; the server cannot check the outputs the template declares",
                               "bad_template") from None
-        extra = dict(runnable=False, meta_known=False)
+        bound = data_dependent_bound(op.name, fn, comp.slots)
+        if bound is None and not surface.allow_any:
+            raise TenantError(f"{exc}; the server cannot bound what it allocates, so it does not run it",
+                              "bad_template") from None
+        extra = dict(runnable=False, meta_known=False, charge=bound or 0)
     else:
         check_declared(op.name, declared, true)
         # A template that declares none of the outputs its op makes can only be executed.
