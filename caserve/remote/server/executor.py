@@ -137,14 +137,16 @@ class Tenant:
         self.storages[handle] = Storage(tensor, geom, nbytes // itemsize, nbytes, blob)
         self.bytes += nbytes
 
-    def bind_alias(self, handle: int, tensor: torch.Tensor, base: int, geom: tuple) -> None:
+    def bind_alias(self, handle: int, tensor: torch.Tensor, base: int, geom: tuple, numel: int | None = None) -> None:
         """Name ``tensor``, a view of storage ``base`` (checked by the template), ``handle``: it inherits the
-        base's shared, read-only status and counts no new bytes; the base's memory lives as long as it."""
+        base's shared, read-only status and counts no new bytes; the base's memory lives as long as it.
+        ``numel``: the elements ``geom`` reaches, when the caller already knows them."""
         if type(handle) is not int or handle in self.storages:
             raise TenantError(f"storage handle {handle!r} is invalid or already in use")
         st = self.storages[base]
         root = st.root or st
-        numel = extent(*geom)
+        if numel is None:
+            numel = extent(*geom)
         if numel * tensor.dtype.itemsize > tensor.untyped_storage().nbytes():  # never, after the meta check
             raise TenantError(f"a view of layout {geom} reaches past storage {base}")
         self.storages[handle] = Storage(tensor, geom, numel, 0, root.blob, None, root)

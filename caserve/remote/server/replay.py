@@ -315,13 +315,19 @@ def compile_runner(tpl: Template, storage: type) -> Callable[[Any, list[int], li
         if tpl.single and tpl.alias_of[0] is None:
             lines.append(f"v0 = {call}")
             lines.append(_conform_source("v0", tpl.outs[0], k))
+        elif tpl.single:  # one view of a slot: exact_view, inlined for the case that passes
+            want = tpl.outs[0]
+            lines.append(f"v0 = {call}")
+            lines.append(f"if v0.stride() != {k(want[2])} or v0.storage_offset() != {want[3]} or "
+                         f"v0.shape != {k(want[1])} or v0.dtype is not {k(want[0])}: "
+                         f"{k(exact_view)}(v0, {k(want)}, {k(tpl.name)})")
         else:
             lines.append(f"{''.join(f'v{i}, ' for i in range(m))}= {k(_fresh_outputs)}({k(tpl.fn)}, {call}, "
                          f"{k(tpl.outs)}, {k(tpl.name)}, {k(tpl.alias_of)})")
         for i, (want, nbytes, base) in enumerate(zip(tpl.outs, tpl.out_nbytes, tpl.alias_of)):
             lines.append(f"o = outs[{i}]")
             if base is not None:  # a view of a slot: bound as a view of its storage (see Tenant.bind_alias)
-                lines.append(f"self.bind_alias(o, v{i}, h{base}, {k(want[1:])})")
+                lines.append(f"self.bind_alias(o, v{i}, h{base}, {k(want[1:])}, {extent(*want[1:])})")
                 continue
             # Tenant._bind, inlined: it raises for a handle that is invalid or already in use.
             lines.append(f"if type(o) is not int or o in T: self._bind(o, v{i})")
