@@ -118,6 +118,11 @@ def serve(
     task: Optional[str] = typer.Option(None, help="Override the model task (e.g. classification)."),
     worker_threads: Optional[int] = typer.Option(None, help="Torch threads per worker (default: cores / workers)."),
     served_model_name: Optional[str] = typer.Option(None, help="The model id clients use (default: --model)."),
+    tls_cert: Optional[Path] = typer.Option(None, help="Serve HTTPS with this certificate (PEM); needs --tls-key."),
+    tls_key: Optional[Path] = typer.Option(None, help="The certificate's private key (PEM)."),
+    tls_ca: Optional[Path] = typer.Option(
+        None, help="CA file the workers started here check the router's certificate against (default: "
+                   "--tls-cert itself, right for a self-signed certificate)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Start the router, a GPU server and the workers on this machine, and serve until Ctrl-C."""
@@ -143,12 +148,19 @@ def serve(
         raise typer.BadParameter(str(exc)) from None
     if max_body_bytes <= 0:
         raise typer.BadParameter("must be a positive size", param_hint="--max-body-size")
+    if (tls_cert is None) != (tls_key is None):
+        raise typer.BadParameter("give both --tls-cert and --tls-key, or neither", param_hint="--tls-cert")
+    for path in (tls_cert, tls_key, tls_ca):
+        if path is not None and not path.is_file():
+            raise typer.BadParameter(f"{path} is not a readable file", param_hint="--tls-cert/--tls-key/--tls-ca")
+    if tls_ca is not None and tls_cert is None:
+        raise typer.BadParameter("--tls-ca checks the router's certificate: it needs --tls-cert", param_hint="--tls-ca")
     cfg = ServeConfig(host=host, port=port, native_workers=native_workers, assisted_workers=assisted_workers,
                       cpu_workers=cpu_workers, policy=policy, max_batch=max_batch, batching=batching,
                       max_len=max_len, max_queue=max_queue,
                       gpu_port=gpu_port, gpu_device=gpu_device, token_file=token_file, shrink=shrink, task=task,
                       worker_threads=worker_threads, verbose=verbose, api_key=api_key, max_body_bytes=max_body_bytes,
-                      served_model_name=served_model_name)
+                      served_model_name=served_model_name, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
     if worker_token:
         cfg.worker_token = worker_token
     if model:
@@ -169,6 +181,9 @@ def worker(
     worker_token_file: Optional[Path] = typer.Option(
         None, help="File holding the router's worker token (default: $CASERVE_WORKER_TOKEN)."),
     tls_ca: Optional[Path] = typer.Option(None, help="CA file: reach the GPU server over TLS, checking its certificate."),
+    router_ca: Optional[Path] = typer.Option(
+        None, help="CA file checking an https:// router's certificate (default: $CASERVE_ROUTER_CA, else the "
+                   "system's trust store)."),
     worker_id: Optional[str] = typer.Option(None, help="Stable worker id (default: kind-host-pid)."),
     max_batch: int = typer.Option(8, min=1, help="Slots: requests this worker runs at once."),
     batching: str = typer.Option("continuous", help="continuous or static (admit only when all slots are free)."),
@@ -198,6 +213,7 @@ def worker(
                            token=token_file.read_text().strip() if token_file else None, worker_id=worker_id,
                            max_batch=max_batch, shrink=shrink, task=task, threads=threads, step_delay_s=step_delay,
                            graph=graph, batching=batching, max_len=max_len,
+                           router_ca=str(router_ca) if router_ca else None,
                            served_model_name=served_model_name)
     except (CredentialError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None

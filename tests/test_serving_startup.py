@@ -3,6 +3,8 @@ examples that fit the model's task, and serves a model from a path under ``--ser
 
 from __future__ import annotations
 
+import ssl
+import subprocess
 import time
 
 import httpx
@@ -60,3 +62,44 @@ def test_no_ready_while_a_worker_cannot_start(tmp_path) -> None:
         assert "ready: " not in log and "caserve is serving" not in log
     finally:
         c.stop()
+
+
+def test_serve_over_https_carries_workers_and_users_and_refuses_what_does_not_check(tmp_path) -> None:
+    """--tls-cert/--tls-key: the router's one port speaks HTTPS only; the workers it starts check its
+    (self-signed) certificate and register over it; a client that checks against it is answered, one that
+    trusts only the system store or speaks plain HTTP is not."""
+    key, crt = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(crt)],
+                   check=True, capture_output=True)
+    c = Cluster(tmp_path)
+    https = f"https://127.0.0.1:{c.port}"
+    try:
+        serve = c.start("serve", ["serve", "--port", str(c.port), "--native-workers", "1", "--assisted-workers", "0",
+                                  "--worker-threads", "1", "--tls-cert", str(crt), "--tls-key", str(key)])
+        c.wait_for("ready", lambda: "ready: 1 worker(s)" in serve.log.read_text(errors="replace"), timeout=300)
+        log = serve.log.read_text(errors="replace")
+        assert f"caserve is serving caserve/tiny-gpt2 at {https}" in log and f"--cacert {crt}" in log
+        body = {"model": "caserve/tiny-gpt2", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+        resp = httpx.post(f"{https}/v1/completions", json=body, verify=ssl.create_default_context(cafile=str(crt)),
+                          timeout=60)
+        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 4
+        with pytest.raises(httpx.ConnectError):  # the system store does not know a self-signed certificate
+            httpx.post(f"{https}/v1/completions", json=body, timeout=10)
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the HTTPS port gets no answer
+            httpx.post(f"{c.url}/v1/completions", json=body, timeout=10)
+    finally:
+        c.stop()
+
+
+def test_serve_refuses_half_a_tls_configuration(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from caserve.cli import app
+
+    crt = tmp_path / "cert.pem"
+    crt.write_text("not checked before both are given")
+    for args in (["--tls-cert", str(crt)], ["--tls-key", str(crt)], ["--tls-ca", str(crt)],
+                 ["--tls-cert", str(crt), "--tls-key", str(tmp_path / "missing.pem")]):
+        result = CliRunner().invoke(app, ["serve", *args])
+        assert result.exit_code == 2 and "tls" in result.output.lower(), (args, result.output)

@@ -8,6 +8,10 @@
 * The **API key** (optional) is what OpenAI clients send as ``Authorization: Bearer KEY`` on the
   public routes: ``--api-key-file`` or :data:`API_KEY_ENV`.
 
+The link itself: with ``--tls-cert``/``--tls-key`` the router serves HTTPS (public and worker routes on
+one port, so prompts, answers and the worker token travel encrypted); workers and the start-up probe
+check its certificate against ``--router-ca`` / :data:`ROUTER_CA_ENV` (:func:`router_verify`).
+
 A secret file holds the secret on its first line; a file that other users can read is used, with
 a warning in the log.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import ssl
 import stat
 from pathlib import Path
 from typing import Optional
@@ -25,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 WORKER_TOKEN_ENV = "CASERVE_WORKER_TOKEN"
 API_KEY_ENV = "CASERVE_API_KEY"
+ROUTER_CA_ENV = "CASERVE_ROUTER_CA"
 MIN_SECRET_CHARS = 16
 
 
@@ -64,3 +70,15 @@ def resolve_secret(path: Optional[Path], env: str, what: str) -> Optional[str]:
         return read_secret_file(path, what)
     value = os.environ.get(env)
     return check_secret(value, what) if value else None
+
+
+def router_verify(ca_file: Optional[str | Path]) -> ssl.SSLContext | bool:
+    """What an HTTP client of the router checks its certificate against: the CA file given (or
+    :data:`ROUTER_CA_ENV`), else the system's trust store. (Plain ``http://`` routers ignore it.)"""
+    ca = ca_file or os.environ.get(ROUTER_CA_ENV) or None
+    if ca is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise CredentialError(f"cannot use the router CA file {ca}: {exc}") from None

@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import uvicorn
 
 from caserve.models import DEFAULT_MODEL
-from caserve.serving.credentials import WORKER_TOKEN_ENV, new_token
+from caserve.serving.credentials import ROUTER_CA_ENV, WORKER_TOKEN_ENV, new_token, router_verify
 from caserve.serving.router.api import create_app
 from caserve.serving.router.router import Router
 from caserve.serving.router.security import DEFAULT_MAX_BODY_BYTES, RouterSecurity
@@ -71,6 +71,20 @@ class ServeConfig:
     api_key: Optional[str] = field(default=None, repr=False)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     served_model_name: Optional[str] = None  # the id clients use (default: --model)
+    # HTTPS on the router's one port (see caserve.serving.credentials); the workers started here check its
+    # certificate against tls_ca, by default the certificate itself (right for a self-signed one).
+    tls_cert: Optional[Path] = None
+    tls_key: Optional[Path] = None
+    tls_ca: Optional[Path] = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
+
+    @property
+    def router_ca(self) -> Optional[str]:
+        ca = self.tls_ca or self.tls_cert
+        return str(ca) if ca else None
 
     @property
     def name(self) -> str:
@@ -153,9 +167,10 @@ class _Child:
 async def serve(cfg: ServeConfig, announce: Callable[[str], None]) -> None:
     router = Router(policy=cfg.policy, max_queue=cfg.max_queue, models=[cfg.name])
     security = RouterSecurity(cfg.worker_token, cfg.api_key, cfg.max_body_bytes)
+    tls = {"ssl_certfile": str(cfg.tls_cert), "ssl_keyfile": str(cfg.tls_key)} if cfg.tls_cert else {}
     server = _Server(uvicorn.Config(create_app(router, security), host=cfg.host, port=cfg.port,
-                                           log_level="info" if cfg.verbose else "warning",
-                                    timeout_graceful_shutdown=5))
+                                    log_level="info" if cfg.verbose else "warning",
+                                    timeout_graceful_shutdown=5, **tls))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
@@ -166,23 +181,27 @@ async def serve(cfg: ServeConfig, announce: Callable[[str], None]) -> None:
             return
         await asyncio.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
-    url = f"http://{cfg.host}:{port}"
+    url = f"{cfg.scheme}://{cfg.host}:{port}"
     env = {**os.environ, WORKER_TOKEN_ENV: cfg.worker_token}
+    if cfg.router_ca:
+        env[ROUTER_CA_ENV] = cfg.router_ca  # the workers' check of the router's certificate
     children = [_Child(name, argv, env) for name, argv in child_commands(cfg, url)]
     for child in children:
         child.start()
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else None  # the probe's
     workers = {name for name, _ in child_commands(cfg, url) if name != "gpu-server"}
-    ready = asyncio.create_task(wait_ready(router, url, cfg.name, workers, headers)) if workers else None
+    verify = router_verify(cfg.router_ca)
+    ready = asyncio.create_task(wait_ready(router, url, cfg.name, workers, headers, verify)) if workers else None
     if ready is None:
-        announce(usage_text(url, cfg.name, None, api_key=cfg.api_key is not None))
+        announce(usage_text(url, cfg.name, None, api_key=cfg.api_key is not None, ca=cfg.router_ca))
     else:
         logger.info("waiting for %d worker(s) to register and answer: %s", len(workers), ", ".join(sorted(workers)))
     try:
         while not serving.done() and not server.should_exit:
             if ready is not None and ready.done():
                 announce(usage_text(url, cfg.name, ready.result(), workers=len(workers),
-                                    random_weights=cfg.model == DEFAULT_MODEL, api_key=cfg.api_key is not None))
+                                    random_weights=cfg.model == DEFAULT_MODEL, api_key=cfg.api_key is not None,
+                                    ca=cfg.router_ca))
                 ready = None
             await asyncio.sleep(0.5)
             for child in children:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import Any, Optional
 
@@ -43,11 +44,12 @@ def answering(router: Router, model: str, expected: set[str], opened: dict[str, 
     return ready
 
 
-async def probe(url: str, model: str, task: str, headers: Optional[dict[str, str]] = None) -> Optional[str]:
+async def probe(url: str, model: str, task: str, headers: Optional[dict[str, str]] = None,
+                verify: ssl.SSLContext | bool = True) -> Optional[str]:
     """One request of the model's task through the public API; None when it was answered, else why not."""
     route, body = PROBES.get(task, PROBES["causal-lm"])
     try:
-        async with httpx.AsyncClient(timeout=120.0) as client:
+        async with httpx.AsyncClient(timeout=120.0, verify=verify) as client:
             resp = await client.post(f"{url}{route}", json={"model": model, **body}, headers=headers or {})
     except httpx.HTTPError as exc:
         return f"{type(exc).__name__}: {exc}"
@@ -55,7 +57,7 @@ async def probe(url: str, model: str, task: str, headers: Optional[dict[str, str
 
 
 async def wait_ready(router: Router, url: str, model: str, expected: set[str],
-                     headers: Optional[dict[str, str]] = None) -> str:
+                     headers: Optional[dict[str, str]] = None, verify: ssl.SSLContext | bool = True) -> str:
     """Wait until every worker of ``expected`` answers and a probe request succeeds; returns the model's
     task. Logs what it still waits for every REPORT_EVERY_S (it waits as long as it takes: a worker that
     cannot start is restarted by ``serve`` and reported in the log)."""
@@ -65,7 +67,7 @@ async def wait_ready(router: Router, url: str, model: str, expected: set[str],
         ready = answering(router, model, expected, opened)
         state = router.models.get(model)
         if ready >= expected and state is not None and state.task is not None:
-            problem = await probe(url, model, state.task, headers)
+            problem = await probe(url, model, state.task, headers, verify)
             if problem is None:
                 return state.task
             logger.warning("start-up probe of %s failed (%s); trying again", model, problem)
@@ -77,9 +79,11 @@ async def wait_ready(router: Router, url: str, model: str, expected: set[str],
 
 
 def usage_text(url: str, model: str, task: Optional[str], *, workers: int = 0, random_weights: bool = False,
-               api_key: bool = False) -> str:
-    """How to call a ready server, for the model's task (None: no worker started here yet)."""
-    post = f"  curl {url}/v1/{{route}} -H 'Content-Type: application/json' \\\n       -d '{{body}}'\n"
+               api_key: bool = False, ca: Optional[str] = None) -> str:
+    """How to call a ready server, for the model's task (None: no worker started here yet); ``ca``: the CA
+    file that checks an HTTPS router's certificate."""
+    cacert = f" --cacert {ca}" if ca else ""
+    post = f"  curl{cacert} {url}/v1/{{route}} -H 'Content-Type: application/json' \\\n       -d '{{body}}'\n"
     sdk = f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='none'); print({{call}})\"\n"
     lines = [f"ready: {workers} worker(s) registered and answered" if workers else "ready: the router alone",
              f"caserve is serving {model} at {url}"]
@@ -102,6 +106,9 @@ def usage_text(url: str, model: str, task: Optional[str], *, workers: int = 0, r
     else:
         lines.append(f"  no workers were started here: attach some with  caserve worker --router {url} ...")
     lines.append(f"  health: {url}/health   metrics: {url}/metrics   Ctrl-C stops everything")
+    if ca:
+        lines.append(f"  HTTPS: clients check the certificate against {ca} (openai: SSL_CERT_FILE={ca}; workers on "
+                     "other hosts: caserve worker --router-ca FILE)")
     if random_weights:
         lines.append(f"  ({model} has random weights: its text is noise, its timings are real)")
     if api_key:

@@ -24,6 +24,7 @@ import torch
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from caserve.models import load_model
+from caserve.serving.credentials import router_verify
 from caserve.serving.messages import (
     MAX_EVENTS, WORKER_KINDS, WORKER_TOKEN_HEADER, Cancel, Error, Event, EventsRequest, RegisterReply,
     RegisterRequest, Row, Run, SessionRequest, encode, router_message_decoder,
@@ -67,6 +68,7 @@ class WorkerConfig:
     graph: bool = True  # assisted: decode steps replayed as captured graphs (caserve.remote.graph_mode)
     batching: str = "continuous"  # or "static": admit rows only when every slot is free (the baseline)
     max_len: int = MAX_LEN  # most tokens (prompt + output) one slot holds
+    router_ca: Optional[str] = None  # CA file checking an https:// router (default: $CASERVE_ROUTER_CA, system)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -78,6 +80,8 @@ class WorkerConfig:
         if not self.router_token:
             raise ValueError("a worker needs the router's worker token: --worker-token-file F or "
                              "$CASERVE_WORKER_TOKEN")
+        if self.router_ca is not None and not os.path.isfile(self.router_ca):
+            raise ValueError(f"the router CA file {self.router_ca} is not a readable file")
         self.router_url = self.router_url.rstrip("/")
         self.worker_id = self.worker_id or f"{self.kind}-{socket.gethostname()}-{os.getpid()}"
 
@@ -169,7 +173,8 @@ class Worker:
         """Register and serve; on losing the router, register again (with backoff while it stays
         unreachable). Raises DeviceLost, or WorkerTokenRefused when the router refuses our token."""
         headers = {WORKER_TOKEN_HEADER: self.config.router_token}
-        async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0), headers=headers) as client:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0), headers=headers,
+                                     verify=router_verify(self.config.router_ca)) as client:
             while True:
                 reply = await self._register_with_backoff(client)
                 try:
