@@ -442,3 +442,52 @@ def test_cluster_mode_hands_one_token_to_every_actor_child_by_environment(monkey
     assert asyncio.run(controller_header()) == cfg.worker_token
     other = parse_config({"network": {"mode": "loopback"}}).with_secrets()
     assert other.worker_token != cfg.worker_token  # generated per deployment
+
+
+def test_refusals_are_logged_within_a_budget(caplog: pytest.LogCaptureFixture) -> None:
+    """A flood of refused requests writes at most the burst plus the rate's lines, and the next line
+    written says how many were left out."""
+    import logging
+
+    from caserve.serving.router.security import RefusalLog
+
+    now = [0.0]
+    log = RefusalLog(logging.getLogger("caserve.test.refusals"), per_s=5.0, burst=20, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="caserve.test.refusals"):
+        written = sum(log.warning("refused %d", i) for i in range(1000))  # one instant: only the burst
+        assert written == 20 and log.suppressed == 980
+        now[0] += 1.0  # a second later: five more lines, the first of them with the count
+        written = sum(log.warning("refused %d", i) for i in range(100))
+        assert written == 5
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 25
+    assert lines[20] == "refused 0 (980 similar refusals not logged before this one)"
+    assert log.suppressed == 95
+
+
+def test_a_flood_of_refused_requests_does_not_flood_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """The router's own guard: 300 requests without the worker token, refused in process; the log holds at
+    most its burst plus what its rate allowed in the time taken, and every request still got its 401."""
+    import asyncio
+    import logging
+
+    from caserve.serving.router import security
+    from caserve.serving.router.api import create_app
+    from caserve.serving.router.router import Router
+
+    app = create_app(Router(models=[TINY]), security.RouterSecurity(secrets.token_urlsafe(24)))
+    security.refusals.tokens = float(security.refusals.burst)  # a fresh budget for this test
+
+    async def flood() -> list[int]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as http:
+            return [(await http.post("/internal/workers/register", json=register_body("x"))).status_code
+                    for _ in range(300)]
+
+    with caplog.at_level(logging.WARNING, logger="caserve.serving.router.security"):
+        started = time.monotonic()
+        codes = asyncio.run(flood())
+        elapsed = time.monotonic() - started
+    assert codes == [401] * 300
+    lines = [r for r in caplog.records if r.getMessage().startswith("refused")]
+    assert len(lines) <= security.refusals.burst + elapsed * security.refusals.per_s + 1
+    assert len(lines) < 300

@@ -38,6 +38,38 @@ from caserve.serving.messages import WORKER_TOKEN_HEADER
 
 logger = logging.getLogger(__name__)
 
+
+class RefusalLog:
+    """Log lines about refused requests, at most ``burst`` at once and ``per_s`` a second after that (a
+    token bucket), so that a flood of bad requests is not a flood of log lines; the next line that is
+    written says how many were left out since the last one."""
+
+    def __init__(self, log: logging.Logger, per_s: float = 5.0, burst: int = 20,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.log, self.per_s, self.burst, self.clock = log, per_s, burst, clock
+        self.tokens = float(burst)
+        self.last = clock()
+        self.suppressed = 0
+
+    def warning(self, msg: str, *args: Any) -> bool:
+        """Log ``msg % args`` at WARNING if the budget allows; True when it was written."""
+        now = self.clock()
+        self.tokens = min(float(self.burst), self.tokens + (now - self.last) * self.per_s)
+        self.last = now
+        if self.tokens < 1.0:
+            self.suppressed += 1
+            return False
+        self.tokens -= 1.0
+        if self.suppressed:
+            msg += " (%d similar refusals not logged before this one)"
+            args = (*args, self.suppressed)
+            self.suppressed = 0
+        self.log.warning(msg, *args)
+        return True
+
+
+refusals = RefusalLog(logger)  # one budget for every refusal this router process logs
+
 DEFAULT_MAX_BODY_BYTES = 4 << 20  # a 128k-token prompt as text or as token ids fits several times over
 WORKER_MAX_BODY_BYTES = 64 << 20  # worker events carry embeddings of whole batches
 ACCESS_SCOPE_KEY = "caserve.access"
@@ -153,8 +185,8 @@ class RouterGuard:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, exc: ServingError, started: float) -> None:
         client = scope.get("client") or ("?", 0)
-        logger.warning("refused %s %s from %s:%s with %d in %.2f ms: %s", scope["method"], scope["path"],
-                       client[0], client[1], exc.status, (time.perf_counter() - started) * 1e3, exc.message)
+        refusals.warning("refused %s %s from %s:%s with %d in %.2f ms: %s", scope["method"], scope["path"],
+                         client[0], client[1], exc.status, (time.perf_counter() - started) * 1e3, exc.message)
         response = JSONResponse(error_body(exc), status_code=exc.status, headers=exc.headers())
         await response(scope, receive, send)
 

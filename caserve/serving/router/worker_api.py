@@ -27,6 +27,7 @@ from caserve.serving.messages import (
     events_decoder,
 )
 from caserve.serving.router.router import Router, WorkerSession
+from caserve.serving.router.security import refusals
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ async def _decode(request: Request, kind: type[T]) -> T:
     try:
         return _DECODERS[kind].decode(body)  # type: ignore[no-any-return]
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        logger.warning("refused a malformed %s from %s at %s: %s", kind.__name__,
-                       request.client.host if request.client else "?", request.url.path, exc)
+        refusals.warning("refused a malformed %s from %s at %s: %s", kind.__name__,
+                         request.client.host if request.client else "?", request.url.path, exc)
         raise BadRequest(f"malformed {kind.__name__}: {exc}") from None
 
 
