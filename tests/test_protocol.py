@@ -19,7 +19,8 @@ from caserve.remote.wire.transport import recv_frame, send_frame
 PINNED = {4: "8347acde3429294c", 5: "776985b37447219f",  # 5: Welcome carries a Limits struct
           # 6: typed arguments (a tagged union), connection limits in Limits, HELLO's client nonce and
           # WELCOME's proof of the token
-          6: "e65c36d0d24afd03"}
+          6: "e65c36d0d24afd03",
+          7: "2db0a7a58f6ac2bd"}  # 7: UploadPart (uploads larger than a frame) and Limits.max_partial_uploads
 
 
 def test_schema_change_requires_version_bump():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from typing import Any
 
 import torch
@@ -288,6 +289,10 @@ def upload(dst: RemoteTensor, src: torch.Tensor) -> RemoteTensor:
             if aliases_caller and len(data) < FLUSH_BYTES:
                 host = host.clone()
                 data = memoryview(host.reshape(-1).view(torch.uint8).numpy())
+            part = session.limits.max_frame // 2
+            if len(data) > part and session.region is None:
+                _upload_in_parts(session, st.handle, DTYPE_NAMES[dtype], size, data, host, share, part)
+                return dst
             index = session.add_payload(data, host)
             session.emit(P.Upload(st.handle, DTYPE_NAMES[dtype], size, index, share))
         else:
@@ -297,12 +302,67 @@ def upload(dst: RemoteTensor, src: torch.Tensor) -> RemoteTensor:
             if aliases_caller and len(data) < FLUSH_BYTES:
                 host = host.clone()
                 data = memoryview(host.reshape(-1).view(torch.uint8).numpy()) if host.numel() else memoryview(b"")
+            if len(data) > session.limits.max_frame // 2 and session.region is None:
+                _copy_in_parts(session, st.handle, dtype, size, stride, offset, data, host,
+                               session.limits.max_frame // 2)
+                return dst
             index = session.add_payload(data, host)
             session.emit(P.CopyIn(st.handle, DTYPE_NAMES[dtype], size, stride, offset, DTYPE_NAMES[host.dtype],
                                   tuple(host.shape), index))
         if session.payload_bytes >= FLUSH_BYTES:
             session.flush()
     return dst
+
+
+def _upload_in_parts(session: Session, handle: int, dtype: str, size: tuple, data: memoryview, owner: Any,
+                     share: bool, part: int) -> None:
+    """An upload larger than half a frame, as UploadPart records of ``part`` bytes, one frame each (the
+    server charges it all with the first part and binds ``handle`` with the last)."""
+    session.flush()  # what came before goes first, in its own frame
+    for start in range(0, len(data), part):
+        index = session.add_payload(data[start:start + part], owner)
+        session.emit(P.UploadPart(handle, dtype, size, start, index, share))
+        session.flush()
+
+
+def _parts(size: tuple, stride: tuple, offset: int, itemsize: int, part: int):
+    """Views of at most ``part`` bytes that cover the view (size, stride, offset) in order: runs of elements
+    of a contiguous view, else runs of its leading-dimension rows. Yields each one's (size, stride, offset)
+    and its [start, end) bytes in the contiguous layout of the whole."""
+    if list(stride) == list(torch.empty(size, device="meta").stride()):
+        size, stride = (math.prod(size),), (1,)  # contiguous: any run of elements is one view
+    rows, row_shape, row_stride = size[0], tuple(size[1:]), stride[0]
+    row_bytes = math.prod(row_shape) * itemsize
+    if row_bytes > part:
+        raise NotImplementedError(f"a strided view whose rows of {row_bytes} bytes are larger than half of the "
+                                  f"GPU server's frame limit ({2 * part} bytes) cannot be sent in parts")
+    step = max(1, part // row_bytes)
+    for i in range(0, rows, step):
+        n = min(step, rows - i)
+        yield (n, *row_shape), tuple(stride), offset + i * row_stride, i * row_bytes, (i + n) * row_bytes
+
+
+def _copy_in_parts(session: Session, handle: int, dtype: torch.dtype, size: tuple, stride: tuple, offset: int,
+                   data: memoryview, owner: Any, part: int) -> None:
+    """A copy into a view larger than half a frame, as CopyIn records of its parts, one frame each.
+    ``data`` is ``size`` of ``dtype``, contiguous."""
+    name = DTYPE_NAMES[dtype]
+    session.flush()  # what came before goes first, in its own frame
+    for psize, pstride, poffset, start, end in _parts(size, stride, offset, dtype.itemsize, part):
+        index = session.add_payload(data[start:end], owner)
+        session.emit(P.CopyIn(handle, name, psize, pstride, poffset, name, psize, index))
+        session.flush()
+
+
+def _fetch_in_parts(session: Session, handle: int, dtype: torch.dtype, size: tuple, stride: tuple,
+                    offset: int, part: int) -> torch.Tensor:
+    """A fetch larger than half a frame (what the client accepts in one reply), as Fetches of its parts."""
+    out = torch.empty(math.prod(size) * dtype.itemsize, dtype=torch.uint8)
+    name = DTYPE_NAMES[dtype]
+    for psize, pstride, poffset, start, end in _parts(size, stride, offset, dtype.itemsize, part):
+        _, payloads = session.sync(P.Fetch(handle, name, psize, pstride, poffset))
+        out[start:end] = torch.frombuffer(payloads[0], dtype=torch.uint8)
+    return out.view(dtype).reshape(size)
 
 
 def fetch_later(t: RemoteTensor) -> Any:
@@ -314,6 +374,10 @@ def fetch_later(t: RemoteTensor) -> Any:
     with session.lock:
         session.stats.ops += 1
         ready(st)
+        part = session.limits.max_frame // 2
+        if math.prod(size) * dtype.itemsize > part:  # larger than one reply: fetched in parts, now
+            values = _fetch_in_parts(session, st.handle, dtype, size, stride, offset, part)
+            return lambda: values
         pending = session.request(P.Fetch(st.handle, DTYPE_NAMES[dtype], size, stride, offset))
 
     def wait() -> torch.Tensor:
@@ -341,6 +405,9 @@ def fetch(t: RemoteTensor) -> torch.Tensor:
         session.stats.ops += 1
         if st.state == LAZY:  # never written: its contents are undefined, like torch.empty's
             return torch.empty(size, dtype=dtype)
+        part = session.limits.max_frame // 2
+        if math.prod(size) * dtype.itemsize > part:
+            return _fetch_in_parts(session, st.handle, dtype, size, stride, offset, part)
         _, payloads = session.sync(P.Fetch(st.handle, DTYPE_NAMES[dtype], size, stride, offset))
     return _from_payload(payloads, dtype, size)
 

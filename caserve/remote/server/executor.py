@@ -8,6 +8,7 @@ and a failing op is reported back to that tenant (at its next sync) without affe
 from __future__ import annotations
 
 import logging
+import math
 
 import msgspec
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from caserve.remote.server.replay import (
 from caserve.remote.server.errors import QuotaError, TenantError
 from caserve.remote.server.opsurface import OpSurface
 from caserve.remote.server.templates import Slot, Template, check_geom, check_scalars, compile_template
+from caserve.remote.server.uploads import PartialUploads
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +113,7 @@ class Tenant:
         self.gen = torch.Generator(device=device)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.pinned: dict[bytes, int] = {}  # shared weights found by HasBlobs, held until bound
+        self.uploads = PartialUploads()  # uploads in parts, charged while incomplete (see uploads.py)
         self.cuda_graphs = cudagraph.for_tenant(self)  # captured steps as CUDA graphs (None: not on this device)
         self.admin = False  # an admin token: Stats describes every tenant
 
@@ -172,6 +175,11 @@ class Tenant:
     def free(self, handles: list[int]) -> None:
         if self.cuda_graphs is not None:
             self.cuda_graphs.forget_handles(handles)
+        if self.uploads.partial:
+            for h in handles:
+                part = self.uploads.partial.get(h)
+                if part is not None and self.uploads.abandon(h):
+                    self.bytes -= part.nbytes
         for h in handles:
             st = self.storages.pop(h, None)
             if st is None:
@@ -191,7 +199,7 @@ class Tenant:
 
     def close(self) -> None:
         """Free everything this tenant holds (its connection ended)."""
-        self.free(list(self.storages))
+        self.free(list(self.storages) + list(self.uploads.partial))
         if self.cuda_graphs is not None:
             self.cuda_graphs.clear()
         self.templates.clear()
@@ -266,6 +274,8 @@ class Tenant:
             self._upload(op, self._payload(payloads, op.payload))
         elif t is P.CopyIn:
             self._copy_in(op, self._payload(payloads, op.payload))
+        elif t is P.UploadPart:
+            self._upload_part(op, self._payload(payloads, op.payload))
         elif t is P.BindBlob:
             pins = self.pinned.get(op.digest, 0)
             if pins:  # the reference HasBlobs took for this tenant becomes the handle's
@@ -305,6 +315,45 @@ class Tenant:
 
     _payload = staticmethod(payload_at)
     _from_bytes = staticmethod(tensor_from_bytes)
+
+    def _upload_part(self, op: P.UploadPart, data: memoryview) -> None:
+        """One part of an upload too large for a frame (see caserve.remote.server.uploads)."""
+        try:
+            if op.start == 0:
+                dt, size, _, _ = check_geom(op.dtype, op.size, [0] * len(op.size), 0)
+                if type(op.handle) is not int or op.handle in self.storages:
+                    raise TenantError(f"storage handle {op.handle!r} is invalid or already in use")
+                nbytes = math.prod(size) * dt.itemsize
+                self._charge(nbytes, "upload")
+                self.uploads.begin(op, lambda: torch.empty(size, dtype=dt, device=self.device), nbytes)
+                self.bytes += nbytes  # counted while incomplete; _bind counts it again once complete
+            part = self.uploads.add(op, data)
+        except TenantError:  # a part sent wrong ends its upload: nothing half-written stays charged
+            pending = self.uploads.partial.get(op.handle) if type(op.handle) is int else None
+            if pending is not None and self.uploads.abandon(op.handle):
+                self.bytes -= pending.nbytes
+            raise
+        if part is None:
+            return
+        self.bytes -= part.nbytes
+        if not op.share:
+            self._bind(op.handle, part.tensor)
+            return
+        digest = part.hasher.digest()
+
+        def made() -> torch.Tensor:
+            if self.stream is not None:
+                self.stream.synchronize()  # other tenants read it on their own streams
+            return part.tensor
+
+        self._charge(part.nbytes, "shared weight")
+        blob = self.blobs.acquire(digest, made)
+        assert blob is not None
+        if blob.tensor.dtype is not part.tensor.dtype or blob.tensor.shape != part.tensor.shape:
+            self.blobs.release(digest)  # the same bytes as another dtype or shape: kept private
+            self._bind(op.handle, part.tensor)
+            return
+        self._bind(op.handle, blob.tensor, blob=digest)
 
     def _upload(self, op: P.Upload, data: memoryview) -> None:
         dt, size, _, _ = check_geom(op.dtype, op.size, [0] * len(op.size), 0)

@@ -62,7 +62,7 @@ import msgspec
 
 # Bump on any change to the structs or framing below; tests/test_protocol.py pins a digest of the
 # schema so that a change without a bump fails.
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 
 FRAME_PREFIX = struct.Struct("<IBI")  # len, kind, header length
 
@@ -84,6 +84,7 @@ class Limits(msgspec.Struct, frozen=True):
     max_graph_records: int = 100_000  # records in one graph
     max_tenant_graph_records: int = 1 << 18  # records in all of a tenant's graphs together
     max_pins: int = 4096  # shared weights asked for (HasBlobs) and not yet bound
+    max_partial_uploads: int = 8  # uploads in parts (UploadPart) begun and not yet complete
     max_dims: int = 64  # dimensions of one tensor
     max_connections: int = 256  # open connections to the server in all (authenticated or not)
     max_peer_connections: int = 64  # open connections from one peer address
@@ -273,6 +274,22 @@ class Upload(msgspec.Struct, array_like=True, tag=4):
     share: bool
 
 
+class UploadPart(msgspec.Struct, array_like=True, tag=13):
+    """Bytes ``[start, start + len(payload))`` of an :class:`Upload` too large for one frame (the client
+    splits whatever exceeds half of ``Limits.max_frame``). Every part names the same ``handle``, ``dtype``,
+    ``size`` and ``share``; the part at ``start`` 0 creates the storage and charges the tenant for all of
+    it, the others follow in order, and ``handle`` exists once the last byte has arrived (a shared weight is
+    hashed by the server as its parts arrive, then stored once as with Upload). ``Free`` of the handle
+    abandons an incomplete upload."""
+
+    handle: int
+    dtype: str
+    size: tuple[int, ...]
+    start: int
+    payload: int
+    share: bool
+
+
 class CopyIn(msgspec.Struct, array_like=True, tag=5):
     """Copy payload segment ``payload`` (contiguous ``size`` of ``src_dtype``) into a view."""
 
@@ -346,7 +363,7 @@ class Replay(msgspec.Struct, array_like=True, tag=12):
 
 
 Op = Union[DefineOp, Run, Alloc, Upload, CopyIn, BindBlob, CopyStorage, Free, Seed, ResetTemplates, DefineGraph,
-           Replay]
+           Replay, UploadPart]
 
 
 # ---------------------------------------------------------------------------------------------
