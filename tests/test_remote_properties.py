@@ -1,7 +1,7 @@
 """Property-based attacks (hypothesis): a hostile tenant A against tenant B on one GPU server.
 
 A and B upload the same weights (stored once, shared). A then sends random DefineOp / Run / Execute /
-Upload / Free records over a broad op list (views, aliases, as_strided, _reshape_alias, view.dtype,
+Upload / UploadPart / Free records over a broad op list (views, aliases, as_strided, _reshape_alias, view.dtype,
 in-place and out= ops, factories), with geometries that are sometimes honest and sometimes not, and
 declared outputs that are sometimes lies. After every example: B's weights and private data are
 unchanged, A holds no more than its quota (by the server's books and by the memory its tensors really
@@ -88,10 +88,14 @@ def _meta_outs(name: str, args: list, kwargs: dict, slots: list[tuple]) -> list[
 def _distinct_private_bytes(server: GPUServer, tid: int) -> int:
     """Bytes of memory tenant ``tid``'s private tensors really use (each storage counted once)."""
     seen: dict[int, int] = {}
-    for stg in server.tenants[tid].storages.values():
+    tenant = server.tenants[tid]
+    for stg in tenant.storages.values():
         if stg.blob is None:
             u = stg.tensor.untyped_storage()
             seen[u.data_ptr()] = u.nbytes()
+    for part in tenant.uploads.partial.values():  # uploads in parts, not yet complete
+        u = part.tensor.untyped_storage()
+        seen[u.data_ptr()] = u.nbytes()
     return sum(seen.values())
 
 
@@ -115,7 +119,28 @@ def test_a_hostile_tenant_cannot_touch_another_or_pass_its_quota(data):
     handles = {a.upload(weight, share=True): ("float32", W), a.upload(torch.ones(W)): ("float32", W)}
 
     for _ in range(data.draw(st.integers(1, 10), label="records")):
-        kind = data.draw(st.sampled_from(["op", "op", "op", "execute", "upload", "free"]), label="kind")
+        kind = data.draw(st.sampled_from(["op", "op", "op", "execute", "upload", "parts", "free"]), label="kind")
+        if kind == "parts":  # an upload in parts, its parts drawn in any order and size (often wrong)
+            h = a.handle()
+            n = data.draw(st.sampled_from([W, QUOTA // 8, QUOTA // 4, 2 * QUOTA]), label="part upload")
+            share = data.draw(st.booleans(), label="part share")
+            raw = (weight if n == W else torch.ones(n)).numpy().tobytes()  # n == W: B's weight's bytes
+            if data.draw(st.booleans(), label="honest parts"):  # three parts in order: it completes
+                cuts = [0, len(raw) // 3, 2 * len(raw) // 3, len(raw)]
+                spans = list(zip(cuts, cuts[1:]))
+            else:
+                starts = [0, *data.draw(st.lists(st.integers(0, len(raw)), max_size=4), label="starts")]
+                spans = [(x, data.draw(st.integers(x, len(raw)), label="end")) for x in starts]
+            ops, payloads = [], []
+            for start, end in spans:
+                ops.append(P.UploadPart(h, "float32", (n,), start, len(payloads), share))
+                payloads.append(raw[start:end])
+            try:
+                a.send(ops, payloads, sync=P.Barrier())
+            except Refused:
+                pass
+            handles[h] = ("float32", n)  # bound only if its parts were right; using it otherwise is refused
+            continue
         if kind == "upload":
             n = data.draw(st.sampled_from([1, W, QUOTA // 4, QUOTA]), label="upload")
             handles[a.upload(torch.ones(n), share=data.draw(st.booleans()))] = ("float32", n)
