@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -442,6 +443,61 @@ def test_cluster_mode_hands_one_token_to_every_actor_child_by_environment(monkey
     assert asyncio.run(controller_header()) == cfg.worker_token
     other = parse_config({"network": {"mode": "loopback"}}).with_secrets()
     assert other.worker_token != cfg.worker_token  # generated per deployment
+
+
+def test_cluster_mode_passes_tls_to_router_gpu_servers_and_workers(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
+    """Without Ray: router.tls and gpu_server.tls in the cluster config reach the router's `caserve serve`
+    (https URL, certificate, key, the CA its probe checks), every worker (--router-ca, and --tls-ca for the
+    GPU server of an assisted one) and the controller's HTTP client; half a TLS config is refused."""
+    import asyncio
+    import ssl
+
+    from caserve.cluster import actors
+    from caserve.cluster.config import parse_config
+    from caserve.cluster.controller import ClusterController
+    from caserve.cluster.errors import ConfigError
+
+    started: list[tuple[str, list[str]]] = []
+
+    class FakeProcess:
+        def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+            started.append((name, argv))
+
+        def start(self) -> "FakeProcess":
+            return self
+
+    monkeypatch.setattr(actors, "SupervisedProcess", FakeProcess)
+    key, crt, gkey, gcrt = (tmp_path / n for n in ("key.pem", "cert.pem", "gkey.pem", "gcert.pem"))
+    for k, c in ((key, crt), (gkey, gcrt)):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                        "/CN=127.0.0.1", "-keyout", str(k), "-out", str(c)], check=True, capture_output=True)
+    cfg = parse_config({"network": {"mode": "loopback"},
+                        "router": {"tls": {"cert": str(crt), "key": str(key)}},
+                        "gpu_server": {"tls": {"cert": str(gcrt), "key": str(gkey)}}}).with_secrets()
+    router = actors.RouterActor(cfg)
+    assert router.url.startswith("https://")
+    actors.WorkerActor(cfg, "assisted-0", "assisted", router.url, "127.0.0.1:7070")
+    actors.WorkerActor(cfg, "native-0-0", "native", router.url, None, "0")
+    (_, serve), (_, assisted), (_, native) = started
+    flags = lambda argv: {a: argv[i + 1] for i, a in enumerate(argv) if a.startswith("--tls") or a == "--router-ca"}
+    assert flags(serve) == {"--tls-cert": str(crt), "--tls-key": str(key), "--tls-ca": str(crt)}
+    assert flags(assisted) == {"--tls-ca": str(gcrt), "--router-ca": str(crt)}
+    assert flags(native) == {"--router-ca": str(crt)}
+
+    async def controller_verifies() -> object:
+        ctrl = ClusterController(cfg)
+        try:
+            return ctrl._http._transport._pool._ssl_context
+        finally:
+            await ctrl._http.aclose()
+
+    context = asyncio.run(controller_verifies())
+    assert isinstance(context, ssl.SSLContext) and context.verify_mode == ssl.CERT_REQUIRED
+    assert len(context.get_ca_certs()) == 1  # the router's certificate, not the system store
+    for bad in ({"cert": str(crt)}, {"key": str(key)}, {"ca": str(crt)}):
+        with pytest.raises((ConfigError, ValueError), match="tls"):
+            parse_config({"network": {"mode": "loopback"}, "router": {"tls": bad}})
 
 
 def test_refusals_are_logged_within_a_budget(caplog: pytest.LogCaptureFixture) -> None:

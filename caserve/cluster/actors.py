@@ -89,7 +89,8 @@ class GPUServerActor:
 
             torch.set_num_threads(g.threads)
         self.server = GPUServer(g.device, token, g.tenant_memory_limit)
-        self.listener = Listener(self.server, self.host, g.base_port + index).start()
+        tls = {"tls_cert": str(g.tls.cert), "tls_key": str(g.tls.key)} if g.tls.on else {}
+        self.listener = Listener(self.server, self.host, g.base_port + index, **tls).start()
         self.started = time.time()
         logger.info("GPU server %d on %s (device %s, Ray GPUs %s)", index, self.listener.address, self.server.device,
                     self.gpu_ids)
@@ -116,10 +117,13 @@ class RouterActor:
         r = cfg.router
         bind = "127.0.0.1" if cfg.loopback else "0.0.0.0"
         host = "127.0.0.1" if cfg.loopback else ray.util.get_node_ip_address()
-        self.url = f"http://{host}:{r.port}"
+        self.url = f"{'https' if r.tls.on else 'http'}://{host}:{r.port}"
+        tls = ["--tls-cert", str(r.tls.cert), "--tls-key", str(r.tls.key), "--tls-ca", str(r.tls.client_ca)] \
+            if r.tls.on else []
         argv = caserve_argv("serve", "--host", bind, "--port", str(r.port), "--model", cfg.model,
                             "--native-workers", "0", "--assisted-workers", "0", "--cpu-workers", "0",
-                            "--policy", r.policy, "--max-batch", str(r.max_batch), "--max-queue", str(r.max_queue))
+                            "--policy", r.policy, "--max-batch", str(r.max_batch), "--max-queue", str(r.max_queue),
+                            *tls)
         env = _secrets_env(cfg)
         if cfg.api_key:
             env[API_KEY_ENV] = cfg.api_key
@@ -148,6 +152,10 @@ class WorkerActor:
             argv += ["--gpu-server", gpu_server]
             if cfg.gpu_server.token_file:
                 argv += ["--token-file", str(cfg.gpu_server.token_file)]
+            if cfg.gpu_server.tls.on:
+                argv += ["--tls-ca", str(cfg.gpu_server.tls.client_ca)]
+        if cfg.router.tls.on:
+            argv += ["--router-ca", str(cfg.router.tls.client_ca)]
         if cfg.shrink:
             argv.append("--shrink")
         if cfg.task:

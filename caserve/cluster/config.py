@@ -64,6 +64,32 @@ class AssistedConfig(_Strict):
         return self
 
 
+class TLSConfig(_Strict):
+    """A link's TLS: the listener's certificate and key (PEM, at the same path on every node that runs
+    it), and the CA its clients check it against (default: the certificate itself, right for a
+    self-signed one). Empty: plain TCP."""
+
+    cert: Optional[Path] = Field(None, description="certificate (PEM) the listener presents")
+    key: Optional[Path] = Field(None, description="the certificate's private key (PEM)")
+    ca: Optional[Path] = Field(None, description="CA file clients check the certificate against (default: cert)")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> "TLSConfig":
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("tls needs both cert and key, or neither")
+        if self.ca is not None and self.cert is None:
+            raise ValueError("tls.ca checks a certificate: it needs tls.cert and tls.key")
+        return self
+
+    @property
+    def on(self) -> bool:
+        return self.cert is not None
+
+    @property
+    def client_ca(self) -> Optional[Path]:
+        return self.ca or self.cert
+
+
 class RouterConfig(_Strict):
     port: int = Field(8000, ge=1, le=65535)
     policy: Literal["fcfs", "ect"] = "fcfs"
@@ -74,6 +100,7 @@ class RouterConfig(_Strict):
     worker_token_file: Optional[Path] = Field(
         None, description="the router's worker token (for workers outside the cluster too); default: generated")
     api_key_file: Optional[Path] = Field(None, description="API key the public routes require; default: none")
+    tls: TLSConfig = Field(default_factory=TLSConfig, description="HTTPS on the router's port")
 
 
 class GPUServerConfig(_Strict):
@@ -83,6 +110,7 @@ class GPUServerConfig(_Strict):
     tenant_memory_limit: str = "0"
     num_cpus: float = Field(1.0, ge=0)
     threads: int = Field(0, ge=0, description="torch intra-op threads of the server (0: torch's default)")
+    tls: TLSConfig = Field(default_factory=TLSConfig, description="TLS on the GPU servers' TCP port")
 
     @field_validator("tenant_memory_limit")
     @classmethod

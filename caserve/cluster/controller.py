@@ -37,6 +37,7 @@ from caserve.cluster.adopt import adopt
 from caserve.cluster.errors import ClusterError, StartupTimeout
 from caserve.cluster.placement import ServerLoad, least_loaded
 from caserve.cluster.specs import ActorSpecs, Managed
+from caserve.serving.credentials import router_verify
 from caserve.serving.messages import WORKER_TOKEN_HEADER
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ class ClusterController:
         self._full_noted = False
         # The worker token opens drain, and all of /health and /metrics when the router has an API key.
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(CALL_TIMEOUT_S, connect=3.0),
-                                       headers={WORKER_TOKEN_HEADER: str(self.cfg.worker_token)})
+                                       headers={WORKER_TOKEN_HEADER: str(self.cfg.worker_token)},
+                                       verify=router_verify(self.cfg.router.tls.client_ca))
         if reconstructed():  # Ray restarted this controller: take over what the previous one ran
             self._loop = asyncio.get_running_loop().create_task(self._adopt_then_control())
 
