@@ -22,7 +22,7 @@ import torch
 from caserve.remote.wire import protocol as P
 from caserve.remote.wire.codec import DTYPE_NAMES, DTYPES, fresh_returns, scalar_slots
 from caserve.remote.client.capture import weights_changed
-from caserve.remote.client.planner import Plan, make_plan
+from caserve.remote.client.planner import Fresh, Node, Plan, Seq, View, Written, make_plan
 from caserve.remote.wire.errors import RemoteError
 from caserve.remote.client.session import FLUSH_BYTES, FLUSH_OPS, Session, session_of
 from caserve.remote.client.tensor import LAZY, LIVE, RemoteStorage, RemoteTensor, ready, resize_empty, wrap
@@ -88,24 +88,24 @@ def _unshare(st: RemoteStorage) -> None:
     logger.debug("copy-on-write of a shared weight (storage %d)", new)
 
 
-def _build(n: Any, slots: list[RemoteTensor], fresh: list[RemoteStorage]) -> Any:
-    k = n[0]
-    if k == "F":
-        return wrap(fresh[n[1]], n[7], n[6])
-    if k == "S" or k == "R":
-        return slots[n[1]]
-    if k == "V":
-        base = slots[n[1]]
+def _build(n: Node, slots: list[RemoteTensor], fresh: list[RemoteStorage]) -> Any:
+    """The op's return value from its plan's output tree (``fresh``: the storages minted for this call)."""
+    t = type(n)
+    if t is Fresh:
+        return wrap(fresh[n.index], n.cs, n.nbytes)
+    if t is Written:
+        return slots[n.slot]
+    if t is View:
+        base = slots[n.slot]
         if torch.is_inference_mode_enabled() and not base.is_inference():
             # A view of a normal tensor must be a normal tensor: torch shares the base's version counter.
             with torch.inference_mode(False):
-                return wrap(base._st, n[7], n[6])
-        return wrap(base._st, n[7], n[6])
-    if k == "L":
-        return [_build(c, slots, fresh) for c in n[1]]
-    if k == "T":
-        return tuple(_build(c, slots, fresh) for c in n[1])
-    return n[1]
+                return wrap(base._st, n.cs, n.nbytes)
+        return wrap(base._st, n.cs, n.nbytes)
+    if t is Seq:
+        items = [_build(c, slots, fresh) for c in n.items]
+        return items if n.is_list else tuple(items)
+    return n.value
 
 
 def dispatch(func, args: tuple, kwargs: dict) -> Any:
@@ -193,8 +193,8 @@ def run_op(func, args: tuple, kwargs: dict) -> Any:
         if plan.sync:
             return _execute(session, func, args, kwargs, plan, slots, handles, scalars)
         out = plan.out
-        if out[0] == "F":  # one fresh tensor: the common case, built without the generic walk
-            st = RemoteStorage(session, out[2])
+        if type(out) is Fresh:  # one fresh tensor: the common case, built without the generic walk
+            st = RemoteStorage(session, out.dtype)
             run = P.Run(plan.tid, handles, [st.handle], scalars)
             if session.region is None:  # Session.emit, inlined for the eager case
                 ops = session.ops
@@ -203,7 +203,7 @@ def run_op(func, args: tuple, kwargs: dict) -> Any:
                     session.flush()
             else:
                 session.emit(run)
-            return wrap(st, out[7], out[6])
+            return wrap(st, out.cs, out.nbytes)
         fresh = [RemoteStorage(session, None) for _ in range(plan.nfresh)]  # type: ignore[arg-type]
         session.emit(P.Run(plan.tid, handles, [st.handle for st in fresh], scalars))
         return _build(out, slots, fresh)

@@ -21,16 +21,62 @@ logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
-# Plans
+# Plans: what an op returns is a tree of nodes, built once per signature and walked by dispatch per call.
+
+
+@dataclass(slots=True, eq=False)
+class Fresh:
+    """Fresh output ``index`` of the op (its place in the Run's ``outs``): new storage laid out as ``cs``."""
+
+    index: int
+    dtype: torch.dtype
+    cs: tuple  # (dtype, size, stride, offset): the output tensor's ``_cs``
+    nbytes: int  # the storage bytes it reaches
+
+
+@dataclass(slots=True, eq=False)
+class View:
+    """A view of slot ``slot``'s storage, made on the client alone (a view op keeps the input's dtype)."""
+
+    slot: int
+    cs: tuple  # (dtype, size, stride, offset): the view's ``_cs``
+    nbytes: int
+
+
+@dataclass(slots=True, eq=False)
+class Written:
+    """A written argument (in-place ``self``, ``out=``) returned as itself: the tensor in slot ``slot``."""
+
+    slot: int
+
+
+@dataclass(slots=True, eq=False)
+class Seq:
+    """A list (``is_list``) or tuple of outputs."""
+
+    items: list[Node]
+    is_list: bool
+
+
+@dataclass(slots=True, eq=False)
+class Const:
+    """A returned value that is no tensor."""
+
+    value: Any
+
+
+Node = Fresh | View | Written | Seq | Const
 
 
 @dataclass
 class Plan:
+    """What one op signature does (see the module docstring); ``out`` is rebuilt into tensors per call."""
+
     tid: int  # template id on the server (0: nothing to send, the op is a view)
-    out: Any  # output tree, see _build
+    out: Node | None  # what the op returns (None: a sync op, rebuilt from the server's reply)
     nfresh: int
     write_slots: tuple[int, ...]
-    replace: tuple[tuple[int, tuple], ...] = ()  # (slot, (dtype, size, stride)): out= args given new storage
+    replace: tuple[tuple[int, tuple], ...] = ()  # (slot, (dtype, size, stride, offset)): out= args given new storage
     sync: bool = False  # run with Execute (no meta kernel, or data-dependent output shapes)
 
 
@@ -78,10 +124,9 @@ def _geom(t: torch.Tensor) -> tuple:
     return (t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset())
 
 
-def _node(kind: str, index: int, g: tuple) -> tuple:
-    """A plan leaf: kind, slot or output index, dtype, size, stride, offset, storage bytes, and
-    (dtype, size, stride, offset) again as one tuple, which becomes the output's ``_cs``."""
-    return (kind, index, *g, extent(g[1], g[2], g[3]) * g[0].itemsize, tuple(g))
+def _nbytes(g: tuple) -> int:
+    """The storage bytes a tensor of geometry ``g`` = (dtype, size, stride, offset) reaches."""
+    return extent(g[1], g[2], g[3]) * g[0].itemsize
 
 
 def make_plan(session: Session, func, args, kwargs, slots: list[RemoteTensor]) -> Plan:
@@ -125,21 +170,20 @@ def make_plan(session: Session, func, args, kwargs, slots: list[RemoteTensor]) -
                 if g != slots[slot]._cs:
                     if slots[slot].numel() != 0:
                         raise NotImplementedError(f"{func}: resizing a non-empty out= tensor on a caserve device")
-                    replace[slot] = g
-                    return ("R", slot)
-                return ("S", slot)
+                    replace[slot] = g  # resized: it gets new storage before the op runs
+                return Written(slot)
             if local_view:
-                return _node("V", 0, g)
+                return View(0, g, _nbytes(g))
             nfresh += 1
-            return _node("F", nfresh - 1, g)
+            return Fresh(nfresh - 1, g[0], g, _nbytes(g))
         if isinstance(value, (list, tuple)):
-            return ("L" if isinstance(value, list) else "T", [node(v, write_name) for v in value])
-        return ("C", value)
+            return Seq([node(v, write_name) for v in value], isinstance(value, list))
+        return Const(value)
 
     if len(schema.returns) == 1:
         out = node(mout, ret_writes[0])
     else:
-        out = ("T", [node(v, w) for v, w in zip(mout, ret_writes)])
+        out = Seq([node(v, w) for v, w in zip(mout, ret_writes)], False)
     plan = Plan(0, out, nfresh, tuple(write_slots), tuple(replace.items()))
     if local_view and not write_slots:
         return plan  # a pure view: nothing to run on the server
@@ -171,11 +215,12 @@ def _define(session: Session, func, args, kwargs, plan: Plan, replace: dict[int,
     spec_kwargs = {k: top(v, k in lift_names) for k, v in kwargs.items()}
     outs = []
 
-    def collect(n: Any) -> None:
-        if n[0] == "F":
-            outs.append((DTYPE_NAMES[n[2]], n[3], n[4], n[5]))
-        elif n[0] in ("L", "T"):
-            for c in n[1]:
+    def collect(n: Node) -> None:
+        if type(n) is Fresh:
+            dtype, size, stride, offset = n.cs
+            outs.append((DTYPE_NAMES[dtype], size, stride, offset))
+        elif type(n) is Seq:
+            for c in n.items:
                 collect(c)
 
     if plan.out is not None:
