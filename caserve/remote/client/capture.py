@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -107,15 +107,97 @@ def _walk(x: Any, leaves: list[Any], depth: int) -> Any:
     return (t, tuple(items))
 
 
-def _model_tensors(model: torch.nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
-    """Every parameter and buffer as (the dict holding it, its name, the tensor)."""
+class Weight(NamedTuple):
+    """A parameter or buffer of the model, and where it lives (``holder[name]``)."""
+
+    holder: dict  # the module's ``_parameters`` or ``_buffers``
+    name: str
+    tensor: torch.Tensor
+
+
+def _model_tensors(model: torch.nn.Module) -> list[Weight]:
+    """Every parameter and buffer of the model."""
     out = []
     for module in model.modules():
         for d in (module._parameters, module._buffers):
             for name, t in d.items():
                 if t is not None:
-                    out.append((d, name, t))
+                    out.append(Weight(d, name, t))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# What a call reads and returns
+
+
+@dataclass(frozen=True, slots=True)
+class FromInput:
+    """A tensor read but not made by the call: one forward was given, leaf ``leaf`` of the call's key."""
+
+    leaf: int
+
+
+@dataclass(frozen=True, slots=True)
+class FromModel:
+    """A tensor read but not made by the call: the model's parameter or buffer ``Step.weights[index]``."""
+
+    index: int
+
+
+Source = FromInput | FromModel
+
+
+@dataclass(frozen=True, slots=True)
+class Made:
+    """An output on storage the call made: handle ``base + ref`` of the replay, laid out as given."""
+
+    ref: int
+    dtype: torch.dtype
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Passed:
+    """An output that is leaf ``leaf`` of the call's key itself (an argument returned as it came)."""
+
+    leaf: int
+
+
+@dataclass(frozen=True, slots=True)
+class ViewOf:
+    """An output that views a tensor the call read but did not make (``source``), laid out as given."""
+
+    source: Source
+    dtype: torch.dtype
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Value:
+    """An output that is a plain value (a number, a dtype, None)."""
+
+    value: Any
+
+
+Out = Made | Passed | ViewOf | Value
+
+
+@dataclass
+class Behaviour:
+    """What one recorded call did; the second call of a key that behaves the same becomes a step."""
+
+    sig: tuple  # its records in reference form (caserve.remote.client.records.reference_form)
+    minted: int  # handles it minted
+    sources: tuple[Source, ...]  # per external handle of the records: where that tensor comes from
+    scalars: tuple  # the values of the records' scalar slots
+    keep: tuple[int, ...]  # references of the storages its outputs are on
+    outs: tuple[Out, ...]  # per output leaf
+    spec: pytree.TreeSpec  # the structure of its return value
+    aliases: tuple[int, ...]  # per leaf: the first leaf sharing its storage (or -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,13 +208,13 @@ def _model_tensors(model: torch.nn.Module) -> list[tuple[dict, str, torch.Tensor
 class Step:
     gid: int
     minted: int  # handles the call mints: a replay reserves as many
-    sources: tuple[tuple[str, int], ...]  # ("a", leaf index) or ("m", index in ``weights``), per external
+    sources: tuple[Source, ...]  # per external handle of the graph
     scalars: list[Any]
     keep: list[int]  # references of the output storages
-    outs: list[tuple]  # per output leaf: ('n', ref, *layout), ('a', leaf), ('x', source, *layout), ('c', value)
+    outs: list[Out]  # per output leaf
     spec: pytree.TreeSpec
     aliases: tuple[int, ...]  # per leaf: the first leaf sharing its storage (or -1)
-    weights: list[tuple[dict, str, torch.Tensor]]  # the model's tensors it reads, where they live
+    weights: list[Weight]  # the model's tensors it reads
     epoch: int  # the session's template epoch the graph was defined in
     # ``ext`` of a replay with the weights' handles filled in (checked at ``weights_epoch``), and the
     # positions the inputs' handles go to: (position in ext, leaf index).
@@ -204,40 +286,39 @@ class Capture:
             storages: dict[int, Any] = {}
             values = []
             for o in step.outs:
-                kind = o[0]
-                if kind == "n":
-                    r, dtype, size, stride, offset = o[1:]
-                    st = storages.get(r)
+                kind = type(o)
+                if kind is Made:
+                    st = storages.get(o.ref)
                     if st is None:
-                        st = storages[r] = RemoteStorage.bound(session, base + r, dtype)
-                    values.append(RemoteTensor(st, dtype, size, stride, offset))
-                elif kind == "a":
-                    values.append(leaves[o[1]])
-                elif kind == "x":
-                    (skind, i), dtype, size, stride, offset = o[1:]
-                    src = leaves[i] if skind == "a" else step.weights[i][2]
-                    values.append(RemoteTensor(src._st, dtype, size, stride, offset))
+                        st = storages[o.ref] = RemoteStorage.bound(session, base + o.ref, o.dtype)
+                    values.append(RemoteTensor(st, o.dtype, o.size, o.stride, o.offset))
+                elif kind is Passed:
+                    values.append(leaves[o.leaf])
+                elif kind is ViewOf:
+                    src = o.source
+                    base_tensor = leaves[src.leaf] if type(src) is FromInput else step.weights[src.index].tensor
+                    values.append(RemoteTensor(base_tensor._st, o.dtype, o.size, o.stride, o.offset))
                 else:
-                    values.append(o[1])
+                    values.append(o.value)
             return pytree.tree_unflatten(values, step.spec)
 
     def _check_weights(self, key: tuple, step: Step) -> bool:
         """The step's weights are still the model's: refresh their handles (a copy on write changes
         them), or drop the step."""
         epoch = WEIGHTS_EPOCH[0]
-        for d, name, t in step.weights:
-            if d.get(name) is not t:
-                logger.debug("graph mode: the model's %s changed; step %d dropped", name, step.gid)
+        for w in step.weights:
+            if w.holder.get(w.name) is not w.tensor:
+                logger.debug("graph mode: the model's %s changed; step %d dropped", w.name, step.gid)
                 del self.steps[key]
                 return False
         ext = [0] * len(step.sources)
-        for pos, (kind, i) in enumerate(step.sources):
-            if kind == "m":
-                st = step.weights[i][2]._st
+        for pos, src in enumerate(step.sources):
+            if type(src) is FromModel:
+                st = step.weights[src.index].tensor._st
                 ready(st)
                 ext[pos] = st.handle
         step.ext, step.weights_epoch = ext, epoch
-        step.inputs = [(pos, i) for pos, (kind, i) in enumerate(step.sources) if kind == "a"]
+        step.inputs = [(pos, src.leaf) for pos, src in enumerate(step.sources) if type(src) is FromInput]
         return True
 
     # -- recording ---------------------------------------------------------------------------------
@@ -246,7 +327,7 @@ class Capture:
                 log: CallLog, training: bool) -> None:
         """Watch a recorded call; the second identical one becomes a step."""
         try:
-            seen = self._behaviour(session, key, args, kwargs, leaves, out, log, training)
+            behaviour, recs, weights = self._behaviour(session, key, args, kwargs, leaves, out, log, training)
         except Uncapturable as exc:
             if len(self.tries) >= MAX_KEYS:  # a long-running worker meets many one-off keys (prefills)
                 self.tries.clear()
@@ -254,37 +335,38 @@ class Capture:
             self.seen.pop(key, None)
             logger.debug("graph mode: forward not captured (%s)", exc)
             return
-        if self.seen.get(key) != seen[0]:
+        if self.seen.get(key) != behaviour:
             if len(self.seen) >= MAX_KEYS:
                 self.seen.clear()
-            self.seen[key] = seen[0]
+            self.seen[key] = behaviour
             return
         del self.seen[key]
         if len(self.steps) >= MAX_STEPS:
             self.steps.clear()
-        if len(seen[1][0]) > session.limits.max_graph_records:  # no server takes it: record this call always
+        if len(recs) > session.limits.max_graph_records:  # no server takes it: record this call always
             self.tries[key] = MAX_TRIES
-            logger.debug("graph mode: forward not captured (%d records, more than one graph holds)", len(seen[1][0]))
+            logger.debug("graph mode: forward not captured (%d records, more than one graph holds)", len(recs))
             return
-        if not session.graph_cache.room(len(seen[1][0])):
+        if not session.graph_cache.room(len(recs)):
             # The server keeps a bounded number of graphs: start afresh (templates and graphs alike).
             with session.lock:
                 session.reset_templates()
             self.steps.clear()
             return
-        sig, minted, sources, scalars, keep, outs, spec, aliases = seen[0]
-        recs, weights = seen[1]
+        b = behaviour
         with session.lock:
             definition = session.graph_cache.define(recs)
             session.emit(definition)
         gid = definition.gid
-        self.steps[key] = Step(gid, minted, sources, list(scalars), list(keep), list(outs), spec, aliases,
-                               weights, log.epoch)
+        self.steps[key] = Step(gid, b.minted, b.sources, list(b.scalars), list(b.keep), list(b.outs), b.spec,
+                               b.aliases, weights, log.epoch)
         logger.debug("graph mode: step %d captured (%d records, %d sources, %d handles kept)", gid, len(recs),
-                     len(sources), len(keep))
+                     len(b.sources), len(b.keep))
 
     def _behaviour(self, session: Any, key: tuple, args: tuple, kwargs: dict, leaves: list[Any], out: Any,
-                   log: CallLog, training: bool) -> tuple[tuple, tuple]:
+                   log: CallLog, training: bool) -> tuple[Behaviour, list, list[Weight]]:
+        """What the call did, its records in reference form and the model's tensors it reads; raises
+        :class:`Uncapturable` when it cannot become a step."""
         if log.bad is not None:
             raise Uncapturable(log.bad)
         if call_key(args, kwargs, []) + (training,) != key:
@@ -294,46 +376,46 @@ class Capture:
         region.records = log.records
         sig, recs, ext, scalars = reference_form(region)
         # Where each tensor read but not made here comes from: an input, else a weight or buffer.
-        where: dict[int, tuple[str, int]] = {}
+        where: dict[int, Source] = {}
         for i, x in enumerate(leaves):
             if type(x) is RemoteTensor:
-                where.setdefault(x._st.handle, ("a", i))
-        weights: list[tuple[dict, str, torch.Tensor]] = []
-        held_by_model = {}
-        for entry in _model_tensors(self.model):
-            st = getattr(entry[2], "_st", None)
+                where.setdefault(x._st.handle, FromInput(i))
+        weights: list[Weight] = []
+        held_by_model: dict[int, Weight] = {}
+        for w in _model_tensors(self.model):
+            st = getattr(w.tensor, "_st", None)
             if st is not None:
-                held_by_model.setdefault(st.handle, entry)
+                held_by_model.setdefault(st.handle, w)
         sources = []
         for h in ext:
             src = where.get(h)
             if src is None:
-                entry = held_by_model.get(h)
-                if entry is None:
+                w = held_by_model.get(h)
+                if w is None:
                     raise Uncapturable(f"forward reads storage {h}, neither an input's nor the model's")
-                src = where[h] = ("m", len(weights))
-                weights.append(entry)
+                src = where[h] = FromModel(len(weights))
+                weights.append(w)
             sources.append(src)
         # What it returns: its own new tensors, its inputs, views of either, plain values.
         objects = {id(x): i for i, x in enumerate(leaves)}
         values, spec = pytree.tree_flatten(out, is_leaf=lambda x: id(x) in objects)
-        outs: list[tuple] = []
+        outs: list[Out] = []
         keep: list[int] = []
         for v in values:
             if id(v) in objects:
-                outs.append(("a", objects[id(v)]))
+                outs.append(Passed(objects[id(v)]))
             elif type(v) is RemoteTensor:
                 h = v._st.handle
                 if base <= h < end:
                     if h - base not in keep:
                         keep.append(h - base)
-                    outs.append(("n", h - base, *v._cs))
+                    outs.append(Made(h - base, *v._cs))
                 elif h in where:
-                    outs.append(("x", where[h], *v._cs))
+                    outs.append(ViewOf(where[h], *v._cs))
                 else:
                     raise Uncapturable("forward returns a tensor it did not make from its inputs")
             elif type(v) in _SIMPLE or type(v) in _TAGGED:
-                outs.append(("c", v))
+                outs.append(Value(v))
             else:
                 raise Uncapturable(f"forward returns a {type(v).__name__}")
         # Every handle it made and used must be freed by now, or be returned: anything else is held
@@ -344,9 +426,9 @@ class Capture:
             raise Uncapturable(f"forward keeps {len(held)} tensors it made outside its return value")
         if any(base + r not in made for r in keep):
             raise Uncapturable("forward returns a tensor it never wrote (an empty one)")
-        behaviour = (sig, end - base, tuple(sources), tuple(scalars), tuple(keep), tuple(outs), spec,
-                     _aliases(leaves))
-        return behaviour, (recs, weights)
+        behaviour = Behaviour(sig, end - base, tuple(sources), tuple(scalars), tuple(keep), tuple(outs), spec,
+                              _aliases(leaves))
+        return behaviour, recs, weights
 
 
 def _handles(rec: Any) -> list[int]:
