@@ -32,7 +32,7 @@ import torch
 
 from caserve.remote.wire import protocol as P
 from caserve.remote.client.capture import Capture, Uncapturable, call_key
-from caserve.remote.client.records import Region, reference_form
+from caserve.remote.client.records import RecordRef, Region, reference_form
 from caserve.remote.client.session import Session, session_of
 
 logger = logging.getLogger(__name__)
@@ -60,24 +60,17 @@ class GraphCache:
         return (self.defined < limits.max_graphs and records <= limits.max_graph_records
                 and self.defined_records + records <= limits.max_tenant_graph_records)
 
-    def define(self, recs: list[tuple]) -> P.DefineGraph:
+    def define(self, recs: list[RecordRef]) -> P.DefineGraph:
         """The definition of a new graph of ``recs`` (reference form), counted against the server's limits."""
         self.defined += 1
         self.defined_records += len(recs)
-        return P.DefineGraph(next(self.ids), [_struct(r) for r in recs])
+        return P.DefineGraph(next(self.ids), [r.struct() for r in recs])
 
     def clear(self) -> None:
         """The server forgot every graph (ResetTemplates)."""
         self.graphs.clear()
         self.seen.clear()
         self.defined = self.defined_records = 0
-
-
-def _struct(rec: tuple) -> Any:
-    cls, *fields = rec
-    if cls is P.Run:
-        return P.Run(fields[0], list(fields[1]), list(fields[2]))
-    return cls(*fields)
 
 
 def end_region(session: Session, region: Region) -> None:

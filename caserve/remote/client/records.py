@@ -1,12 +1,13 @@
 """Plain data shared by the client's session, graph mode and captured steps: a forward call's records
 being held back (:class:`Region`), what a watched call did (:class:`CallLog`), and the reference form
-of a region's records that both graph mode and capture match on. Imports nothing of the client.
+of a region's records (:class:`RunRef` and the others) that both graph mode and capture match on.
+Imports nothing of the client.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from caserve.remote.wire import protocol as P
 
@@ -35,9 +36,64 @@ class CallLog:
     bad: str | None = None  # why the call cannot be captured, if the session saw a reason
 
 
-def reference_form(region: Region) -> tuple[tuple, list[tuple], list[int], list]:
-    """The region in reference form: its signature, its records as tuples, the external handles and the
-    values of its scalar slots (the signature holds their templates, not their values)."""
+# A region's records in reference form: each handle written as a reference (``r >= 0``: the r-th handle
+# minted since the region began; ``r < 0``: external handle ``-r - 1``), everything hashable, so that a
+# tuple of them is the region's signature. The four kinds have different numbers of fields, so records
+# of different kinds never compare equal.
+
+
+class RunRef(NamedTuple):
+    """A :class:`~caserve.remote.wire.protocol.Run` (its scalars' values travel with each replay)."""
+
+    tid: int
+    slots: tuple[int, ...]
+    outs: tuple[int, ...]
+
+    def struct(self) -> P.Run:
+        return P.Run(self.tid, list(self.slots), list(self.outs))
+
+
+class AllocRef(NamedTuple):
+    handle: int
+    dtype: str
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    def struct(self) -> P.Alloc:
+        return P.Alloc(*self)
+
+
+class UploadRef(NamedTuple):
+    handle: int
+    dtype: str
+    size: tuple[int, ...]
+    payload: int
+    share: bool
+
+    def struct(self) -> P.Upload:
+        return P.Upload(*self)
+
+
+class CopyInRef(NamedTuple):
+    handle: int
+    dtype: str
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    src_dtype: str
+    src_size: tuple[int, ...]
+    payload: int
+
+    def struct(self) -> P.CopyIn:
+        return P.CopyIn(*self)
+
+
+RecordRef = RunRef | AllocRef | UploadRef | CopyInRef
+
+
+def reference_form(region: Region) -> tuple[tuple, list[RecordRef], list[int], list]:
+    """The region in reference form: its signature, its records, the external handles and the values of
+    its scalar slots (the signature holds their templates, not their values)."""
     base = region.base
     ext: list[int] = []
     scalars: list = []
@@ -52,18 +108,18 @@ def reference_form(region: Region) -> tuple[tuple, list[tuple], list[int], list]
             ext.append(h)
         return -i - 1
 
-    recs: list[tuple] = []
+    recs: list[RecordRef] = []
     for r in region.records:
         t = type(r)
         if t is P.Run:
-            recs.append((P.Run, r.tid, tuple([ref(h) for h in r.slots]), tuple([h - base for h in r.outs])))
+            recs.append(RunRef(r.tid, tuple([ref(h) for h in r.slots]), tuple([h - base for h in r.outs])))
             if r.scalars:
                 scalars.extend(r.scalars)
         elif t is P.Alloc:
-            recs.append((P.Alloc, ref(r.handle), r.dtype, r.size, r.stride))
+            recs.append(AllocRef(ref(r.handle), r.dtype, r.size, r.stride))
         elif t is P.Upload:
-            recs.append((P.Upload, ref(r.handle), r.dtype, r.size, r.payload, r.share))
+            recs.append(UploadRef(ref(r.handle), r.dtype, r.size, r.payload, r.share))
         else:  # CopyIn
-            recs.append((P.CopyIn, ref(r.handle), r.dtype, r.size, r.stride, r.offset, r.src_dtype, r.src_size,
-                         r.payload))
+            recs.append(CopyInRef(ref(r.handle), r.dtype, r.size, r.stride, r.offset, r.src_dtype, r.src_size,
+                                  r.payload))
     return tuple(recs), recs, ext, scalars

@@ -18,10 +18,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from caserve.remote.client.records import CallLog, Region
 from caserve.remote.wire import protocol as P
-from caserve.remote.client.records import CallLog
 from caserve.remote.wire.errors import ConnectionLost, HandshakeError, QuotaExceeded, RemoteOpError
-from caserve.remote.client.records import Region
 from caserve.remote.wire.transport import Channel, as_bytes
 
 logger = logging.getLogger(__name__)
