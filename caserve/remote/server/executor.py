@@ -20,15 +20,8 @@ from caserve.remote.wire import protocol as P
 from caserve.remote.server import cudagraph
 from caserve.remote.server.blobs import BlobStore
 from caserve.remote.wire.codec import DTYPE_NAMES, extent, flatten_fresh
-from caserve.remote.server.replay import (
-    GraphProgram,
-    device_copy,
-    Output,
-    compile_graph,
-    compile_runner,
-    payload_at,
-    tensor_from_bytes,
-)
+from caserve.remote.server.replay import GraphProgram, Output, compile_graph
+from caserve.remote.server.runner import compile_runner, device_copy, payload_at, tensor_from_bytes
 from caserve.remote.server.errors import QuotaError, TenantError
 from caserve.remote.server.opsurface import OpSurface
 from caserve.remote.server.templates import Slot, Template, check_geom, check_scalars, compile_template
