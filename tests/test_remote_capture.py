@@ -288,7 +288,7 @@ def test_assisted_engine_replays_prefills_of_one_bucket(dev):
 def test_a_session_starts_afresh_before_the_graph_limits_the_server_sent(monkeypatch):
     import msgspec
 
-    import caserve.remote.server.executor as X
+    import caserve.remote.server.tenant_graphs as X
     from caserve.remote.client.session import session_of
     from caserve.remote.wire import protocol as P
 

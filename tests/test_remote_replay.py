@@ -350,7 +350,7 @@ def test_compiled_and_record_by_record_replays_of_a_model_agree():
 
 
 def test_a_tenant_s_graphs_hold_a_bounded_number_of_records(rig, monkeypatch):
-    import caserve.remote.server.executor as X
+    import caserve.remote.server.tenant_graphs as X
 
     monkeypatch.setattr(X, "MAX_TENANT_GRAPH_OPS", 5)
     three = [P.Run(ADD, [-1, -1], [0]), P.Run(ADD, [0, 0], [1]), P.Run(ADD, [1, 1], [2])]
