@@ -126,7 +126,7 @@ def test_the_graph_sees_lazy_imports():
     graph = import_graph()
     # caserve.remote.connect imports the in-process channel inside the function, only when asked to.
     assert "caserve.remote.local" in graph["caserve.remote"]
-    assert "caserve.remote.server.listener" in graph["caserve.remote.local"]
+    assert "caserve.remote.server.connection" in graph["caserve.remote.local"]
 
 
 def test_no_import_circles():

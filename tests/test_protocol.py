@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import caserve.remote as R
 from caserve.remote.wire import protocol as P
-from caserve.remote.server.listener import Connection, GPUServer
+from caserve.remote.server.connection import Connection
+from caserve.remote.server.gpu_server import GPUServer
 from caserve.remote.wire.transport import recv_frame, send_frame
 
 # A change to any struct, tag or kind changes this digest: bump PROTOCOL_VERSION and update both.

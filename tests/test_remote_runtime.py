@@ -226,7 +226,7 @@ def test_authentication(make_gpu_server):
 
 
 def test_server_without_token_refuses_non_loopback():
-    from caserve.remote.server.listener import Connection
+    from caserve.remote.server.connection import Connection
 
     server = GPUServer("cpu")
     conn = Connection(server, "10.0.0.5:4444", loopback=False)

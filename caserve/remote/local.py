@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from caserve.remote.server.listener import Connection, GPUServer, _Refused
+from caserve.remote.server.connection import Connection, _Refused
+from caserve.remote.server.gpu_server import GPUServer
 from caserve.remote.wire import protocol as P
 from caserve.remote.wire.errors import ConnectionLost
 
