@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from caserve.remote.server.connection import Connection, _Refused
+from caserve.remote.server.connection import Connection, Refused
 from caserve.remote.server.gpu_server import GPUServer
 from caserve.remote.wire import protocol as P
 from caserve.remote.wire.errors import ConnectionLost
@@ -35,7 +35,7 @@ class LocalChannel:
         sizes = getattr(decoded, "payloads", None) or []
         try:
             reply = self.conn.on_frame(kind, decoded, P.split_payloads(memoryview(bytearray(data)), sizes))
-        except _Refused as exc:
+        except Refused as exc:
             reply = (P.Kind.ERROR, P.Error(exc.code, str(exc)), ())
         if reply is not None:
             rkind, rheader, rpayloads = reply

@@ -49,16 +49,16 @@ class Connection:
     def _handshake(self, kind: int, header: Any) -> tuple[P.Kind, Any, Sequence] | None:
         if kind == P.Kind.HELLO and not self.nonce:
             if header.version != P.PROTOCOL_VERSION:
-                raise _Refused("version", f"server speaks protocol {P.PROTOCOL_VERSION}, client {header.version}")
+                raise Refused("version", f"server speaks protocol {P.PROTOCOL_VERSION}, client {header.version}")
             if self.server.token is None and not self.loopback:
-                raise _Refused("auth", "this server has no token configured and accepts loopback clients only")
+                raise Refused("auth", "this server has no token configured and accepts loopback clients only")
             self.client_nonce = header.nonce
             self.nonce = secrets.token_bytes(32)
             return P.Kind.CHALLENGE, P.Challenge(P.PROTOCOL_VERSION, self.nonce, self.server.token is not None), ()
         if kind == P.Kind.AUTH and self.nonce:
             group = self.server.authenticate(self.nonce, header.mac)
             if group is None:
-                raise _Refused("auth", "authentication failed: wrong token")
+                raise Refused("auth", "authentication failed: wrong token")
             self.tenant = self.server.new_tenant(*group)
             logger.info("tenant %d connected from %s", self.tenant.id, self.peer)
             token = self.server.token_of(*group)
@@ -66,7 +66,7 @@ class Connection:
             welcome = P.Welcome(self.tenant.id, str(self.server.device), self.server.device_name,
                                 self.server.memory_limit, self.server.limits, proof)
             return P.Kind.WELCOME, welcome, ()
-        raise _Refused("protocol", f"unexpected message kind {kind} during the handshake")
+        raise Refused("protocol", f"unexpected message kind {kind} during the handshake")
 
     def _submit(self, msg: P.Submit, payloads: list[memoryview]) -> tuple[P.Kind, Any, Sequence] | None:
         tenant = self.tenant
@@ -105,7 +105,7 @@ class Connection:
             self.tenant = None
 
 
-class _Refused(Exception):
+class Refused(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
@@ -127,8 +127,8 @@ def serve_connection(server: GPUServer, sock: socket.socket, peer: str, loopback
                 send_frame(sock, *reply)
     except ConnectionLost:
         pass
-    except (P.ProtocolError, _Refused) as exc:
-        code = exc.code if isinstance(exc, _Refused) else "protocol"
+    except (P.ProtocolError, Refused) as exc:
+        code = exc.code if isinstance(exc, Refused) else "protocol"
         logger.warning("closing connection from %s: %s", peer, exc)
         try:
             send_frame(sock, P.Kind.ERROR, P.Error(code, str(exc)))

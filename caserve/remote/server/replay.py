@@ -33,11 +33,11 @@ import torch
 from caserve.remote.wire import protocol as P
 from caserve.remote.wire.codec import extent
 from caserve.remote.server.runner import (
-    _call_source,
-    _conform_source,
-    _Consts,
-    _fresh_outputs,
+    Consts,
+    call_source,
+    conform_source,
     device_copy,
+    fresh_outputs,
     payload_at,
     tensor_from_bytes,
 )
@@ -180,7 +180,7 @@ class _Builder:
     def __init__(self, gid: int, device: torch.device) -> None:
         self.gid = gid
         self.device = device
-        self.k = _Consts()
+        self.k = Consts()
         self.lines: list[str] = []
         self.regs: dict[int, int] = {}  # internal reference -> register
         self.outputs: list[Output] = []
@@ -242,17 +242,17 @@ class _Builder:
             raise TenantError(f"graph {self.gid}: {tpl.name} takes {len(tpl.slots)} inputs and {len(tpl.outs)} outputs")
         views = [self.view(r, s.dtype, s.geom, s.extent, i in tpl.write_slots, step)
                  for i, (r, s) in enumerate(zip(slots, tpl.slots))]
-        call = _call_source(tpl, views, so, "G", self.k)
+        call = call_source(tpl, views, so, "G", self.k)
         targets = [self.produce(r, w[0], w[1:], step) for r, w in zip(outs, tpl.outs)]
         if not targets:
             self.lines.append(call)
         elif tpl.single:
             want = tpl.outs[0]
             self.lines.append(f"v = {call}")
-            self.lines.append(_conform_source("v", want, self.k))
+            self.lines.append(conform_source("v", want, self.k))
             self.lines.append(f"{targets[0]} = v")
         else:
-            self.lines.append(f"{', '.join(targets)}, = {self.k(_fresh_outputs)}({self.k(tpl.fn)}, {call}, "
+            self.lines.append(f"{', '.join(targets)}, = {self.k(fresh_outputs)}({self.k(tpl.fn)}, {call}, "
                               f"{self.k(tpl.outs)}, {self.k(tpl.name)})")
 
 

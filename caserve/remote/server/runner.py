@@ -64,7 +64,7 @@ def conform(t: torch.Tensor, want: Want) -> torch.Tensor:
     return out
 
 
-def _fresh_outputs(fn: torch._ops.OpOverload, result: Any, wants: list[Want], name: str,
+def fresh_outputs(fn: torch._ops.OpOverload, result: Any, wants: list[Want], name: str,
                    alias_of: tuple[int | None, ...] = ()) -> list[torch.Tensor]:
     fresh = flatten_fresh(fn, result)
     if len(fresh) != len(wants):
@@ -82,7 +82,7 @@ def exact_view(t: torch.Tensor, want: Want, name: str) -> torch.Tensor:
 
 
 
-def _call_source(tpl: Template, views: list[str], so: int, gen: str, k: Callable[[Any], str]) -> str:
+def call_source(tpl: Template, views: list[str], so: int, gen: str, k: Callable[[Any], str]) -> str:
     """The source of a call of ``tpl``: slot ``i`` is ``views[i]``, scalar ``j`` is ``S[so + j]``, each
     constant is placed by ``k``, the generator (for random ops) is ``gen``."""
 
@@ -104,7 +104,7 @@ def _call_source(tpl: Template, views: list[str], so: int, gen: str, k: Callable
     return f"{k(tpl.call)}({''.join(parts)})"
 
 
-def _conform_source(v: str, want: Want, k: Callable[[Any], str]) -> str:
+def conform_source(v: str, want: Want, k: Callable[[Any], str]) -> str:
     """``conform`` inlined for the common case of an output laid out as expected."""
     return (f"if {v}.stride() != {k(want[2])} or {v}.storage_offset() != {want[3]} or {v}.shape != {k(want[1])} "
             f"or {v}.dtype is not {k(want[0])}: {v} = {k(conform)}({v}, {k(want)})")
@@ -114,7 +114,7 @@ def _write_refused(name: str, handle: int) -> None:
     raise TenantError(f"{name} writes to storage {handle}, a shared read-only weight")
 
 
-class _Consts:
+class Consts:
     """A generated function's constant pool ``K``; objects are shared by identity."""
 
     def __init__(self) -> None:
@@ -137,7 +137,7 @@ def compile_runner(tpl: Template, storage: type) -> Callable[[Any, list[int], li
     writes to shared weights, charge the outputs, call the op, conform its outputs and bind them. The
     source holds only indices, the schema's keyword names and constants kept in ``K``.
     """
-    k = _Consts()
+    k = Consts()
     n, m = len(tpl.slots), len(tpl.outs)
     if not tpl.runnable:
         lines = [f"raise {k(TenantError)}({k(f'{tpl.name}: its outputs are known only once it ran; use Execute')}, "
@@ -162,7 +162,7 @@ def compile_runner(tpl: Template, storage: type) -> Callable[[Any, list[int], li
         # Tenant._charge, inlined: it raises when the outputs would take the tenant past its limit.
         lines.append(f"if self.memory_limit and self.bytes + {tpl.charge} > self.memory_limit: "
                      f"self._charge({tpl.charge}, {k(tpl.name)})")
-    call = _call_source(tpl, [f"a{i}" for i in range(n)], 0, "self.gen", k) if tpl.runnable else ""
+    call = call_source(tpl, [f"a{i}" for i in range(n)], 0, "self.gen", k) if tpl.runnable else ""
     if not tpl.runnable:
         pass
     elif not m:
@@ -170,7 +170,7 @@ def compile_runner(tpl: Template, storage: type) -> Callable[[Any, list[int], li
     else:
         if tpl.single and tpl.alias_of[0] is None:
             lines.append(f"v0 = {call}")
-            lines.append(_conform_source("v0", tpl.outs[0], k))
+            lines.append(conform_source("v0", tpl.outs[0], k))
         elif tpl.single:  # one view of a slot: exact_view, inlined for the case that passes
             want = tpl.outs[0]
             lines.append(f"v0 = {call}")
@@ -178,7 +178,7 @@ def compile_runner(tpl: Template, storage: type) -> Callable[[Any, list[int], li
                          f"v0.shape != {k(want[1])} or v0.dtype is not {k(want[0])}: "
                          f"{k(exact_view)}(v0, {k(want)}, {k(tpl.name)})")
         else:
-            lines.append(f"{''.join(f'v{i}, ' for i in range(m))}= {k(_fresh_outputs)}({k(tpl.fn)}, {call}, "
+            lines.append(f"{''.join(f'v{i}, ' for i in range(m))}= {k(fresh_outputs)}({k(tpl.fn)}, {call}, "
                          f"{k(tpl.outs)}, {k(tpl.name)}, {k(tpl.alias_of)})")
         for i, (want, nbytes, base) in enumerate(zip(tpl.outs, tpl.out_nbytes, tpl.alias_of)):
             lines.append(f"o = outs[{i}]")
