@@ -1,4 +1,5 @@
-"""Weights shared by all tenants of a GPU server, stored once per distinct content."""
+"""Weights shared by the tenants of one trust group (the GPU server keeps one store per group), stored once
+per distinct content."""
 
 from __future__ import annotations
 

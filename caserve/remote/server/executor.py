@@ -1,8 +1,13 @@
-"""The GPU server's per-tenant executor: a handle table, op templates and memory accounting.
+"""The GPU server's per-tenant executor: the :class:`Executor` interface a connection drives, and
+:class:`Tenant`, its Python implementation (op templates, records, sync requests; its storage table and
+quota are :mod:`caserve.remote.server.tenant_memory`, its graphs :mod:`caserve.remote.server.tenant_graphs`).
 
-A tenant's op stream is executed strictly in order. Nothing a client sends is trusted: every handle,
-dtype, geometry and size is checked against the tenant's own table before it touches device memory,
-and a failing op is reported back to that tenant (at its next sync) without affecting any other.
+A tenant's op stream is executed strictly in order, by its connection's thread. Nothing a client sends
+is trusted: every handle, dtype, geometry and size is checked against the tenant's own table before it
+touches device memory, and a failing op is reported back to that tenant (at its next sync) and changes
+no other tenant's state. Tenants still share the process and, on a GPU, one CUDA context: a device-side
+fault (an out-of-range index tripping a device assert) reaches every tenant (docs/remote.md, "What is
+still shared").
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ MAX_TEMPLATES = P.LIMITS.max_templates
 
 
 class Executor(Protocol):
-    """What a connection needs of the thing that runs one tenant's op stream. :class:`Tenant` is the
-    Python implementation; another (native code) can stand behind the same calls."""
+    """What a connection and the server's figures need of the thing that runs one tenant's op stream.
+    :class:`Tenant` is the only implementation today (``GPUServer.new_tenant`` makes one); another, in
+    native code say, would need only these calls (CUDA graphs, :mod:`caserve.remote.server.cudagraph`,
+    are Tenant's own)."""
 
     id: int
     stats: "TenantStats"
@@ -65,7 +72,8 @@ class TenantStats:
 
 
 class Tenant(TenantGraphs, TenantMemory):
-    """One client's state on the GPU server. Used by exactly one connection thread."""
+    """One client's state on the GPU server: storages (:class:`TenantMemory`), templates, graphs
+    (:class:`TenantGraphs`), its generator and stream. Used by exactly one connection thread."""
 
     def __init__(self, tid: int, device: torch.device, blobs: BlobStore, memory_limit: int = 0,
                  surface: OpSurface | None = None) -> None:

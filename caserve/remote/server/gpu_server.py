@@ -141,7 +141,7 @@ class GPUServer:
             self.tenants.pop(tenant.id, None)
             self.total_ops += tenant.stats.ops
 
-    def stats_for(self, tenant: Tenant) -> dict[str, Any]:
+    def stats_for(self, tenant: Executor) -> dict[str, Any]:
         """What ``Stats`` tells ``tenant``: the device and itself; everything only to an admin."""
         if getattr(tenant, "admin", False):
             return self.stats()

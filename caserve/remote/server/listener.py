@@ -1,8 +1,9 @@
-"""The GPU server: owns one device and executes the op streams of many CPU-node clients on it.
+"""The GPU server's sockets: it owns one device and executes the op streams of many CPU-node clients on it.
 
 One thread per connection reads that tenant's frames and executes them in order on the tenant's own
-CUDA stream; tenants share only the read-only weight store. A connection that breaks the protocol is
-answered with an ERROR frame and closed, its memory freed; every other tenant keeps running.
+CUDA stream (:mod:`caserve.remote.server.connection`). Tenants share the read-only weights of their trust
+group, and the process and its CUDA context (see the executor's docstring). A connection that breaks the
+protocol is answered with an ERROR frame and closed, its memory freed; every other tenant keeps running.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ never from client text. (Generated functions see the real builtins: ATen's argum
 modules from the calling frame.)
 
 Graphs holding a record the program does not compile (a shared upload) run on the record-by-record
-path in :class:`caserve.remote.server.executor.Tenant`, which also takes over whenever a replay's up-front
-checks fail, so that errors read exactly as they always have.
+path in :class:`caserve.remote.server.tenant_graphs.TenantGraphs`, which also takes over whenever a
+replay's up-front checks fail, so that errors read exactly as they always have.
 
 Eager Run records have compiled code of their own: :mod:`caserve.remote.server.runner`.
 """

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from caserve.remote.server.errors import QuotaError, TenantError
+from caserve.remote.server.errors import TenantError
 from caserve.remote.server.metacheck import META, NoMetaKernel, check_declared, data_dependent_bound, meta_outputs
 from caserve.remote.server.opsurface import OpSurface
 from caserve.remote.wire import protocol as P

@@ -43,6 +43,7 @@ class TenantMemory:
     """The storages of one tenant. Mixed into :class:`~caserve.remote.server.executor.Tenant`, which sets
     these attributes."""
 
+    id: int
     storages: dict[int, Storage]
     bytes: int  # device bytes charged to the tenant (shared weights counted in full)
     memory_limit: int  # 0: none
