@@ -10,7 +10,8 @@
   :mod:`.opsurface` (the allow and deny lists);
 - :mod:`.runner` (eager Run records compiled per template), :mod:`.replay` (graph programs),
   :mod:`.cudagraph` (captured steps as CUDA graphs);
-- :mod:`.blobs` (a trust group's shared weights), :mod:`.errors` (a tenant's typed errors).
+- :mod:`.uploads` (uploads in parts), :mod:`.blobs` (a trust group's shared weights), :mod:`.errors` (a
+  tenant's typed errors).
 
 Imports :mod:`caserve.remote.wire`, never the client."""
 

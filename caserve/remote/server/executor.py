@@ -1,6 +1,7 @@
 """The GPU server's per-tenant executor: the :class:`Executor` interface a connection drives, and
 :class:`Tenant`, its Python implementation (op templates, records, sync requests; its storage table and
-quota are :mod:`caserve.remote.server.tenant_memory`, its graphs :mod:`caserve.remote.server.tenant_graphs`).
+quota are :mod:`caserve.remote.server.tenant_memory`, its graphs :mod:`caserve.remote.server.tenant_graphs`,
+its uploads in parts :mod:`caserve.remote.server.uploads`).
 
 A tenant's op stream is executed strictly in order, by its connection's thread. Nothing a client sends
 is trusted: every handle, dtype, geometry and size is checked against the tenant's own table before it
