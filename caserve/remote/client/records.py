@@ -109,17 +109,18 @@ def reference_form(region: Region) -> tuple[tuple, list[RecordRef], list[int], l
         return -i - 1
 
     recs: list[RecordRef] = []
+    new = tuple.__new__  # a NamedTuple built from a tuple without its Python-level __new__ (runs per record)
     for r in region.records:
         t = type(r)
         if t is P.Run:
-            recs.append(RunRef(r.tid, tuple([ref(h) for h in r.slots]), tuple([h - base for h in r.outs])))
+            recs.append(new(RunRef, (r.tid, tuple([ref(h) for h in r.slots]), tuple([h - base for h in r.outs]))))
             if r.scalars:
                 scalars.extend(r.scalars)
         elif t is P.Alloc:
-            recs.append(AllocRef(ref(r.handle), r.dtype, r.size, r.stride))
+            recs.append(new(AllocRef, (ref(r.handle), r.dtype, r.size, r.stride)))
         elif t is P.Upload:
-            recs.append(UploadRef(ref(r.handle), r.dtype, r.size, r.payload, r.share))
+            recs.append(new(UploadRef, (ref(r.handle), r.dtype, r.size, r.payload, r.share)))
         else:  # CopyIn
-            recs.append(CopyInRef(ref(r.handle), r.dtype, r.size, r.stride, r.offset, r.src_dtype, r.src_size,
-                                  r.payload))
+            recs.append(new(CopyInRef, (ref(r.handle), r.dtype, r.size, r.stride, r.offset, r.src_dtype, r.src_size,
+                                        r.payload)))
     return tuple(recs), recs, ext, scalars
