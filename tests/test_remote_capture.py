@@ -8,7 +8,7 @@ import torch
 import transformers
 from msgspec.structs import replace
 
-from caserve.serving.messages import Row
+from caserve.serving.messages import Row, SamplingParams
 
 import caserve.remote as R
 from caserve.remote.server import GPUServer
@@ -225,6 +225,30 @@ def test_assisted_engine_replays_decode_steps_with_the_same_tokens(dev):
     local_stopped = run(Engine(load_model(DEFAULT_MODEL)), stopped)
     assert all(len(local_stopped[r.dispatch]) < len(want[r.dispatch]) for r in greedy)
     assert run(engine, stopped) == local_stopped
+
+
+def test_assisted_engine_shares_one_prefill_among_choices(dev):
+    """The n choices of one request on an assisted worker: one prefill whose KV columns are copied on the
+    GPU server into the other slots; the tokens are the native engine's, and decode steps of each bucket
+    of slots are replayed."""
+    from caserve.models import DEFAULT_MODEL, load_model
+    from caserve.serving.worker.engine import Engine
+
+    from test_serving_engine import choices, gen, run, tokens_of
+
+    prompt = [(11 * i) % 240 + 3 for i in range(90)]
+    sampled = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=4, ignore_eos=True)
+    batch = choices("s", prompt, sampled, 3) + [gen("other", [5, 6, 7], 30)]
+    want = run(Engine(load_model(DEFAULT_MODEL), chunk=64), batch)
+    lm = load_model(DEFAULT_MODEL, device=dev)
+    R.graph_mode(lm.model)
+    engine = Engine(lm, chunk=64)
+    for _ in range(2):
+        events: list = []
+        stats = engine.run(batch, events.append, lambda d: False)
+        assert stats.prefill_tokens == len(prompt) + 3
+        assert tokens_of(events, want) == want
+    assert R.stats(dev)["step_replays"] >= 20
 
 
 def test_forward_with_autograd_recording_is_never_captured(dev):

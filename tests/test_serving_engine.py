@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from msgspec.structs import replace
 
 from caserve.models import DEFAULT_MODEL, load_model
 from caserve.serving.messages import Done, Error, Row, SamplingParams, Tokens
@@ -166,3 +167,86 @@ def test_echo_prompt_logprobs_across_prefill_chunks_equal_a_plain_forward(lm) ->
     assert all(len(e.top) == 2 for e in entries[1:])
     generated = [lp for e in events if isinstance(e, Tokens) and e.dispatch == "e" for lp in (e.logprobs or [])]
     assert len(generated) == 2 and generated[0].logprob == pytest.approx(float(ref[-1].max()), abs=1e-4)
+
+
+def choices(name: str, prompt_ids: list[int], params: SamplingParams, n: int, group: str | None = "g") -> list[Row]:
+    """The n choices of one request as the router sends them (choice j seeded seed + j when seeded)."""
+    seeded = [replace(params, seed=params.seed + j) if params.seed is not None else params for j in range(n)]
+    return [Row(dispatch=f"{name}{j}", job=f"{name}{j}", task="generate", prompt_ids=prompt_ids, params=p,
+                prompt_group=group) for j, p in enumerate(seeded)]
+
+
+def test_n_choices_share_one_prefill_and_give_the_tokens_of_separate_prefills(lm) -> None:
+    """The choices of one request (``prompt_group``) are prefilled once (a 150-token prompt in 64-token
+    chunks) and copied into the other slots; greedy choices equal one choice alone, and seeded ones
+    give exactly the tokens of separate prefills (rows without a group, as before sharing existed)."""
+    prompt = [(11 * i) % 240 + 3 for i in range(150)]
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    engine = Engine(lm, max_batch=4, chunk=64)
+    events: list = []
+    stats = engine.run(choices("g", prompt, greedy, 3), events.append, lambda d: False)
+    got = tokens_of(events, ["g0", "g1", "g2"])
+    assert stats.prefill_tokens == len(prompt)  # one prefill, not three
+    alone = run(Engine(lm, max_batch=4, chunk=64), [gen("one", prompt, 12)])["one"]
+    assert got == {"g0": alone, "g1": alone, "g2": alone}
+    sampled = SamplingParams(max_tokens=15, temperature=1.0, top_p=0.9, seed=21, ignore_eos=True)
+    events = []
+    shared_stats = engine.run(choices("s", prompt, sampled, 2), events.append, lambda d: False)
+    shared = tokens_of(events, ["s0", "s1"])
+    assert shared_stats.prefill_tokens == len(prompt) and shared["s0"] != shared["s1"]
+    sep: list = []
+    separate_stats = Engine(lm, max_batch=4, chunk=64).run(choices("s", prompt, sampled, 2, group=None), sep.append,
+                                                          lambda d: False)
+    assert separate_stats.prefill_tokens == 2 * len(prompt)
+    assert tokens_of(sep, ["s0", "s1"]) == shared
+    # with other rows decoding meanwhile, and in a static batch: the same tokens
+    mixed = run(Engine(lm, max_batch=4, chunk=64), [gen("other", [5, 6, 7], 20)] + choices("s", prompt, sampled, 2))
+    assert {k: mixed[k] for k in ("s0", "s1")} == shared
+    assert run(Engine(lm, max_batch=4, chunk=64, batching="static"), choices("s", prompt, sampled, 2)) == shared
+
+
+def test_a_cancelled_first_choice_hands_the_prefill_to_the_next(lm) -> None:
+    """The choice doing the shared prefill is cancelled half-way: the next one prefills for the rest, whose
+    tokens stay those of a choice alone; an echo request's choices all get the prompt's logprobs."""
+    prompt = [(13 * i) % 240 + 3 for i in range(150)]
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    engine = Engine(lm, max_batch=4, chunk=64, step_tokens=64)
+    events: list = []
+    gone: set[str] = set()
+    engine.submit(choices("c", prompt, greedy, 3))
+    engine.step(events.append, gone.__contains__)  # the first 64-token chunk of c0
+    gone.add("c0")
+    while engine.busy:
+        engine.step(events.append, gone.__contains__)
+    got = tokens_of(events, ["c0", "c1", "c2"])
+    alone = run(Engine(lm, max_batch=4, chunk=64), [gen("one", prompt, 6)])["one"]
+    assert got["c0"] == [] and got["c1"] == got["c2"] == alone and sorted(done(events)) == ["c1", "c2"]
+    assert engine.take_stats().prefill_tokens == 64 + len(prompt)  # c0's first chunk, then c1's prefill
+    echo = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    events = []
+    stats = engine.run(choices("e", prompt[:70], echo, 2), events.append, lambda d: False)
+    assert stats.prefill_tokens == 70
+    scored = [e.prompt_logprobs for e in events if isinstance(e, Done)]
+    assert len(scored) == 2 and len(scored[0]) == 70 and scored[0] == scored[1]
+
+
+def test_a_decode_step_runs_only_the_bucket_of_slots_in_use(lm) -> None:
+    """Rows take the lowest free slots and a decode step runs the smallest power of two of slots that
+    covers the decoding ones; a static batch keeps the width it was admitted with."""
+    for batching, want in (("continuous", {1, 4}), ("static", {4})):
+        engine = Engine(lm, max_batch=8, batching=batching)
+        widths: list[int] = []
+        forward = engine._forward
+
+        def recorded(ids, *args, forward=forward, widths=widths):
+            if ids.shape[1] == 1:  # a decode step (prefill chunks are 64 wide or more)
+                widths.append(ids.shape[0])
+            return forward(ids, *args)
+
+        engine._forward = recorded
+        batch = [gen(f"r{i}", list(range(3 + i, 9 + i)), n) for i, n in enumerate((20, 3, 6))]
+        got = run(engine, batch)
+        assert set(widths) == want, (batching, widths)
+        assert widths[0] == 4 and widths[-1] == (1 if batching == "continuous" else 4)
+        for row in batch:
+            assert run(Engine(lm), [row])[row.dispatch] == got[row.dispatch]

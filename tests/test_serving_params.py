@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import math
+import time
 
 import httpx
 import openai
@@ -154,15 +155,40 @@ def test_min_tokens_holds_eos_back(client) -> None:
     assert held.usage.completion_tokens == 4 and held.choices[0].finish_reason == "stop"
 
 
-def test_n_choices(client) -> None:
+def settled_prefill_tokens(cluster: Cluster, at_least: float = 0.0, timeout: float = 20.0) -> float:
+    """The router's count of prefilled prompt tokens once it reaches ``at_least`` and stops changing
+    (workers report it about twice a second and when they become idle)."""
+    deadline = time.monotonic() + timeout
+    last = cluster.metric("caserve_prefill_tokens_total")
+    while time.monotonic() < deadline:
+        time.sleep(0.8)
+        now = cluster.metric("caserve_prefill_tokens_total")
+        if now == last and now >= at_least:
+            return now
+        last = now
+    return last
+
+
+def test_n_choices(cluster: Cluster, client) -> None:
+    """Seeded choices differ and reproduce; greedy ones agree; the choices of a request are prefilled once."""
+    before = settled_prefill_tokens(cluster)
     resp = complete(client, n=3, temperature=1.0, seed=5, max_tokens=10)
     assert [c.index for c in resp.choices] == [0, 1, 2] and len({c.text for c in resp.choices}) > 1
+    prompt_tokens = resp.usage.prompt_tokens // 3  # usage counts the prompt once per choice
+    assert settled_prefill_tokens(cluster, before + prompt_tokens) - before == prompt_tokens
     again = complete(client, n=3, temperature=1.0, seed=5, max_tokens=10)
     assert [c.text for c in again.choices] == [c.text for c in resp.choices]
     assert resp.usage.completion_tokens == 30
-    chat = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "x"}], n=2,
+    singles = [complete(client, temperature=1.0, seed=5 + j, max_tokens=10).choices[0].text for j in range(3)]
+    assert singles == [c.text for c in resp.choices]  # choice j is the request seeded seed + j
+    before = settled_prefill_tokens(cluster)
+    chat = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "x"}], n=3,
                                           max_tokens=4, temperature=0)
-    assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
+    assert len(chat.choices) == 3 and len({c.message.content for c in chat.choices}) == 1
+    one = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                         temperature=0)
+    assert chat.choices[0].message.content == one.choices[0].message.content
+    assert settled_prefill_tokens(cluster, before + 2 * one.usage.prompt_tokens) - before == 2 * one.usage.prompt_tokens
 
 
 def test_stream_carries_logprobs(client) -> None:

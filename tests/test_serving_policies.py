@@ -250,3 +250,19 @@ def test_service_model_learns_step_cost_growing_with_occupancy() -> None:
     empty = W("v", max_batch=8, idle_since=None, busy_since=0.0, free_slots=7, running=1)
     out = EctPolicy(svc).assign([job(max_tokens=50)], [full, empty], now=1.0)
     assert [w.id for w, _ in out] == ["v"]
+
+
+def test_both_policies_keep_the_choices_of_one_request_on_one_worker() -> None:
+    """A worker prefills the n choices of a request once only if it gets them together: the water-filling
+    share (2 and 1 here) is stretched to a group's end where the worker has room, and never past it."""
+    group = [Job("m", TASK_GENERATE, {"prompt": "x", "prompt_group": "g", "params": SamplingParams()},
+                 prompt_units=1, max_tokens=10) for _ in range(3)]
+    for policy in (make_policy("fcfs"), make_policy("ect")):
+        a, b = W("a", max_batch=4), W("b", max_batch=4)
+        out = policy.assign(group + [job()], [a, b], now=1.0)
+        batches = {w.id: batch for w, batch in out}
+        assert any(batch[:3] == group for batch in batches.values()), (policy.name, batches)
+        assert sum(len(batch) for batch in batches.values()) == 4
+        tight = W("t", max_batch=2)  # no room for all three: the group is split, nothing else breaks
+        out = policy.assign(group, [tight], now=1.0)
+        assert [batch for _, batch in out] == [group[:2]], policy.name

@@ -93,9 +93,7 @@ def create_app(router: Router, security: RouterSecurity) -> FastAPI:
         jobs = []
         for prompt in req.prompts():
             key = "prompt" if isinstance(prompt, str) else "prompt_ids"
-            for p in _choices_params(params, req.n):
-                jobs.append(Job(req.model, TASK_GENERATE, {key: prompt, "params": p},
-                                prompt_units=len(prompt), max_tokens=p.max_tokens, stream=req.stream))
+            jobs += _choice_jobs(req, {key: prompt}, params, prompt_units=len(prompt))
         if req.stream and len(jobs) > 1:
             raise BadRequest("streaming supports a single prompt", param="prompt")
         return await _run_generation(router, request, req, jobs, chat=False)
@@ -106,9 +104,8 @@ def create_app(router: Router, security: RouterSecurity) -> FastAPI:
         params = SamplingParams(**req.sampling_params(CHAT_DEFAULT_MAX_TOKENS))
         check_context(req, params)
         messages = [ChatMessage(role=m.role, content=m.text()) for m in req.messages]
-        jobs = [Job(req.model, TASK_GENERATE, {"messages": messages, "params": p},
-                    prompt_units=sum(len(m.content) for m in messages), max_tokens=p.max_tokens,
-                    stream=req.stream) for p in _choices_params(params, req.n)]
+        jobs = _choice_jobs(req, {"messages": messages}, params,
+                            prompt_units=sum(len(m.content) for m in messages))
         return await _run_generation(router, request, req, jobs, chat=True)
 
     async def run_encoder(model: str, task: str, inputs: list, request: Request) -> Job:
@@ -145,11 +142,19 @@ def create_app(router: Router, security: RouterSecurity) -> FastAPI:
     return app
 
 
-def _choices_params(params: SamplingParams, n: int) -> list[SamplingParams]:
-    """One job per choice; with a seed, choice j draws with seed + j (different choices, reproducible)."""
+def _choice_jobs(req: S.SamplingRequest, prompt: dict[str, Any], params: SamplingParams, *,
+                 prompt_units: int) -> list[Job]:
+    """One job per choice of one prompt; with a seed, choice j draws with seed + j (different choices,
+    reproducible). The choices of an ``n`` > 1 request share a ``prompt_group``, so that a worker that
+    runs them together prefills their prompt once."""
+    n = req.n
     if n == 1 or params.seed is None:
-        return [params] * n
-    return [msgspec.structs.replace(params, seed=params.seed + j) for j in range(n)]
+        choices = [params] * n
+    else:
+        choices = [msgspec.structs.replace(params, seed=params.seed + j) for j in range(n)]
+    group = {"prompt_group": uuid.uuid4().hex} if n > 1 else {}
+    return [Job(req.model, TASK_GENERATE, {**prompt, **group, "params": p}, prompt_units=prompt_units,
+                max_tokens=p.max_tokens, stream=req.stream) for p in choices]
 
 
 def _unit(v: list[float]) -> list[float]:

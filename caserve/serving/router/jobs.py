@@ -75,6 +75,11 @@ class Job:
         return self.task
 
     @property
+    def group(self) -> Optional[str]:
+        """The ``prompt_group`` of the n choices of one request (None for a request of one choice)."""
+        return self.payload.get("prompt_group")
+
+    @property
     def expected_output(self) -> int:
         return self.max_tokens
 

@@ -31,6 +31,9 @@ class ServingMetrics:
             "caserve_worker_busy_seconds", "Seconds a worker spent running batches", ["worker", "kind"], registry=r)
         self.tokens = Counter(
             "caserve_generated_tokens", "Generated tokens", ["model", "worker", "kind"], registry=r)
+        self.prefill_tokens = Counter(
+            "caserve_prefill_tokens", "Prompt tokens prefilled by workers' engines (the n choices of a request "
+            "that run together count once)", ["worker", "kind"], registry=r)
         self.tokens_per_second = Gauge(
             "caserve_worker_tokens_per_second", "Generated tokens per second over the worker's last batch",
             ["worker", "kind"], registry=r)

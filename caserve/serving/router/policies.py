@@ -150,14 +150,23 @@ class ServiceModel:
 Assignment = tuple[WorkerView, list[Job]]
 
 
-def fill_batch(queue: Sequence[Job], head: int, max_batch: int, taken: set[int]) -> list[Job]:
-    """``queue[head]`` plus up to ``max_batch - 1`` later, untaken jobs with the same batch key."""
+def fill_batch(queue: Sequence[Job], head: int, max_batch: int, taken: set[int], room: int = 0) -> list[Job]:
+    """``queue[head]`` plus up to ``max_batch - 1`` later, untaken jobs with the same batch key; then the
+    other choices of the requests in the batch (equal ``Job.group``), up to ``room`` jobs in all (the
+    worker's free slots), so that a worker gets them together and prefills their prompt once."""
     batch = [queue[head]]
     taken.add(head)
     for i in range(head + 1, len(queue)):
         if len(batch) >= max_batch:
             break
         if i not in taken and queue[i].batch_key == queue[head].batch_key:
+            batch.append(queue[i])
+            taken.add(i)
+    groups = {j.group for j in batch if j.group is not None}
+    for i in range(head + 1, len(queue)):
+        if len(batch) >= room or not groups:
+            break
+        if i not in taken and queue[i].group in groups and queue[i].batch_key == queue[head].batch_key:
             batch.append(queue[i])
             taken.add(i)
     return batch
@@ -216,7 +225,7 @@ class FcfsPolicy(DispatchPolicy):
                 head += 1
             if head >= len(queue):
                 break
-            out.append((worker, fill_batch(queue, head, max(1, sizes[worker.id]), taken)))
+            out.append((worker, fill_batch(queue, head, max(1, sizes[worker.id]), taken, worker.free_slots)))
         return out
 
 
@@ -267,7 +276,7 @@ class EctPolicy(DispatchPolicy):
             if not best_key[1]:
                 startable = sum(1 for w in workers if w.free_slots > 0 and w.id not in claimed)
                 share = math.ceil((min(len(queue), self.window) - len(taken)) / max(1, startable))
-                batch = fill_batch(queue, i, max(1, min(best.free_slots, share)), taken)
+                batch = fill_batch(queue, i, max(1, min(best.free_slots, share)), taken, best.free_slots)
                 claimed.add(best.id)
                 free_at[best.id] = now + (max(self.service.estimate(best.id, best.kind, j.prompt_units, j.expected_output,
                                                                     best.running + len(batch)) for j in batch)

@@ -360,6 +360,7 @@ class Router:
         if ws.progress_at is not None and now > ws.progress_at:
             self.metrics.tokens_per_second.labels(ws.id, ws.kind).set(event.generated_tokens / (now - ws.progress_at))
         ws.progress_at = now
+        self.metrics.prefill_tokens.labels(ws.id, ws.kind).inc(event.prefill_tokens)
         ws.progress = {"steps": event.steps, "generated_tokens": event.generated_tokens,
                        "prefill_tokens": event.prefill_tokens, "prefill_s": event.prefill_s,
                        "decode_s": event.decode_s, "occupancy": event.occupancy, "active": event.active,

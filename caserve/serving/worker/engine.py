@@ -5,13 +5,18 @@ A causal LM gets ``max_batch`` slots over one :class:`~caserve.serving.worker.sl
 :meth:`Engine.step`:
 
 1. frees the slots of cancelled rows;
-2. admits waiting rows into free slots (``batching="static"``: only when every slot is free, the
-   baseline that runs one batch to its end);
+2. admits waiting rows into the lowest free slots (``batching="static"``: only when every slot is
+   free, the baseline that runs one batch to its end); the choices of one ``n`` > 1 request
+   (``Row.prompt_group``) with the same sequence are prefilled once: the first one's prefill is copied
+   into the others' slots (their KV columns) and each samples its first token from the same logits
+   with its own seed and state;
 3. prefills waiting prompts in chunks of ``chunk`` tokens, as many chunks as the step's token budget
    (``step_tokens`` minus one token per decoding slot) allows, at least one; a prompt's last chunk
    samples its first token;
-4. runs one decode step over all slots (the others write a column nothing reads), samples the decoding
-   slots' next tokens on the device and keeps them there as the next step's inputs;
+4. runs one decode step over the first slots, a bucket covering every decoding one (a power of two:
+   few shapes; a static batch keeps the width it was admitted with), the others in it writing a
+   column nothing reads; samples the decoding slots' next tokens on the device and keeps them there
+   as the next step's inputs;
 5. reads the sampled ids (one fetch per forward) and emits tokens, stops and ``done`` events. On a
    remote device (assisted workers) a step's ids are read only after the next step has been sent
    (``caserve.remote.fetch_later``), so the GPU server computes while the worker streams; a row that
@@ -45,7 +50,7 @@ from caserve.serving.worker.batch import BatchRunner
 from caserve.serving.worker.rows import Emit, IsCancelled, Row, RowError, error_event, make_row
 from caserve.serving.worker.logprobs import LogprobRenderer
 from caserve.serving.worker.sampling import SampleResult, SlotSampler, pack, unpack
-from caserve.serving.worker.slots import PREFILL_ROUND, SlotCache, decode_inputs, prefill_inputs
+from caserve.serving.worker.slots import PREFILL_ROUND, SlotCache, bucket, decode_inputs, prefill_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +73,9 @@ class _Slot:
     filled: int = 0  # tokens of seq in the cache
     issued: int = 0  # tokens sampled on the device (read or not)
     last_logits: Optional[torch.Tensor] = None  # echo: the last prefilled position's logits [1, V]
+    group: Optional[str] = None  # the request's prompt_group (its n choices)
+    leader: Optional["_Slot"] = None  # set: this slot waits for the leader's prefill of the same sequence
+    followers: list["_Slot"] = field(default_factory=list)  # slots that take this one's prefill
 
     @property
     def decoding(self) -> bool:
@@ -123,6 +131,7 @@ class Engine:
         self._cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x: cache
         self._takes_positions = "position_ids" in params
         self._takes_cache_position = "cache_position" in params  # older transformers
+        self._takes_keep = "logits_to_keep" in params  # prefill: project only the last position onto the vocab
         self.ahead = decode_ahead and self.device.type == "caserve"
         self.sampler = SlotSampler(max_batch, self.vocab, self.device, sorted(self.eos_ids))
         self.renderer = LogprobRenderer(self.tok)
@@ -135,6 +144,8 @@ class Engine:
         self._next_ids: Optional[torch.Tensor] = None  # [slots] on the device: each slot's next input
         self._all_rows: Optional[torch.Tensor] = None  # [slots, 1] on the device: 0..slots-1
         self._step_no = 0
+        self._static_width = max_batch  # batching="static": the decode width of the running batch
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}  # slot lists as device tensors
 
     @property
     def tasks(self) -> set[str]:
@@ -220,8 +231,8 @@ class Engine:
             self._admit(emit, cancelled)
             decoding = sum(1 for s in self.active if s is not None and s.decoding)
             budget, chunks = self.step_tokens - decoding, 0
-            for slot in sorted((s for s in self.active if s is not None and s.filled < len(s.seq)),
-                               key=lambda s: s.row.started):
+            for slot in sorted((s for s in self.active if s is not None and s.filled < len(s.seq)
+                                and s.leader is None), key=lambda s: s.row.started):
                 while slot.filled < len(slot.seq) and (budget > 0 or chunks == 0):
                     budget -= self._prefill_chunk(slot, emit)
                     chunks += 1
@@ -252,22 +263,53 @@ class Engine:
                 row.finish_reason = "length"
                 row.done(emit)
                 continue
-            index = self.active.index(None)
+            index = self.active.index(None)  # the lowest free slot: decode steps cover few slots
             try:
                 self.sampler.start(index, row.params, row.prompt_ids, row.text.ids)
             except ValueError as exc:
                 emit(error_event(row.dispatch, RowError("bad_request", str(exc))))
                 continue
-            self.active[index] = _Slot(index, row, row.sequence)
+            slot = _Slot(index, row, row.sequence, group=raw.prompt_group)
+            self.active[index] = slot
+            self._follow(slot)
+        if self.batching == "static":  # a static batch runs at its admitted width until its last row ends
+            self._static_width = bucket(1 + max((s.index for s in self.active if s is not None), default=0),
+                                        self.slots)
+
+    def _follow(self, slot: _Slot) -> None:
+        """Make ``slot`` wait for the prefill of another choice of its request with the same sequence
+        (and prompt scoring), whose KV columns it then copies instead of computing them again."""
+        if slot.group is None:
+            return
+        for other in self.active:
+            if other is None or other is slot or other.leader is not None or other.group != slot.group:
+                continue
+            if other.filled < len(other.seq) and other.seq == slot.seq \
+                    and other.row.params.prompt_logprobs == slot.row.params.prompt_logprobs:
+                slot.leader = other
+                other.followers.append(slot)
+                return
 
     def _free(self, slot: _Slot) -> None:
-        if self.active[slot.index] is slot:
-            self.active[slot.index] = None
-            self.sampler.free(slot.index)
+        if self.active[slot.index] is not slot:
+            return
+        self.active[slot.index] = None
+        self.sampler.free(slot.index)
+        if slot.leader is not None:
+            slot.leader.followers.remove(slot)
+            slot.leader = None
+        if slot.followers:  # freed before its prefill ended: the next choice prefills for the others
+            heir, *rest = slot.followers
+            heir.leader, heir.followers = None, rest
+            for other in rest:
+                other.leader = heir
+            slot.followers = []
 
-    def _forward(self, ids: torch.Tensor, rows: torch.Tensor, host: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One forward over the slot cache; ``host`` holds cols, position_ids and mask (CPU). Returns
-        the logits [n, q, V] on the device."""
+    def _forward(self, ids: torch.Tensor, rows: torch.Tensor, host: dict[str, torch.Tensor],
+                 keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One forward over the slot cache; ``host`` holds cols, position_ids and mask (CPU); ``keep``
+        ([k] on the device) the positions whose logits are wanted (all when None). Returns the logits
+        [n, q or k, V] on the device."""
         cache = self._slot_cache()
         cache.rows, cache.cols = rows, host["cols"].to(self.device)
         cache.window = int(host["mask"].shape[-1])
@@ -278,6 +320,8 @@ class Engine:
             kwargs["position_ids"] = positions
         if self._takes_cache_position:
             kwargs["cache_position"] = positions[0]
+        if keep is not None:
+            kwargs["logits_to_keep"] = keep
         return self.model(input_ids=ids, **kwargs).logits
 
     def _slot_cache(self) -> SlotCache:
@@ -296,45 +340,82 @@ class Engine:
         width = _round_up(count, PREFILL_ROUND)
         ids = torch.tensor([slot.seq[start:start + count] + [self.pad_id] * (width - count)]).to(self.device)
         rows = torch.tensor([[slot.index]]).to(self.device)
-        logits = self._forward(ids, rows, prefill_inputs(start, count, width, self.length))  # [1, W, V]
-        if slot.row.params.prompt_logprobs is not None:
+        echo = slot.row.params.prompt_logprobs is not None
+        # Only the chunk's last real position needs logits (unless the prompt is scored): projecting all
+        # W positions onto a large vocabulary would cost more than the rest of the chunk.
+        keep = self._index([count - 1]) if self._takes_keep and not echo else None
+        logits = self._forward(ids, rows, prefill_inputs(start, count, width, self.length), keep)  # [1, W or 1, V]
+        if echo:
             self._score_prompt(slot, logits[0, :count], start)
         slot.filled += count
-        if slot.filled == len(slot.seq) and slot.row.max_new <= 0:  # echo with max_tokens 0: scored, done
-            slot.row.finish_reason = "length"
-            slot.row.done(emit)
-            self._free(slot)
-        elif slot.filled == len(slot.seq):
-            result = self.sampler.sample(logits[:, count - 1, :], [slot.index])
-            assert self._next_ids is not None
-            self._next_ids = self._next_ids.index_copy(0, rows.view(-1), result.ids)
-            slot.issued = 1
-            self._read_later(result, [slot])
+        if slot.filled == len(slot.seq):
+            self._prefilled(slot, logits[:, -1 if keep is not None else count - 1, :], emit)
         self.stats.prefill_tokens += count
         self.stats.prefill_s += time.perf_counter() - t0
         return width
 
+    def _prefilled(self, slot: _Slot, last: torch.Tensor, emit: Emit) -> None:
+        """``slot``'s sequence is in the cache (``last`` [1, V]: its last position's logits): its followers
+        copy its KV columns, and each of them samples its first token from ``last`` with its own state."""
+        group = [slot] + slot.followers
+        if slot.followers:
+            self._slot_cache().copy_prefix(slot.index, self._index([f.index for f in slot.followers]), len(slot.seq))
+            for f in slot.followers:
+                f.filled, f.leader = len(f.seq), None
+                if slot.row.prompt_logprobs is not None:
+                    f.row.prompt_logprobs = list(slot.row.prompt_logprobs)
+            slot.followers = []
+        sampling = []
+        for s in group:
+            if s.row.max_new <= 0:  # echo with max_tokens 0: scored, done
+                s.row.finish_reason = "length"
+                s.row.done(emit)
+                self._free(s)
+            else:
+                sampling.append(s)
+        if not sampling:
+            return
+        index = [s.index for s in sampling]
+        result = self.sampler.sample(last.expand(len(index), -1), index)
+        assert self._next_ids is not None
+        self._next_ids = self._next_ids.index_copy(0, self._index(index), result.ids)
+        for s in sampling:
+            s.issued = 1
+        self._read_later(result, sampling)
+
+    def _index(self, slots: list[int]) -> torch.Tensor:
+        """``slots`` as an int64 tensor on the device, made once per distinct list."""
+        key = tuple(slots)
+        at = self._indices.get(key)
+        if at is None:
+            if len(self._indices) >= 512:
+                self._indices.clear()
+            at = self._indices[key] = torch.tensor(key, dtype=torch.long).to(self.device)
+        return at
+
     def _decode(self, emit: Emit) -> bool:
-        """One decode step over all slots; False when no slot is decoding."""
+        """One decode step over the first ``width`` slots (a bucket covering every decoding slot; a static
+        batch keeps its admitted width); False when no slot is decoding."""
         decoding = [s for s in self.active if s is not None and s.decoding]
         if not decoding:
             return False
         t0 = time.perf_counter()
+        width = self._static_width if self.batching == "static" else bucket(decoding[-1].index + 1, self.slots)
         # An idle slot writes column 0, a slot being prefilled its next unfilled one (its next chunk's).
-        cols = [0 if s is None else s.filled for s in self.active]
+        cols = [0 if s is None else s.filled for s in self.active[:width]]
         for s in decoding:
             cols[s.index] = len(s.seq) + s.issued - 1  # the column of its newest sampled token
         assert self._next_ids is not None and self._all_rows is not None
-        logits = self._forward(self._next_ids.view(-1, 1), self._all_rows,
-                               decode_inputs(cols, [s is not None and s.decoding for s in self.active],
-                                             self.length))[:, -1, :]  # [slots, V]
+        live = [s is not None and s.decoding for s in self.active[:width]]
+        logits = self._forward(self._next_ids[:width].view(-1, 1), self._all_rows[:width],
+                               decode_inputs(cols, live, self.length))[:, -1, :]  # [width, V]
         index = [s.index for s in decoding]
         if len(index) == self.slots:
             result = self.sampler.sample(logits, index)
             self._next_ids = result.ids
         else:
-            at = torch.tensor(index).to(self.device)
-            result = self.sampler.sample(logits.index_select(0, at), index)
+            at = self._index(index)
+            result = self.sampler.sample(logits if len(index) == width else logits.index_select(0, at), index)
             self._next_ids = self._next_ids.index_copy(0, at, result.ids)
         for s in decoding:
             s.issued += 1

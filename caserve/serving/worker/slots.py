@@ -5,10 +5,12 @@ The cache holds ``slots`` rows of ``length`` columns per layer. Slot ``s`` keeps
 writes (``rows`` [n, 1]) and, per token, the column (``cols`` [n, q]); both are tensors set on the cache
 before the call, and attends over the first ``window`` columns only (a multiple of ``WINDOW``: short
 sequences do not pay for the whole cache). A forward's Python thus reads only its arguments and shapes
-(what graph-mode capture on a remote device needs: a decode step over all slots has one key per window).
+(what graph-mode capture on a remote device needs: a decode step has one key per bucket and window).
 
-Two forwards exist: a decode step over all slots ([slots, 1]) and a prefill chunk of one slot
-([1, width], width a multiple of ``PREFILL_ROUND``). Padding tokens and slots that are not decoding
+Two forwards exist: a decode step over the first ``n`` slots ([n, 1], ``n`` a bucket from
+:func:`bucket`: the smallest power of two, at most ``slots``, that covers every decoding slot, so idle
+slots past the highest decoding one cost nothing) and a prefill chunk of one slot ([1, width], width a
+multiple of ``PREFILL_ROUND``). Padding tokens and slots that are not decoding
 write columns no real token reads before they are written again (a chunk's padding the columns right
 after it, an idle slot its next unfilled column) and see only themselves, so their outputs stay finite.
 The boolean 4-D masks [n, 1, q, window] are used by Transformers as given (no device sync to inspect a
@@ -56,11 +58,17 @@ class SlotCache(StaticCache):
         k, v = self.k[layer_idx], self.v[layer_idx]
         k[self.rows, self.cols] = key_states.transpose(1, 2)  # [n, q, heads, dim] at (slot, column)
         v[self.rows, self.cols] = value_states.transpose(1, 2)
-        w = self.window
-        if key_states.shape[0] == self.slots:  # a decode step: rows are all slots in order
-            return k[:, :w].transpose(1, 2), v[:, :w].transpose(1, 2)  # [slots, heads, window, dim]
+        w, n = self.window, key_states.shape[0]
+        if key_states.shape[2] == 1:  # a decode step (prefill widths are multiples of 64): rows 0..n-1
+            return k[:n, :w].transpose(1, 2), v[:n, :w].transpose(1, 2)  # [n, heads, window, dim]
         picked = self.rows[:, 0]
         return k[picked, :w].transpose(1, 2), v[picked, :w].transpose(1, 2)  # [n, heads, window, dim]
+
+    def copy_prefix(self, src: int, dst: torch.Tensor, count: int) -> None:
+        """Columns ``[0, count)`` of slot ``src`` into slots ``dst`` ([m] int64 on the cache's device), in
+        every layer: one indexed write per tensor (the choices of one request share one prefill)."""
+        for t in self.k + self.v:
+            t[dst, :count] = t[src, :count]  # [count, heads, dim] broadcast over the m slots
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions always come as position_ids; nothing may derive them from the cache
@@ -70,20 +78,29 @@ class SlotCache(StaticCache):
             t.zero_()
 
 
+def bucket(n: int, slots: int) -> int:
+    """Rows of a decode step whose highest decoding slot is ``n - 1``: the smallest power of two >= ``n``,
+    at most ``slots`` (a few fixed shapes: one captured step per bucket and window)."""
+    b = 1
+    while b < n:
+        b *= 2
+    return min(b, slots)
+
+
 def window_for(last_col: int, length: int) -> int:
     """Attended columns for a forward whose highest written column is ``last_col``."""
     return min(length, -(-(last_col + 1) // WINDOW) * WINDOW)
 
 
 def decode_inputs(cols: Sequence[int], decoding: Sequence[bool], length: int) -> dict[str, torch.Tensor]:
-    """Host tensors of one decode step over all slots: slot s writes column ``cols[s]``; a decoding slot
-    sees its columns up to it, any other slot only that column.
-    Returns cols and position_ids [slots, 1] and the boolean mask [slots, 1, 1, window]."""
-    col = torch.tensor(cols, dtype=torch.long).view(-1, 1)  # [S, 1]
+    """Host tensors of one decode step over slots 0..n-1: slot s writes column ``cols[s]``; a decoding
+    slot sees its columns up to it, any other slot only that column.
+    Returns cols and position_ids [n, 1] and the boolean mask [n, 1, 1, window]."""
+    col = torch.tensor(cols, dtype=torch.long).view(-1, 1)  # [n, 1]
     live = torch.tensor(decoding, dtype=torch.bool).view(-1, 1)
     window = window_for(int(col.max()), length)
     k = torch.arange(window).view(1, -1)  # [1, W]
-    mask = torch.where(live, k <= col, k == col)  # [S, W]
+    mask = torch.where(live, k <= col, k == col)  # [n, W]
     return {"cols": col, "position_ids": torch.where(live, col, torch.zeros_like(col)),
             "mask": mask[:, None, None, :]}
 
