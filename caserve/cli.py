@@ -340,6 +340,8 @@ def bench_batching_cmd(
     max_batch: int = typer.Option(8, min=1, help="Slots of the one worker."),
     max_output: int = typer.Option(256, min=1, help="Cap on a request's output tokens."),
     max_prompt_words: int = typer.Option(96, min=1, help="Prompts are cut to this many words."),
+    max_len: int = typer.Option(2048, min=2, help="The worker's --max-len (outputs are cut to fit it and the "
+                                "model's context after their prompt)."),
     shrink: bool = typer.Option(False, help="Zoo models: the shrunk architecture (random weights)."),
     seed: int = typer.Option(0),
     out_dir: Path = typer.Option(Path("results/batching"), help="Directory for batching.json and .md."),
@@ -351,7 +353,7 @@ def bench_batching_cmd(
 
     spec = BatchingSpec(model=model, sharegpt=sharegpt, trace=trace, num_requests=num_requests,
                         loads=tuple(_csv_floats(loads)), max_batch=max_batch, max_output=max_output,
-                        max_prompt_words=max_prompt_words, shrink=shrink, seed=seed)
+                        max_prompt_words=max_prompt_words, max_len=max_len, shrink=shrink, seed=seed)
     typer.echo(markdown(run_batching(spec, out_dir)))
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from caserve.bench.batching import BatchingSpec, markdown, output_lengths, run_batching
+import pytest
+
+from caserve.bench.batching import BatchingBenchError, BatchingSpec, build_requests, markdown, output_lengths, run_batching
 
 
 def inputs(tmp: Path) -> tuple[Path, Path]:
@@ -37,3 +39,15 @@ def test_static_and_continuous_runs_on_the_same_arrivals(tmp_path: Path) -> None
     assert result["rows"][2]["rate_rps"] == result["static_capacity_rps"]
     assert result["targets"]["saturation_throughput_ratio"] > 0
     assert "continuous" in markdown(result) and (tmp_path / "out" / "batching.json").is_file()
+
+
+def test_outputs_are_cut_to_fit_the_context_after_their_prompt(tmp_path: Path) -> None:
+    """The built-in model's tokenizer is byte-level: a prompt of b bytes takes b tokens of the slot."""
+    sharegpt, trace = inputs(tmp_path)
+    spec = BatchingSpec(sharegpt=sharegpt, trace=trace, num_requests=20, max_output=1000, max_len=40)
+    reqs, cut = build_requests(spec)
+    totals = [len(r.prompt.encode()) + r.output_len for r in reqs]
+    assert max(totals) == 40 and cut == sum(1 for t in totals if t == 40) > 0
+    assert {r.output_len for r in reqs} & {2, 3, 5}  # short ones are kept as drawn
+    with pytest.raises(BatchingBenchError):
+        build_requests(BatchingSpec(sharegpt=sharegpt, trace=trace, num_requests=3, max_len=10))

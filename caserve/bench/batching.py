@@ -1,8 +1,11 @@
 """``caserve bench batching``: the same arrivals against static and continuous batching.
 
 Requests are ShareGPT first turns (read from the file given) with output lengths drawn from an Azure
-LLM trace's ``GeneratedTokens`` (mixed short and long), capped at ``max_output``. For each batching mode
-a fresh ``caserve serve`` (one worker, ``--max-batch`` slots) is started, warmed up and sent:
+LLM trace's ``GeneratedTokens`` (mixed short and long), capped at ``max_output`` and at what the context
+leaves after the prompt (counted with the model's own tokenizer: ``min(model context, max_len)``, so
+that no request is refused as too long; how many were cut is reported). For each batching mode a fresh
+``caserve serve`` (one worker, ``--max-batch`` slots of ``--max-len`` tokens) is started, warmed up and
+sent:
 
 1. a burst of ``num_requests`` at once: throughput at saturation. The static configuration's
    throughput is its capacity (requests/s);
@@ -19,7 +22,7 @@ import contextlib
 import csv
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -53,6 +56,7 @@ class BatchingSpec:
     max_batch: int = 8
     max_output: int = 256
     max_prompt_words: int = 96
+    max_len: int = 2048  # the worker's --max-len: most tokens (prompt + output) of one slot
     shrink: bool = False
     worker_threads: int = 1
     seed: int = 0
@@ -68,12 +72,26 @@ def output_lengths(trace: Path, n: int, *, cap: int, seed: int) -> list[int]:
     return [max(1, min(cap, rng.choice(values))) for _ in range(n)]
 
 
-def build_requests(spec: BatchingSpec) -> list[BenchRequest]:
+def build_requests(spec: BatchingSpec) -> tuple[list[BenchRequest], int]:
+    """The requests, and how many of them had their output cut to fit the context after their prompt."""
     if spec.sharegpt is None or spec.trace is None:
         raise BatchingBenchError("give the ShareGPT file and the Azure trace (--sharegpt, --trace)")
     lens = output_lengths(spec.trace, spec.num_requests, cap=spec.max_output, seed=spec.seed)
-    return load_workload("sharegpt", spec.num_requests, path=spec.sharegpt, seed=spec.seed, output_lens=lens,
+    reqs = load_workload("sharegpt", spec.num_requests, path=spec.sharegpt, seed=spec.seed, output_lens=lens,
                          max_prompt_words=spec.max_prompt_words)
+    from caserve.models import load_model
+
+    lm = load_model(spec.model, shrink=spec.shrink)  # the served weights are not needed: tokenizer, context
+    context = min(lm.max_context, spec.max_len)
+    fitted, cut = [], 0
+    for r in reqs:
+        room = context - len(lm.tokenizer(r.prompt)["input_ids"])
+        if room < 1:
+            raise BatchingBenchError(f"a prompt fills the context of {context} tokens: lower --max-prompt-words")
+        if r.output_len > room:
+            r, cut = replace(r, output_len=room), cut + 1
+        fitted.append(r)
+    return fitted, cut
 
 
 def summary(records: Sequence[Any], duration: float) -> dict[str, Any]:
@@ -94,9 +112,9 @@ def summary(records: Sequence[Any], duration: float) -> dict[str, Any]:
 
 
 def run_batching(spec: BatchingSpec, out_dir: Optional[Path] = None, progress: bool = False) -> dict[str, Any]:
-    reqs = build_requests(spec)
-    extra = {mode: f"--max-batch {spec.max_batch} --batching {mode} --worker-threads {spec.worker_threads}"
-                   + (" --shrink" if spec.shrink else "") for mode in MODES}
+    reqs, cut = build_requests(spec)
+    extra = {mode: f"--max-batch {spec.max_batch} --batching {mode} --worker-threads {spec.worker_threads} "
+                   f"--max-len {spec.max_len}" + (" --shrink" if spec.shrink else "") for mode in MODES}
     rows: list[dict[str, Any]] = []
     cfg = Config(native=1, assisted=0)
     servers: dict[str, str] = {}
@@ -123,7 +141,8 @@ def run_batching(spec: BatchingSpec, out_dir: Optional[Path] = None, progress: b
                     capacity = row["throughput_rps"]
     result = {"schema": "caserve-batching/1", "spec": {k: (str(v) if isinstance(v, Path) else v)
                                                         for k, v in spec.__dict__.items()},
-              "static_capacity_rps": capacity, "rows": rows, "targets": targets(rows)}
+              "static_capacity_rps": capacity, "outputs_cut_to_context": cut,
+              "output_tokens_asked": sum(r.output_len for r in reqs), "rows": rows, "targets": targets(rows)}
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         save_result(result, Path(out_dir) / "batching.json")
@@ -157,6 +176,9 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{f(r['jct_mean_ms'])} / {f(r['jct_p99_ms'])} |")
     t = result["targets"]
     lines.append("")
+    if "output_tokens_asked" in result:
+        lines.append(f"{result['output_tokens_asked']} output tokens asked per run; "
+                     f"{result['outputs_cut_to_context']} outputs cut to fit the context after their prompt")
     lines.append(f"static capacity {f(result['static_capacity_rps'], 2)} req/s; continuous/static throughput at "
                  f"saturation {f(t['saturation_throughput_ratio'], 2)}x; p99 JCT at 0.9x "
                  f"{f(t['p99_jct_reduction_pct_at_0.9x'], 1)}% lower")
