@@ -37,19 +37,19 @@ import inspect
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
 from caserve.models import LoadedModel
-from caserve.serving.messages import MODEL_TASKS, TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, Error, Progress
+from caserve.serving.messages import MODEL_TASKS, TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, Error
 from caserve.serving.messages import Row as RowMessage
 from caserve.serving.messages import SamplingParams
 from caserve.serving.worker.batch import BatchRunner
 from caserve.serving.worker.rows import Emit, IsCancelled, Row, RowError, error_event, make_row
 from caserve.serving.worker.logprobs import LogprobRenderer
 from caserve.serving.worker.sampling import SampleResult, SlotSampler, pack, unpack
+from caserve.serving.worker.slot_state import BatchStats, PendingRead, Slot
 from caserve.serving.worker.slots import PREFILL_ROUND, SlotCache, bucket, decode_inputs, prefill_inputs
 
 logger = logging.getLogger(__name__)
@@ -63,47 +63,6 @@ REPORT_S = 0.5  # seconds between progress reports while busy
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
-
-
-@dataclass(eq=False)
-class _Slot:
-    index: int
-    row: Row
-    seq: list[int]  # what is prefilled: prompt and an earlier attempt's tokens
-    filled: int = 0  # tokens of seq in the cache
-    issued: int = 0  # tokens sampled on the device (read or not)
-    last_logits: Optional[torch.Tensor] = None  # echo: the last prefilled position's logits [1, V]
-    group: Optional[str] = None  # the request's prompt_group (its n choices)
-    leader: Optional["_Slot"] = None  # set: this slot waits for the leader's prefill of the same sequence
-    followers: list["_Slot"] = field(default_factory=list)  # slots that take this one's prefill
-
-    @property
-    def decoding(self) -> bool:
-        return self.filled == len(self.seq) and 0 < self.issued < self.row.max_new
-
-
-@dataclass
-class _Read:
-    fetch: Callable[[], torch.Tensor]  # the step's sampling.pack()ed result as a CPU tensor
-    owners: list[_Slot]
-    step: int
-
-
-@dataclass
-class BatchStats:
-    """What the engine did since the last report: the router's service model learns from it."""
-
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    steps: int = 0
-    generated_tokens: int = 0
-    prefill_tokens: int = 0
-    occupancy: int = 0  # sum over decode steps of the slots decoding
-
-    def event(self, active: int, free_slots: int) -> Progress:
-        return Progress(prefill_s=self.prefill_s, decode_s=self.decode_s, steps=self.steps,
-                        generated_tokens=self.generated_tokens, prefill_tokens=self.prefill_tokens,
-                        occupancy=self.occupancy, active=active, free_slots=free_slots)
 
 
 class Engine:
@@ -135,9 +94,9 @@ class Engine:
         self.ahead = decode_ahead and self.device.type == "caserve"
         self.sampler = SlotSampler(max_batch, self.vocab, self.device, sorted(self.eos_ids))
         self.renderer = LogprobRenderer(self.tok)
-        self.active: list[Optional[_Slot]] = [None] * max_batch
+        self.active: list[Optional[Slot]] = [None] * max_batch
         self.pending: collections.deque[RowMessage] = collections.deque()
-        self.reads: collections.deque[_Read] = collections.deque()
+        self.reads: collections.deque[PendingRead] = collections.deque()
         self.stats = BatchStats()
         self.wake = threading.Event()
         self._cache: Optional[SlotCache] = None
@@ -269,14 +228,14 @@ class Engine:
             except ValueError as exc:
                 emit(error_event(row.dispatch, RowError("bad_request", str(exc))))
                 continue
-            slot = _Slot(index, row, row.sequence, group=raw.prompt_group)
+            slot = Slot(index, row, row.sequence, group=raw.prompt_group)
             self.active[index] = slot
             self._follow(slot)
         if self.batching == "static":  # a static batch runs at its admitted width until its last row ends
             self._static_width = bucket(1 + max((s.index for s in self.active if s is not None), default=0),
                                         self.slots)
 
-    def _follow(self, slot: _Slot) -> None:
+    def _follow(self, slot: Slot) -> None:
         """Make ``slot`` wait for the prefill of another choice of its request with the same sequence
         (and prompt scoring), whose KV columns it then copies instead of computing them again."""
         if slot.group is None:
@@ -290,7 +249,7 @@ class Engine:
                 other.followers.append(slot)
                 return
 
-    def _free(self, slot: _Slot) -> None:
+    def _free(self, slot: Slot) -> None:
         if self.active[slot.index] is not slot:
             return
         self.active[slot.index] = None
@@ -331,7 +290,7 @@ class Engine:
             self._next_ids = torch.full((self.slots,), self.pad_id, dtype=torch.long).to(self.device)
         return self._cache
 
-    def _prefill_chunk(self, slot: _Slot, emit: Emit) -> int:
+    def _prefill_chunk(self, slot: Slot, emit: Emit) -> int:
         """Prefill the next chunk of ``slot``'s sequence; the last one samples its first token.
         Returns the chunk's padded width (what it cost of the step's budget)."""
         t0 = time.perf_counter()
@@ -354,7 +313,7 @@ class Engine:
         self.stats.prefill_s += time.perf_counter() - t0
         return width
 
-    def _prefilled(self, slot: _Slot, last: torch.Tensor, emit: Emit) -> None:
+    def _prefilled(self, slot: Slot, last: torch.Tensor, emit: Emit) -> None:
         """``slot``'s sequence is in the cache (``last`` [1, V]: its last position's logits): its followers
         copy its KV columns, and each of them samples its first token from ``last`` with its own state."""
         group = [slot] + slot.followers
@@ -427,7 +386,7 @@ class Engine:
         self.stats.decode_s += time.perf_counter() - t0
         return True
 
-    def _score_prompt(self, slot: _Slot, logits: torch.Tensor, start: int) -> None:
+    def _score_prompt(self, slot: Slot, logits: torch.Tensor, start: int) -> None:
         """Echo: the logprobs of the prompt tokens this chunk (``logits`` [count, V], from position
         ``start``) scores; the chunk's last row scores the next chunk's first token."""
         row, k = slot.row, slot.row.params.prompt_logprobs or 0
@@ -443,7 +402,7 @@ class Engine:
         row.prompt_logprobs += self.renderer.prompt(self.sampler.prompt_logprobs(scoring, ids, k), ids)
         slot.last_logits = logits[-1:]
 
-    def _read_later(self, result: SampleResult, owners: list[_Slot]) -> None:
+    def _read_later(self, result: SampleResult, owners: list[Slot]) -> None:
         packed = pack(result)  # ids, or ids with the logprobs rows asked for: one transfer either way
         if self.ahead:
             from caserve.remote import fetch_later
@@ -451,9 +410,9 @@ class Engine:
             fetch = fetch_later(packed)
         else:
             fetch = packed.cpu
-        self.reads.append(_Read(fetch, owners, self._step_no))
+        self.reads.append(PendingRead(fetch, owners, self._step_no))
 
-    def _apply(self, read: _Read, emit: Emit) -> None:
+    def _apply(self, read: PendingRead, emit: Emit) -> None:
         tokens, extra = unpack(read.fetch())
         now = time.perf_counter()
         for i, (slot, token) in enumerate(zip(read.owners, tokens)):
