@@ -217,8 +217,8 @@ class Tenant(TenantGraphs, TenantMemory):
                 self.bytes += nbytes  # counted while incomplete; _bind counts it again once complete
             part = self.uploads.add(op, data)
         except TenantError:  # a part sent wrong ends its upload: nothing half-written stays charged
-            pending = self.uploads.partial.get(op.handle) if type(op.handle) is int else None
-            if pending is not None and self.uploads.abandon(op.handle):
+            pending = self.uploads.abandon(op.handle)
+            if pending is not None:
                 self.bytes -= pending.nbytes
             raise
         if part is None:

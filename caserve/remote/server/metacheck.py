@@ -21,6 +21,7 @@ where its outputs are charged after the call.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -62,34 +63,27 @@ def _meta_slot(dtype: torch.dtype, geom: tuple, reach: int) -> torch.Tensor:
     return torch.empty((reach,), dtype=dtype, device=META).as_strided(size, stride, offset)
 
 
-def _numel(size: tuple[int, ...]) -> int:
-    n = 1
-    for d in size:
-        n *= d
-    return n
-
-
 def _nonzero(slots: list[Any]) -> int:  # [count, ndim] int64 indices, count <= numel
     size = slots[0].geom[0]
-    return _numel(size) * max(len(size), 1) * 8
+    return math.prod(size) * max(len(size), 1) * 8
 
 
 def _masked_select(slots: list[Any]) -> int:  # at most every element of the broadcast shape
     size = torch.broadcast_shapes(slots[0].geom[0], slots[1].geom[0])
-    return _numel(tuple(size)) * slots[0].dtype.itemsize
+    return math.prod(tuple(size)) * slots[0].dtype.itemsize
 
 
 def _unique2(slots: list[Any]) -> int:  # values (<= numel), inverse indices (numel) and counts (<= numel)
-    n = _numel(slots[0].geom[0])
+    n = math.prod(slots[0].geom[0])
     return n * slots[0].dtype.itemsize + 2 * n * 8
 
 
 def _index(slots: list[Any]) -> int:
     """``x[mask]`` and mixed indexing: boolean masks select at most every element of ``x``; an integer index
     tensor can repeat elements, at most its own size times."""
-    repeat = max([_numel(s.geom[0]) for s in slots[1:] if not s.dtype.is_floating_point
+    repeat = max([math.prod(s.geom[0]) for s in slots[1:] if not s.dtype.is_floating_point
                   and s.dtype != torch.bool] or [1])
-    return _numel(slots[0].geom[0]) * max(repeat, 1) * slots[0].dtype.itemsize
+    return math.prod(slots[0].geom[0]) * max(repeat, 1) * slots[0].dtype.itemsize
 
 
 _BOUNDS: dict[str, Callable[[list[Any]], int]] = {

@@ -112,8 +112,8 @@ class TenantMemory:
             self.cuda_graphs.forget_handles(handles)
         if self.uploads.partial:
             for h in handles:
-                part = self.uploads.partial.get(h)
-                if part is not None and self.uploads.abandon(h):
+                part = self.uploads.abandon(h)
+                if part is not None:
                     self.bytes -= part.nbytes
         for h in handles:
             st = self.storages.pop(h, None)

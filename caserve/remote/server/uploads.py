@@ -80,8 +80,9 @@ class PartialUploads:
         del self.partial[op.handle]
         return part
 
-    def abandon(self, handle: int) -> bool:
-        return self.partial.pop(handle, None) is not None
+    def abandon(self, handle: Any) -> Partial | None:
+        """Drop ``handle``'s incomplete upload; returns it (its bytes are the caller's to uncharge)."""
+        return self.partial.pop(handle, None) if type(handle) is int else None
 
     def clear(self) -> None:
         self.partial.clear()
