@@ -15,8 +15,19 @@ Ray is imported only by ``deploy``, ``controller``, ``adopt``, ``specs`` and ins
 config, the names and the policies load without it.
 """
 
-from caserve.cluster.config import ClusterConfig, load_config, parse_config
 from caserve.cluster.errors import AlreadyRunning, ClusterError, ConfigError, NotRunning, StartupTimeout
 
 __all__ = ["ClusterConfig", "load_config", "parse_config", "ClusterError", "ConfigError", "NotRunning",
            "AlreadyRunning", "StartupTimeout"]
+
+_CONFIG_NAMES = ("ClusterConfig", "load_config", "parse_config")
+
+
+def __getattr__(name: str):
+    """The config's names load on first use (PEP 562): the config imports caserve.models and with it torch,
+    which ``caserve --help`` (importing :mod:`caserve.cluster.cli`) must not pay for."""
+    if name in _CONFIG_NAMES:
+        from caserve.cluster import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
