@@ -10,6 +10,7 @@
 * :mod:`~caserve.cluster.processes`  supervised ``caserve`` subprocesses that die with their actor
 * :mod:`~caserve.cluster.autoscale`  queue-delay signal and scaling policy (pure)
 * :mod:`~caserve.cluster.placement`  GPU server choice by tenant load (pure)
+* :mod:`~caserve.cluster.cli`        the ``caserve cluster`` sub-commands (typer), added to ``caserve`` by caserve.cli
 
 Ray is imported only by ``deploy``, ``controller``, ``adopt``, ``specs`` and inside the actors, so the
 config, the names and the policies load without it.
