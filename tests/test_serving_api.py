@@ -277,3 +277,38 @@ def test_cli_refuses_bad_layouts(args: list[str], complaint: str) -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert complaint in " ".join((done.stdout + done.stderr).split())
+
+
+def test_stream_sends_deltas_that_queued_up_as_one_chunk() -> None:
+    """A client (or router) that falls behind gets the deltas waiting for it as one chunk: the same text
+    and logprobs, fewer events; a delta after that is its own chunk again."""
+    import asyncio
+
+    from caserve.serving.messages import TokenLogprob
+    from caserve.serving.router import api
+    from caserve.serving.router import schemas as S
+    from caserve.serving.router.jobs import Job
+
+    def entry(token: str) -> TokenLogprob:
+        return TokenLogprob(id=ord(token[0]), token=token, logprob=-1.0)
+
+    async def stream() -> list[dict]:
+        job = Job(model=TINY, task="generate", payload={}, prompt_units=1)
+        req = S.CompletionRequest(model=TINY, prompt="p", stream=True, logprobs=0)
+        for text in ("ab", "c", "de"):  # queued before the stream reads
+            job.events.put_nowait(("delta", (text, [entry(text)])))
+        job.finish_reason = "length"
+        chunks = api._sse(job, ("delta", ("x", [entry("x")])), "cmpl-1", 0, req, chat=False)
+        out = [await chunks.__anext__()]  # the first delta and the three waiting ones
+        job.events.put_nowait(("delta", ("f", [entry("f")])))  # arrives while the client reads
+        job.events.put_nowait(("done", None))
+        out += [c async for c in chunks]
+        return [json.loads(c[len(b"data: "):]) for c in out if c != b"data: [DONE]\n\n"]
+
+    bodies = asyncio.run(stream())
+    texts = [b["choices"][0]["text"] for b in bodies]
+    assert texts == ["xabcde", "f", ""]
+    first = bodies[0]["choices"][0]["logprobs"]
+    assert first["tokens"] == ["x", "ab", "c", "de"] and first["text_offset"] == [0, 1, 3, 4]
+    assert bodies[1]["choices"][0]["logprobs"]["text_offset"] == [6]
+    assert bodies[-1]["choices"][0]["finish_reason"] == "length"

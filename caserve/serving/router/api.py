@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import uuid
 from typing import Any, AsyncIterator, Optional, Union
@@ -34,6 +33,8 @@ from caserve.serving.router.security import Access, RouterGuard, RouterSecurity,
 from caserve.serving.router.worker_api import make_worker_routes
 
 logger = logging.getLogger(__name__)
+
+_encode = msgspec.json.Encoder().encode
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 256
@@ -268,7 +269,7 @@ async def _first_event(router: Router, request: Request, job: Job) -> tuple[str,
     return kind, value
 
 
-async def _cancel_on_exit(router: Router, job: Job, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+async def _cancel_on_exit(router: Router, job: Job, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     try:
         async for chunk in chunks:
             yield chunk
@@ -279,13 +280,18 @@ async def _cancel_on_exit(router: Router, job: Job, chunks: AsyncIterator[str]) 
             router.cancel(job)
 
 
+def _data(body: dict[str, Any]) -> bytes:
+    """One server-sent event carrying ``body`` as JSON."""
+    return b"data: " + _encode(body) + b"\n\n"
+
+
 async def _sse(
     job: Job, first: tuple[str, Any], rid: str, created: int, req: S.SamplingRequest, *, chat: bool,
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     model, include_usage = req.model, req.include_usage
     offset = 0  # characters streamed so far (completions' text_offset)
 
-    def chunk(text: Optional[str], finish: Optional[str], entries: Optional[list] = None, **extra: Any) -> str:
+    def chunk(text: Optional[str], finish: Optional[str], entries: Optional[list] = None, **extra: Any) -> bytes:
         nonlocal offset
         if chat:
             delta = {} if text is None else {"content": text}
@@ -298,30 +304,39 @@ async def _sse(
             obj = "text_completion"
         offset += len(text or "")
         body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], **extra}
-        return f"data: {json.dumps(body)}\n\n"
+        return _data(body)
 
     if chat:
         body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-        yield f"data: {json.dumps(body)}\n\n"
-    event = first
+        yield _data(body)
+    event: Optional[tuple[str, Any]] = first
     while True:
+        if event is None:
+            event = await job.events.get()
         kind, value = event
+        event = None
         if kind == "delta":
-            yield chunk(value[0], None, value[1])
+            # Deltas that queued up meanwhile (a slow client, a busy router) go out as one chunk.
+            text, entries = value
+            while not job.events.empty():
+                event = job.events.get_nowait()
+                if event[0] != "delta":
+                    break
+                text, entries, event = text + event[1][0], entries + event[1][1], None
+            yield chunk(text, None, entries)
         elif kind == "done":
             yield chunk(None if chat else "", job.finish_reason, timings=job.timings())
             break
         else:  # an error after the stream started: report it in-band, as OpenAI does
-            yield f"data: {json.dumps(error_body(value))}\n\n"
+            yield _data(error_body(value))
             return
-        event = await job.events.get()
     if include_usage:
         usage = S.usage_body(job.prompt_tokens, job.completion_tokens)
         body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": created, "model": model, "choices": [], "usage": usage}
-        yield f"data: {json.dumps(body)}\n\n"
-    yield "data: [DONE]\n\n"
+        yield _data(body)
+    yield b"data: [DONE]\n\n"
 
 
 def _choice(index: int, job: Job, req: S.SamplingRequest) -> dict[str, Any]:
