@@ -11,7 +11,7 @@ import torch
 from msgspec.structs import replace
 
 from caserve.models import DEFAULT_MODEL, load_model
-from caserve.serving.messages import Done, Error, Row, SamplingParams, Tokens
+from caserve.serving.messages import Done, Error, Progress, Row, SamplingParams, Tokens
 from caserve.serving.worker.engine import Engine
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, top_p=1, stop=[], seed=None, ignore_eos=True)
@@ -250,3 +250,38 @@ def test_a_decode_step_runs_only_the_bucket_of_slots_in_use(lm) -> None:
         assert widths[0] == 4 and widths[-1] == (1 if batching == "continuous" else 4)
         for row in batch:
             assert run(Engine(lm), [row])[row.dispatch] == got[row.dispatch]
+
+
+def test_serve_hands_over_each_steps_events_together_in_order(lm) -> None:
+    """The worker's loop gets one list of events per step (one hand-over to its event loop, not one
+    per token): the same events, in the same order, as a per-event ``run`` of the same rows."""
+    import threading
+
+    batch = [gen(f"s{i}", list(range(5 + i, 12 + i)), n) for i, n in enumerate((9, 4, 7))]
+    alone: list = []
+    Engine(lm, max_batch=4).run(batch, alone.append, lambda d: False)
+
+    engine = Engine(lm, max_batch=4)
+    flushed: list[list] = []
+    stop = threading.Event()
+
+    def flush(events: list) -> None:
+        flushed.append(list(events))
+        if sum(isinstance(e, Done) for b in flushed for e in b) == len(batch):
+            stop.set()
+
+    engine.submit(batch)
+    thread = threading.Thread(target=engine.serve, args=(flush, lambda d: False, stop))
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    def untimed(events: list) -> list:
+        return [replace(e, durations={}) if isinstance(e, Done) else e for e in events]
+
+    events = [e for b in flushed for e in b if not isinstance(e, Progress)]
+    assert untimed(events) == untimed(alone)  # nothing lost, nothing reordered
+    assert all(flushed)  # no empty hand-overs
+    # each decode step's tokens travel together: far fewer hand-overs than tokens
+    n_tokens = sum(len(e.ids) for e in events if isinstance(e, Tokens))
+    assert max(sum(isinstance(e, Tokens) for e in b) for b in flushed) >= 3
+    assert len(flushed) <= 9 + 2 < n_tokens

@@ -11,6 +11,8 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from caserve.serving.messages import (
     MAX_EVENTS, MAX_IDS, Progress, Cancel, Done, EventsRequest, Ping, RegisterReply, Row, Run, SamplingParams,
@@ -181,3 +183,141 @@ def test_router_and_worker_packages_do_not_import_each_other() -> None:
                 mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
                 assert not any(m.startswith(f"caserve.serving.{other}") for m in mods), (path.name, mods)
+
+
+# ---------------------------------------------------------------------------------------------- event streams
+# A worker sends its events as one chunked POST for its whole session, an EventsRequest per line.
+
+
+async def stream_events(client: httpx.AsyncClient, wid: str, chunks: Any) -> httpx.Response:
+    """POST ``chunks`` (an async iterator of bytes) as a chunked body: no Content-Length."""
+    return await client.post(f"{BASE}/{wid}/events", content=chunks,
+                             headers={"content-type": "application/x-ndjson"})
+
+
+def line(session: str, events: list) -> bytes:
+    return json.dumps({"session": session, "events": events}).encode() + b"\n"
+
+
+def test_an_event_stream_applies_each_line_as_it_arrives() -> None:
+    async def scenario() -> None:
+        router, client, sessions = await setup()
+        j = running(router, "a")
+        seen = []
+
+        async def body():
+            yield line(sessions["a"], [{"type": "tokens", "dispatch": j.dispatch_id, "ids": [1], "text": "a"}])
+            yield b"\n"  # blank lines are skipped
+            seen.append((list(j.generated_ids), j.state))  # the router applied the first line already
+            yield line(sessions["a"], [{"type": "progress", "steps": 1}])[:7]  # a line split across chunks
+            yield line(sessions["a"], [{"type": "progress", "steps": 1}])[7:]
+            yield line(sessions["a"], [{"type": "tokens", "dispatch": j.dispatch_id, "ids": [2], "text": "b"},
+                                       {"type": "done", "dispatch": j.dispatch_id, "finish_reason": "length"}])
+
+        r = await stream_events(client, "a", body())
+        assert r.status_code == 200, r.text
+        assert seen == [([1], JobState.RUNNING)]
+        assert j.state is JobState.DONE and j.text == "ab" and j.generated_ids == [1, 2]
+        assert router.models["m"].workers["a"].progress["steps"] == 1
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+BAD_LINES = [
+    (400, "malformed", lambda s, d: b'{"session": "' + s.encode() + b'", "events": [{"type": "explode"}]}\n'),
+    (400, "malformed", lambda s, d: b"{not json\n"),
+    (400, "never sent", lambda s, d: line(s, [{"type": "done", "dispatch": "0" * 32}])),
+    (404, "no live session", lambda s, d: line("f" * 32, [{"type": "done", "dispatch": d}])),
+]
+
+
+@pytest.mark.parametrize("status,message,make", BAD_LINES, ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD_LINES)])
+def test_a_bad_line_ends_the_stream_with_the_lines_before_it_applied(status: int, message: str, make: Any) -> None:
+    async def scenario() -> None:
+        router, client, sessions = await setup()
+        ja, jb = running(router, "a"), running(router, "b")
+        sent = []
+
+        async def body():
+            for chunk in (line(sessions["a"], [{"type": "tokens", "dispatch": ja.dispatch_id, "ids": [1], "text": "a"}]),
+                          make(sessions["a"], ja.dispatch_id),
+                          line(sessions["a"], [{"type": "done", "dispatch": ja.dispatch_id}])):
+                sent.append(chunk)
+                yield chunk
+
+        r = await stream_events(client, "a", body())
+        assert r.status_code == status and message in r.json()["error"]["message"]
+        assert len(sent) == 2  # nothing after the bad line was read
+        assert ja.state is JobState.RUNNING and ja.generated_ids == [1] and jb.generated_ids == []
+        # still serving: a new stream of the same session finishes the job, exactly once
+        async def finish():
+            yield line(sessions["a"], [{"type": "done", "dispatch": ja.dispatch_id, "finish_reason": "length"},
+                                       {"type": "done", "dispatch": ja.dispatch_id, "finish_reason": "stop"}])
+
+        r = await stream_events(client, "a", finish())
+        assert r.status_code == 200 and ja.state is JobState.DONE and ja.finish_reason == "length"
+        assert jb.state is JobState.RUNNING
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_an_event_stream_bounds_each_line_not_the_whole_stream() -> None:
+    async def scenario() -> None:
+        router = Router(policy="fcfs", max_queue=8)
+        app = create_app(router, RouterSecurity(TOKEN, worker_max_body_bytes=2000))
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router",
+                                   headers={WORKER_TOKEN_HEADER: TOKEN})
+        r = await client.post(f"{BASE}/register", json={"worker_id": "a", "kind": "cpu", "model": "m",
+                                                         "task": "causal-lm", "max_batch": 1, "max_context": 64})
+        session = msgspec.json.decode(r.content, type=RegisterReply).session
+        progress = line(session, [{"type": "progress", "steps": 1}])
+
+        async def many():  # 100 lines, far over the limit in all, each well under it
+            for _ in range(100):
+                yield progress
+
+        r = await stream_events(client, "a", many())
+        assert r.status_code == 200 and 100 * len(progress) > 2000
+        sent = []
+
+        async def endless():  # one line that never ends: refused once it passes the limit
+            for _ in range(10_000):
+                sent.append(1)
+                yield b" " * 100
+
+        r = await stream_events(client, "a", endless())
+        assert r.status_code == 413 and len(sent) <= 25
+        async def long_line():  # a complete line over the limit in one chunk
+            yield b'{"session": "' + session.encode() + b'", "events": []' + b" " * 3000 + b"}\n"
+
+        r = await stream_events(client, "a", long_line())
+        assert r.status_code == 413
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts=st.lists(st.text(min_size=1, max_size=30), min_size=1, max_size=12),
+       cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=20))
+def test_an_event_stream_cut_anywhere_gives_the_same_text(texts: list[str], cuts: list[int]) -> None:
+    """Lines (with multi-byte text) cut into chunks at arbitrary byte offsets arrive whole and in order."""
+    async def scenario() -> None:
+        router, client, sessions = await setup()
+        j = running(router, "a")
+        data = b"".join(line(sessions["a"], [{"type": "tokens", "dispatch": j.dispatch_id, "ids": [i], "text": t}])
+                        for i, t in enumerate(texts))
+        bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+
+        async def body():
+            for lo, hi in zip(bounds, bounds[1:]):
+                yield data[lo:hi]
+
+        r = await stream_events(client, "a", body())
+        assert r.status_code == 200, r.text
+        assert j.text == "".join(texts) and j.generated_ids == list(range(len(texts)))
+        await client.aclose()
+
+    asyncio.run(scenario())

@@ -12,7 +12,9 @@ with a :class:`msgspec.ValidationError` naming the field, never a ``KeyError`` d
       | POST /internal/workers/register  --->  | RegisterRequest
       | <--- RegisterReply                     |
       | GET  /internal/workers/{id}/channel -> | NDJSON, one RouterMessage a line: Run | Cancel | Ping
-      | POST /internal/workers/{id}/events --> | EventsRequest{session, events: [Tokens|Done|Error|Progress]}
+      | POST /internal/workers/{id}/events --> | EventsRequest{session, events: [Tokens|Done|Error|Progress]},
+      |   one per line of a chunked body that   |   each applied as it arrives (one EventsRequest as
+      |   lasts the whole session               |   a plain body works too)
       | POST /internal/workers/{id}/heartbeat  | SessionRequest
       | POST /internal/workers/{id}/unregister | SessionRequest
     controller                               router

@@ -18,7 +18,9 @@ everything else      ``Authorization: Bearer <API key>``, when    401 (OpenAI ``
 Secrets are compared with :func:`hmac.compare_digest`. Every refusal is logged with the peer's
 address, never with what it sent. Bodies: a ``Content-Length`` over the route's limit is answered
 413 at once (the server discards the unread body); a body without a length is read up to the limit
-and refused as soon as it passes it.
+and refused as soon as it passes it. The one exception is a worker's event stream
+(``/internal/workers/{id}/events`` sent chunked, after the token check): it lasts as long as the
+worker's session, so the route reads it line by line and refuses any line over the limit.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ refusals = RefusalLog(logger)  # one budget for every refusal this router proces
 DEFAULT_MAX_BODY_BYTES = 4 << 20  # a 128k-token prompt as text or as token ids fits several times over
 WORKER_MAX_BODY_BYTES = 64 << 20  # worker events carry embeddings of whole batches
 ACCESS_SCOPE_KEY = "caserve.access"
+LINE_LIMIT_SCOPE_KEY = "caserve.line_limit"  # set on a worker's event stream: the most bytes of one line
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -146,6 +149,8 @@ class RouterGuard:
             if length > limit:
                 await self._refuse(scope, receive, send, _too_large(length, limit), started)
                 return
+        elif access is Access.WORKER and _is_event_stream(path):
+            scope[LINE_LIMIT_SCOPE_KEY] = limit  # read line by line; the route refuses a longer line
         elif scope["method"] not in ("GET", "HEAD"):
             try:
                 receive = await _buffered(receive, limit)
@@ -189,6 +194,12 @@ class RouterGuard:
                          client[0], client[1], exc.status, (time.perf_counter() - started) * 1e3, exc.message)
         response = JSONResponse(error_body(exc), status_code=exc.status, headers=exc.headers())
         await response(scope, receive, send)
+
+
+def _is_event_stream(path: str) -> bool:
+    """``/internal/workers/{id}/events``: a worker's events, which it may send as one long chunked body."""
+    parts = path.split("/")
+    return len(parts) == 5 and parts[1:3] == ["internal", "workers"] and parts[4] == "events"
 
 
 def _too_large(length: int, limit: int) -> PayloadTooLarge:

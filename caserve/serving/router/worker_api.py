@@ -6,6 +6,10 @@ Every request carries the router's worker token (header ``X-Caserve-Worker-Token
 ``security.RouterGuard`` before any route runs (401 missing, 403 wrong). A worker id held by a live
 session cannot be registered again (409), and a session has at most one channel (409).
 
+The worker's events come the other way as one long chunked POST (an ``EventsRequest`` per line, read
+and applied line by line; the route refuses a line over the worker body limit with 413): one HTTP
+request per session, not one per engine step.
+
 A channel that closes (worker killed, worker gave up its GPU server) loses the session at once and
 requeues its jobs; silent workers are dropped after the heartbeat timeout. Any 404 on a session
 means the router no longer knows it (e.g. the router restarted): the worker registers again.
@@ -21,13 +25,13 @@ import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from caserve.serving.errors import BadRequest, Conflict
+from caserve.serving.errors import BadRequest, Conflict, PayloadTooLarge
 from caserve.serving.messages import (
     DrainReply, EventsRequest, Ok, Ping, RegisterReply, RegisterRequest, SessionRequest, encode, encode_line,
     events_decoder,
 )
 from caserve.serving.router.router import Router, WorkerSession
-from caserve.serving.router.security import refusals
+from caserve.serving.router.security import LINE_LIMIT_SCOPE_KEY, refusals
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +50,37 @@ _DECODERS: dict[type, msgspec.json.Decoder] = {
 
 async def _decode(request: Request, kind: type[T]) -> T:
     """The body as ``kind``, or a 400 that names what is wrong (logged: a worker sent it)."""
-    body = await request.body()
+    return _decode_bytes(await request.body(), request, kind)
+
+
+def _decode_bytes(body: bytes, request: Request, kind: type[T]) -> T:
     try:
         return _DECODERS[kind].decode(body)  # type: ignore[no-any-return]
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         refusals.warning("refused a malformed %s from %s at %s: %s", kind.__name__,
                          request.client.host if request.client else "?", request.url.path, exc)
         raise BadRequest(f"malformed {kind.__name__}: {exc}") from None
+
+
+async def _lines(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The body's non-empty lines as they arrive; a 413 as soon as one is longer than ``limit`` bytes."""
+    buf = bytearray()
+    async for chunk in request.stream():
+        start = len(buf)  # buf holds no newline before this
+        buf += chunk
+        end = buf.find(b"\n", start)
+        while end >= 0:
+            if end > limit:
+                break
+            line = bytes(buf[:end])
+            del buf[:end + 1]
+            if line.strip():
+                yield line
+            end = buf.find(b"\n")
+        if end > limit or len(buf) > limit:
+            raise PayloadTooLarge(f"an events line is over this router's limit of {limit} bytes")
+    if buf.strip():
+        yield bytes(buf)
 
 
 def _json(message: Any) -> Response:
@@ -77,8 +105,17 @@ def make_worker_routes(router: Router) -> APIRouter:
 
     @api.post("/{worker_id}/events")
     async def events(worker_id: str, request: Request) -> Response:
-        req = await _decode(request, EventsRequest)
-        router.handle_events(router.session(worker_id, req.session), req.events)
+        """One EventsRequest, or (a chunked body, as a worker sends for as long as its session lasts)
+        one per line, each applied as it arrives. A bad line is answered at once (400, 404 or 413), with
+        the lines before it applied and nothing after it read."""
+        line_limit = request.scope.get(LINE_LIMIT_SCOPE_KEY)
+        if line_limit is None:  # a body the guard has already read whole
+            req = await _decode(request, EventsRequest)
+            router.handle_events(router.session(worker_id, req.session), req.events)
+        else:
+            async for line in _lines(request, line_limit):
+                req = _decode_bytes(line, request, EventsRequest)
+                router.handle_events(router.session(worker_id, req.session), req.events)
         return Response(_OK, media_type="application/json")
 
     @api.post("/{worker_id}/heartbeat")

@@ -42,11 +42,11 @@ from typing import Any, Optional
 import torch
 
 from caserve.models import LoadedModel
-from caserve.serving.messages import MODEL_TASKS, TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, Error
+from caserve.serving.messages import MODEL_TASKS, TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, Error, Event
 from caserve.serving.messages import Row as RowMessage
 from caserve.serving.messages import SamplingParams
 from caserve.serving.worker.batch import BatchRunner
-from caserve.serving.worker.rows import Emit, IsCancelled, Row, RowError, error_event, make_row
+from caserve.serving.worker.rows import Emit, Flush, IsCancelled, Row, RowError, error_event, make_row
 from caserve.serving.worker.logprobs import LogprobRenderer
 from caserve.serving.worker.sampling import SampleResult, SlotSampler, pack, unpack
 from caserve.serving.worker.slot_state import BatchStats, PendingRead, Slot
@@ -135,20 +135,26 @@ class Engine:
             self.step(emit, cancelled)
         return self.take_stats()
 
-    def serve(self, emit: Emit, cancelled: IsCancelled, stop: threading.Event) -> None:
+    def serve(self, flush: Flush, cancelled: IsCancelled, stop: threading.Event) -> None:
         """Step while there is work; wait for :meth:`submit` otherwise; return when ``stop`` is set.
-        Emits a ``Progress`` report every ``REPORT_S`` while busy and when it becomes idle."""
+        Each step's events go to ``flush`` together, in order (one hand-over per step, not per token).
+        A ``Progress`` report joins them every ``REPORT_S`` while busy and when the engine becomes idle."""
         reported = time.monotonic()
         while not stop.is_set():
             if not self.busy:
                 self.wake.wait(0.05)
                 self.wake.clear()
                 continue
-            self.step(emit, cancelled)
-            now = time.monotonic()
-            if now - reported >= REPORT_S or not self.busy:
-                emit(self.take_stats().event(self.occupied, self.free_slots))
-                reported = now
+            events: list[Event] = []
+            try:
+                self.step(events.append, cancelled)
+                now = time.monotonic()
+                if now - reported >= REPORT_S or not self.busy:
+                    events.append(self.take_stats().event(self.occupied, self.free_slots))
+                    reported = now
+            finally:  # a step that fails part-way still hands over what it emitted before failing
+                if events:
+                    flush(events)
 
     @property
     def free_slots(self) -> int:

@@ -16,6 +16,7 @@ from caserve.serving.messages import Done, Error, Event, Row as RowMessage, Samp
 from caserve.serving.worker.detokenize import TextTracker
 
 Emit = Callable[[Event], None]
+Flush = Callable[[list[Event]], None]  # a step's events, handed over together
 IsCancelled = Callable[[str], bool]
 
 

@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import AsyncIterator, Callable, Optional, Union
 
 import httpx
 import msgspec
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 KINDS = WORKER_KINDS
 JSON = {"content-type": "application/json"}
+NDJSON = {"content-type": "application/x-ndjson"}
 PROBE_EVERY = 2  # heartbeats between device probes of an idle worker
 
 
@@ -221,7 +222,9 @@ class _Session:
         self.heartbeat_s = reply.heartbeat_s
         self.session_body = encode(SessionRequest(session=reply.session))
         self.base = f"{worker.config.router_url}/internal/workers/{worker.config.worker_id}"
-        self.outbox: asyncio.Queue[Optional[Event]] = asyncio.Queue()  # None: leave the router
+        # Events for the router, a list per engine step (sent in order, as few POSTs as the backlog
+        # allows); None: leave the router.
+        self.outbox: asyncio.Queue[Optional[list[Event]]] = asyncio.Queue()
         self.cancelled: set[str] = set()
         self.cancel_all = threading.Event()
         self.stop = threading.Event()
@@ -300,21 +303,33 @@ class _Session:
             self.outbox.put_nowait(None)
 
     async def _send_events(self) -> None:
-        while True:
-            events = [await self.outbox.get()]
-            while not self.outbox.empty() and events[-1] is not None:
-                events.append(self.outbox.get_nowait())
-            leave = events[-1] is None
-            payload = [e for e in events if e is not None]
-            for start in range(0, len(payload), MAX_EVENTS):
-                body = encode(EventsRequest(session=self.session, events=payload[start:start + MAX_EVENTS]))
-                resp = await self.client.post(f"{self.base}/events", content=body, headers=JSON)
-                if resp.status_code == 404:
-                    raise RouterLost("session unknown")
-                resp.raise_for_status()
-            if leave:
-                await self.client.post(f"{self.base}/unregister", content=self.session_body, headers=JSON)
-                raise DeviceLost()
+        """One long POST for the whole session: its chunked body carries an ``EventsRequest`` per line,
+        written as the engine's steps hand events over (what queued meanwhile goes in one line). Leaving
+        (None in the outbox) ends the body after the last events, then unregisters."""
+        leaving = False
+
+        async def lines() -> AsyncIterator[bytes]:
+            nonlocal leaving
+            while not leaving:
+                batches = [await self.outbox.get()]
+                while not self.outbox.empty() and batches[-1] is not None:
+                    batches.append(self.outbox.get_nowait())
+                leaving = batches[-1] is None
+                payload = [e for batch in batches if batch is not None for e in batch]
+                for start in range(0, len(payload), MAX_EVENTS):
+                    events = payload[start:start + MAX_EVENTS]
+                    yield encode(EventsRequest(session=self.session, events=events)) + b"\n"
+
+        # No read timeout: the router answers only when the body ends (or refuses a line at once).
+        resp = await self.client.post(f"{self.base}/events", content=lines(), headers=NDJSON,
+                                      timeout=httpx.Timeout(10.0, connect=5.0, read=None))
+        if resp.status_code == 404:
+            raise RouterLost("session unknown")
+        resp.raise_for_status()
+        if not leaving:
+            raise RouterLost("the router ended the event stream")
+        await self.client.post(f"{self.base}/unregister", content=self.session_body, headers=JSON)
+        raise DeviceLost()
 
     async def _run_engine(self) -> None:
         """The engine's loop, in a thread, for as long as this session lasts. A device failure leaves the
@@ -323,14 +338,14 @@ class _Session:
         assert engine is not None
         loop = asyncio.get_running_loop()
 
-        def emit(event: Event) -> None:
-            loop.call_soon_threadsafe(self.outbox.put_nowait, event)
+        def flush(events: list[Event]) -> None:  # from the engine's thread, once per step
+            loop.call_soon_threadsafe(self.outbox.put_nowait, events)
 
         def is_cancelled(dispatch: str) -> bool:
             return self.cancel_all.is_set() or dispatch in self.cancelled
 
         while not self.stop.is_set():
-            self.engine_thread = loop.run_in_executor(None, engine.serve, emit, is_cancelled, self.stop)
+            self.engine_thread = loop.run_in_executor(None, engine.serve, flush, is_cancelled, self.stop)
             try:
                 await asyncio.shield(self.engine_thread)
             except device_lost_errors() as exc:
@@ -340,6 +355,6 @@ class _Session:
                 return
             except Exception as exc:  # a bug or an op the device refused: fail these rows, keep serving
                 logger.exception("worker %s: engine step failed", self.worker.config.worker_id)
-                for dispatch in engine.abandon():
-                    self.outbox.put_nowait(Error(dispatch=dispatch, error_type="internal",
-                                                 message=f"{type(exc).__name__}: {exc}"))
+                message = f"{type(exc).__name__}: {exc}"
+                self.outbox.put_nowait([Error(dispatch=dispatch, error_type="internal", message=message)
+                                        for dispatch in engine.abandon()])
