@@ -51,3 +51,15 @@ def test_outputs_are_cut_to_fit_the_context_after_their_prompt(tmp_path: Path) -
     assert {r.output_len for r in reqs} & {2, 3, 5}  # short ones are kept as drawn
     with pytest.raises(BatchingBenchError):
         build_requests(BatchingSpec(sharegpt=sharegpt, trace=trace, num_requests=3, max_len=10))
+
+
+def test_decode_steps_count_what_each_mode_computes() -> None:
+    from caserve.bench.batching import decode_steps
+
+    # 2 slots; static: batches (5, 1) and (2, 2) run 5 + 2 steps computing 10 + 4 rows; continuous: the
+    # 1-token row frees its slot after step 1, the third row takes it (steps 2-3), the fourth takes the
+    # next free one (steps 4-5) while the 5-token row ends at step 5
+    assert decode_steps([5, 1, 2, 2], 2) == {"static": {"steps": 7, "slot_steps": 14},
+                                             "continuous": {"steps": 5, "slot_steps": 10}}
+    assert decode_steps([3, 3, 3], 8) == {"static": {"steps": 3, "slot_steps": 9},
+                                          "continuous": {"steps": 3, "slot_steps": 9}}

@@ -13,7 +13,8 @@ sent:
 
 The modes alternate inside each step (static, then continuous), so that drift on a shared machine hits
 both alike. Reported per run: throughput, mean and p99 queue delay, TTFT, TPOT and JCT (server timings
-where the router reports them), in ``batching.json`` and a markdown table.
+where the router reports them), in ``batching.json`` and a markdown table; and what the burst's output
+lengths alone allow (:func:`decode_steps`), to read the measured saturation ratio against.
 """
 
 from __future__ import annotations
@@ -142,12 +143,35 @@ def run_batching(spec: BatchingSpec, out_dir: Optional[Path] = None, progress: b
     result = {"schema": "caserve-batching/1", "spec": {k: (str(v) if isinstance(v, Path) else v)
                                                         for k, v in spec.__dict__.items()},
               "static_capacity_rps": capacity, "outputs_cut_to_context": cut,
-              "output_tokens_asked": sum(r.output_len for r in reqs), "rows": rows, "targets": targets(rows)}
+              "output_tokens_asked": sum(r.output_len for r in reqs),
+              "decode_steps": decode_steps([r.output_len for r in reqs], spec.max_batch),
+              "rows": rows, "targets": targets(rows)}
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         save_result(result, Path(out_dir) / "batching.json")
         (Path(out_dir) / "batching.md").write_text(markdown(result) + "\n")
     return result
+
+
+def decode_steps(lengths: Sequence[int], slots: int) -> dict[str, dict[str, int]]:
+    """What the burst's output lengths allow, whatever the machine: decode steps and computed slot-steps
+    (rows x steps) of each mode, in arrival order. Static runs batches of ``slots`` to their longest row,
+    computing every admitted row; continuous refills a slot the step after it frees. A step's cost lies
+    between a fixed cost (the steps' ratio bounds the throughput ratio) and a cost per computed row (the
+    slot-steps' ratio does); prefill and the serving path per token are left out."""
+    static_steps = static_slots = 0
+    for i in range(0, len(lengths), slots):
+        batch = lengths[i:i + slots]
+        static_steps += max(batch)
+        static_slots += max(batch) * len(batch)
+    waiting, running, steps = list(reversed(lengths)), [], 0
+    while waiting or running:
+        while waiting and len(running) < slots:
+            running.append(waiting.pop())
+        steps += 1
+        running = [left - 1 for left in running if left > 1]
+    return {"static": {"steps": static_steps, "slot_steps": static_slots},
+            "continuous": {"steps": steps, "slot_steps": sum(lengths)}}
 
 
 def targets(rows: Sequence[dict[str, Any]]) -> dict[str, Optional[float]]:
@@ -179,6 +203,13 @@ def markdown(result: dict[str, Any]) -> str:
     if "output_tokens_asked" in result:
         lines.append(f"{result['output_tokens_asked']} output tokens asked per run; "
                      f"{result['outputs_cut_to_context']} outputs cut to fit the context after their prompt")
+    bound = result.get("decode_steps")
+    if bound:
+        st, co = bound["static"], bound["continuous"]
+        lines.append(f"what the output lengths allow: static {st['steps']} decode steps ({st['slot_steps']} rows computed), "
+                     f"continuous {co['steps']} ({co['slot_steps']}): a throughput ratio between "
+                     f"{st['steps'] / co['steps']:.2f}x (fixed cost per step) and "
+                     f"{st['slot_steps'] / co['slot_steps']:.2f}x (cost per row)")
     lines.append(f"static capacity {f(result['static_capacity_rps'], 2)} req/s; continuous/static throughput at "
                  f"saturation {f(t['saturation_throughput_ratio'], 2)}x; p99 JCT at 0.9x "
                  f"{f(t['p99_jct_reduction_pct_at_0.9x'], 1)}% lower")
