@@ -27,7 +27,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from caserve.serving.errors import BadRequest, Conflict, PayloadTooLarge
 from caserve.serving.messages import (
-    DrainReply, EventsRequest, Ok, Ping, RegisterReply, RegisterRequest, SessionRequest, encode, encode_line,
+    EventsRequest, Ok, Ping, RegisterReply, RegisterRequest, SessionRequest, encode, encode_line,
     events_decoder,
 )
 from caserve.serving.router.router import Router, WorkerSession

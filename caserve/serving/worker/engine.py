@@ -46,7 +46,7 @@ from caserve.serving.messages import MODEL_TASKS, TASK_CLASSIFY, TASK_EMBED, TAS
 from caserve.serving.messages import Row as RowMessage
 from caserve.serving.messages import SamplingParams
 from caserve.serving.worker.batch import BatchRunner
-from caserve.serving.worker.rows import Emit, Flush, IsCancelled, Row, RowError, error_event, make_row
+from caserve.serving.worker.rows import Emit, Flush, IsCancelled, RowError, error_event, make_row
 from caserve.serving.worker.logprobs import LogprobRenderer
 from caserve.serving.worker.sampling import SampleResult, SlotSampler, pack, unpack
 from caserve.serving.worker.slot_state import BatchStats, PendingRead, Slot

@@ -27,7 +27,7 @@ from caserve.models import load_model
 from caserve.serving.credentials import router_verify
 from caserve.serving.messages import (
     MAX_EVENTS, WORKER_KINDS, WORKER_TOKEN_HEADER, Cancel, Error, Event, EventsRequest, RegisterReply,
-    RegisterRequest, Row, Run, SessionRequest, encode, router_message_decoder,
+    RegisterRequest, Run, SessionRequest, encode, router_message_decoder,
 )
 from caserve.serving.worker.engine import BATCHING, MAX_LEN, Engine
 
