@@ -41,6 +41,7 @@ _TSCALE = typer.Option(1.0, help="Multiply trace offsets by this (0.1 = 10x fast
 _OUTLEN = typer.Option(None, help="max_tokens per request (default: dataset's / trace's).")
 _MAXWORDS = typer.Option(None, help="Truncate prompts to this many words.")
 _SEED = typer.Option(0, help="Seed of workload sampling and arrivals.")
+_GOODPUT = typer.Option([], help="SLO for goodput, repeatable: ttft:MS, tpot:MS, e2el:MS.")
 
 
 @bench_app.command("serve")
@@ -52,7 +53,7 @@ def bench_serve_cmd(
     arrivals: str = _ARRIVALS, rate: float = _RATE, cv: float = _CV, trace: Optional[Path] = _TRACE,
     time_scale: float = _TSCALE, output_len: Optional[int] = _OUTLEN, max_prompt_words: Optional[int] = _MAXWORDS,
     seed: int = _SEED,
-    goodput: list[str] = typer.Option([], help="SLO for goodput, repeatable: ttft:MS, tpot:MS, e2el:MS."),
+    goodput: list[str] = _GOODPUT,
     percentiles: str = typer.Option("50,90,99", help="Percentiles to report."),
     max_concurrency: Optional[int] = typer.Option(None, help="Cap on requests in flight."),
     out: Path = typer.Option(Path("results/bench.json"), help="JSON result file."),
@@ -94,7 +95,7 @@ def bench_compare_cmd(
     arrivals: str = _ARRIVALS, rate: float = _RATE, cv: float = _CV, trace: Optional[Path] = _TRACE,
     time_scale: float = _TSCALE, output_len: Optional[int] = _OUTLEN, max_prompt_words: Optional[int] = _MAXWORDS,
     seed: int = _SEED,
-    goodput: list[str] = typer.Option([], help="SLO for goodput, repeatable: ttft:MS, tpot:MS, e2el:MS."),
+    goodput: list[str] = _GOODPUT,
     warmup: int = typer.Option(2, help="Unmeasured warm-up requests per configuration."),
     server_args: str = typer.Option("", help="Extra arguments for every server, e.g. '--max-batch 1 --policy ect'."),
     shrink: bool = typer.Option(False, help="Zoo models: the shrunk architecture (random weights)."),
