@@ -285,3 +285,61 @@ def test_serve_hands_over_each_steps_events_together_in_order(lm) -> None:
     n_tokens = sum(len(e.ids) for e in events if isinstance(e, Tokens))
     assert max(sum(isinstance(e, Tokens) for e in b) for b in flushed) >= 3
     assert len(flushed) <= 9 + 2 < n_tokens
+
+
+def test_decode_runs_attend_over_their_own_windows_and_give_the_same_tokens(lm, monkeypatch) -> None:
+    """With rows of very different lengths in one step, each run of slots attends over its own window
+    (smaller keys for the short rows) and every row still gets the tokens it gets alone, with runs off."""
+    from caserve.serving.worker import attention
+
+    widths: list[tuple[int, int]] = []  # (rows, key columns) of every decode SDPA call
+    plain = attention.sdpa_attention_forward
+
+    def recorded(module, query, key, *args, **kwargs):
+        if query.shape[2] == 1:
+            widths.append((query.shape[0], key.shape[2]))
+        return plain(module, query, key, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", recorded)
+    # a 300-token prompt (window 384) in slot 1, short ones (window 128) around it
+    batch = [gen("s0", [7, 8, 9], 40), gen("long", [5 + i % 200 for i in range(300)], 40),
+             gen("s2", [11, 12], 40), gen("s3", [13, 14, 15, 16], 40)]
+    engine = Engine(lm, max_batch=4)
+    assert engine.runs
+    engine.run_cost = 1  # split whenever it reads fewer columns
+    got = run(engine, batch)
+    assert (1, 384) in widths and (1, 128) in widths and (2, 128) in widths, set(widths)
+    assert all(cols <= 384 for _, cols in widths)
+    off = Engine(lm, max_batch=4)
+    off.runs = False
+    assert run(off, batch) == got
+    for row in batch:
+        assert run(Engine(lm), [row])[row.dispatch] == got[row.dispatch]
+
+
+def test_plan_runs_is_the_cheapest_split_into_consecutive_runs() -> None:
+    """Against every split of up to 9 slots: the plan covers the slots in order, each run's window
+    is its slots' largest, and no split reads fewer columns plus run costs."""
+    import itertools
+    import random
+
+    from caserve.serving.worker.attention import plan_runs
+
+    def cost(plan, run_cost):
+        return sum(run_cost + (b - a) * w for a, b, w in plan)
+
+    assert plan_runs([128] * 8) == ((0, 8, 128),)
+    assert plan_runs([1024, 128, 128, 128], run_cost=0) == ((0, 1, 1024), (1, 4, 128))
+    assert plan_runs([1024, 128, 128, 128], run_cost=4096) == ((0, 4, 1024),)
+    rng = random.Random(5)
+    for _ in range(300):
+        n, run_cost = rng.randint(1, 9), rng.choice([0, 128, 1024, 5000])
+        windows = [128 * rng.randint(1, 16) for _ in range(n)]
+        plan = plan_runs(windows, run_cost)
+        assert [a for a, _, _ in plan] == [0] + [b for _, b, _ in plan[:-1]] and plan[-1][1] == n
+        assert all(w == max(windows[a:b]) for a, b, w in plan)
+        best = min(cost([(a, b, max(windows[a:b])) for a, b in zip((0,) + cuts, cuts + (n,))], run_cost)
+                   for k in range(n) for cuts in itertools.combinations(range(1, n), k))
+        assert cost(plan, run_cost) == best
+    many = plan_runs([128 * (1 + i % 5) for i in range(64)], run_cost=0)  # 64 slots: blocks of 4
+    assert all((b - a) % 4 == 0 for a, b, _ in many)

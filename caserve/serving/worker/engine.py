@@ -45,12 +45,13 @@ from caserve.models import LoadedModel
 from caserve.serving.messages import MODEL_TASKS, TASK_CLASSIFY, TASK_EMBED, TASK_GENERATE, Error, Event
 from caserve.serving.messages import Row as RowMessage
 from caserve.serving.messages import SamplingParams
+from caserve.serving.worker import attention
 from caserve.serving.worker.batch import BatchRunner
 from caserve.serving.worker.rows import Emit, Flush, IsCancelled, RowError, error_event, make_row
 from caserve.serving.worker.logprobs import LogprobRenderer
 from caserve.serving.worker.sampling import SampleResult, SlotSampler, pack, unpack
 from caserve.serving.worker.slot_state import BatchStats, PendingRead, Slot
-from caserve.serving.worker.slots import PREFILL_ROUND, SlotCache, bucket, decode_inputs, prefill_inputs
+from caserve.serving.worker.slots import PREFILL_ROUND, SlotCache, bucket, decode_inputs, prefill_inputs, window_for
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,10 @@ class Engine:
         self._takes_cache_position = "cache_position" in params  # older transformers
         self._takes_keep = "logits_to_keep" in params  # prefill: project only the last position onto the vocab
         self.ahead = decode_ahead and self.device.type == "caserve"
+        # Decode attention per run of slots, each with its own window (attention.py). Not on a remote
+        # device: its captured steps need the few shapes of one window per step.
+        self.runs = self.causal and self.device.type != "caserve" and attention.install(self.model)
+        self.run_cost = attention.RUN_COST
         self.sampler = SlotSampler(max_batch, self.vocab, self.device, sorted(self.eos_ids))
         self.renderer = LogprobRenderer(self.tok)
         self.active: list[Optional[Slot]] = [None] * max_batch
@@ -372,8 +377,10 @@ class Engine:
             cols[s.index] = len(s.seq) + s.issued - 1  # the column of its newest sampled token
         assert self._next_ids is not None and self._all_rows is not None
         live = [s is not None and s.decoding for s in self.active[:width]]
-        logits = self._forward(self._next_ids[:width].view(-1, 1), self._all_rows[:width],
-                               decode_inputs(cols, live, self.length))[:, -1, :]  # [width, V]
+        plan = attention.plan_runs([window_for(c, self.length) for c in cols], self.run_cost) if self.runs else None
+        with attention.runs(plan):
+            logits = self._forward(self._next_ids[:width].view(-1, 1), self._all_rows[:width],
+                                   decode_inputs(cols, live, self.length))[:, -1, :]  # [width, V]
         index = [s.index for s in decoding]
         if len(index) == self.slots:
             result = self.sampler.sample(logits, index)
