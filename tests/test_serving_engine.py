@@ -287,10 +287,15 @@ def test_serve_hands_over_each_steps_events_together_in_order(lm) -> None:
     assert len(flushed) <= 9 + 2 < n_tokens
 
 
-def test_decode_runs_attend_over_their_own_windows_and_give_the_same_tokens(lm, monkeypatch) -> None:
+@pytest.mark.parametrize("name", [DEFAULT_MODEL, "Qwen/Qwen2.5-0.5B", "facebook/opt-125m"])
+def test_decode_runs_attend_over_their_own_windows_and_give_the_same_tokens(name, lm, monkeypatch) -> None:
     """With rows of very different lengths in one step, each run of slots attends over its own window
-    (smaller keys for the short rows) and every row still gets the tokens it gets alone, with runs off."""
+    (smaller keys for the short rows) and every row still gets the tokens it gets alone, with runs off.
+    GPT-2, Qwen2 (grouped-query attention) and OPT, shrunk."""
     from caserve.serving.worker import attention
+
+    if name != DEFAULT_MODEL:
+        lm = load_model(name, shrink=True)
 
     widths: list[tuple[int, int]] = []  # (rows, key columns) of every decode SDPA call
     plain = attention.sdpa_attention_forward
