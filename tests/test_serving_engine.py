@@ -348,3 +348,27 @@ def test_plan_runs_is_the_cheapest_split_into_consecutive_runs() -> None:
         assert cost(plan, run_cost) == best
     many = plan_runs([128 * (1 + i % 5) for i in range(64)], run_cost=0)  # 64 slots: blocks of 4
     assert all((b - a) % 4 == 0 for a, b, _ in many)
+
+
+def test_a_choice_admitted_after_its_siblings_copies_their_prefill(lm) -> None:
+    """Three choices, two free slots: the third is admitted only when another row frees its slot, while
+    its siblings decode; it copies their prompt columns and prefills one token, and gets the tokens of
+    a separate prefill (greedy: those of one choice alone; seeded: those of a row without a group)."""
+    prompt = [(7 * i) % 240 + 3 for i in range(150)]
+    for params in (SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
+                   SamplingParams(max_tokens=30, temperature=1.0, top_p=0.9, seed=5, ignore_eos=True)):
+        engine = Engine(lm, max_batch=3, chunk=64)
+        events: list = []
+        other = gen("other", [9, 8, 7], 3)
+        stats = engine.run([other] + choices("c", prompt, params, 3), events.append, lambda d: False)
+        got = tokens_of(events, ["other", "c0", "c1", "c2"])
+        del got["other"]
+        assert stats.prefill_tokens == 3 + len(prompt) + 1  # other's prompt, one shared prefill, one token
+        sep: list = []
+        Engine(lm, max_batch=3, chunk=64).run(choices("c", prompt, params, 3, group=None), sep.append,
+                                              lambda d: False)
+        assert tokens_of(sep, ["c0", "c1", "c2"]) == got and all(len(v) == 30 for v in got.values())
+    echo = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    stats = Engine(lm, max_batch=3, chunk=64).run([gen("other", [9, 8, 7], 3)] + choices("e", prompt, echo, 3),
+                                                  lambda e: None, lambda d: False)
+    assert stats.prefill_tokens == 3 + 2 * len(prompt)  # an echo choice scores its whole prompt itself

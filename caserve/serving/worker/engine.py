@@ -247,18 +247,24 @@ class Engine:
                                         self.slots)
 
     def _follow(self, slot: Slot) -> None:
-        """Make ``slot`` wait for the prefill of another choice of its request with the same sequence
-        (and prompt scoring), whose KV columns it then copies instead of computing them again."""
+        """Share the prefill of another choice of ``slot``'s request with the same sequence (and prompt
+        scoring): wait for it and copy its KV columns if it is being prefilled; if it is already
+        decoding (this choice came later, when a slot freed), copy all but its last prompt column now
+        and prefill only the last token, whose logits the first sample needs."""
         if slot.group is None:
             return
-        for other in self.active:
-            if other is None or other is slot or other.leader is not None or other.group != slot.group:
-                continue
-            if other.filled < len(other.seq) and other.seq == slot.seq \
+        siblings = [o for o in self.active if o is not None and o is not slot and o.leader is None
+                    and o.group == slot.group and o.seq == slot.seq]
+        for other in siblings:
+            if other.filled < len(other.seq) \
                     and other.row.params.prompt_logprobs == slot.row.params.prompt_logprobs:
                 slot.leader = other
                 other.followers.append(slot)
                 return
+        done = [o for o in siblings if o.filled == len(o.seq)]
+        if done and slot.row.params.prompt_logprobs is None and len(slot.seq) > 1:
+            self._slot_cache().copy_prefix(done[0].index, self._index([slot.index]), len(slot.seq) - 1)
+            slot.filled = len(slot.seq) - 1
 
     def _free(self, slot: Slot) -> None:
         if self.active[slot.index] is not slot:
