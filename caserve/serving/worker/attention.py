@@ -1,4 +1,4 @@
-"""Decode attention with a window per group of slots.
+"""Decode attention with a window per run of consecutive slots.
 
 A decode step's keys are the first ``window`` columns of every slot, ``window`` set by the longest
 sequence in the step (:mod:`caserve.serving.worker.slots`). With continuous batching a long request shares
