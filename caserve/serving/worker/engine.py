@@ -13,10 +13,10 @@ A causal LM gets ``max_batch`` slots over one :class:`~caserve.serving.worker.sl
 3. prefills waiting prompts in chunks of ``chunk`` tokens, as many chunks as the step's token budget
    (``step_tokens`` minus one token per decoding slot) allows, at least one; a prompt's last chunk
    samples its first token;
-4. runs one decode step over the first slots, a bucket covering every decoding one (a power of two:
-   few shapes; a static batch keeps the width it was admitted with), the others in it writing a
-   column nothing reads; samples the decoding slots' next tokens on the device and keeps them there
-   as the next step's inputs;
+4. runs one decode step over the first slots, up to the highest decoding one (on a remote device a
+   bucket covering it, a power of two: few shapes to capture; a static batch keeps the width it was
+   admitted with), the others in it writing a column nothing reads; samples the decoding slots' next
+   tokens on the device and keeps them there as the next step's inputs;
 5. reads the sampled ids (one fetch per forward) and emits tokens, stops and ``done`` events. On a
    remote device (assisted workers) a step's ids are read only after the next step has been sent
    (``caserve.remote.fetch_later``), so the GPU server computes while the worker streams; a row that
@@ -370,13 +370,19 @@ class Engine:
         return at
 
     def _decode(self, emit: Emit) -> bool:
-        """One decode step over the first ``width`` slots (a bucket covering every decoding slot; a static
-        batch keeps its admitted width); False when no slot is decoding."""
+        """One decode step over the first ``width`` slots: up to the highest decoding one, rounded up to
+        a bucket on a remote device (few shapes to capture); a static batch keeps its admitted width.
+        False when no slot is decoding."""
         decoding = [s for s in self.active if s is not None and s.decoding]
         if not decoding:
             return False
         t0 = time.perf_counter()
-        width = self._static_width if self.batching == "static" else bucket(decoding[-1].index + 1, self.slots)
+        if self.batching == "static":
+            width = self._static_width
+        elif self.device.type == "caserve":
+            width = bucket(decoding[-1].index + 1, self.slots)
+        else:  # eager devices: rows past the highest decoding slot would be computed for nothing
+            width = decoding[-1].index + 1
         # An idle slot writes column 0, a slot being prefilled its next unfilled one (its next chunk's).
         cols = [0 if s is None else s.filled for s in self.active[:width]]
         for s in decoding:

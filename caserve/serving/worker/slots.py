@@ -7,10 +7,10 @@ before the call, and attends over the first ``window`` columns only (a multiple 
 sequences do not pay for the whole cache). A forward's Python thus reads only its arguments and shapes
 (what graph-mode capture on a remote device needs: a decode step has one key per bucket and window).
 
-Two forwards exist: a decode step over the first ``n`` slots ([n, 1], ``n`` a bucket from
-:func:`bucket`: the smallest power of two, at most ``slots``, that covers every decoding slot, so idle
-slots past the highest decoding one cost nothing) and a prefill chunk of one slot ([1, width], width a
-multiple of ``PREFILL_ROUND``). Padding tokens and slots that are not decoding
+Two forwards exist: a decode step over the first ``n`` slots ([n, 1], ``n`` covering every decoding
+slot, so idle slots past the highest decoding one cost nothing; on a remote device a bucket from
+:func:`bucket`, the smallest power of two, at most ``slots``, that covers them) and a prefill chunk of
+one slot ([1, width], width a multiple of ``PREFILL_ROUND``). Padding tokens and slots that are not decoding
 write columns no real token reads before they are written again (a chunk's padding the columns right
 after it, an idle slot its next unfilled column) and see only themselves, so their outputs stay finite.
 The boolean 4-D masks [n, 1, q, window] are used by Transformers as given (no device sync to inspect a
