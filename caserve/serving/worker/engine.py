@@ -92,10 +92,11 @@ class Engine:
         self._takes_positions = "position_ids" in params
         self._takes_cache_position = "cache_position" in params  # older transformers
         self._takes_keep = "logits_to_keep" in params  # prefill: project only the last position onto the vocab
-        self.ahead = decode_ahead and self.device.type == "caserve"
+        self.remote = self.device.type == "caserve"  # assisted: captured steps want few fixed shapes
+        self.ahead = decode_ahead and self.remote
         # Decode attention per run of slots, each with its own window (attention.py). Not on a remote
         # device: its captured steps need the few shapes of one window per step.
-        self.runs = self.causal and self.device.type != "caserve" and attention.install(self.model)
+        self.runs = self.causal and not self.remote and attention.install(self.model)
         self.run_cost = attention.RUN_COST
         self.sampler = SlotSampler(max_batch, self.vocab, self.device, sorted(self.eos_ids))
         self.renderer = LogprobRenderer(self.tok)
@@ -379,7 +380,7 @@ class Engine:
         t0 = time.perf_counter()
         if self.batching == "static":
             width = self._static_width
-        elif self.device.type == "caserve":
+        elif self.remote:
             width = bucket(decoding[-1].index + 1, self.slots)
         else:  # eager devices: rows past the highest decoding slot would be computed for nothing
             width = decoding[-1].index + 1
