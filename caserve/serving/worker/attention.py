@@ -80,22 +80,24 @@ def plan_runs(windows: Sequence[int], run_cost: int = RUN_COST) -> Plan:
     that minimise the columns read plus ``run_cost`` per run; each run's window is its largest.
     Slots are grouped in at most ``MAX_BLOCKS`` equal blocks first, so the search stays small."""
     n = len(windows)
+    if min(windows) == max(windows):  # the usual step: nothing to split
+        return ((0, n, windows[0]),)
     size = -(-n // MAX_BLOCKS)
     edges = list(range(0, n, size)) + [n]  # block boundaries
     blocks = len(edges) - 1
+    tops = [max(windows[edges[b]:edges[b + 1]]) for b in range(blocks)]  # each block's window
     best = [0] + [0] * blocks  # best[j]: cost of slots 0..edges[j]
-    cut = [0] * (blocks + 1)
+    cut, run_top = [0] * (blocks + 1), [0] * (blocks + 1)  # the last run's first block and window
     for j in range(1, blocks + 1):
         top, best[j] = 0, -1
         for i in range(j - 1, -1, -1):  # the last run covers blocks i..j-1
-            top = max(top, max(windows[edges[i]:edges[i + 1]]))
+            top = max(top, tops[i])
             cost = best[i] + run_cost + (edges[j] - edges[i]) * top
             if best[j] < 0 or cost <= best[j]:  # on a tie, the longer last run
-                best[j], cut[j] = cost, i
+                best[j], cut[j], run_top[j] = cost, i, top
     plan: list[tuple[int, int, int]] = []
     j = blocks
     while j > 0:
-        i = cut[j]
-        plan.append((edges[i], edges[j], max(windows[edges[i]:edges[j]])))
-        j = i
+        plan.append((edges[cut[j]], edges[j], run_top[j]))
+        j = cut[j]
     return tuple(reversed(plan))
