@@ -32,8 +32,9 @@ class SlotCache(StaticCache):
     """A static cache written at per-row slots and per-token columns (see the module docstring).
 
     Built on ``StaticCache`` so that models treat it as a static cache; its own ``update`` replaces the
-    contiguous writes at a shared position with indexed writes, and keeps its tensors as
-    [slots, length, heads, dim] so that one ``index_put_`` writes every row's tokens."""
+    contiguous writes at a shared position with one indexed write of every row's tokens (``index_put_``
+    at (slot, head, column)). Its tensors are [slots, heads, length, dim], the layout attention reads:
+    a head's window is contiguous."""
 
     def __init__(self, config: Any, slots: int, length: int, device: Any) -> None:
         super().__init__(config=config, max_cache_len=length)
@@ -45,30 +46,38 @@ class SlotCache(StaticCache):
         self.rows: torch.Tensor = torch.zeros(0, 1, dtype=torch.long)  # [n, 1], set before each forward
         self.cols: torch.Tensor = torch.zeros(0, 1, dtype=torch.long)  # [n, q]
         self.window = length  # columns attended by the next forward
-        self.k: list[torch.Tensor] = []  # per layer [slots, length, heads, dim], made at the first write
+        self.k: list[torch.Tensor] = []  # per layer [slots, heads, length, dim], made at the first write
         self.v: list[torch.Tensor] = []
+        self._heads: dict[int, torch.Tensor] = {}  # heads -> [1, heads, 1] index on the cache's device
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states, value_states: [n, heads, q, dim]
+        n, heads, _, dim = key_states.shape
         if layer_idx == len(self.k):
-            n, heads, _, dim = key_states.shape
-            self.k.append(key_states.new_zeros(self.slots, self.length, heads, dim))
-            self.v.append(value_states.new_zeros(self.slots, self.length, heads, value_states.shape[-1]))
+            self.k.append(key_states.new_zeros(self.slots, heads, self.length, dim))
+            self.v.append(value_states.new_zeros(self.slots, heads, self.length, value_states.shape[-1]))
         k, v = self.k[layer_idx], self.v[layer_idx]
-        k[self.rows, self.cols] = key_states.transpose(1, 2)  # [n, q, heads, dim] at (slot, column)
-        v[self.rows, self.cols] = value_states.transpose(1, 2)
-        w, n = self.window, key_states.shape[0]
+        at = (self.rows[:, :, None], self._head_index(heads, k.device), self.cols[:, None, :])  # [n, heads, q]
+        k[at] = key_states  # [n, heads, q, dim] at (slot, head, column)
+        v[at] = value_states
+        w = self.window
         if key_states.shape[2] == 1:  # a decode step (prefill widths are multiples of 64): rows 0..n-1
-            return k[:n, :w].transpose(1, 2), v[:n, :w].transpose(1, 2)  # [n, heads, window, dim]
+            return k[:n, :, :w], v[:n, :, :w]  # [n, heads, window, dim]
         picked = self.rows[:, 0]
-        return k[picked, :w].transpose(1, 2), v[picked, :w].transpose(1, 2)  # [n, heads, window, dim]
+        return k[picked, :, :w], v[picked, :, :w]
+
+    def _head_index(self, heads: int, device: torch.device) -> torch.Tensor:
+        at = self._heads.get(heads)
+        if at is None:
+            at = self._heads[heads] = torch.arange(heads).view(1, -1, 1).to(device)
+        return at
 
     def copy_prefix(self, src: int, dst: torch.Tensor, count: int) -> None:
         """Columns ``[0, count)`` of slot ``src`` into slots ``dst`` ([m] int64 on the cache's device), in
         every layer: one indexed write per tensor (the choices of one request share one prefill)."""
         for t in self.k + self.v:
-            t[dst, :count] = t[src, :count]  # [count, heads, dim] broadcast over the m slots
+            t[dst, :, :count] = t[src, :, :count]  # [heads, count, dim] broadcast over the m slots
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions always come as position_ids; nothing may derive them from the cache
