@@ -147,3 +147,33 @@ def test_graphs_are_freed_with_their_tenant(server):
     assert not graphs.lru and graphs.nbytes == 0 and graphs.pool is None and tenant.bytes == 0
     assert tenant.id not in server.tenants
     torch.cuda.synchronize()
+
+
+def test_native_engine_on_cuda_attends_one_window_per_step_and_rows_keep_their_tokens():
+    """The serving engine on a CUDA model: per-run windows are off (their cost model is the CPU's), and a
+    short row decoding beside a long one gets the tokens it gets alone."""
+    from caserve.models import DEFAULT_MODEL, load_model
+    from caserve.serving.messages import Row, SamplingParams, Tokens
+    from caserve.serving.worker.engine import Engine
+
+    lm = load_model(DEFAULT_MODEL, device="cuda")
+
+    def row(name: str, prompt_len: int, max_tokens: int) -> Row:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        return Row(dispatch=name, job=name, task="generate", prompt_ids=[1 + i % 200 for i in range(prompt_len)],
+                   params=params)
+
+    def tokens(engine: Engine, rows: list[Row]) -> dict[str, list[int]]:
+        events: list = []
+        engine.run(rows, events.append, lambda d: False)
+        out: dict[str, list[int]] = {r.dispatch: [] for r in rows}
+        for e in events:
+            if isinstance(e, Tokens):
+                out[e.dispatch] += e.ids
+        return out
+
+    engine = Engine(lm, max_batch=4)
+    assert engine.device.type == "cuda" and not engine.runs
+    together = tokens(engine, [row("long", 300, 16), row("short", 4, 16)])
+    alone = tokens(Engine(lm, max_batch=4), [row("short", 4, 16)])
+    assert len(together["long"]) == 16 and together["short"] == alone["short"]

@@ -94,9 +94,11 @@ class Engine:
         self._takes_keep = "logits_to_keep" in params  # prefill: project only the last position onto the vocab
         self.remote = self.device.type == "caserve"  # assisted: captured steps want few fixed shapes
         self.ahead = decode_ahead and self.remote
-        # Decode attention per run of slots, each with its own window (attention.py). Not on a remote
-        # device: its captured steps need the few shapes of one window per step.
-        self.runs = self.causal and not self.remote and attention.install(self.model)
+        # Decode attention per run of slots, each with its own window (attention.py), on the CPU only:
+        # RUN_COST was measured there. Not on a remote device (its captured steps need the few shapes of
+        # one window per step), nor on a GPU, where an extra attention call costs a kernel launch that
+        # the columns it spares would rarely repay (not measured: one window per step, as before).
+        self.runs = self.causal and self.device.type == "cpu" and attention.install(self.model)
         self.run_cost = attention.RUN_COST
         self.sampler = SlotSampler(max_batch, self.vocab, self.device, sorted(self.eos_ids))
         self.renderer = LogprobRenderer(self.tok)
