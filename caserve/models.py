@@ -25,12 +25,12 @@ import torch
 import transformers
 from transformers import PreTrainedTokenizerFast
 
+from caserve.defaults import DEFAULT_MODEL
+
 logger = logging.getLogger(__name__)
 
 Task = Literal["causal-lm", "seq2seq", "embedding", "classification"]
 TASKS: tuple[str, ...] = ("causal-lm", "seq2seq", "embedding", "classification")
-
-DEFAULT_MODEL = "caserve/tiny-gpt2"
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from caserve.cluster.errors import ConfigError
 from caserve.serving.credentials import CredentialError, new_token, read_secret_file
-from caserve.models import DEFAULT_MODEL
+from caserve.defaults import DEFAULT_MODEL
 from caserve.units import parse_size
 
 logger = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 
 import uvicorn
 
-from caserve.models import DEFAULT_MODEL
+from caserve.defaults import DEFAULT_MODEL
 from caserve.serving.credentials import ROUTER_CA_ENV, WORKER_TOKEN_ENV, new_token, router_verify
 from caserve.serving.router.api import create_app
 from caserve.serving.router.router import Router
