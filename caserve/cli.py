@@ -200,7 +200,8 @@ def worker(
 
     from caserve.models import DEFAULT_MODEL
     from caserve.serving.credentials import WORKER_TOKEN_ENV, CredentialError, resolve_secret
-    from caserve.serving.worker.worker import Worker, WorkerConfig, WorkerTokenRefused
+    from caserve.serving.worker.config import WorkerConfig
+    from caserve.serving.worker.worker import Worker, WorkerTokenRefused
 
     if tls_ca:  # read by caserve.remote.connect
         os.environ["CASERVE_TLS_CA"] = str(tls_ca)

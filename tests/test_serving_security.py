@@ -374,7 +374,8 @@ def test_a_worker_whose_token_is_refused_stops_instead_of_retrying() -> None:
     import asyncio
     from types import SimpleNamespace
 
-    from caserve.serving.worker.worker import Worker, WorkerConfig, WorkerTokenRefused
+    from caserve.serving.worker.config import WorkerConfig
+    from caserve.serving.worker.worker import Worker, WorkerTokenRefused
 
     token = "t" * 32
     worker, seen = Worker(WorkerConfig(router_url="http://r", kind="cpu", model="m", worker_id="w",

@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from caserve.serving.messages import RegisterReply
-from caserve.serving.worker.worker import RouterLost, Worker, WorkerConfig
+from caserve.serving.worker.config import WorkerConfig
+from caserve.serving.worker.worker import RouterLost, Worker
 
 
 def make_worker() -> Worker:

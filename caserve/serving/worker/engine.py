@@ -47,6 +47,7 @@ from caserve.serving.messages import Row as RowMessage
 from caserve.serving.messages import SamplingParams
 from caserve.serving.worker import attention
 from caserve.serving.worker.batch import BatchRunner
+from caserve.serving.worker.config import BATCHING, MAX_LEN
 from caserve.serving.worker.rows import Emit, Flush, IsCancelled, RowError, error_event, make_row
 from caserve.serving.worker.logprobs import LogprobRenderer
 from caserve.serving.worker.sampling import SampleResult, SlotSampler, pack, unpack
@@ -55,8 +56,6 @@ from caserve.serving.worker.slots import PREFILL_ROUND, SlotCache, bucket, decod
 
 logger = logging.getLogger(__name__)
 
-BATCHING = ("continuous", "static")
-MAX_LEN = 2048  # default cap on a slot's tokens (prompt + output): the cache is max_batch x this
 CHUNK = 256  # prompt tokens per prefill chunk (a multiple of PREFILL_ROUND)
 STEP_TOKENS = 512  # token budget of one step: decoding slots plus prefill chunks
 REPORT_S = 0.5  # seconds between progress reports while busy
