@@ -198,10 +198,9 @@ def worker(
     setup_logging(verbose)
     import asyncio
 
-    from caserve.models import DEFAULT_MODEL
+    from caserve.defaults import DEFAULT_MODEL
     from caserve.serving.credentials import WORKER_TOKEN_ENV, CredentialError, resolve_secret
     from caserve.serving.worker.config import WorkerConfig
-    from caserve.serving.worker.worker import Worker, WorkerTokenRefused
 
     if tls_ca:  # read by caserve.remote.connect
         os.environ["CASERVE_TLS_CA"] = str(tls_ca)
@@ -214,8 +213,10 @@ def worker(
                            graph=graph, batching=batching, max_len=max_len,
                            router_ca=str(router_ca) if router_ca else None,
                            served_model_name=served_model_name)
-    except (CredentialError, ValueError) as exc:
+    except (CredentialError, ValueError, OSError) as exc:  # OSError: the GPU server token file
         raise typer.BadParameter(str(exc)) from None
+    from caserve.serving.worker.worker import Worker, WorkerTokenRefused  # torch and transformers: seconds
+
     try:
         asyncio.run(Worker(cfg).run_forever())
     except KeyboardInterrupt:

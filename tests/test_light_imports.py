@@ -1,0 +1,50 @@
+"""Processes that never run a model do not load torch or transformers.
+
+The router (inside ``caserve serve``'s own process), the CLI and the cluster config need no tensor
+library; loading one costs every start several seconds of CPU and a few hundred MB of memory. A worker
+started with a missing or weak token is refused before it loads them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from serving_procs import REPO, child_env
+
+HEAVY = ("torch", "transformers")
+
+
+def _loaded_after(code: str) -> list[str]:
+    probe = f"{code}\nimport sys\nprint(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
+    env = {k: v for k, v in child_env().items() if k not in ("CASERVE_WORKER_TOKEN", "CASERVE_API_KEY")}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split()
+
+
+@pytest.mark.parametrize("module", ["caserve.cli", "caserve.serving.launch", "caserve.serving.router.api",
+                                    "caserve.serving.router.router", "caserve.cluster.config"])
+def test_light_modules_do_not_load_torch_or_transformers(module: str) -> None:
+    assert _loaded_after(f"import {module}") == []
+
+
+def test_the_probe_sees_a_module_that_does_load_them() -> None:
+    assert _loaded_after("import caserve.models") == list(HEAVY)
+
+
+@pytest.mark.parametrize("args,complaint", [
+    (["--kind", "cpu"], "worker token"),
+    (["--kind", "assisted"], "--gpu-server"),
+    (["--kind", "gpu"], "kind must be one of"),
+    (["--kind", "cpu", "--token-file", "/nonexistent/caserve-token"], "No such file"),
+])
+def test_a_worker_with_a_bad_layout_is_refused_before_loading_torch(args: list[str], complaint: str) -> None:
+    code = ("import typer\nfrom caserve.cli import app\n"
+            f"try:\n    app(['worker', '--router', 'http://127.0.0.1:9', *{args!r}], standalone_mode=False)\n"
+            f"except typer.BadParameter as exc:\n    assert {complaint!r} in str(exc), exc\n"
+            "else:\n    raise SystemExit('the worker was not refused')")
+    assert _loaded_after(code) == []
