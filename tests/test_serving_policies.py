@@ -37,6 +37,7 @@ class W:
     free_slots: int = -1
     running: int = 0
     slot_free_at: float = 0.0
+    groups: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.free_slots < 0:
@@ -266,3 +267,52 @@ def test_both_policies_keep_the_choices_of_one_request_on_one_worker() -> None:
         tight = W("t", max_batch=2)  # no room for all three: the group is split, nothing else breaks
         out = policy.assign(group, [tight], now=1.0)
         assert [batch for _, batch in out] == [group[:2]], policy.name
+
+
+def test_a_later_choice_goes_where_its_siblings_run_and_skips_the_prefill_there() -> None:
+    """The choices a worker had no room for go, when a slot frees, to the worker that runs their siblings
+    (it copies the prompt's KV from them): FCFS prefers it among the workers with free slots; ECT counts
+    no prefill there and waits for it when that is sooner, and not when it is later."""
+    def choice() -> Job:
+        return Job("m", TASK_GENERATE, {"prompt": "x" * 4000, "prompt_group": "g", "params": SamplingParams()},
+                   prompt_units=4000, max_tokens=10)
+    later = choice()
+    home = W("home", max_batch=4, idle_since=None, busy_since=0.0, free_slots=1, running=3, groups=frozenset({"g"}))
+    other = W("other", max_batch=4, idle_since=0.5)  # idle longer: FCFS's first pick without the group
+    out = make_policy("fcfs").assign([later, job()], [other, home], now=1.0)
+    assert [(w.id, b) for w, b in out] == [("home", [later]), ("other", [out[1][1][0]])]
+    assert make_policy("fcfs").assign([job()], [other, home], now=1.0)[0][0].id == "other"  # no group: as before
+
+    svc = ServiceModel()
+    for w in ("home", "other"):  # 1 ms per prompt unit, 10 ms per step
+        svc.observe(w, "cpu", prompt_units=1000, steps=10, prefill_s=1.0, decode_s=0.1, observed_s=1.1)
+    full = W("home", max_batch=4, idle_since=None, busy_since=0.0, free_slots=0, running=4,
+             groups=frozenset({"g"}), batch_estimate_s=1.5)
+    assert EctPolicy(svc).assign([later], [full, other], now=1.0) == []  # 1.5 + 0.1 beats 1.0 + 4.0 + 0.1
+    late = W("home", max_batch=4, idle_since=None, busy_since=0.0, free_slots=0, running=4,
+             groups=frozenset({"g"}), batch_estimate_s=6.0)
+    assert [w.id for w, _ in EctPolicy(svc).assign([later], [late, other], now=1.0)] == ["other"]
+    stranger = W("home", max_batch=4, idle_since=None, busy_since=0.0, free_slots=0, running=4, batch_estimate_s=1.5)
+    assert [w.id for w, _ in EctPolicy(svc).assign([later], [stranger, other], now=1.0)] == ["other"]
+
+
+def test_router_tells_policies_which_request_groups_run_on_each_worker() -> None:
+    """The router's worker sessions expose the prompt groups of their running jobs (what the policies
+    above read), and forget a group once its last job there is done."""
+    async def scenario() -> None:
+        router = Router(policy="fcfs")
+        a = router.register(worker_id="a", kind="cpu", model="m", task="causal-lm", max_batch=2, max_context=64)
+        router.channel_opened(a)
+        group = [Job("m", TASK_GENERATE, {"prompt": "x", "prompt_group": "g", "params": SamplingParams()},
+                     prompt_units=1, max_tokens=10) for _ in range(3)]
+        router.submit(group + [job()])
+        assert [j.worker_id for j in group] == ["a", "a", None] and a.groups == {"g"}
+        for j in group[:2]:
+            router.handle_events(a, events([{"type": "done", "dispatch": j.dispatch_id, "finish_reason": "length",
+                                             "prompt_tokens": 1}]))
+        assert group[2].worker_id == "a" and a.groups == {"g"}  # the freed slots took the third choice...
+        router.handle_events(a, events([{"type": "done", "dispatch": group[2].dispatch_id,
+                                         "finish_reason": "length", "prompt_tokens": 1}]))
+        assert a.groups == set() and a.running == 1  # ... and the job without a group runs on
+
+    asyncio.run(scenario())

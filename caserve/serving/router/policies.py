@@ -15,7 +15,7 @@ import abc
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Collection, Optional, Protocol, Sequence
 
 from caserve.serving.router.jobs import Job
 
@@ -34,6 +34,7 @@ class WorkerView(Protocol):
     running: int  # jobs running there now
     idle_since: Optional[float]  # None while it runs jobs
     slot_free_at: float  # when its next slot is expected to free (its running jobs' estimates)
+    groups: Collection[str]  # prompt groups of the jobs running there: another choice skips its prefill there
 
 
 @dataclass
@@ -172,6 +173,12 @@ def fill_batch(queue: Sequence[Job], head: int, max_batch: int, taken: set[int],
     return batch
 
 
+def prompt_units(job: Job, worker: WorkerView) -> int:
+    """The prompt ``job`` would prefill on ``worker``: none when other choices of its request run there
+    (the worker copies their prompt's KV columns), else all of it."""
+    return 0 if job.group is not None and job.group in worker.groups else job.prompt_units
+
+
 def share_out(n_jobs: int, open_: Sequence[WorkerView]) -> dict[str, int]:
     """Jobs per worker with free slots: ``n_jobs`` spread evenly, capped by each worker's ``free_slots``
     (water-filling, smallest cap first, so that the total is ``min(n_jobs, total free slots)``).
@@ -207,8 +214,9 @@ class FcfsPolicy(DispatchPolicy):
     slots take the jobs at the head of the queue in order: idle workers first, the longest idle first,
     then busy ones, the least loaded first. The queue is shared out among them (water-filling: each gets
     ``ceil(jobs left / workers left)``, at most its free slots, smallest cap first), so that a burst is
-    spread rather than piled onto one worker. Worker speed is ignored: a slow worker with a free slot is
-    always used rather than wait.
+    spread rather than piled onto one worker; a head job whose request's other choices run on one of
+    them goes to that one (it copies their prompt's KV instead of prefilling it). Worker speed is
+    ignored: a slow worker with a free slot is always used rather than wait.
     """
 
     name = "fcfs"
@@ -220,11 +228,15 @@ class FcfsPolicy(DispatchPolicy):
         taken: set[int] = set()
         out: list[Assignment] = []
         head = 0
-        for worker in open_:
+        unused = list(open_)
+        while unused:
             while head < len(queue) and head in taken:
                 head += 1
             if head >= len(queue):
                 break
+            group = queue[head].group  # a choice goes where its siblings run: their prefill serves it too
+            worker = next((w for w in unused if group is not None and group in w.groups), unused[0])
+            unused.remove(worker)
             out.append((worker, fill_batch(queue, head, max(1, sizes[worker.id]), taken, worker.free_slots)))
         return out
 
@@ -236,7 +248,8 @@ class EctPolicy(DispatchPolicy):
     has a *free-at* time, ``now`` when it has a free slot, else when its next slot is expected to free
     (its running jobs' dispatch times plus their estimates; never before ``now``). For each job, the
     expected completion on worker ``w`` is ``free_at[w] + estimate(w, prompt length, max_tokens,
-    occupancy)``, where the per-step cost grows with the slots ``w`` would then run; the job picks the
+    occupancy)``, where the per-step cost grows with the slots ``w`` would then run and a choice whose
+    siblings run on ``w`` costs no prefill there (it copies their prompt's KV); the job picks the
     minimum. If that worker has a free slot and is still unclaimed in this round, the job is dispatched
     to it (with compatible jobs behind it, up to its free slots and an even share of the queue among
     the workers with free slots); otherwise the job stays queued and reserves the worker
@@ -264,7 +277,7 @@ class EctPolicy(DispatchPolicy):
             job = queue[i]
             best, best_key = None, None
             for w in workers:
-                cost = (self.service.estimate(w.id, w.kind, job.prompt_units, job.expected_output, w.running + 1)
+                cost = (self.service.estimate(w.id, w.kind, prompt_units(job, w), job.expected_output, w.running + 1)
                         if self.service.known(w.id) else 0.0)
                 t = free_at[w.id] + cost
                 startable = w.free_slots > 0 and w.id not in claimed
@@ -278,8 +291,9 @@ class EctPolicy(DispatchPolicy):
                 share = math.ceil((min(len(queue), self.window) - len(taken)) / max(1, startable))
                 batch = fill_batch(queue, i, max(1, min(best.free_slots, share)), taken, best.free_slots)
                 claimed.add(best.id)
-                free_at[best.id] = now + (max(self.service.estimate(best.id, best.kind, j.prompt_units, j.expected_output,
-                                                                    best.running + len(batch)) for j in batch)
+                free_at[best.id] = now + (max(self.service.estimate(best.id, best.kind, prompt_units(j, best),
+                                                                    j.expected_output, best.running + len(batch))
+                                              for j in batch)
                                           if self.service.known(best.id) else 0.0)
                 out.append((best, batch))
             else:

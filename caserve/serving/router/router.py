@@ -71,6 +71,11 @@ class WorkerSession:
         return len(self.jobs)
 
     @property
+    def groups(self) -> set[str]:
+        """The prompt groups (``n`` > 1 requests) of the jobs running here."""
+        return {j.group for j in self.jobs.values() if j.group is not None}
+
+    @property
     def free_slots(self) -> int:
         """Jobs this worker can start now: the router's own count (a cancelled job's slot counts as free
         at once; the worker holds a job sent meanwhile until its next step frees the slot)."""
@@ -368,7 +373,9 @@ class Router:
 
     def _learn(self, ws: WorkerSession, job: Job, now: float) -> None:
         durations = job.worker_durations
-        self.service.observe_job(ws.id, ws.kind, prompt_units=job.prompt_units,
+        # a choice of an n > 1 request may have copied its siblings' prompt KV: its prefill time does not
+        # measure the worker's prefill rate (prompt_units=0 leaves that rate as it was)
+        self.service.observe_job(ws.id, ws.kind, prompt_units=0 if job.group is not None else job.prompt_units,
                                  prefill_s=float(durations.get("prefill_s", 0.0)),
                                  decode_s=float(durations.get("decode_s", 0.0)),
                                  observed_s=now - (job.dispatch or now))
