@@ -60,15 +60,23 @@ def gpu_server(
 ) -> None:
     """Own one device and execute the op streams of many CPU-node clients on it."""
     setup_logging(verbose)
+    from caserve.units import parse_size
+
+    try:  # refuse bad sizes and unreadable token files before loading torch (seconds)
+        frame_bytes = parse_size(max_frame)
+        if tenant_memory_limit != "auto":
+            parse_size(tenant_memory_limit)
+        tokens = [t.strip() for t in token_file.read_text().splitlines() if t.strip()] if token_file else None
+        admin_token = admin_token_file.read_text().strip() if admin_token_file else None
+    except (ValueError, OSError) as exc:
+        raise typer.BadParameter(str(exc)) from None
     import torch
 
     from caserve.remote.server import serve_forever
-    from caserve.units import parse_size
 
     threads = server_threads(device, threads, torch.cuda.is_available())
     if threads:
         torch.set_num_threads(threads)
-    tokens = [t.strip() for t in token_file.read_text().splitlines() if t.strip()] if token_file else None
     serve_forever(
         host=host,
         port=port,
@@ -77,10 +85,10 @@ def gpu_server(
         tls_key=str(tls_key) if tls_key else None,
         device=device,
         token=tokens,
-        admin_token=admin_token_file.read_text().strip() if admin_token_file else None,
+        admin_token=admin_token,
         tenant_memory_limit=tenant_memory_limit,
         allow_any_op=allow_any_op,
-        max_frame=parse_size(max_frame),
+        max_frame=frame_bytes,
         max_connections=max_connections,
         max_peer_connections=max_peer_connections,
         handshake_timeout=handshake_timeout,
@@ -151,6 +159,8 @@ def serve(
     for path in (tls_cert, tls_key, tls_ca):
         if path is not None and not path.is_file():
             raise typer.BadParameter(f"{path} is not a readable file", param_hint="--tls-cert/--tls-key/--tls-ca")
+    if token_file is not None and not token_file.is_file():  # else the GPU server would fail at every restart
+        raise typer.BadParameter(f"{token_file} is not a readable file", param_hint="--token-file")
     if tls_ca is not None and tls_cert is None:
         raise typer.BadParameter("--tls-ca checks the router's certificate: it needs --tls-cert", param_hint="--tls-ca")
     cfg = ServeConfig(host=host, port=port, native_workers=native_workers, assisted_workers=assisted_workers,

@@ -36,6 +36,14 @@ def test_the_probe_sees_a_module_that_does_load_them() -> None:
     assert _loaded_after("import caserve.models") == list(HEAVY)
 
 
+def _refused_before_torch(argv: list[str], complaint: str) -> None:
+    code = ("import typer\nfrom caserve.cli import app\n"
+            f"try:\n    app({argv!r}, standalone_mode=False)\n"
+            f"except typer.BadParameter as exc:\n    assert {complaint!r} in str(exc), exc\n"
+            "else:\n    raise SystemExit('not refused')")
+    assert _loaded_after(code) == []
+
+
 @pytest.mark.parametrize("args,complaint", [
     (["--kind", "cpu"], "worker token"),
     (["--kind", "assisted"], "--gpu-server"),
@@ -43,8 +51,19 @@ def test_the_probe_sees_a_module_that_does_load_them() -> None:
     (["--kind", "cpu", "--token-file", "/nonexistent/caserve-token"], "No such file"),
 ])
 def test_a_worker_with_a_bad_layout_is_refused_before_loading_torch(args: list[str], complaint: str) -> None:
-    code = ("import typer\nfrom caserve.cli import app\n"
-            f"try:\n    app(['worker', '--router', 'http://127.0.0.1:9', *{args!r}], standalone_mode=False)\n"
-            f"except typer.BadParameter as exc:\n    assert {complaint!r} in str(exc), exc\n"
-            "else:\n    raise SystemExit('the worker was not refused')")
-    assert _loaded_after(code) == []
+    _refused_before_torch(["worker", "--router", "http://127.0.0.1:9", *args], complaint)
+
+
+@pytest.mark.parametrize("args,complaint", [
+    (["--max-frame", "banana"], "cannot read size"),
+    (["--tenant-memory-limit", "lots"], "cannot read size"),
+    (["--token-file", "/nonexistent/caserve-token"], "No such file"),
+    (["--admin-token-file", "/nonexistent/caserve-admin"], "No such file"),
+])
+def test_a_gpu_server_with_bad_settings_is_refused_before_loading_torch(args: list[str], complaint: str) -> None:
+    _refused_before_torch(["gpu-server", "--port", "0", *args], complaint)
+
+
+def test_serve_refuses_an_unreadable_gpu_server_token_file() -> None:
+    _refused_before_torch(["serve", "--port", "0", "--native-workers", "0", "--assisted-workers", "0",
+                          "--token-file", "/nonexistent/caserve-token"], "not a readable file")
