@@ -103,7 +103,35 @@ def test_bench_serve_against_caserve_serve(tmp_path):
     assert m["total_output_tokens"] == sum(asked)  # usage.completion_tokens, with ignore_eos
     assert set(m["service_ms_by_kind"]) == {"native"} and m["jct_ms"]["mean"] >= m["queue_delay_ms"]["mean"]
     assert all(q["itl"] and q["ttft"] > 0 for q in doc["requests"]) and doc["meta"]["model"] == "caserve/tiny-gpt2"
-    # embeddings from a causal LM: caserve serve refuses with 400; the generator records the failures
+    # embeddings from a causal LM: caserve serve refuses with 400; the generator records the failures,
+    # and a run in which nothing succeeded exits with 1
     edoc = json.loads((tmp_path / "e.json").read_text())
-    assert e.exit_code == 0 and edoc["metrics"]["failed"] == 2
+    assert e.exit_code == 1 and "every request failed" in e.output and edoc["metrics"]["failed"] == 2
     assert all("HTTP 400" in q["error"] for q in edoc["requests"])
+
+
+def test_bench_serve_fails_when_no_request_succeeds(tmp_path):
+    """Nothing listens on the port: every request fails. The result file is still written, the summary
+    says there are no samples (zeros would read as a very fast server) and the exit code is 1."""
+    from serving_procs import free_port
+
+    out = tmp_path / "dead.json"
+    r = runner.invoke(app, ["bench", "serve", "--url", f"http://127.0.0.1:{free_port()}", "-n", "3", "--rate", "inf",
+                            "--output-len", "2", "--out", str(out), "--no-progress"])
+    assert r.exit_code == 1, r.output
+    assert "every request failed" in r.output and "ConnectError" in r.output
+    assert "TTFT (ms): no samples" in r.output and "mean 0.0" not in r.output
+    doc = json.loads(out.read_text())
+    assert doc["metrics"]["completed"] == 0 and doc["metrics"]["failed"] == 3
+
+
+def test_bench_input_files_that_do_not_exist_are_usage_errors(tmp_path):
+    missing = str(tmp_path / "missing.json")
+    trace = str(TEST_DATA / "azure_llm_trace_2023_conv.csv")
+    for args in (["bench", "batching", "--sharegpt", missing, "--trace", trace],
+                 ["bench", "batching", "--sharegpt", str(TEST_DATA / "sharegpt_v3_first_turn_500.json"), "--trace",
+                  missing],
+                 ["bench", "serve", "--url", "http://127.0.0.1:9", "--dataset-path", missing],
+                 ["sim", "--bench-json", missing]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and "does not exist" in r.output, (args, r.output)

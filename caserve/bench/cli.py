@@ -31,12 +31,14 @@ def _workload(dataset, dataset_path, num_requests, arrivals, rate, cv, trace, ti
 
 
 _DATASET = typer.Option("synthetic", help="synthetic | sharegpt | wikitext2 | sst2 | agnews")
-_DATASET_PATH = typer.Option(None, help="File of the dataset's format (default: in $CASERVE_DATA_DIR, else ../shared/datasets/).")
+_DATASET_PATH = typer.Option(None, exists=True, dir_okay=False, readable=True,
+                             help="File of the dataset's format (default: in $CASERVE_DATA_DIR, else ../shared/datasets/).")
 _NUM = typer.Option(50, "--num-requests", "-n", help="Requests to send.")
 _ARRIVALS = typer.Option("poisson", help="poisson | gamma | azure (trace replay)")
 _RATE = typer.Option(2.0, help="Mean request rate (req/s; inf: all at once). Ignored for azure.")
 _CV = typer.Option(1.0, help="Gamma inter-arrival coefficient of variation (burstiness; 1 = Poisson).")
-_TRACE = typer.Option(None, help="Azure trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens).")
+_TRACE = typer.Option(None, exists=True, dir_okay=False, readable=True,
+                      help="Azure trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens).")
 _TSCALE = typer.Option(1.0, help="Multiply trace offsets by this (0.1 = 10x faster).")
 _OUTLEN = typer.Option(None, help="max_tokens per request (default: dataset's / trace's).")
 _MAXWORDS = typer.Option(None, help="Truncate prompts to this many words.")
@@ -64,13 +66,16 @@ def bench_serve_cmd(
     """Open-loop load against a server; vLLM-style metrics plus caserve queue delay / JCT."""
     setup_logging(verbose)
     from caserve.bench.metrics import parse_slos
-    from caserve.bench.run import bench_serve, format_summary, save_result
+    from caserve.bench.run import bench_serve, first_error, format_summary, save_result
 
     wl = _workload(dataset, dataset_path, num_requests, arrivals, rate, cv, trace, time_scale, output_len, max_prompt_words, seed)
     doc = bench_serve(url, wl, model=model, endpoint=endpoint, slos=parse_slos(goodput), percentiles=_csv_floats(percentiles),
                       label=label, max_concurrency=max_concurrency, progress=progress)
     save_result(doc, out)
     typer.echo(format_summary(doc))
+    if doc["metrics"]["completed"] == 0:  # nothing was measured: a script must not take this for a result
+        typer.echo(f"error: every request failed; the first: {first_error(doc)}", err=True)
+        raise typer.Exit(1)
 
 
 def _server_cmd(server: str, server_cmd: Optional[str]) -> str:
@@ -120,8 +125,8 @@ def bench_compare_cmd(
 @bench_app.command("batching")
 def bench_batching_cmd(
     model: str = typer.Option("caserve/tiny-gpt2", help="Model both configurations serve."),
-    sharegpt: Path = typer.Option(..., help="ShareGPT JSON file (prompts: first human turns)."),
-    trace: Path = typer.Option(..., help="Azure LLM trace CSV (output lengths: GeneratedTokens)."),
+    sharegpt: Path = typer.Option(..., exists=True, dir_okay=False, readable=True, help="ShareGPT JSON file (prompts: first human turns)."),
+    trace: Path = typer.Option(..., exists=True, dir_okay=False, readable=True, help="Azure LLM trace CSV (output lengths: GeneratedTokens)."),
     num_requests: int = typer.Option(60, "--num-requests", "-n", min=1, help="Requests per run."),
     loads: str = typer.Option("0.5,0.9,1.5", help="Comma-separated Poisson loads, x the static capacity."),
     max_batch: int = typer.Option(8, min=1, help="Slots of the one worker."),
@@ -172,14 +177,15 @@ def bench_matrix_cmd(
 
 
 def sim_cmd(
-    bench_json: list[Path] = typer.Option(..., "--bench-json", help="Bench/compare result JSON(s) giving service times."),
+    bench_json: list[Path] = typer.Option(..., "--bench-json", exists=True, dir_okay=False, readable=True, help="Bench/compare result JSON(s) giving service times."),
     gpus: int = typer.Option(100, help="GPUs (each with --native-per-gpu native workers)."),
     cpu_nodes: str = typer.Option("0,10,100,300,1000", help="Comma-separated CPU-node counts to sweep."),
     tenants_per_gpu: int = typer.Option(8, help="Max assisted workers sharing one GPU."),
     tenant_slowdown: float = typer.Option(0.0, help="Assisted service x (1 + s*(tenants-1))."),
     assisted_factor: float = typer.Option(1.0, help="If no assisted run was measured: assisted = factor x native."),
     cv: float = typer.Option(1.0, help="Burstiness: coefficient of variation of inter-arrival gaps (1 = Poisson)."),
-    trace: Optional[Path] = typer.Option(None, help="Replay an Azure trace's arrivals instead (overrides load/rate/cv)."),
+    trace: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, readable=True,
+                                         help="Replay an Azure trace's arrivals instead (overrides load/rate/cv)."),
     time_scale: float = typer.Option(1.0, help="Multiply trace offsets by this (0.01 = 100x denser)."),
     policy: str = typer.Option("fifo", help="fifo | ect"),
     load: float = typer.Option(0.95, help="Poisson rate as a multiple of native-only capacity."),

@@ -164,6 +164,14 @@ def format_summary(doc: dict[str, Any]) -> str:
                       ("queue_delay_ms", "queue delay"), ("jct_ms", "JCT")):
         if key in m:
             s = m[key]
+            if not s.get("count", 1):  # no sample (e.g. no request succeeded): zeros would read as fast
+                lines.append(f"{name:>12} (ms): no samples")
+                continue
             pct = "  ".join(f"{k} {v:.1f}" for k, v in s.items() if k.startswith("p"))
             lines.append(f"{name:>12} (ms): mean {s['mean']:.1f}  median {s['median']:.1f}  {pct}")
     return "\n".join(lines)
+
+
+def first_error(doc: dict[str, Any]) -> Optional[str]:
+    """The error of the first failed request of a result document (None when none failed)."""
+    return next((r["error"] for r in doc.get("requests", []) if r.get("error")), None)
