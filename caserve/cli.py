@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from caserve.bench.cli import bench_app, sim_cmd
-from caserve.cli_common import fail, setup_logging
+from caserve.cli_common import check_model_path, fail, setup_logging
 from caserve.cluster.cli import cluster_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="CPU-assisted language-model serving.")
@@ -159,6 +159,7 @@ def serve(
     for path in (tls_cert, tls_key, tls_ca):
         if path is not None and not path.is_file():
             raise typer.BadParameter(f"{path} is not a readable file", param_hint="--tls-cert/--tls-key/--tls-ca")
+    check_model_path(model)
     if token_file is not None and not token_file.is_file():  # else the GPU server would fail at every restart
         raise typer.BadParameter(f"{token_file} is not a readable file", param_hint="--token-file")
     if tls_ca is not None and tls_cert is None:
@@ -212,6 +213,7 @@ def worker(
     from caserve.serving.credentials import WORKER_TOKEN_ENV, CredentialError, resolve_secret
     from caserve.serving.worker.config import WorkerConfig
 
+    check_model_path(model)
     if tls_ca:  # read by caserve.remote.connect
         os.environ["CASERVE_TLS_CA"] = str(tls_ca)
     try:

@@ -67,3 +67,19 @@ def test_a_gpu_server_with_bad_settings_is_refused_before_loading_torch(args: li
 def test_serve_refuses_an_unreadable_gpu_server_token_file() -> None:
     _refused_before_torch(["serve", "--port", "0", "--native-workers", "0", "--assisted-workers", "0",
                           "--token-file", "/nonexistent/caserve-token"], "not a readable file")
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "0", "--native-workers", "0", "--assisted-workers", "0"],
+                                     ["worker", "--router", "http://127.0.0.1:9", "--kind", "cpu",
+                                      "--worker-token-file", "/nonexistent/t"]])
+@pytest.mark.parametrize("model", ["/nonexistent/caserve-model", "./no-such-caserve-model", "~/no-such-caserve-model"])
+def test_a_model_path_that_is_not_a_folder_is_refused(command: list[str], model: str) -> None:
+    """Workers would retry loading it for ever; the model check comes before the token file's."""
+    _refused_before_torch([*command, "--model", model], "is not a folder")
+
+
+def test_hub_ids_and_zoo_names_are_not_taken_for_paths() -> None:
+    from caserve.cli_common import check_model_path
+
+    for name in ("Qwen/Qwen2.5-0.5B", "gpt2-124m", "caserve/tiny-gpt2", None, str(REPO)):
+        check_model_path(name)  # no refusal

@@ -50,8 +50,10 @@ def test_ready_after_the_workers_answer_with_a_served_name(tmp_path) -> None:
 
 def test_no_ready_while_a_worker_cannot_start(tmp_path) -> None:
     c = Cluster(tmp_path)
+    empty = tmp_path / "not-a-model"  # a folder without config.json: serve takes it, the worker cannot load it
+    empty.mkdir()
     try:
-        serve = c.start("serve", ["serve", "--port", str(c.port), "--model", str(tmp_path / "no-such-model"),
+        serve = c.start("serve", ["serve", "--port", str(c.port), "--model", str(empty),
                                   "--native-workers", "1", "--assisted-workers", "0", "--worker-threads", "1"])
         c.wait_for("the router", lambda: httpx.get(f"{c.url}/health", timeout=5).status_code == 200, timeout=120)
         c.wait_for("the worker's failure", lambda: any(w in serve.log.read_text(errors="replace")
