@@ -159,7 +159,8 @@ def serve(
     for path in (tls_cert, tls_key, tls_ca):
         if path is not None and not path.is_file():
             raise typer.BadParameter(f"{path} is not a readable file", param_hint="--tls-cert/--tls-key/--tls-ca")
-    check_model_path(model)
+    if native_workers + assisted_workers + cpu_workers:  # a router alone (cluster mode) loads no model here
+        check_model_path(model)
     if token_file is not None and not token_file.is_file():  # else the GPU server would fail at every restart
         raise typer.BadParameter(f"{token_file} is not a readable file", param_hint="--token-file")
     if tls_ca is not None and tls_cert is None:

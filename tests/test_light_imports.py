@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -69,7 +70,7 @@ def test_serve_refuses_an_unreadable_gpu_server_token_file() -> None:
                           "--token-file", "/nonexistent/caserve-token"], "not a readable file")
 
 
-@pytest.mark.parametrize("command", [["serve", "--port", "0", "--native-workers", "0", "--assisted-workers", "0"],
+@pytest.mark.parametrize("command", [["serve", "--port", "0", "--native-workers", "1", "--assisted-workers", "0"],
                                      ["worker", "--router", "http://127.0.0.1:9", "--kind", "cpu",
                                       "--worker-token-file", "/nonexistent/t"]])
 @pytest.mark.parametrize("model", ["/nonexistent/caserve-model", "./no-such-caserve-model", "~/no-such-caserve-model"])
@@ -83,3 +84,24 @@ def test_hub_ids_and_zoo_names_are_not_taken_for_paths() -> None:
 
     for name in ("Qwen/Qwen2.5-0.5B", "gpt2-124m", "caserve/tiny-gpt2", None, str(REPO)):
         check_model_path(name)  # no refusal
+
+
+def test_a_router_alone_takes_a_model_path_it_does_not_have(tmp_path) -> None:
+    """Cluster mode starts the router with no workers, on a node that may lack the model's folder: the
+    path is the workers' to check."""
+    from serving_procs import free_port
+
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "caserve.cli", "serve", "--port", str(free_port()),
+                                 "--native-workers", "0", "--assisted-workers", "0", "--cpu-workers", "0",
+                                 "--model", "/nonexistent/caserve-model"], cwd=REPO, env=child_env(),
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "ready: the router alone" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None and "ready: the router alone" in log.read_text(), log.read_text()[-2000:]
+    finally:
+        proc.terminate()
+        proc.wait(30)
