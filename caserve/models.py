@@ -271,8 +271,9 @@ def load_model(
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     if name_or_path == DEFAULT_MODEL:
         return _random(TINY_GPT2, device, dtype, shrink=False, task=task)
-    if os.path.isdir(name_or_path):
-        return _pretrained(name_or_path, device, dtype, task=task, local_only=True)
+    local = os.path.expanduser(name_or_path)  # "~/x" names a folder here as in the CLI's check_model_path
+    if os.path.isdir(local):
+        return _pretrained(local, device, dtype, task=task, local_only=True)
     entry = ZOO.get(name_or_path)
     if entry is None:
         return _pretrained(name_or_path, device, dtype, task=task, local_only=False)

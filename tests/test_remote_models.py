@@ -157,3 +157,13 @@ def test_roberta_max_context_counts_its_position_offset():
         assert lm.model(input_ids=torch.full((1, lm.max_context), 65)).last_hidden_state.shape[1] == lm.max_context
         with pytest.raises((IndexError, RuntimeError)):  # one more token runs off the position table
             lm.model(input_ids=torch.full((1, lm.max_context + 1), 65))
+
+
+def test_a_model_folder_named_from_home_loads_its_real_weights(monkeypatch):
+    """``~/...`` names a local folder for load_model as it does for the CLI's check_model_path."""
+    from caserve.models import load_model
+
+    folder = minilm_path()
+    monkeypatch.setenv("HOME", str(folder.parent))
+    lm = load_model(f"~/{folder.name}")
+    assert not lm.random_weights and lm.task == "embedding"
