@@ -64,8 +64,7 @@ def gpu_server(
 
     try:  # refuse bad sizes and unreadable token files before loading torch (seconds)
         frame_bytes = parse_size(max_frame)
-        if tenant_memory_limit != "auto":
-            parse_size(tenant_memory_limit)
+        memory_limit = tenant_memory_limit if tenant_memory_limit == "auto" else parse_size(tenant_memory_limit)
         tokens = [t.strip() for t in token_file.read_text().splitlines() if t.strip()] if token_file else None
         admin_token = admin_token_file.read_text().strip() if admin_token_file else None
     except (ValueError, OSError) as exc:
@@ -86,7 +85,7 @@ def gpu_server(
         device=device,
         token=tokens,
         admin_token=admin_token,
-        tenant_memory_limit=tenant_memory_limit,
+        tenant_memory_limit=memory_limit,
         allow_any_op=allow_any_op,
         max_frame=frame_bytes,
         max_connections=max_connections,
