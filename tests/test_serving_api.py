@@ -285,8 +285,8 @@ def test_stream_sends_deltas_that_queued_up_as_one_chunk() -> None:
     import asyncio
 
     from caserve.serving.messages import TokenLogprob
-    from caserve.serving.router import api
     from caserve.serving.router import schemas as S
+    from caserve.serving.router import streams
     from caserve.serving.router.jobs import Job
 
     def entry(token: str) -> TokenLogprob:
@@ -298,7 +298,7 @@ def test_stream_sends_deltas_that_queued_up_as_one_chunk() -> None:
         for text in ("ab", "c", "de"):  # queued before the stream reads
             job.events.put_nowait(("delta", (text, [entry(text)])))
         job.finish_reason = "length"
-        chunks = api._sse(job, ("delta", ("x", [entry("x")])), "cmpl-1", 0, req, chat=False)
+        chunks = streams.sse(job, ("delta", ("x", [entry("x")])), "cmpl-1", 0, req, chat=False)
         out = [await chunks.__anext__()]  # the first delta and the three waiting ones
         job.events.put_nowait(("delta", ("f", [entry("f")])))  # arrives while the client reads
         job.events.put_nowait(("done", None))

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API of the router (FastAPI).
 
-Routes are thin: validate (``schemas``), build jobs, hand them to the :class:`Router`, wait or stream,
-render. Every :class:`ServingError` becomes its one HTTP status with an OpenAI-style error body here.
+Routes are thin: validate (``schemas``), build jobs, hand them to the :class:`Router`, wait and render
+(or stream: :mod:`caserve.serving.router.streams`). Every :class:`ServingError` becomes its one HTTP
+status with an OpenAI-style error body here.
 Timings (router monotonic clock, see ``jobs.Job.timings``) are returned as a top-level ``timings``
 object (one per prompt, a list when a completion request has several prompts), in the last chunk of
 a stream, and as ``x-caserve-*`` headers on non-streamed responses.
@@ -13,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from typing import Any, AsyncIterator, Optional, Union
+from typing import Any, AsyncIterator, Union
 
 import msgspec
 from fastapi import FastAPI, Request
@@ -30,11 +31,10 @@ from caserve.serving.router.jobs import Job
 from caserve.serving.router.metrics import CONTENT_TYPE_LATEST
 from caserve.serving.router.router import Router
 from caserve.serving.router.security import Access, RouterGuard, RouterSecurity, access_of
+from caserve.serving.router.streams import cancel_on_exit, first_event, sse, until_disconnected
 from caserve.serving.router.worker_api import make_worker_routes
 
 logger = logging.getLogger(__name__)
-
-_encode = msgspec.json.Encoder().encode
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 256
@@ -190,16 +190,9 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{where}: {error.get('msg')}" if where else str(error.get("msg"))
 
 
-async def _until_disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
 async def _wait(router: Router, request: Request, jobs: list[Job]) -> None:
     """Wait for all jobs; cancel them if the client disconnects first; raise the first job error."""
-    gone = asyncio.create_task(_until_disconnected(request))
+    gone = asyncio.create_task(until_disconnected(request))
     all_done = asyncio.ensure_future(asyncio.gather(*(j.finished.wait() for j in jobs)))
     try:
         await asyncio.wait({gone, all_done}, return_when=asyncio.FIRST_COMPLETED)
@@ -246,97 +239,10 @@ async def _run_generation(
 
     job = jobs[0]
     # Wait for the first event before answering, so that a worker-side error is still a plain 4xx.
-    first = await _first_event(router, request, job)
-    chunks = _sse(job, first, rid, created, req, chat=chat)
-    return StreamingResponse(_cancel_on_exit(router, job, chunks), media_type="text/event-stream",
+    first = await first_event(router, request, job)
+    chunks = sse(job, first, rid, created, req, chat=chat)
+    return StreamingResponse(cancel_on_exit(router, job, chunks), media_type="text/event-stream",
                              headers={"x-caserve-request-id": job.id})
-
-
-async def _first_event(router: Router, request: Request, job: Job) -> tuple[str, Any]:
-    gone = asyncio.create_task(_until_disconnected(request))
-    first = asyncio.create_task(job.events.get())
-    try:
-        await asyncio.wait({gone, first}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not first.done():
-        first.cancel()
-        router.cancel(job)
-        raise RequestCancelled("client disconnected")
-    kind, value = first.result()
-    if kind == "error":
-        raise value
-    return kind, value
-
-
-async def _cancel_on_exit(router: Router, job: Job, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in chunks:
-            yield chunk
-    finally:
-        # Starlette cancels the response when the client disconnects: stop the job and free its worker.
-        if not job.finished.is_set():
-            logger.info("stream of request %s closed by the client; cancelling", job.id)
-            router.cancel(job)
-
-
-def _data(body: dict[str, Any]) -> bytes:
-    """One server-sent event carrying ``body`` as JSON."""
-    return b"data: " + _encode(body) + b"\n\n"
-
-
-async def _sse(
-    job: Job, first: tuple[str, Any], rid: str, created: int, req: S.SamplingRequest, *, chat: bool,
-) -> AsyncIterator[bytes]:
-    model, include_usage = req.model, req.include_usage
-    offset = 0  # characters streamed so far (completions' text_offset)
-
-    def chunk(text: Optional[str], finish: Optional[str], entries: Optional[list] = None, **extra: Any) -> bytes:
-        nonlocal offset
-        if chat:
-            delta = {} if text is None else {"content": text}
-            logprobs = S.chat_logprobs(entries) if entries and req.logprobs else None
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
-            obj = "chat.completion.chunk"
-        else:
-            logprobs = S.completion_logprobs(entries, offset) if entries and req.logprobs is not None else None
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
-            obj = "text_completion"
-        offset += len(text or "")
-        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], **extra}
-        return _data(body)
-
-    if chat:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-        yield _data(body)
-    event: Optional[tuple[str, Any]] = first
-    while True:
-        if event is None:
-            event = await job.events.get()
-        kind, value = event
-        event = None
-        if kind == "delta":
-            # Deltas that queued up meanwhile (a slow client, a busy router) go out as one chunk.
-            text, entries = value
-            while not job.events.empty():
-                event = job.events.get_nowait()
-                if event[0] != "delta":
-                    break
-                text, entries, event = text + event[1][0], entries + event[1][1], None
-            yield chunk(text, None, entries)
-        elif kind == "done":
-            yield chunk(None if chat else "", job.finish_reason, timings=job.timings())
-            break
-        else:  # an error after the stream started: report it in-band, as OpenAI does
-            yield _data(error_body(value))
-            return
-    if include_usage:
-        usage = S.usage_body(job.prompt_tokens, job.completion_tokens)
-        body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": created, "model": model, "choices": [], "usage": usage}
-        yield _data(body)
-    yield b"data: [DONE]\n\n"
 
 
 def _choice(index: int, job: Job, req: S.SamplingRequest) -> dict[str, Any]:
