@@ -24,8 +24,10 @@ PROMPT = "abc"
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     c = Cluster(tmp_path_factory.mktemp("params"))
     try:
-        c.router("--native-workers", "1", "--cpu-workers", "1", "--max-batch", "4", "--worker-threads", "1")
-        c.wait_workers({"native-0", "cpu-0"}, timeout=300)  # a shared 2-core machine can be slow
+        serve = c.router("--native-workers", "1", "--cpu-workers", "1", "--max-batch", "4", "--worker-threads", "1")
+        # "ready" comes after serve's own probe request: a test that counts prefilled tokens must not see
+        # the probe's arrive later (a shared 2-core machine can be slow)
+        c.wait_for("ready", lambda: "ready: 2 worker(s)" in serve.log.read_text(errors="replace"), timeout=300)
         yield c
     finally:
         c.stop()
