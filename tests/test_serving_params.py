@@ -201,6 +201,43 @@ def test_stream_carries_logprobs(client) -> None:
     assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.choices[0].text
 
 
+def test_streamed_choices_equal_the_unstreamed_ones(client) -> None:
+    """n > 1 and several prompts stream: each chunk names its choice (prompt * n + choice, as OpenAI
+    numbers them), and each choice's text, logprobs and finish reason equal the request unstreamed."""
+    kw = {"prompt": ["abc", "xyz"], "n": 2, "temperature": 1.0, "seed": 7, "max_tokens": 6, "logprobs": 1}
+    ref = complete(client, **kw)
+    chunks = list(complete(client, stream=True, stream_options={"include_usage": True}, **kw))
+    texts: dict[int, str] = {}
+    tokens: dict[int, list[str]] = {}
+    finish: dict[int, str] = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            tokens.setdefault(c.index, []).extend(c.logprobs.tokens if c.logprobs else [])
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    assert sorted(texts) == [0, 1, 2, 3]
+    assert [texts[i] for i in range(4)] == [c.text for c in ref.choices]
+    assert len({texts[0], texts[1]}) == 2  # the choices of one prompt are sampled apart (seeds 7 and 8)
+    assert [tokens[i] for i in range(4)] == [c.logprobs.tokens for c in ref.choices]
+    assert [finish[i] for i in range(4)] == [c.finish_reason for c in ref.choices]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == ref.usage.completion_tokens == 24
+    assert chunks[-1].usage.prompt_tokens == ref.usage.prompt_tokens
+
+    messages = [{"role": "user", "content": "x"}]
+    ref = client.chat.completions.create(model=TINY, messages=messages, n=3, max_tokens=5, temperature=1.0, seed=3)
+    content: dict[int, str] = {}
+    roles = set()
+    for chunk in client.chat.completions.create(model=TINY, messages=messages, n=3, max_tokens=5, temperature=1.0,
+                                                seed=3, stream=True):
+        for c in chunk.choices:
+            if c.delta.role:
+                roles.add(c.index)
+            content[c.index] = content.get(c.index, "") + (c.delta.content or "")
+    assert roles == {0, 1, 2}
+    assert [content[i] for i in range(3)] == [c.message.content for c in ref.choices]
+
+
 @pytest.mark.parametrize("body,param", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
@@ -210,7 +247,6 @@ def test_stream_carries_logprobs(client) -> None:
     ({"echo": 1}, "echo"),
     ({"max_tokens": 5000}, "max_tokens"),
     ({"max_tokens": 0}, "max_tokens"),
-    ({"n": 2, "stream": True}, "n"),
     ({"echo": True, "stream": True}, "echo"),
     ({"min_tokens": 9, "max_tokens": 3}, "min_tokens"),
     ({"logit_bias": {"abc": 1}}, "logit_bias"),

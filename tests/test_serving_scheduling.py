@@ -8,6 +8,7 @@ to act on; no assertion is about speed."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import time
 
 import httpx
@@ -79,10 +80,10 @@ def test_full_queue_answers_429_with_retry_after(one_slow_worker: Cluster) -> No
     assert complete(c.url, 2).status_code == 200  # and the queue accepts again
 
 
-def freed_quickly(c: Cluster, before: int) -> None:
-    """The cancelled request's slot is free again: a new request on the static worker (which admits only
-    when all its slots are free) finishes long before the 800 steps of the cancelled one would."""
-    c.wait_for("cancelled", lambda: c.metric("caserve_requests_total", outcome="cancelled") == before + 1)
+def freed_quickly(c: Cluster, before: int, cancelled: int = 1) -> None:
+    """The cancelled requests' slots are free again: a new request on the static worker (which admits only
+    when all its slots are free) finishes long before the 800 steps of a cancelled one would."""
+    c.wait_for("cancelled", lambda: c.metric("caserve_requests_total", outcome="cancelled") == before + cancelled)
     t0 = time.monotonic()
     assert complete(c.url, 3).status_code == 200
     assert time.monotonic() - t0 < 5.0  # 800 steps take >= 8 s (10 ms each)
@@ -98,6 +99,21 @@ def test_stream_disconnect_cancels_and_frees_the_worker(one_slow_worker: Cluster
             if i >= 6:
                 break  # leaving the block closes the connection mid-stream
     freed_quickly(c, before)
+
+
+def test_stream_of_three_choices_disconnect_cancels_each(one_slow_worker: Cluster) -> None:
+    c = one_slow_worker
+    before = c.metric("caserve_requests_total", outcome="cancelled")
+    seen: set[int] = set()
+    with httpx.stream("POST", f"{c.url}/v1/completions", timeout=60, json={
+            "model": TINY, "prompt": "long", "max_tokens": 800, "n": 3, "stream": True, "ignore_eos": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                seen.update(choice["index"] for choice in json.loads(line[len("data: "):])["choices"])
+            if seen == {0, 1, 2}:
+                break  # every choice streams; leaving the block closes the connection mid-stream
+    assert seen == {0, 1, 2}
+    freed_quickly(c, before, cancelled=3)
 
 
 def test_non_stream_disconnect_cancels_and_frees_the_worker(one_slow_worker: Cluster) -> None:

@@ -31,7 +31,7 @@ from caserve.serving.router.jobs import Job
 from caserve.serving.router.metrics import CONTENT_TYPE_LATEST
 from caserve.serving.router.router import Router
 from caserve.serving.router.security import Access, RouterGuard, RouterSecurity, access_of
-from caserve.serving.router.streams import cancel_on_exit, first_event, sse, until_disconnected
+from caserve.serving.router.streams import ChoiceEvents, cancel_on_exit, first_event, sse, until_disconnected
 from caserve.serving.router.worker_api import make_worker_routes
 
 logger = logging.getLogger(__name__)
@@ -95,8 +95,6 @@ def create_app(router: Router, security: RouterSecurity) -> FastAPI:
         for prompt in req.prompts():
             key = "prompt" if isinstance(prompt, str) else "prompt_ids"
             jobs += _choice_jobs(req, {key: prompt}, params, prompt_units=len(prompt))
-        if req.stream and len(jobs) > 1:
-            raise BadRequest("streaming supports a single prompt", param="prompt")
         return await _run_generation(router, request, req, jobs, chat=False)
 
     @app.post("/v1/chat/completions", response_model=None)
@@ -237,12 +235,12 @@ async def _run_generation(
         }
         return JSONResponse(body, headers=_timing_headers(jobs[0]))
 
-    job = jobs[0]
     # Wait for the first event before answering, so that a worker-side error is still a plain 4xx.
-    first = await first_event(router, request, job)
-    chunks = sse(job, first, rid, created, req, chat=chat)
-    return StreamingResponse(cancel_on_exit(router, job, chunks), media_type="text/event-stream",
-                             headers={"x-caserve-request-id": job.id})
+    events = ChoiceEvents(jobs)
+    first = await first_event(router, request, events)
+    chunks = sse(events, first, rid, created, req, chat=chat)
+    return StreamingResponse(cancel_on_exit(router, events, chunks), media_type="text/event-stream",
+                             headers={"x-caserve-request-id": jobs[0].id})
 
 
 def _choice(index: int, job: Job, req: S.SamplingRequest) -> dict[str, Any]:

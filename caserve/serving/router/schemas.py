@@ -134,8 +134,6 @@ class SamplingRequest(ModelRequest):
             raise BadRequest("parameter 'best_of' is not supported by caserve (only best_of == n)", param="best_of")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise BadRequest("min_tokens must not exceed max_tokens", param="min_tokens")
-        if self.stream and self.n > 1:
-            raise BadRequest("n > 1 cannot be streamed", param="n")
 
     def sampling_params(self, default_max_tokens: int) -> dict[str, Any]:
         """The per-row parameters a worker receives (``worker.sampling.SamplingParams`` fields)."""
