@@ -295,14 +295,14 @@ def test_stream_sends_deltas_that_queued_up_as_one_chunk() -> None:
     async def stream() -> list[dict]:
         job = Job(model=TINY, task="generate", payload={}, prompt_units=1)
         req = S.CompletionRequest(model=TINY, prompt="p", stream=True, logprobs=0)
-        for text in ("x", "ab", "c", "de"):  # queued before the stream reads
-            job.events.put_nowait(("delta", (text, [entry(text)])))
-        job.finish_reason = "length"
         events = streams.ChoiceEvents([job])
-        chunks = streams.sse(events, await events.next(), "cmpl-1", 0, req, chat=False)
+        for text in ("x", "ab", "c", "de"):  # queued before the stream reads
+            job.events.put_nowait((0, "delta", (text, [entry(text)])))
+        job.finish_reason = "length"
+        chunks = streams.sse(events, await events.take(), "cmpl-1", 0, req, chat=False)
         out = [await chunks.__anext__()]  # the first delta and the three waiting ones
-        job.events.put_nowait(("delta", ("f", [entry("f")])))  # arrives while the client reads
-        job.events.put_nowait(("done", None))
+        job.events.put_nowait((0, "delta", ("f", [entry("f")])))  # arrives while the client reads
+        job.events.put_nowait((0, "done", None))
         out += [c async for c in chunks]
         return [json.loads(c[len(b"data: "):]) for c in out if c != b"data: [DONE]\n\n"]
 
@@ -318,7 +318,8 @@ def test_stream_sends_deltas_that_queued_up_as_one_chunk() -> None:
 def test_stream_of_several_choices_names_each_and_ends_after_the_last() -> None:
     """Choices' events interleave as they come; each chunk names its choice; a choice's end is its own
     chunk with its finish reason and timings; usage sums the choices; the stream ends after the last.
-    An error of one choice after the stream started is reported in-band and ends the stream."""
+    Deltas that queued up are joined per choice, never across a choice's end. An error of one choice
+    after the stream started is reported in-band and ends the stream."""
     import asyncio
 
     from caserve.serving.errors import RequestFailed
@@ -326,29 +327,35 @@ def test_stream_of_several_choices_names_each_and_ends_after_the_last() -> None:
     from caserve.serving.router import streams
     from caserve.serving.router.jobs import Job
 
-    async def stream(script: list[tuple[int, str, object]]) -> list[bytes]:
+    async def stream(script: list[tuple[int, str, object]], queued: int = 1) -> list[bytes]:
+        """Feed ``script``: its first ``queued`` events before the stream starts, then one per chunk read."""
         jobs = [Job(model=TINY, task="generate", payload={}, prompt_units=1) for _ in range(3)]
         for job, reason, completion in zip(jobs, ("length", "stop", "length"), (3, 1, 2)):
             job.finish_reason, job.prompt_tokens, job.completion_tokens = reason, 2, completion
         req = S.ChatCompletionRequest(model=TINY, messages=[{"role": "user", "content": "p"}], n=3, stream=True,
                                       stream_options={"include_usage": True})
         events = streams.ChoiceEvents(jobs)
-        index, kind, value = script[0]
-        jobs[index].events.put_nowait((kind, value))
-        chunks = streams.sse(events, await events.next(), "chatcmpl-1", 0, req, chat=True)
+        for index, kind, value in script[:queued]:
+            jobs[index].events.put_nowait((jobs[index].choice, kind, value))
+        chunks = streams.sse(events, await events.take(), "chatcmpl-1", 0, req, chat=True)
         out = [await chunks.__anext__() for _ in range(len(jobs) + 1)]  # the roles, then the first event
-        for index, kind, value in script[1:]:  # one at a time, as a worker's events come: a chunk each
-            jobs[index].events.put_nowait((kind, value))
+        for index, kind, value in script[queued:]:  # one at a time, as a worker's events come: a chunk each
+            jobs[index].events.put_nowait((jobs[index].choice, kind, value))
             out.append(await chunks.__anext__())
         out += [c async for c in chunks]
-        if not events.live:
-            assert not events.waiting  # every choice ended: no get left pending on any queue
-        events.close()  # what the response does when it ends (after an error, choices are still live)
-        assert not events.waiting
         return out
 
     def bodies(out: list[bytes]) -> list[dict]:
         return [json.loads(c[len(b"data: "):]) for c in out if c != b"data: [DONE]\n\n"]
+
+    def seen(chunks: list[dict]) -> list[tuple[int, str, str]]:
+        """(index, content, finish_reason) of each chunk after the role chunks, in stream order."""
+        out = []
+        for b in chunks[3:-1]:
+            (c,) = b["choices"]
+            out.append((c["index"], c["delta"].get("content"), c["finish_reason"]))
+            assert ("timings" in b) == (c["finish_reason"] is not None)
+        return out
 
     script = [(1, "delta", ("b1", [])), (0, "delta", ("a1", [])), (1, "done", None), (2, "delta", ("c1", [])),
               (0, "delta", ("a2", [])), (2, "delta", ("c2", [])), (0, "done", None), (2, "done", None)]
@@ -357,16 +364,17 @@ def test_stream_of_several_choices_names_each_and_ends_after_the_last() -> None:
     chunks = bodies(out)
     roles = [b["choices"][0] for b in chunks[:3]]
     assert [r["index"] for r in roles] == [0, 1, 2] and all(r["delta"]["role"] == "assistant" for r in roles)
-    seen = []  # (index, content, finish_reason) in stream order
-    for b in chunks[3:-1]:
-        (c,) = b["choices"]
-        seen.append((c["index"], c["delta"].get("content"), c["finish_reason"]))
-        assert ("timings" in b) == (c["finish_reason"] is not None)
-    assert [(i, t) for i, t, _ in seen if t] == [(1, "b1"), (0, "a1"), (2, "c1"), (0, "a2"), (2, "c2")]
-    assert [(i, f) for i, _, f in seen if f] == [(1, "stop"), (0, "length"), (2, "length")]
-    assert seen.index((1, None, "stop")) < seen.index((0, "a2", None))  # choice 1 ended, the others ran on
+    assert seen(chunks) == [(1, "b1", None), (0, "a1", None), (1, None, "stop"), (2, "c1", None), (0, "a2", None),
+                            (2, "c2", None), (0, None, "length"), (2, None, "length")]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
         "prompt_tokens": 6, "completion_tokens": 6, "total_tokens": 12}
+
+    # the first five events queued before the stream reads: each choice's deltas joined, in order
+    script = [(0, "delta", ("a1", [])), (1, "delta", ("b1", [])), (0, "delta", ("a2", [])), (1, "done", None),
+              (0, "delta", ("a3", [])), (2, "delta", ("c1", [])), (0, "done", None), (2, "done", None)]
+    chunks = bodies(asyncio.run(stream(script, queued=5)))
+    assert seen(chunks) == [(0, "a1a2a3", None), (1, "b1", None), (1, None, "stop"), (2, "c1", None),
+                            (0, None, "length"), (2, None, "length")]
 
     out = asyncio.run(stream([(0, "delta", ("a1", [])), (1, "error", RequestFailed("worker failed"))]))
     assert out[-1] != b"data: [DONE]\n\n"

@@ -181,7 +181,7 @@ def test_router_requeues_a_lost_workers_job_and_ignores_its_late_events() -> Non
         seen = []
         while not j.events.empty():
             seen.append(j.events.get_nowait())
-        assert seen == [("delta", ("ab", [])), ("delta", ("c", [])), ("done", None)]  # answered exactly once
+        assert seen == [(0, "delta", ("ab", [])), (0, "delta", ("c", [])), (0, "done", None)]  # exactly once
 
     asyncio.run(scenario())
 

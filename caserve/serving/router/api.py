@@ -31,7 +31,7 @@ from caserve.serving.router.jobs import Job
 from caserve.serving.router.metrics import CONTENT_TYPE_LATEST
 from caserve.serving.router.router import Router
 from caserve.serving.router.security import Access, RouterGuard, RouterSecurity, access_of
-from caserve.serving.router.streams import ChoiceEvents, cancel_on_exit, first_event, sse, until_disconnected
+from caserve.serving.router.streams import ChoiceEvents, cancel_on_exit, first_events, sse, until_disconnected
 from caserve.serving.router.worker_api import make_worker_routes
 
 logger = logging.getLogger(__name__)
@@ -221,6 +221,7 @@ def _timing_headers(job: Job) -> dict[str, str]:
 async def _run_generation(
     router: Router, request: Request, req: S.SamplingRequest, jobs: list[Job], *, chat: bool,
 ) -> Union[JSONResponse, StreamingResponse]:
+    events = ChoiceEvents(jobs)  # before submitting: the jobs put their events in its queue
     router.submit(jobs)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = S.now_unix()
@@ -236,10 +237,9 @@ async def _run_generation(
         return JSONResponse(body, headers=_timing_headers(jobs[0]))
 
     # Wait for the first event before answering, so that a worker-side error is still a plain 4xx.
-    events = ChoiceEvents(jobs)
-    first = await first_event(router, request, events)
+    first = await first_events(router, request, events)
     chunks = sse(events, first, rid, created, req, chat=chat)
-    return StreamingResponse(cancel_on_exit(router, events, chunks), media_type="text/event-stream",
+    return StreamingResponse(cancel_on_exit(router, jobs, chunks), media_type="text/event-stream",
                              headers={"x-caserve-request-id": jobs[0].id})
 
 

@@ -66,7 +66,10 @@ class Job:
     worker_durations: dict[str, float] = field(default_factory=dict)
     result: Any = None  # embeddings / classification output
     error: Optional[ServingError] = None
-    events: "asyncio.Queue[tuple[str, Any]]" = field(default_factory=asyncio.Queue)
+    choice: int = 0  # the job's index among its request's jobs (the choice index clients see)
+    # (choice, "delta" | "done" | "error", value) as the router applies the worker's events; a request's
+    # jobs share one queue (``streams.ChoiceEvents``)
+    events: "asyncio.Queue[tuple[int, str, Any]]" = field(default_factory=asyncio.Queue)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property

@@ -268,7 +268,7 @@ class Router:
                 entries = list(event.logprobs or [])
                 job.logprobs.extend(entries)
                 if event.text or entries:
-                    job.events.put_nowait(("delta", (event.text, entries)))
+                    job.events.put_nowait((job.choice, "delta", (event.text, entries)))
             elif isinstance(event, Done):
                 job.finish_reason = event.finish_reason
                 job.prompt_tokens = event.prompt_tokens
@@ -393,7 +393,7 @@ class Router:
 
     def _finish(self, job: Job, final: JobState, error: Optional[ServingError]) -> None:
         job.state, job.error, job.finish = final, error, time.monotonic()
-        job.events.put_nowait(("error", error) if error is not None else ("done", None))
+        job.events.put_nowait((job.choice, "error", error) if error is not None else (job.choice, "done", None))
         job.finished.set()
         outcome = final.value
         self.metrics.requests.labels(job.model, outcome).inc()

@@ -10,7 +10,6 @@ the usage chunk, when asked for) once every choice has ended.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from typing import Any, AsyncIterator, Optional
 
@@ -37,46 +36,38 @@ async def until_disconnected(request: Request) -> None:
 
 
 class ChoiceEvents:
-    """The events of a request's jobs, merged in the order they come, each with its job's index. A job's
-    deltas that queued up meanwhile (a slow client, a busy router) come joined as one."""
+    """The events of a request's jobs (one per choice) in the order the router applies them. Made before
+    the jobs are submitted: they share one queue, and each of their events names its job's index
+    (``Job.choice``), so that waiting costs the same for one choice as for many."""
 
     def __init__(self, jobs: list[Job]) -> None:
         self.jobs = jobs
-        self.live = set(range(len(jobs)))  # jobs whose "done" or "error" has not been taken yet
-        self.waiting: dict[asyncio.Future[tuple[str, Any]], int] = {}  # a pending get per live job
-        self.ready: collections.deque[Event] = collections.deque()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        for index, job in enumerate(jobs):
+            job.choice, job.events = index, self.queue
+        self.live = len(jobs)  # choices whose end ("done" or "error") has not been taken yet
 
-    async def next(self) -> Event:
-        while not self.ready:
-            if len(self.jobs) == 1:  # one choice: no task per event
-                kind, value = await self.jobs[0].events.get()
-                self.ready.append((0, kind, value))
-                break
-            armed = set(self.waiting.values())
-            for index in sorted(self.live - armed):
-                self.waiting[asyncio.ensure_future(self.jobs[index].events.get())] = index
-            done, _ = await asyncio.wait(self.waiting, return_when=asyncio.FIRST_COMPLETED)
-            for future in sorted(done, key=self.waiting.__getitem__):
-                index = self.waiting.pop(future)
-                self.ready.append((index, *future.result()))
-        index, kind, value = self.ready.popleft()
-        if kind != "delta":
-            self.live.discard(index)
-            return index, kind, value
-        text, entries = value
-        queue = self.jobs[index].events  # no get of this job is pending now: take what waits in it
-        while not queue.empty():
-            later = queue.get_nowait()
-            if later[0] != "delta":
-                self.ready.appendleft((index, *later))
-                break
-            text, entries = text + later[1][0], entries + later[1][1]
-        return index, kind, (text, entries)
-
-    def close(self) -> None:
-        for future in self.waiting:
-            future.cancel()
-        self.waiting.clear()
+    async def take(self) -> list[Event]:
+        """The events that came since the last take (waiting for one), a choice's deltas that queued up
+        meanwhile (a slow client, a busy router) joined as one."""
+        came = [await self.queue.get()]
+        while not self.queue.empty():
+            came.append(self.queue.get_nowait())
+        out: list[Event] = []
+        open_delta: dict[int, int] = {}  # choice -> where in ``out`` its latest delta is, until it ends
+        for index, kind, value in came:
+            at = open_delta.get(index)
+            if kind == "delta" and at is not None:
+                text, entries = out[at][2]
+                out[at] = (index, kind, (text + value[0], entries + value[1]))
+                continue
+            if kind == "delta":
+                open_delta[index] = len(out)
+            else:
+                self.live -= 1
+                open_delta.pop(index, None)
+            out.append((index, kind, value))
+        return out
 
 
 def cancel_unfinished(router: Router, jobs: list[Job], why: str) -> None:
@@ -86,37 +77,35 @@ def cancel_unfinished(router: Router, jobs: list[Job], why: str) -> None:
             router.cancel(job)
 
 
-async def first_event(router: Router, request: Request, events: ChoiceEvents) -> Event:
-    """The first event of any choice, before the response starts: a worker-side error then is still a
-    plain 4xx (and the other choices are cancelled). A client gone meanwhile cancels them all."""
+async def first_events(router: Router, request: Request, events: ChoiceEvents) -> list[Event]:
+    """The first events of any choice, before the response starts: an error among them is still a plain
+    4xx (and the other choices are cancelled). A client gone meanwhile cancels them all."""
     gone = asyncio.create_task(until_disconnected(request))
-    first = asyncio.create_task(events.next())
+    first = asyncio.create_task(events.take())
     try:
         await asyncio.wait({gone, first}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
     if not first.done():
         first.cancel()
-        events.close()
         cancel_unfinished(router, events.jobs, "client disconnected")
         raise RequestCancelled("client disconnected")
-    index, kind, value = first.result()
-    if kind == "error":
-        events.close()
-        cancel_unfinished(router, events.jobs, "another choice failed")
-        raise value
-    return index, kind, value
+    taken = first.result()
+    for _, kind, value in taken:
+        if kind == "error":
+            cancel_unfinished(router, events.jobs, "another choice failed")
+            raise value
+    return taken
 
 
-async def cancel_on_exit(router: Router, events: ChoiceEvents, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def cancel_on_exit(router: Router, jobs: list[Job], chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     try:
         async for chunk in chunks:
             yield chunk
     finally:
         # Starlette cancels the response when the client disconnects: stop the jobs and free their slots
         # (also the other choices' after one failed).
-        events.close()
-        cancel_unfinished(router, events.jobs, "stream closed")
+        cancel_unfinished(router, jobs, "stream closed")
 
 
 def _data(body: dict[str, Any]) -> bytes:
@@ -125,7 +114,7 @@ def _data(body: dict[str, Any]) -> bytes:
 
 
 async def sse(
-    events: ChoiceEvents, first: Event, rid: str, created: int, req: S.SamplingRequest, *, chat: bool,
+    events: ChoiceEvents, first: list[Event], rid: str, created: int, req: S.SamplingRequest, *, chat: bool,
 ) -> AsyncIterator[bytes]:
     jobs = events.jobs
     model, include_usage = req.model, req.include_usage
@@ -149,20 +138,21 @@ async def sse(
         for index in range(len(jobs)):
             yield _data({"id": rid, "object": obj, "created": created, "model": model, "choices": [
                 {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-    index, kind, value = first
+    taken = first
     while True:
-        if kind == "delta":
-            text, entries = value
-            yield chunk(index, text, None, entries)
-        elif kind == "done":
-            job = jobs[index]
-            yield chunk(index, None if chat else "", job.finish_reason, timings=job.timings())
-        else:  # an error after the stream started: report it in-band, as OpenAI does, and end the stream
-            yield _data(error_body(value))
-            return
+        for index, kind, value in taken:
+            if kind == "delta":
+                text, entries = value
+                yield chunk(index, text, None, entries)
+            elif kind == "done":
+                job = jobs[index]
+                yield chunk(index, None if chat else "", job.finish_reason, timings=job.timings())
+            else:  # an error after the stream started: report it in-band, as OpenAI does, and end the stream
+                yield _data(error_body(value))
+                return
         if not events.live:  # every choice has ended
             break
-        index, kind, value = await events.next()
+        taken = await events.take()
     if include_usage:
         usage = S.usage_body(sum(j.prompt_tokens for j in jobs), sum(j.completion_tokens for j in jobs))
         yield _data({"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage})
