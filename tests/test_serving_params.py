@@ -256,6 +256,8 @@ def test_streamed_choices_equal_the_unstreamed_ones(client) -> None:
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"top_k": -2}, "top_k"),
     ({"use_beam_search": True}, "use_beam_search"),
+    ({"prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream: true
 ])
 def test_unsupported_or_bad_parameters_are_400(cluster: Cluster, body: dict, param: str) -> None:
     r = httpx.post(f"{cluster.url}/v1/completions", timeout=60,
@@ -269,11 +271,15 @@ def test_chat_refusals_and_ignored_unknown_fields(cluster: Cluster, client) -> N
     base = {"model": TINY, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
     for body, param in [({"logprobs": 1}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
                         ({"tool_choice": "required"}, "tool_choice"),
-                        ({"max_completion_tokens": 4096}, "max_tokens")]:
+                        ({"max_completion_tokens": 4096}, "max_tokens"), ({"echo": True}, "echo"),
+                        ({"add_generation_prompt": False}, "add_generation_prompt"),
+                        ({"continue_final_message": True}, "continue_final_message"),
+                        ({"chat_template": "{{ messages }}"}, "chat_template")]:
         r = httpx.post(f"{cluster.url}/v1/chat/completions", json={**base, **body}, timeout=60)
         assert r.status_code == 400 and param in r.json()["error"]["param"] + r.json()["error"]["message"], r.text
     r = httpx.post(f"{cluster.url}/v1/chat/completions", json={**base, "some_future_field": {"a": 1},
-                                                                "response_format": {"type": "text"}}, timeout=60)
+                                                                "response_format": {"type": "text"}, "echo": False,
+                                                                "add_generation_prompt": True}, timeout=60)
     assert r.status_code == 200, r.text
     with pytest.raises(openai.BadRequestError) as info:  # prompt + max_tokens beyond the context
         client.completions.create(model=TINY, prompt="y" * 1000, max_tokens=100)

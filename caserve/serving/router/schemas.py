@@ -74,7 +74,26 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "truncate_prompt_tokens": (None,),
     "bad_words": (None, []),
     "allowed_token_ids": (None,),
+    "prompt_logprobs": (None,),
+    "logits_processors": (None, []),
+    "return_tokens_as_token_ids": (None, False),
 }
+
+# Chat-only extensions (as in vLLM) that change what the model is asked or what comes back.
+CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "echo": (None, False),
+    "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False),
+    "chat_template": (None,),
+    "chat_template_kwargs": (None, {}),
+    "documents": (None,),
+}
+
+
+def refuse_unsupported(extra: dict[str, Any], unsupported: dict[str, tuple[Any, ...]]) -> None:
+    for name, neutral in unsupported.items():
+        if name in extra and not _neutral(extra[name], *neutral):
+            raise BadRequest(f"parameter {name!r} is not supported by caserve", param=name)
 
 MAX_N = 16
 
@@ -126,12 +145,12 @@ class SamplingRequest(ModelRequest):
 
     def check_supported(self) -> None:
         extra = self.model_extra or {}
-        for name, neutral in UNSUPPORTED.items():
-            if name in extra and not _neutral(extra[name], *neutral):
-                raise BadRequest(f"parameter {name!r} is not supported by caserve", param=name)
+        refuse_unsupported(extra, UNSUPPORTED)
         best_of = extra.get("best_of")
         if best_of is not None and not _neutral(best_of, self.n):
             raise BadRequest("parameter 'best_of' is not supported by caserve (only best_of == n)", param="best_of")
+        if self.stream_options is not None and not self.stream:
+            raise BadRequest("stream_options is only allowed when stream is true", param="stream_options")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise BadRequest("min_tokens must not exceed max_tokens", param="min_tokens")
 
@@ -206,6 +225,7 @@ class ChatCompletionRequest(SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
+        refuse_unsupported(self.model_extra or {}, CHAT_UNSUPPORTED)
         if self.max_tokens == 0:
             raise BadRequest("max_tokens must be at least 1", param="max_tokens")
         if self.top_logprobs is not None and not self.logprobs:
