@@ -143,6 +143,16 @@ def test_bad_rows_are_refused_and_the_others_served(lm) -> None:
         Engine(lm, batching="dynamic")
 
 
+def echoed(events: list, dispatch: str) -> list:
+    """An echo row's prompt logprobs: sent once, with its first event (``Tokens``, or ``Done`` when it
+    generated nothing), together with the prompt's text."""
+    carrying = [e for e in events if isinstance(e, (Tokens, Done)) and e.dispatch == dispatch
+                and e.prompt_logprobs is not None]
+    first = next(e for e in events if isinstance(e, (Tokens, Done)) and e.dispatch == dispatch)
+    assert carrying == [first] and first.prompt_text is not None
+    return first.prompt_logprobs
+
+
 def test_echo_prompt_logprobs_across_prefill_chunks_equal_a_plain_forward(lm) -> None:
     """A prompt longer than a chunk is scored chunk by chunk; the logprobs are those of one forward."""
     prompt = [(7 * i) % 250 + 3 for i in range(150)]
@@ -155,10 +165,9 @@ def test_echo_prompt_logprobs_across_prefill_chunks_equal_a_plain_forward(lm) ->
                 Row(dispatch="z", job="z", task="generate", prompt_ids=prompt[:70], params=score_only)],
                events.append, lambda d: False)
     (scored,) = [e for e in events if isinstance(e, Done) and e.dispatch == "z"]
-    assert scored.finish_reason == "length" and len(scored.prompt_logprobs) == 70
+    assert scored.finish_reason == "length" and len(echoed(events, "z")) == 70
     assert not [e for e in events if isinstance(e, Tokens) and e.dispatch == "z"]
-    (finished,) = [e for e in events if isinstance(e, Done) and e.dispatch == "e"]
-    entries = finished.prompt_logprobs
+    entries = echoed(events, "e")
     assert [e.id for e in entries] == prompt and entries[0].logprob is None
     with torch.no_grad():
         ref = torch.log_softmax(lm.model(torch.tensor([prompt])).logits[0, :, : engine.vocab].float(), -1)
@@ -226,8 +235,8 @@ def test_a_cancelled_first_choice_hands_the_prefill_to_the_next(lm) -> None:
     events = []
     stats = engine.run(choices("e", prompt[:70], echo, 2), events.append, lambda d: False)
     assert stats.prefill_tokens == 70
-    scored = [e.prompt_logprobs for e in events if isinstance(e, Done)]
-    assert len(scored) == 2 and len(scored[0]) == 70 and scored[0] == scored[1]
+    scored = [echoed(events, d) for d in ("e0", "e1")]
+    assert len(scored[0]) == 70 and scored[0] == scored[1]
 
 
 def test_a_decode_step_runs_only_the_slots_in_use(lm) -> None:

@@ -93,6 +93,28 @@ def test_echo_scores_the_prompt_like_a_direct_forward(client, lm) -> None:
     assert plain.choices[0].text.startswith(prompt) and plain.choices[0].logprobs is None
 
 
+def test_echo_streams_the_prompt_first(client) -> None:
+    """A streamed echo sends each choice's prompt (with its logprobs, the first one null) as that choice's
+    first chunk, then its tokens: together the unstreamed answer, for a text prompt, a token-id prompt,
+    scoring only (max_tokens 0), no logprobs, and n = 2."""
+    for prompt, kw in (("The quick", {"max_tokens": 4, "logprobs": 1}), ([104, 105, 33], {"max_tokens": 3, "logprobs": 0}),
+                       ("score me", {"max_tokens": 0, "logprobs": 2}), ("plain", {"max_tokens": 2}),
+                       ("two", {"max_tokens": 3, "logprobs": 1, "n": 2, "temperature": 1.0, "seed": 4})):
+        ref = complete(client, prompt=prompt, echo=True, **kw)
+        chunks = [c.choices[0] for c in complete(client, prompt=prompt, echo=True, stream=True, **kw) if c.choices]
+        for want in ref.choices:
+            mine = [c for c in chunks if c.index == want.index]
+            text = prompt if isinstance(prompt, str) else bytes(prompt).decode()
+            assert mine[0].text == text, (prompt, mine[0])  # the prompt first, alone
+            assert "".join(c.text for c in mine) == want.text
+            if "logprobs" not in kw:
+                assert all(c.logprobs is None for c in mine) and want.logprobs is None
+                continue
+            assert mine[0].logprobs.token_logprobs[0] is None and mine[0].logprobs.tokens == list(text)
+            for field in ("tokens", "token_logprobs", "text_offset"):
+                assert [x for c in mine if c.logprobs for x in getattr(c.logprobs, field)] == getattr(want.logprobs, field)
+
+
 def test_chat_logprobs_and_top_logprobs(client) -> None:
     resp = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
                                           temperature=0, logprobs=True, top_logprobs=2)
@@ -247,7 +269,6 @@ def test_streamed_choices_equal_the_unstreamed_ones(client) -> None:
     ({"echo": 1}, "echo"),
     ({"max_tokens": 5000}, "max_tokens"),
     ({"max_tokens": 0}, "max_tokens"),
-    ({"echo": True, "stream": True}, "echo"),
     ({"min_tokens": 9, "max_tokens": 3}, "min_tokens"),
     ({"logit_bias": {"abc": 1}}, "logit_bias"),
     ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),

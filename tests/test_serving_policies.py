@@ -186,6 +186,42 @@ def test_router_requeues_a_lost_workers_job_and_ignores_its_late_events() -> Non
     asyncio.run(scenario())
 
 
+def test_router_takes_an_echo_prompt_once_and_only_when_asked() -> None:
+    """An echo job's prompt logprobs and text are kept from the first event that carries them (a prompt
+    event before its tokens; a requeued attempt's copy is ignored); a job that did not ask for echo never
+    takes them, whatever a worker sends."""
+    prompt = [{"id": 120, "token": "x", "logprob": None}, {"id": 121, "token": "y", "logprob": -1.5}]
+
+    async def scenario() -> None:
+        router = Router(policy="fcfs", max_queue=4)
+        a = router.register(worker_id="a", kind="cpu", model="m", task="causal-lm", max_batch=2, max_context=64)
+        router.channel_opened(a)
+        echo = Job("m", TASK_GENERATE, {"prompt": "xy", "params": SamplingParams(max_tokens=2, prompt_logprobs=0)},
+                   prompt_units=2, max_tokens=2)
+        plain = job()
+        router.submit([echo])
+        router.submit([plain])
+        router.handle_events(a, events([
+            {"type": "tokens", "dispatch": echo.dispatch_id, "ids": [1], "text": "a", "prompt_logprobs": prompt,
+             "prompt_text": "xy"},
+            {"type": "tokens", "dispatch": plain.dispatch_id, "ids": [1], "text": "a", "prompt_logprobs": prompt,
+             "prompt_text": "forged"},
+            {"type": "tokens", "dispatch": echo.dispatch_id, "ids": [2], "text": "b", "prompt_logprobs": prompt[:1],
+             "prompt_text": "again"},
+            {"type": "done", "dispatch": echo.dispatch_id, "finish_reason": "length", "prompt_tokens": 2},
+            {"type": "done", "dispatch": plain.dispatch_id, "finish_reason": "length", "prompt_tokens": 2,
+             "prompt_logprobs": prompt, "prompt_text": "forged"}]))
+        assert echo.prompt_text == "xy" and [e.token for e in echo.prompt_logprobs] == ["x", "y"]
+        assert plain.prompt_text is None and plain.prompt_logprobs is None
+        for j in (echo, plain):
+            seen = []
+            while not j.events.empty():
+                seen.append(j.events.get_nowait()[1])
+            assert seen == (["prompt", "delta", "delta", "done"] if j is echo else ["delta", "done"])
+
+    asyncio.run(scenario())
+
+
 def test_router_admission_control_refuses_beyond_max_queue() -> None:
     async def scenario() -> None:
         router = Router(max_queue=2)

@@ -193,12 +193,15 @@ RouterMessage = Union[Run, Cancel, Ping]
 
 class Tokens(Struct, tag="tokens", tag_field="type", forbid_unknown_fields=True):
     """Tokens sampled for row ``dispatch`` and the text they complete (may be empty, or text without ids
-    when a stop string or the end flushes held-back text)."""
+    when a stop string or the end flushes held-back text). An echo row's first event (this or its
+    ``Done``) also carries the prompt's logprobs and text, so that a stream can send the prompt first."""
 
     dispatch: Id
     ids: TokenIds = []
     text: Text = ""
     logprobs: Optional[Annotated[list["TokenLogprob"], Meta(max_length=MAX_IDS)]] = None  # one per id, if asked
+    prompt_logprobs: Optional[Annotated[list["TokenLogprob"], Meta(max_length=MAX_IDS)]] = None  # echo
+    prompt_text: Optional[Text] = None  # echo: the prompt as the worker decoded it
 
 
 class TopLogprob(Struct, forbid_unknown_fields=True):

@@ -87,8 +87,6 @@ def create_app(router: Router, security: RouterSecurity) -> FastAPI:
     @app.post("/v1/completions", response_model=None)
     async def completions(req: S.CompletionRequest, request: Request) -> Union[JSONResponse, StreamingResponse]:
         req.check_supported()
-        if req.stream and req.echo:
-            raise BadRequest("echo cannot be streamed", param="echo")
         params = SamplingParams(**req.sampling_params(COMPLETION_DEFAULT_MAX_TOKENS))
         check_context(req, params)
         jobs = []
@@ -251,8 +249,7 @@ def _choice(index: int, job: Job, req: S.SamplingRequest) -> dict[str, Any]:
     assert isinstance(req, S.CompletionRequest)
     text, entries = job.text, list(job.logprobs)
     if req.echo:  # the prompt as given (a token-id prompt as the worker decoded it), then the completion
-        prompt = job.payload.get("prompt")
-        text = (prompt if isinstance(prompt, str) else job.prompt_text or "") + text
+        text = job.echo_text + text
         entries = list(job.prompt_logprobs or []) + entries
     logprobs = S.completion_logprobs(entries) if req.logprobs is not None else None
     return {"index": index, "text": text, "finish_reason": job.finish_reason, "logprobs": logprobs}

@@ -67,7 +67,7 @@ class Job:
     result: Any = None  # embeddings / classification output
     error: Optional[ServingError] = None
     choice: int = 0  # the job's index among its request's jobs (the choice index clients see)
-    # (choice, "delta" | "done" | "error", value) as the router applies the worker's events; a request's
+    # (choice, "prompt" | "delta" | "done" | "error", value) as the router applies the worker's events; a request's
     # jobs share one queue (``streams.ChoiceEvents``)
     events: "asyncio.Queue[tuple[int, str, Any]]" = field(default_factory=asyncio.Queue)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
@@ -81,6 +81,18 @@ class Job:
     def group(self) -> Optional[str]:
         """The ``prompt_group`` of the n choices of one request (None for a request of one choice)."""
         return self.payload.get("prompt_group")
+
+    @property
+    def echo(self) -> bool:
+        """Whether the request asked for its prompt back (``echo``: the worker scores the prompt)."""
+        params = self.payload.get("params")
+        return params is not None and params.prompt_logprobs is not None
+
+    @property
+    def echo_text(self) -> str:
+        """echo: the prompt as given (a token-id prompt as the worker decoded it)."""
+        prompt = self.payload.get("prompt")
+        return prompt if isinstance(prompt, str) else self.prompt_text or ""
 
     @property
     def expected_output(self) -> int:

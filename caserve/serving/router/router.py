@@ -259,6 +259,13 @@ class Router:
             if job is None or job.state is not JobState.RUNNING or job.dispatch_id != event.dispatch:
                 continue  # a stale dispatch (job requeued, cancelled or finished): exactly-once
             now = time.monotonic()
+            if (isinstance(event, (Tokens, Done)) and event.prompt_text is not None and job.echo
+                    and job.prompt_text is None):
+                # echo: the prompt's logprobs and text come with a row's first event (kept from the first
+                # attempt when the job was requeued; ignored for a job that did not ask); a stream sends
+                # the prompt before any token
+                job.prompt_logprobs, job.prompt_text = event.prompt_logprobs, event.prompt_text
+                job.events.put_nowait((job.choice, "prompt", None))
             if isinstance(event, Tokens):
                 job.generated_ids.extend(event.ids)
                 job.text += event.text
@@ -276,7 +283,6 @@ class Router:
                     job.result = event.embeddings
                 elif event.classes is not None:
                     job.result = [{"label": c.label, "score": c.score, "scores": c.scores} for c in event.classes]
-                job.prompt_logprobs, job.prompt_text = event.prompt_logprobs, event.prompt_text
                 job.worker_durations = dict(event.durations)
                 if job.first_token is None:
                     job.first_token = now

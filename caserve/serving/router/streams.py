@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 _encode = msgspec.json.Encoder().encode
 
-Event = tuple[int, str, Any]  # (choice index, "delta" | "done" | "error", value)
+Event = tuple[int, str, Any]  # (choice index, "prompt" | "delta" | "done" | "error", value)
+ENDS = ("done", "error")  # a choice's last event
 
 
 async def until_disconnected(request: Request) -> None:
@@ -64,8 +65,9 @@ class ChoiceEvents:
             if kind == "delta":
                 open_delta[index] = len(out)
             else:
-                self.live -= 1
                 open_delta.pop(index, None)
+                if kind in ENDS:
+                    self.live -= 1
             out.append((index, kind, value))
         return out
 
@@ -144,6 +146,8 @@ async def sse(
             if kind == "delta":
                 text, entries = value
                 yield chunk(index, text, None, entries)
+            elif kind == "prompt":  # echo: the prompt (and its logprobs) before the choice's tokens
+                yield chunk(index, jobs[index].echo_text, None, jobs[index].prompt_logprobs)
             elif kind == "done":
                 job = jobs[index]
                 yield chunk(index, None if chat else "", job.finish_reason, timings=job.timings())

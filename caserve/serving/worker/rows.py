@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from caserve.models import LoadedModel
 from caserve.serving.messages import Done, Error, Event, Row as RowMessage, SamplingParams, TokenLogprob, Tokens
@@ -40,6 +40,7 @@ class Row:
     started: float = field(default_factory=time.perf_counter)
     prefilled: Optional[float] = None  # perf_counter when its first token was sampled
     prompt_logprobs: Optional[list[TokenLogprob]] = None  # echo: one entry per prompt token, filled by prefill
+    prompt_sent: bool = False  # echo: the prompt's logprobs and text went with an event already
 
     @property
     def sequence(self) -> list[int]:
@@ -54,7 +55,8 @@ class Row:
         else:
             self.generated += 1
             delta = self.text.add(token)
-            emit(Tokens(dispatch=self.dispatch, ids=[token], text=delta, logprobs=None if logprob is None else [logprob]))
+            emit(Tokens(dispatch=self.dispatch, ids=[token], text=delta, logprobs=None if logprob is None else [logprob],
+                        **self._echo()))
             if self.text.stopped:
                 self.finish_reason = "stop"
             elif self.generated >= self.max_new:
@@ -67,16 +69,20 @@ class Row:
     def done(self, emit: Emit) -> None:
         rest = self.text.flush()
         if rest:
-            emit(Tokens(dispatch=self.dispatch, ids=[], text=rest))
+            emit(Tokens(dispatch=self.dispatch, ids=[], text=rest, **self._echo()))
         now = time.perf_counter()
         prefilled = self.prefilled if self.prefilled is not None else now
         durations = {"prefill_s": prefilled - self.started, "decode_s": now - prefilled}  # worker clock
-        prompt_text = None
-        if self.prompt_logprobs is not None:
-            prompt_text = self.text.decoder.tokenizer.decode(self.prompt_ids, skip_special_tokens=True)
         emit(Done(dispatch=self.dispatch, finish_reason=self.finish_reason,  # type: ignore[arg-type]
-                  prompt_tokens=len(self.prompt_ids), durations=durations, prompt_logprobs=self.prompt_logprobs,
-                  prompt_text=prompt_text))
+                  prompt_tokens=len(self.prompt_ids), durations=durations, **self._echo()))
+
+    def _echo(self) -> dict[str, Any]:
+        """An echo row's prompt logprobs and text, for its first event (nothing after that)."""
+        if self.prompt_logprobs is None or self.prompt_sent:
+            return {}
+        self.prompt_sent = True
+        return {"prompt_logprobs": self.prompt_logprobs,
+                "prompt_text": self.text.decoder.tokenizer.decode(self.prompt_ids, skip_special_tokens=True)}
 
 
 def error_event(dispatch: str, exc: RowError) -> Error:
