@@ -12,6 +12,8 @@ import sys
 import httpx
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from serving_procs import REPO, TINY, Cluster, child_env, openai_client
 
@@ -381,3 +383,75 @@ def test_stream_of_several_choices_names_each_and_ends_after_the_last() -> None:
     chunks = bodies(out)
     assert chunks[-1]["error"]["message"] == "worker failed"
     assert all("error" not in b for b in chunks[:-1])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_any_interleaving_of_choices_streams_each_choice_whole_and_in_order(data) -> None:
+    """Random choices (an optional echo prompt, deltas, an end) interleaved at random and read in random
+    bursts (what queued between two reads): per choice, the chunks give its prompt first, then exactly its
+    deltas' text in order, then one finish chunk; usage comes once, after every finish; [DONE] last."""
+    import asyncio
+
+    from caserve.serving.messages import SamplingParams, TokenLogprob
+    from caserve.serving.router import schemas as S
+    from caserve.serving.router import streams
+    from caserve.serving.router.jobs import Job
+
+    n = data.draw(st.integers(1, 5), label="choices")
+    echo = data.draw(st.booleans(), label="echo")
+    scripts = []
+    for index in range(n):
+        deltas = data.draw(st.lists(st.text(alphabet="abcé€", max_size=3), max_size=6), label=f"deltas {index}")
+        scripts.append(([(index, "prompt", None)] if echo else []) + [(index, "delta", (t, [])) for t in deltas]
+                       + [(index, "done", None)])
+    order: list[tuple[int, str, object]] = []
+    while any(scripts):  # a random interleaving that keeps each choice's own order
+        pick = data.draw(st.sampled_from([i for i, s in enumerate(scripts) if s]))
+        order.append(scripts[pick].pop(0))
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(order) - 1)), max_size=len(order) - 1), label="reads"))
+
+    async def stream() -> list[bytes]:
+        params = SamplingParams(max_tokens=4, prompt_logprobs=0 if echo else None)
+        jobs = [Job(model=TINY, task="generate", payload={"prompt": f"p{i}", "params": params}, prompt_units=2)
+                for i in range(n)]
+        for job in jobs:
+            job.finish_reason, job.prompt_tokens, job.completion_tokens = "length", 2, 1
+            job.prompt_logprobs = [TokenLogprob(id=112, token="p", logprob=None)] if echo else None
+        req = S.CompletionRequest(model=TINY, prompt="p", n=n, stream=True, echo=echo,
+                                  stream_options={"include_usage": True})
+        events = streams.ChoiceEvents(jobs)
+        bursts = [order[a:b] for a, b in zip([0, *cuts], [*cuts, len(order)])]
+        for index, kind, value in bursts[0]:
+            events.queue.put_nowait((index, kind, value))
+        chunks = streams.sse(events, await events.take(), "cmpl-1", 0, req, chat=False)
+        out = []
+        for burst in bursts[1:]:  # the next burst queues while the client reads one chunk
+            out.append(await chunks.__anext__())
+            for index, kind, value in burst:
+                events.queue.put_nowait((index, kind, value))
+        out += [c async for c in chunks]
+        return out
+
+    out = asyncio.run(stream())
+    assert out[-1] == b"data: [DONE]\n\n"
+    bodies = [json.loads(c[len(b"data: "):]) for c in out[:-1]]
+    assert bodies[-1]["choices"] == [] and bodies[-1]["usage"]["completion_tokens"] == n
+    text: dict[int, list[str]] = {i: [] for i in range(n)}
+    finished: list[int] = []
+    for body in bodies[:-1]:
+        (c,) = body["choices"]
+        i = c["index"]
+        assert i not in finished  # nothing of a choice after its end
+        if c["finish_reason"] is not None:
+            assert c["finish_reason"] == "length" and c["text"] == "" and "timings" in body
+            finished.append(i)
+        else:
+            text[i].append(c["text"])
+    assert sorted(finished) == list(range(n))
+    for i in range(n):
+        want = "".join(v[0] for j, kind, v in order if j == i and kind == "delta")
+        if echo:
+            assert text[i][0] == f"p{i}"  # the prompt chunk comes first
+            text[i] = text[i][1:]
+        assert "".join(text[i]) == want
