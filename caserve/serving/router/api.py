@@ -4,8 +4,8 @@ Routes are thin: validate (``schemas``), build jobs, hand them to the :class:`Ro
 (or stream: :mod:`caserve.serving.router.streams`). Every :class:`ServingError` becomes its one HTTP
 status with an OpenAI-style error body here.
 Timings (router monotonic clock, see ``jobs.Job.timings``) are returned as a top-level ``timings``
-object (one per prompt, a list when a completion request has several prompts), in the last chunk of
-a stream, and as ``x-caserve-*`` headers on non-streamed responses.
+object (a list when a request has several prompts or choices), in the last chunk of each choice of a
+stream, and as ``x-caserve-*`` headers on non-streamed responses.
 """
 
 from __future__ import annotations

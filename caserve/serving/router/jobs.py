@@ -67,8 +67,8 @@ class Job:
     result: Any = None  # embeddings / classification output
     error: Optional[ServingError] = None
     choice: int = 0  # the job's index among its request's jobs (the choice index clients see)
-    # (choice, "prompt" | "delta" | "done" | "error", value) as the router applies the worker's events; a request's
-    # jobs share one queue (``streams.ChoiceEvents``)
+    # (choice, "prompt" | "delta" | "done" | "error", value) as the router applies the worker's events;
+    # a request's jobs share one queue (``streams.ChoiceEvents``)
     events: "asyncio.Queue[tuple[int, str, Any]]" = field(default_factory=asyncio.Queue)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 

@@ -55,8 +55,8 @@ class Row:
         else:
             self.generated += 1
             delta = self.text.add(token)
-            emit(Tokens(dispatch=self.dispatch, ids=[token], text=delta, logprobs=None if logprob is None else [logprob],
-                        **self._echo()))
+            logprobs = None if logprob is None else [logprob]
+            emit(Tokens(dispatch=self.dispatch, ids=[token], text=delta, logprobs=logprobs, **self._echo()))
             if self.text.stopped:
                 self.finish_reason = "stop"
             elif self.generated >= self.max_new:
