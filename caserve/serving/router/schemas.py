@@ -95,6 +95,7 @@ def refuse_unsupported(extra: dict[str, Any], unsupported: dict[str, tuple[Any, 
         if name in extra and not _neutral(extra[name], *neutral):
             raise BadRequest(f"parameter {name!r} is not supported by caserve", param=name)
 
+
 MAX_N = 16
 
 
