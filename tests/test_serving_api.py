@@ -60,7 +60,7 @@ def test_models_lists_every_registered_model(client) -> None:
 
 def test_completion_with_timings_and_usage(cluster: Cluster, client) -> None:
     resp = client.completions.create(model=TINY, prompt="Hello there", max_tokens=12, temperature=0,
-                                     extra_body={"ignore_eos": True})
+                                     user="alice\nrequest forged outcome=done", extra_body={"ignore_eos": True})
     choice = resp.choices[0]
     assert choice.finish_reason == "length"
     assert resp.usage.completion_tokens == 12
@@ -75,6 +75,9 @@ def test_completion_with_timings_and_usage(cluster: Cluster, client) -> None:
     cluster.wait_for("the request's log line", lambda: f"request {t['request_id']} " in router_log.read_text())
     line = next(x for x in router_log.read_text().splitlines() if f"request {t['request_id']} " in x)
     logged = json.loads(line.split(" timings=", 1)[1])
+    # the end user is recorded, quoted: a newline in it cannot start a forged log line
+    assert ' user="alice\\nrequest forged outcome=done" timings=' in line
+    assert not any(x.startswith("request forged") for x in router_log.read_text().splitlines())
     assert {k: logged[k] for k in ("arrival", "dispatch", "first_token", "finish", "worker_id", "worker_kind")} == {
         k: t[k] for k in ("arrival", "dispatch", "first_token", "finish", "worker_id", "worker_kind")}
 

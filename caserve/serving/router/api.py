@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from typing import Any, AsyncIterator, Union
+from typing import Any, AsyncIterator, Optional, Union
 
 import msgspec
 from fastapi import FastAPI, Request
@@ -105,16 +105,16 @@ def create_app(router: Router, security: RouterSecurity) -> FastAPI:
                             prompt_units=sum(len(m.content) for m in messages))
         return await _run_generation(router, request, req, jobs, chat=True)
 
-    async def run_encoder(model: str, task: str, inputs: list, request: Request) -> Job:
+    async def run_encoder(model: str, task: str, inputs: list, request: Request, user: Optional[str]) -> Job:
         """Queue one embedding or classification job and wait for it."""
-        job = Job(model, task, {"inputs": inputs}, prompt_units=sum(len(x) for x in inputs))
+        job = Job(model, task, {"inputs": inputs}, prompt_units=sum(len(x) for x in inputs), user=user)
         router.submit([job])
         await _wait(router, request, [job])
         return job
 
     @app.post("/v1/embeddings")
     async def embeddings(req: S.EmbeddingRequest, request: Request) -> JSONResponse:
-        job = await run_encoder(req.model, TASK_EMBED, req.inputs(), request)
+        job = await run_encoder(req.model, TASK_EMBED, req.inputs(), request, req.user)
         vectors: list[list[float]] = job.result
         if req.dimensions is not None:
             if vectors and req.dimensions > len(vectors[0]):
@@ -129,7 +129,7 @@ def create_app(router: Router, security: RouterSecurity) -> FastAPI:
 
     @app.post("/v1/classifications")
     async def classifications(req: S.ClassificationRequest, request: Request) -> JSONResponse:
-        job = await run_encoder(req.model, TASK_CLASSIFY, req.inputs(), request)
+        job = await run_encoder(req.model, TASK_CLASSIFY, req.inputs(), request, req.user)
         data = [{"index": i, **r} for i, r in enumerate(job.result)]
         body = {"object": "list", "data": data, "model": req.model,
                 "usage": {"prompt_tokens": job.prompt_tokens, "total_tokens": job.prompt_tokens},
@@ -151,7 +151,7 @@ def _choice_jobs(req: S.SamplingRequest, prompt: dict[str, Any], params: Samplin
         choices = [msgspec.structs.replace(params, seed=params.seed + j) for j in range(n)]
     group = {"prompt_group": uuid.uuid4().hex} if n > 1 else {}
     return [Job(req.model, TASK_GENERATE, {**prompt, **group, "params": p}, prompt_units=prompt_units,
-                max_tokens=p.max_tokens, stream=req.stream) for p in choices]
+                max_tokens=p.max_tokens, stream=req.stream, user=req.user) for p in choices]
 
 
 def _unit(v: list[float]) -> list[float]:

@@ -40,6 +40,7 @@ class Job:
     prompt_units: int  # router-side prompt size (characters of text, or token ids): the ECT feature
     max_tokens: int = 0  # 0 for embeddings and classification
     stream: bool = False
+    user: Optional[str] = None  # the request's ``user`` field (OpenAI's end-user id), for the log
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     seq: int = field(default_factory=lambda: next(_seq))  # arrival order, for requeueing in place
     arrival: float = field(default_factory=time.monotonic)

@@ -410,9 +410,9 @@ class Router:
                 self.metrics.ttft.labels(job.model).observe(t["ttft_s"])
         logger.info(
             "request %s model=%s outcome=%s worker=%s kind=%s attempts=%d queue_delay_s=%s ttft_s=%s "
-            "jct_s=%s prompt_tokens=%d completion_tokens=%d timings=%s",
+            "jct_s=%s prompt_tokens=%d completion_tokens=%d user=%s timings=%s",
             job.id, job.model, outcome, job.worker_id, job.worker_kind, job.attempts, t["queue_delay_s"],
-            t["ttft_s"], t["jct_s"], job.prompt_tokens, job.completion_tokens, json.dumps(t))
+            t["ttft_s"], t["jct_s"], job.prompt_tokens, job.completion_tokens, json.dumps(job.user), json.dumps(t))
 
     def _session_of(self, job: Job) -> Optional[WorkerSession]:
         state = self.models.get(job.model)

@@ -36,7 +36,7 @@ def split_prompt(p: Prompt, param: str) -> list[Union[str, list[int]]]:
 class ModelRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are ignored, like OpenAI does
     model: str = Field(min_length=1)
-    user: Optional[str] = None
+    user: Optional[str] = Field(default=None, max_length=256)  # the end user, recorded in the router's log
 
 
 class StreamOptions(BaseModel):
