@@ -215,6 +215,23 @@ def test_n_choices(cluster: Cluster, client) -> None:
     assert settled_prefill_tokens(cluster, before + 2 * one.usage.prompt_tokens) - before == 2 * one.usage.prompt_tokens
 
 
+def test_best_of_returns_the_candidates_with_the_highest_logprob_per_token(client) -> None:
+    """best_of = 4, n = 2: the candidates are the requests seeded seed + j; the two with the highest mean
+    logprob per token come back, best first, without logprobs unless asked; usage counts all four."""
+    kw = {"temperature": 1.0, "max_tokens": 6}
+    candidates = [complete(client, seed=11 + j, logprobs=0, **kw).choices[0] for j in range(4)]
+    means = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in candidates]
+    assert len(set(means)) == 4  # distinct, so the ranking is well defined
+    ranked = sorted(range(4), key=lambda j: -means[j])
+    resp = complete(client, seed=11, best_of=4, n=2, **kw)
+    assert [c.text for c in resp.choices] == [candidates[j].text for j in ranked[:2]]
+    assert [c.index for c in resp.choices] == [0, 1] and all(c.logprobs is None for c in resp.choices)
+    assert resp.usage.completion_tokens == 4 * 6
+    with_logprobs = complete(client, seed=11, best_of=4, logprobs=1, **kw).choices
+    assert len(with_logprobs) == 1 and with_logprobs[0].text == candidates[ranked[0]].text
+    assert with_logprobs[0].logprobs.token_logprobs == pytest.approx(candidates[ranked[0]].logprobs.token_logprobs)
+
+
 def test_stream_carries_logprobs(client) -> None:
     ref = complete(client, logprobs=2, max_tokens=8)
     chunks = list(complete(client, logprobs=2, max_tokens=8, stream=True))
@@ -263,7 +280,9 @@ def test_streamed_choices_equal_the_unstreamed_ones(client) -> None:
 @pytest.mark.parametrize("body,param", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"best_of": 3}, "best_of"),
+    ({"best_of": 1, "n": 2}, "best_of"),
+    ({"best_of": 3, "stream": True}, "best_of"),
+    ({"best_of": 17}, "best_of"),
     ({"suffix": "tail"}, "suffix"),
     ({"logprobs": True}, "logprobs"),  # True is not a count (True == 1 in Python)
     ({"echo": 1}, "echo"),

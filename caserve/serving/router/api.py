@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import uuid
 from typing import Any, AsyncIterator, Optional, Union
 
@@ -141,10 +142,10 @@ def create_app(router: Router, security: RouterSecurity) -> FastAPI:
 
 def _choice_jobs(req: S.SamplingRequest, prompt: dict[str, Any], params: SamplingParams, *,
                  prompt_units: int) -> list[Job]:
-    """One job per choice of one prompt; with a seed, choice j draws with seed + j (different choices,
-    reproducible). The choices of an ``n`` > 1 request share a ``prompt_group``, so that a worker that
-    runs them together prefills their prompt once."""
-    n = req.n
+    """One job per choice of one prompt (``best_of`` candidates when that is more than ``n``); with a seed,
+    choice j draws with seed + j (different choices, reproducible). The choices of a request share a
+    ``prompt_group``, so that a worker that runs them together prefills their prompt once."""
+    n = req.candidates
     if n == 1 or params.seed is None:
         choices = [params] * n
     else:
@@ -225,20 +226,38 @@ async def _run_generation(
     created = S.now_unix()
     if not req.stream:
         await _wait(router, request, jobs)
-        choices = [_choice(i, job, req) for i, job in enumerate(jobs)]
+        shown = _best(jobs, req.n, req.candidates)
+        choices = [_choice(i, job, req) for i, job in enumerate(shown)]
         body = {
             "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": req.model, "choices": choices, "system_fingerprint": None,
+            # every candidate was computed: usage counts them all, as OpenAI bills best_of
             "usage": S.usage_body(sum(j.prompt_tokens for j in jobs), sum(j.completion_tokens for j in jobs)),
-            "timings": jobs[0].timings() if len(jobs) == 1 else [j.timings() for j in jobs],
+            "timings": shown[0].timings() if len(shown) == 1 else [j.timings() for j in shown],
         }
-        return JSONResponse(body, headers=_timing_headers(jobs[0]))
+        return JSONResponse(body, headers=_timing_headers(shown[0]))
 
     # Wait for the first event before answering, so that a worker-side error is still a plain 4xx.
     first = await first_events(router, request, events)
     chunks = sse(events, first, rid, created, req, chat=chat)
     return StreamingResponse(cancel_on_exit(router, jobs, chunks), media_type="text/event-stream",
                              headers={"x-caserve-request-id": jobs[0].id})
+
+
+def _best(jobs: list[Job], n: int, candidates: int) -> list[Job]:
+    """Of each prompt's ``candidates`` (consecutive jobs), the ``n`` with the highest mean logprob per
+    generated token, best first (ties keep their order; a candidate without tokens comes last)."""
+    if candidates == n:
+        return jobs
+
+    def mean_logprob(job: Job) -> float:
+        values = [e.logprob for e in job.logprobs if e.logprob is not None]
+        return sum(values) / len(values) if values else -math.inf
+
+    out: list[Job] = []
+    for start in range(0, len(jobs), candidates):
+        out += sorted(jobs[start:start + candidates], key=mean_logprob, reverse=True)[:n]
+    return out
 
 
 def _choice(index: int, job: Job, req: S.SamplingRequest) -> dict[str, Any]:

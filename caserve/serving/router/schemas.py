@@ -147,9 +147,10 @@ class SamplingRequest(ModelRequest):
     def check_supported(self) -> None:
         extra = self.model_extra or {}
         refuse_unsupported(extra, UNSUPPORTED)
-        best_of = extra.get("best_of")
+        best_of = extra.get("best_of")  # a completions field: on chat, only its neutral value
         if best_of is not None and not _neutral(best_of, self.n):
-            raise BadRequest("parameter 'best_of' is not supported by caserve (only best_of == n)", param="best_of")
+            raise BadRequest("parameter 'best_of' is not supported on chat completions (only best_of == n)",
+                             param="best_of")
         if self.stream_options is not None and not self.stream:
             raise BadRequest("stream_options is only allowed when stream is true", param="stream_options")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -176,6 +177,11 @@ class SamplingRequest(ModelRequest):
         }
 
     @property
+    def candidates(self) -> int:
+        """Choices generated per prompt: ``n``, or ``best_of`` on completions."""
+        return self.n
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
@@ -184,6 +190,11 @@ class CompletionRequest(SamplingRequest):
     prompt: Prompt
     logprobs: Optional[Annotated[int, Strict()]] = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: Annotated[bool, Strict()] = False
+    best_of: Optional[Annotated[int, Strict()]] = Field(default=None, ge=1, le=MAX_N)
+
+    @property
+    def candidates(self) -> int:
+        return self.best_of if self.best_of is not None else self.n
 
     def prompts(self) -> list[Union[str, list[int]]]:
         """The prompt as a list of single prompts (text or token ids)."""
@@ -191,12 +202,19 @@ class CompletionRequest(SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
+        if self.best_of is not None and self.best_of < self.n:
+            raise BadRequest("best_of must be at least n", param="best_of")
+        if self.stream and self.candidates > self.n:
+            raise BadRequest("best_of cannot be streamed (the best candidates are known only at the end)",
+                             param="best_of")
         if self.max_tokens == 0 and not self.echo:
             raise BadRequest("max_tokens must be at least 1 (0 only with echo)", param="max_tokens")
 
     def sampling_params(self, default_max_tokens: int) -> dict[str, Any]:
         params = super().sampling_params(default_max_tokens)
         params["logprobs"] = self.logprobs
+        if self.candidates > self.n and self.logprobs is None:
+            params["logprobs"] = 0  # best_of ranks the candidates by their tokens' logprobs
         if self.echo:  # the prompt's own logprobs (its text, for token-id prompts, comes with them)
             params["prompt_logprobs"] = self.logprobs if self.logprobs is not None else 0
         return params
