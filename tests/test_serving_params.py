@@ -297,6 +297,8 @@ def test_streamed_choices_equal_the_unstreamed_ones(client) -> None:
     ({"top_k": -2}, "top_k"),
     ({"use_beam_search": True}, "use_beam_search"),
     ({"prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"store": True}, "store"),
+    ({"service_tier": "flex"}, "service_tier"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream: true
 ])
 def test_unsupported_or_bad_parameters_are_400(cluster: Cluster, body: dict, param: str) -> None:

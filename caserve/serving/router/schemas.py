@@ -62,6 +62,8 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "prediction": (None,),
     "web_search_options": (None,),
     "reasoning_effort": (None,),
+    "store": (None, False),  # OpenAI keeps the completion for its evals: caserve keeps nothing
+    "service_tier": (None, "auto", "default"),
     "use_beam_search": (None, False),
     "length_penalty": (None, 1.0, 1),
     "include_stop_str_in_output": (None, False),
