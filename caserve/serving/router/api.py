@@ -32,7 +32,9 @@ from caserve.serving.router.jobs import Job
 from caserve.serving.router.metrics import CONTENT_TYPE_LATEST
 from caserve.serving.router.router import Router
 from caserve.serving.router.security import Access, RouterGuard, RouterSecurity, access_of
-from caserve.serving.router.streams import ChoiceEvents, cancel_on_exit, first_events, sse, until_disconnected
+from caserve.serving.router.streams import (
+    ChoiceEvents, cancel_on_exit, done_before_disconnect, first_events, sse,
+)
 from caserve.serving.router.worker_api import make_worker_routes
 
 logger = logging.getLogger(__name__)
@@ -189,14 +191,8 @@ def _describe(error: dict[str, Any]) -> str:
 
 async def _wait(router: Router, request: Request, jobs: list[Job]) -> None:
     """Wait for all jobs; cancel them if the client disconnects first; raise the first job error."""
-    gone = asyncio.create_task(until_disconnected(request))
     all_done = asyncio.ensure_future(asyncio.gather(*(j.finished.wait() for j in jobs)))
-    try:
-        await asyncio.wait({gone, all_done}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not all_done.done():
-        all_done.cancel()
+    if not await done_before_disconnect(request, all_done):
         for job in jobs:
             router.cancel(job)
         logger.info("client disconnected; cancelled %d job(s)", len(jobs))

@@ -36,6 +36,20 @@ async def until_disconnected(request: Request) -> None:
             return
 
 
+async def done_before_disconnect(request: Request, task: asyncio.Future[Any]) -> bool:
+    """Wait for ``task`` or the client's disconnect, whichever comes first. False (and ``task``
+    cancelled) when the client went away first."""
+    gone = asyncio.create_task(until_disconnected(request))
+    try:
+        await asyncio.wait({gone, task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task.done():
+        return True
+    task.cancel()
+    return False
+
+
 class ChoiceEvents:
     """The events of a request's jobs (one per choice) in the order the router applies them. Made before
     the jobs are submitted: they share one queue, and each of their events names its job's index
@@ -82,14 +96,8 @@ def cancel_unfinished(router: Router, jobs: list[Job], why: str) -> None:
 async def first_events(router: Router, request: Request, events: ChoiceEvents) -> list[Event]:
     """The first events of any choice, before the response starts: an error among them is still a plain
     4xx (and the other choices are cancelled). A client gone meanwhile cancels them all."""
-    gone = asyncio.create_task(until_disconnected(request))
     first = asyncio.create_task(events.take())
-    try:
-        await asyncio.wait({gone, first}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not first.done():
-        first.cancel()
+    if not await done_before_disconnect(request, first):
         cancel_unfinished(router, events.jobs, "client disconnected")
         raise RequestCancelled("client disconnected")
     taken = first.result()
