@@ -4,6 +4,10 @@ Requests leave at their precomputed arrival offsets whether or not earlier ones 
 so a slow server builds a queue instead of slowing the load down. Generation requests stream (SSE) so TTFT
 and inter-token gaps can be measured; classification requests go to ``/v1/embeddings``.
 
+The client is aiohttp's: on a small machine the load generator shares the CPU with the server it
+measures, and aiohttp reads a streamed token in about a third of the CPU time httpx takes (docs/results.md,
+section 6), which leaves more of the machine to the server.
+
 Timing points of one streamed request (client clock, ``time.perf_counter``)::
 
     send ---- chunk 1 ---- chunk 2 ---- ... ---- chunk k ---- [usage chunk] ---- [DONE]
@@ -20,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional, Sequence
 
+import aiohttp
 import httpx
 import numpy as np
 
@@ -132,7 +137,7 @@ def _body(req: BenchRequest, endpoint: str, cfg: LoadGenConfig) -> dict[str, Any
     return body
 
 
-async def send_one(client: httpx.AsyncClient, req: BenchRequest, rec: RequestRecord, cfg: LoadGenConfig, t0: float) -> None:
+async def send_one(client: aiohttp.ClientSession, req: BenchRequest, rec: RequestRecord, cfg: LoadGenConfig, t0: float) -> None:
     """Send ``req`` and fill ``rec`` in place. Never raises for request-level failures."""
     endpoint = _endpoint_for(req, cfg)
     url = cfg.url.rstrip("/") + PATHS[endpoint]
@@ -142,37 +147,38 @@ async def send_one(client: httpx.AsyncClient, req: BenchRequest, rec: RequestRec
     rec.prompt_tokens = req.prompt_len
     try:
         if endpoint == "embeddings":
-            resp = await client.post(url, json=body)
-            rec.latency = rec.ttft = time.perf_counter() - st
-            if resp.status_code != 200:
-                rec.error = f"HTTP {resp.status_code}: {resp.text[:200]}"
-                return
-            data = resp.json()
-            usage = data.get("usage") or {}
-            rec.prompt_tokens = int(usage.get("prompt_tokens") or req.prompt_len)
-            rec.server = parse_server_timings(data, resp.headers)
-            rec.success = True
+            async with client.post(url, json=body) as resp:
+                text = await resp.text()
+                rec.latency = rec.ttft = time.perf_counter() - st
+                if resp.status != 200:
+                    rec.error = f"HTTP {resp.status}: {text[:200]}"
+                    return
+                data = json.loads(text)
+                usage = data.get("usage") or {}
+                rec.prompt_tokens = int(usage.get("prompt_tokens") or req.prompt_len)
+                rec.server = parse_server_timings(data, resp.headers)
+                rec.success = True
             return
         await _stream(client, url, body, rec, st)
-    except (httpx.HTTPError, json.JSONDecodeError, ValueError) as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError, ValueError) as exc:
         rec.error = f"{type(exc).__name__}: {exc}"
         rec.success = False
 
 
-async def _stream(client: httpx.AsyncClient, url: str, body: dict, rec: RequestRecord, st: float) -> None:
+async def _stream(client: aiohttp.ClientSession, url: str, body: dict, rec: RequestRecord, st: float) -> None:
     chunks = 0
     last = st
-    async with client.stream("POST", url, json=body) as resp:
-        if resp.status_code != 200:
-            text = (await resp.aread()).decode(errors="replace")
-            rec.error = f"HTTP {resp.status_code}: {text[:200]}"
+    async with client.post(url, json=body) as resp:
+        if resp.status != 200:
+            text = (await resp.read()).decode(errors="replace")
+            rec.error = f"HTTP {resp.status}: {text[:200]}"
             return
-        async for line in resp.aiter_lines():
-            line = line.strip()
-            if not line.startswith("data:"):
+        async for raw in resp.content:  # one SSE line at a time, as it arrives
+            line = raw.strip()
+            if not line.startswith(b"data:"):
                 continue
-            data_s = line[len("data:"):].strip()
-            if data_s == "[DONE]":
+            data_s = line[len(b"data:"):].strip()
+            if data_s == b"[DONE]":
                 continue
             data = json.loads(data_s)
             now = time.perf_counter()
@@ -215,10 +221,12 @@ async def run_load(
     records = [RequestRecord(index=i, scheduled=float(o)) for i, o in enumerate(offsets)]
     if cfg.model is None:  # servers such as caserve serve require "model": use the server's first
         cfg.model = server_info(cfg.url).get("id")
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     bar = _progress(len(requests), cfg.progress)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout_s), limits=limits, trust_env=False) as client:
+    # No connection limit (an open loop); a line may hold a long chunk (logprobs, usage and timings).
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), read_bufsize=2**20,
+                                    timeout=aiohttp.ClientTimeout(total=cfg.timeout_s))
+    async with session as client:
         t0 = time.perf_counter()
 
         async def fire(i: int) -> None:
