@@ -7,6 +7,11 @@ it decodes ``ids[prefix:read]`` and ``ids[prefix:]``; when the second is longer 
 partial UTF-8 character (U+FFFD), the difference is new text and both offsets move on. The cost per
 token is the window's, not the output's, and the text equals one decode of all ids (tested on
 byte-level BPE and WordPiece tokenizers with multi-byte characters).
+
+A Transformers tokenizer backed by the Rust ``tokenizers`` library decodes by calling that backend and
+then, if ``clean_up_tokenization_spaces`` is set, cleaning the text up. Without the clean-up the
+wrapper adds only Python overhead, so the window is decoded by the backend directly: 4.7 instead of
+13.6 us per token for caserve's byte-level tokenizer (median of 3 runs of 2000 tokens on the 2-core CPU).
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ class IncrementalDecoder:
     def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        direct = backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False
+        self._decoder = backend if direct else tokenizer
         self.ids: list[int] = []
         self.text = ""
         self._prefix = 0
@@ -29,7 +37,7 @@ class IncrementalDecoder:
         self._prefix_text = ""
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)  # type: ignore[no-any-return]
+        return self._decoder.decode(ids, skip_special_tokens=self.skip)  # type: ignore[no-any-return]
 
     def push(self, token_id: int) -> str:
         """Append one id; return the text that became final with it (often "", e.g. mid-character)."""
