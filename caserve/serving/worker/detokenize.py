@@ -6,19 +6,55 @@ decode the new id in context) and ``read`` (the first id whose text is not known
 it decodes ``ids[prefix:read]`` and ``ids[prefix:]``; when the second is longer and does not end in a
 partial UTF-8 character (U+FFFD), the difference is new text and both offsets move on. The cost per
 token is the window's, not the output's, and the text equals one decode of all ids (tested on
-byte-level BPE and WordPiece tokenizers with multi-byte characters).
+byte-level BPE and WordPiece tokenizers with multi-byte characters, the clean-up below on and off).
 
-A Transformers tokenizer backed by the Rust ``tokenizers`` library decodes by calling that backend and
-then, if ``clean_up_tokenization_spaces`` is set, cleaning the text up. Without the clean-up the
-wrapper adds only Python overhead, so the window is decoded by the backend directly: 4.7 instead of
-13.6 us per token for caserve's byte-level tokenizer (median of 3 runs of 2000 tokens on the 2-core CPU).
+Windows are decoded raw, without Transformers' clean-up of spaces before punctuation
+(``clean_up_tokenization_spaces``): through the Rust ``tokenizers`` backend where there is one (4.7
+instead of 13.6 us per token through the wrapper for caserve's byte-level tokenizer, median of 3 runs
+of 2000 tokens on the 2-core CPU). Where a full decode would clean the text up, the raw text is cleaned
+in pieces that end at a *cut*: between two letters or digits that no clean-up pattern joins (every
+pattern starts with a space, and the only two letters or digits adjacent in one are "ve" and "re"), so
+no pattern spans a cut, and the cleaned pieces join into the clean-up of the whole text. What follows
+the last cut waits for the next one, or for the end.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 REPLACEMENT = "\ufffd"  # what a decoder gives for an incomplete UTF-8 sequence
+_JOINED = ("ve", "re")  # letter pairs inside a clean-up pattern (" 've", " 're")
+
+
+class _RawDecoder:
+    """``decode`` without the clean-up, for a tokenizer without a Rust backend."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens,  # type: ignore[no-any-return]
+                                     clean_up_tokenization_spaces=False)
+
+
+def cleanup_of(tokenizer: Any) -> Optional[Callable[[str], str]]:
+    """The clean-up ``tokenizer.decode`` applies to a whole text, or None. Transformers 5.24 skips it for
+    BPE models unless told otherwise (an attribute older versions lack: they clean up)."""
+    if not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "BPE" and not getattr(
+            tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", True):
+        return None
+    return tokenizer.clean_up_tokenization  # type: ignore[no-any-return]
+
+
+def _last_cut(text: str, start: int) -> int:
+    """The last cut (see the module docstring) in ``text`` at or after ``start``; 0 when none."""
+    for p in range(len(text) - 1, max(start, 1) - 1, -1):
+        if text[p - 1].isalnum() and text[p].isalnum() and text[p - 1:p + 1] not in _JOINED:
+            return p
+    return 0
 
 
 class IncrementalDecoder:
@@ -28,13 +64,14 @@ class IncrementalDecoder:
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        direct = backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False
-        self._decoder = backend if direct else tokenizer
+        self._decoder = backend if backend is not None else _RawDecoder(tokenizer)
+        self._clean = cleanup_of(tokenizer)
         self.ids: list[int] = []
         self.text = ""
         self._prefix = 0
         self._read = 0
         self._prefix_text = ""
+        self._uncleaned = ""  # raw text after the last cut, with a clean-up only
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._decoder.decode(ids, skip_special_tokens=self.skip)  # type: ignore[no-any-return]
@@ -44,8 +81,7 @@ class IncrementalDecoder:
         self.ids.append(int(token_id))
         window = self._decode(self.ids[self._prefix:])
         if len(window) > len(self._prefix_text) and not window.endswith(REPLACEMENT):
-            new = window[len(self._prefix_text):]
-            self.text += new
+            new = self._final(window[len(self._prefix_text):], end=False)
             self._prefix, self._read = self._read, len(self.ids)
             self._prefix_text = self._decode(self.ids[self._prefix:self._read])
             return new
@@ -54,10 +90,23 @@ class IncrementalDecoder:
     def finish(self) -> str:
         """The text still pending at the end (a partial character decodes as U+FFFD, as a full decode does)."""
         window = self._decode(self.ids[self._prefix:])
-        new = window[len(self._prefix_text):]
-        self.text += new
+        new = self._final(window[len(self._prefix_text):], end=True)
         self._prefix = self._read = len(self.ids)
         self._prefix_text = ""
+        return new
+
+    def _final(self, raw: str, end: bool) -> str:
+        """Raw text that became final; returns the text it adds (cleaned up to the last cut, or to the
+        end, where the tokenizer cleans up)."""
+        if self._clean is None:
+            self.text += raw
+            return raw
+        seen = len(self._uncleaned)
+        self._uncleaned += raw
+        cut = len(self._uncleaned) if end else _last_cut(self._uncleaned, seen)
+        new = self._clean(self._uncleaned[:cut])
+        self._uncleaned = self._uncleaned[cut:]
+        self.text += new
         return new
 
 
