@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -70,3 +72,16 @@ def test_error_chunk_mid_stream_fails_the_request(serve_app):  # noqa: F811
     url = serve_app(build_app(Boom(prefill_ms=1), native=1))
     (r,), _ = run_load_sync(synthetic(1, output_len=4), np.zeros(1), LoadGenConfig(url=url, progress=False))
     assert not r.success and "device lost" in r.error
+
+
+def test_timeout_is_a_silence_not_a_total(serve_app):  # noqa: F811
+    """``timeout_s`` bounds a wait for the next bytes, not a whole request: a stream that keeps sending
+    for longer than it succeeds (a long queue on an overloaded server is a measurement), a server that
+    says nothing for longer fails the request."""
+    url = serve_app(build_app(SleepWork(prefill_ms=10, per_token_ms=250), native=1))
+    (r,), _ = run_load_sync(synthetic(1, output_len=6), np.zeros(1), LoadGenConfig(url=url, progress=False, timeout_s=0.8))
+    assert r.success and r.latency > 1.2, r.error  # 5 gaps of 0.25 s, each shorter than the timeout
+    url = serve_app(build_app(SleepWork(prefill_ms=1500, per_token_ms=0), native=1))
+    (r,), _ = run_load_sync(synthetic(1, output_len=2), np.zeros(1), LoadGenConfig(url=url, progress=False, timeout_s=0.8))
+    assert not r.success and "Timeout" in r.error
+    time.sleep(1.0)  # the server finishes the request the client gave up on before the fixture stops it

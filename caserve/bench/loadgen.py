@@ -47,7 +47,7 @@ class LoadGenConfig:
     url: str
     model: Optional[str] = None
     endpoint: Endpoint = "auto"
-    timeout_s: float = 600.0
+    timeout_s: float = 600.0  # to connect, and the longest wait for the next bytes of a response
     max_concurrency: Optional[int] = None
     progress: bool = True
     extra_body: dict[str, Any] = field(default_factory=dict)
@@ -223,9 +223,10 @@ async def run_load(
         cfg.model = server_info(cfg.url).get("id")
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     bar = _progress(len(requests), cfg.progress)
-    # No connection limit (an open loop); a line may hold a long chunk (logprobs, usage and timings).
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), read_bufsize=2**20,
-                                    timeout=aiohttp.ClientTimeout(total=cfg.timeout_s))
+    # No connection limit (an open loop); a line may hold a long chunk (logprobs, usage and timings). No
+    # limit on a whole request either: one that queues long on an overloaded server is a measurement.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.timeout_s, sock_read=cfg.timeout_s)
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), read_bufsize=2**20, timeout=timeout)
     async with session as client:
         t0 = time.perf_counter()
 
