@@ -30,15 +30,43 @@ def test_output_lengths_are_drawn_from_the_trace_and_capped(tmp_path: Path) -> N
 
 def test_static_and_continuous_runs_on_the_same_arrivals(tmp_path: Path) -> None:
     sharegpt, trace = inputs(tmp_path)
-    spec = BatchingSpec(sharegpt=sharegpt, trace=trace, num_requests=6, loads=(1.0,), max_batch=2, max_output=12)
+    spec = BatchingSpec(sharegpt=sharegpt, trace=trace, num_requests=6, loads=(1.0,), max_batch=2, max_output=12,
+                        saturation_rounds=2)
     result = run_batching(spec, tmp_path / "out")
-    assert [(r["step"], r["mode"]) for r in result["rows"]] == [
-        ("saturation", "static"), ("saturation", "continuous"), ("1x", "static"), ("1x", "continuous")]
+    assert [(r["step"], r["round"], r["mode"]) for r in result["rows"]] == [
+        ("saturation", 1, "static"), ("saturation", 1, "continuous"), ("saturation", 2, "static"),
+        ("saturation", 2, "continuous"), ("1x", 1, "static"), ("1x", 1, "continuous")]
     assert all(r["completed"] == 6 and r["failed"] == 0 for r in result["rows"])
-    assert result["static_capacity_rps"] == result["rows"][0]["throughput_rps"] > 0
-    assert result["rows"][2]["rate_rps"] == result["static_capacity_rps"]
+    static = [r["throughput_rps"] for r in result["rows"][:4:2]]
+    assert result["static_capacity_rps"] == pytest.approx(sum(static) / 2) and min(static) > 0
+    assert result["rows"][4]["rate_rps"] == result["static_capacity_rps"]
+    assert len(result["targets"]["saturation_throughput_ratios"]) == 2
     assert result["targets"]["saturation_throughput_ratio"] > 0
-    assert "continuous" in markdown(result) and (tmp_path / "out" / "batching.json").is_file()
+    text = markdown(result)
+    assert "saturation #2" in text and "median of 2 rounds" in text and (tmp_path / "out" / "batching.json").is_file()
+    with pytest.raises(BatchingBenchError):
+        run_batching(BatchingSpec(sharegpt=sharegpt, trace=trace, num_requests=2, saturation_rounds=0))
+
+
+def test_saturation_ratio_is_the_median_of_paired_rounds() -> None:
+    """Each round's continuous run is divided by the static run next to it; the median of those ratios
+    (2.2x here) differs from the ratio of the medians (3.0 / 1.5 = 2.0x) and from the first round's."""
+    from caserve.bench.batching import targets
+
+    def row(step: str, k: int, mode: str, rps: float, p99: float = 1.0) -> dict:
+        return {"step": step, "round": k, "mode": mode, "throughput_rps": rps, "jct_p99_ms": p99}
+
+    rows = [row("saturation", 1, "static", 1.0), row("saturation", 1, "continuous", 2.4),
+            row("saturation", 2, "static", 2.0), row("saturation", 2, "continuous", 3.0),
+            row("saturation", 3, "static", 1.5), row("saturation", 3, "continuous", 3.3),
+            row("0.9x", 1, "static", 1.0, 400.0), row("0.9x", 1, "continuous", 1.0, 100.0)]
+    t = targets(rows)
+    assert t["saturation_throughput_ratios"] == pytest.approx([2.4, 1.5, 2.2])
+    assert t["saturation_throughput_ratio"] == pytest.approx(2.2)
+    assert t["p99_jct_reduction_pct_at_0.9x"] == pytest.approx(75.0)
+    # a result written before rounds existed (no "round" key) reads as one round
+    old = targets([{k: v for k, v in r.items() if k != "round"} for r in rows if r["round"] == 1])
+    assert old["saturation_throughput_ratio"] == pytest.approx(2.4)
 
 
 def test_outputs_are_cut_to_fit_the_context_after_their_prompt(tmp_path: Path) -> None:

@@ -7,12 +7,14 @@ that no request is refused as too long; how many were cut is reported). For each
 ``caserve serve`` (one worker, ``--max-batch`` slots of ``--max-len`` tokens) is started, warmed up and
 sent:
 
-1. a burst of ``num_requests`` at once: throughput at saturation. The static configuration's
-   throughput is its capacity (requests/s);
+1. a burst of ``num_requests`` at once: throughput at saturation, in ``saturation_rounds`` rounds. The
+   static configuration's capacity (requests/s) is the median of its rounds' throughputs, and the
+   saturation ratio the median of the rounds' own continuous/static ratios;
 2. Poisson arrivals at each ``loads`` x that capacity (the same seeded arrivals for both modes).
 
-The modes alternate inside each step (static, then continuous), so that drift on a shared machine hits
-both alike. Reported per run: throughput, mean and p99 queue delay, TTFT, TPOT and JCT (server timings
+The modes alternate inside each step and round (static, then continuous), so that drift on a shared
+machine hits both alike: a machine whose speed drifts by 10% between two runs a minute apart moves one
+round's ratio by as much, and the median of paired rounds bounds what one slow or fast run can do. Reported per run: throughput, mean and p99 queue delay, TTFT, TPOT and JCT (server timings
 where the router reports them), in ``batching.json`` and a markdown table; and what the burst's output
 lengths alone allow (:func:`decode_steps`), to read the measured saturation ratio against.
 """
@@ -23,6 +25,7 @@ import contextlib
 import csv
 import logging
 import random
+import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -61,6 +64,7 @@ class BatchingSpec:
     shrink: bool = False
     worker_threads: int = 1
     seed: int = 0
+    saturation_rounds: int = 3
 
 
 def output_lengths(trace: Path, n: int, *, cap: int, seed: int) -> list[int]:
@@ -113,33 +117,33 @@ def summary(records: Sequence[Any], duration: float) -> dict[str, Any]:
 
 
 def run_batching(spec: BatchingSpec, out_dir: Optional[Path] = None, progress: bool = False) -> dict[str, Any]:
+    if spec.saturation_rounds < 1:
+        raise BatchingBenchError(f"saturation_rounds must be at least 1, not {spec.saturation_rounds}")
     reqs, cut = build_requests(spec)
     extra = {mode: f"--max-batch {spec.max_batch} --batching {mode} --worker-threads {spec.worker_threads} "
                    f"--max-len {spec.max_len}" + (" --shrink" if spec.shrink else "") for mode in MODES}
     rows: list[dict[str, Any]] = []
     cfg = Config(native=1, assisted=0)
     servers: dict[str, str] = {}
-    capacity: Optional[float] = None
     with contextlib.ExitStack() as stack:
         for mode in MODES:  # both servers stay up, so that their runs can alternate
             log = Path(out_dir) / f"server_{mode}.log" if out_dir else None
             servers[mode] = stack.enter_context(launched_server(SERVE, model=spec.model, cfg=cfg, log_path=log,
                                                                 extra=extra[mode]))
             warm_up(servers[mode], WorkloadSpec(dataset="synthetic", output_len=8), n=2)
-        for step, load in [("saturation", None)] + [(f"{x:g}x", x) for x in spec.loads]:
-            if load is None:
-                offsets = np.zeros(len(reqs))
-            else:
-                assert capacity is not None
-                offsets = arr.poisson(len(reqs), load * capacity, seed=spec.seed + 1)
+
+        def run_step(step: str, round_no: int, offsets: np.ndarray, rate: Optional[float]) -> None:
             for mode in MODES:
                 recs, duration = run_load_sync(reqs, offsets, LoadGenConfig(url=servers[mode], progress=progress))
-                row = {"step": step, "mode": mode, "rate_rps": None if load is None else load * capacity,
-                       **summary(recs, duration)}
+                row = {"step": step, "round": round_no, "mode": mode, "rate_rps": rate, **summary(recs, duration)}
                 logger.info("%s", row)
                 rows.append(row)
-                if load is None and mode == "static":
-                    capacity = row["throughput_rps"]
+
+        for round_no in range(1, spec.saturation_rounds + 1):
+            run_step("saturation", round_no, np.zeros(len(reqs)), None)
+        capacity = statistics.median(r["throughput_rps"] for r in rows if r["mode"] == "static")
+        for load in spec.loads:
+            run_step(f"{load:g}x", 1, arr.poisson(len(reqs), load * capacity, seed=spec.seed + 1), load * capacity)
     result = {"schema": "caserve-batching/1", "spec": {k: (str(v) if isinstance(v, Path) else v)
                                                         for k, v in spec.__dict__.items()},
               "static_capacity_rps": capacity, "outputs_cut_to_context": cut,
@@ -174,14 +178,17 @@ def decode_steps(lengths: Sequence[int], slots: int) -> dict[str, dict[str, int]
             "continuous": {"steps": steps, "slot_steps": sum(lengths)}}
 
 
-def targets(rows: Sequence[dict[str, Any]]) -> dict[str, Optional[float]]:
-    """Continuous over static: throughput ratio at saturation, p99 JCT reduction (%) at 0.9x."""
-    by = {(r["step"], r["mode"]): r for r in rows}
-    out: dict[str, Optional[float]] = {"saturation_throughput_ratio": None, "p99_jct_reduction_pct_at_0.9x": None}
-    s, c = by.get(("saturation", "static")), by.get(("saturation", "continuous"))
-    if s and c and s["throughput_rps"]:
-        out["saturation_throughput_ratio"] = c["throughput_rps"] / s["throughput_rps"]
-    s, c = by.get(("0.9x", "static")), by.get(("0.9x", "continuous"))
+def targets(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Continuous over static: throughput ratio at saturation (each round's own ratio, and their median),
+    p99 JCT reduction (%) at 0.9x."""
+    by = {(r["step"], r["mode"], r.get("round", 1)): r for r in rows}
+    rounds = sorted({k for step, _, k in by if step == "saturation"})
+    ratios = [by[("saturation", "continuous", k)]["throughput_rps"] / by[("saturation", "static", k)]["throughput_rps"]
+              for k in rounds if ("saturation", "continuous", k) in by and ("saturation", "static", k) in by
+              and by[("saturation", "static", k)]["throughput_rps"]]
+    out: dict[str, Any] = {"saturation_throughput_ratio": statistics.median(ratios) if ratios else None,
+                           "saturation_throughput_ratios": ratios, "p99_jct_reduction_pct_at_0.9x": None}
+    s, c = by.get(("0.9x", "static", 1)), by.get(("0.9x", "continuous", 1))
     if s and c and s["jct_p99_ms"]:
         out["p99_jct_reduction_pct_at_0.9x"] = 100.0 * (1 - c["jct_p99_ms"] / s["jct_p99_ms"])
     return out
@@ -193,8 +200,10 @@ def markdown(result: dict[str, Any]) -> str:
 
     lines = ["| load | batching | done | failed | req/s | out tok/s | queue mean / p99 (ms) | TTFT mean / p99 (ms) | "
              "TPOT mean (ms) | JCT mean / p99 (ms) |", "|" + "---|" * 10]
+    rounds = max((r.get("round", 1) for r in result["rows"]), default=1)
     for r in result["rows"]:
-        lines.append(f"| {r['step']} | {r['mode']} | {r['completed']} | {r['failed']} | {f(r['throughput_rps'], 2)} | "
+        step = f"{r['step']} #{r.get('round', 1)}" if rounds > 1 and r["step"] == "saturation" else r["step"]
+        lines.append(f"| {step} | {r['mode']} | {r['completed']} | {r['failed']} | {f(r['throughput_rps'], 2)} | "
                      f"{f(r['output_tok_s'], 1)} | {f(r['queue_delay_mean_ms'])} / {f(r['queue_delay_p99_ms'])} | "
                      f"{f(r['ttft_mean_ms'])} / {f(r['ttft_p99_ms'])} | {f(r['tpot_mean_ms'], 1)} | "
                      f"{f(r['jct_mean_ms'])} / {f(r['jct_p99_ms'])} |")
@@ -210,7 +219,9 @@ def markdown(result: dict[str, Any]) -> str:
                      f"continuous {co['steps']} ({co['slot_steps']}): a throughput ratio between "
                      f"{st['steps'] / co['steps']:.2f}x (fixed cost per step) and "
                      f"{st['slot_steps'] / co['slot_steps']:.2f}x (cost per row)")
+    each = t.get("saturation_throughput_ratios") or []
+    rounds_note = f" (median of {len(each)} rounds: {', '.join(f'{x:.2f}x' for x in each)})" if len(each) > 1 else ""
     lines.append(f"static capacity {f(result['static_capacity_rps'], 2)} req/s; continuous/static throughput at "
-                 f"saturation {f(t['saturation_throughput_ratio'], 2)}x; p99 JCT at 0.9x "
+                 f"saturation {f(t['saturation_throughput_ratio'], 2)}x{rounds_note}; p99 JCT at 0.9x "
                  f"{f(t['p99_jct_reduction_pct_at_0.9x'], 1)}% lower")
     return "\n".join(lines)

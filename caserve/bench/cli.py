@@ -136,6 +136,8 @@ def bench_batching_cmd(
                                 "model's context after their prompt)."),
     shrink: bool = typer.Option(False, help="Zoo models: the shrunk architecture (random weights)."),
     seed: int = typer.Option(0),
+    saturation_rounds: int = typer.Option(3, min=1, help="Saturation bursts per mode, alternating; the ratio "
+                                          "is the median of the rounds' own ratios."),
     out_dir: Path = typer.Option(Path("results/batching"), help="Directory for batching.json and .md."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -145,7 +147,8 @@ def bench_batching_cmd(
 
     spec = BatchingSpec(model=model, sharegpt=sharegpt, trace=trace, num_requests=num_requests,
                         loads=tuple(_csv_floats(loads)), max_batch=max_batch, max_output=max_output,
-                        max_prompt_words=max_prompt_words, max_len=max_len, shrink=shrink, seed=seed)
+                        max_prompt_words=max_prompt_words, max_len=max_len, shrink=shrink, seed=seed,
+                        saturation_rounds=saturation_rounds)
     typer.echo(markdown(run_batching(spec, out_dir)))
 
 
