@@ -14,9 +14,10 @@ sent:
 
 The modes alternate inside each step and round (static, then continuous), so that drift on a shared
 machine hits both alike: a machine whose speed drifts by 10% between two runs a minute apart moves one
-round's ratio by as much, and the median of paired rounds bounds what one slow or fast run can do. Reported per run: throughput, mean and p99 queue delay, TTFT, TPOT and JCT (server timings
-where the router reports them), in ``batching.json`` and a markdown table; and what the burst's output
-lengths alone allow (:func:`decode_steps`), to read the measured saturation ratio against.
+round's ratio by as much, and the median of paired rounds bounds what one slow or fast run can do.
+Reported per run: throughput, mean and p99 queue delay, TTFT, TPOT and JCT (server timings where the
+router reports them), in ``batching.json`` and a markdown table; and what the burst's output lengths
+alone allow (:func:`decode_steps`), to read the measured saturation ratio against.
 """
 
 from __future__ import annotations
@@ -182,10 +183,9 @@ def targets(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Continuous over static: throughput ratio at saturation (each round's own ratio, and their median),
     p99 JCT reduction (%) at 0.9x."""
     by = {(r["step"], r["mode"], r.get("round", 1)): r for r in rows}
-    rounds = sorted({k for step, _, k in by if step == "saturation"})
-    ratios = [by[("saturation", "continuous", k)]["throughput_rps"] / by[("saturation", "static", k)]["throughput_rps"]
-              for k in rounds if ("saturation", "continuous", k) in by and ("saturation", "static", k) in by
-              and by[("saturation", "static", k)]["throughput_rps"]]
+    burst = {(mode, k): r["throughput_rps"] for (step, mode, k), r in by.items() if step == "saturation"}
+    ratios = [burst[("continuous", k)] / burst[("static", k)] for k in sorted({k for _, k in burst})
+              if burst.get(("static", k)) and ("continuous", k) in burst]
     out: dict[str, Any] = {"saturation_throughput_ratio": statistics.median(ratios) if ratios else None,
                            "saturation_throughput_ratios": ratios, "p99_jct_reduction_pct_at_0.9x": None}
     s, c = by.get(("0.9x", "static", 1)), by.get(("0.9x", "continuous", 1))
