@@ -299,9 +299,10 @@ def test_serve_hands_over_each_steps_events_together_in_order(lm) -> None:
 
 
 @pytest.mark.parametrize("name", [DEFAULT_MODEL, "Qwen/Qwen2.5-0.5B", "facebook/opt-125m"])
-def test_decode_runs_attend_over_their_own_windows_and_give_the_same_tokens(name, lm, monkeypatch) -> None:
-    """With rows of very different lengths in one step, each run of slots attends over its own window
-    (smaller keys for the short rows) and every row still gets the tokens it gets alone, with runs off.
+def test_decode_rows_attend_over_their_own_columns_and_give_the_same_tokens(name, lm, monkeypatch) -> None:
+    """With rows of very different lengths in one step, each row attends over exactly its own columns
+    (the varlen kernel), or, without the kernel, each run of slots over its own window (smaller keys for
+    the short rows); every row gets the same tokens in each case, with neither, and alone.
     GPT-2, Qwen2 (grouped-query attention) and OPT, shrunk."""
     from caserve.serving.worker import attention
 
@@ -316,18 +317,39 @@ def test_decode_runs_attend_over_their_own_windows_and_give_the_same_tokens(name
             widths.append((query.shape[0], key.shape[2]))
         return plain(module, query, key, *args, **kwargs)
 
+    kernel = attention.load_kernel()
+    assert kernel is not None  # a C compiler is part of the machine (and of CI's)
+    ranges: list[tuple[list[int], list[int]]] = []  # (lo, hi) of every kernel call
+
+    class Recording:
+        supports = staticmethod(kernel.supports)
+
+        def __call__(self, query, key, value, layout, scale):
+            ranges.append((layout.lo.tolist(), layout.hi.tolist()))
+            return kernel(query, key, value, layout, scale)
+
     monkeypatch.setattr(attention, "sdpa_attention_forward", recorded)
-    # a 300-token prompt (window 384) in slot 1, short ones (window 128) around it
+    monkeypatch.setattr(attention, "load_kernel", Recording)
+    # a 300-token prompt in slot 1, short ones around it
     batch = [gen("s0", [7, 8, 9], 40), gen("long", [5 + i % 200 for i in range(300)], 40),
              gen("s2", [11, 12], 40), gen("s3", [13, 14, 15, 16], 40)]
     engine = Engine(lm, max_batch=4)
-    assert engine.runs
-    engine.run_cost = 1  # split whenever it reads fewer columns
+    assert engine.runs and engine.kernel
     got = run(engine, batch)
+    assert not widths  # no decode step went through SDPA
+    # steps with all four rows decoding: each row reads its own prompt and tokens so far, no more
+    full = [(lo, hi) for lo, hi in ranges if len(hi) == 4 and hi[1] - hi[0] == 297]
+    assert full and all(lo == [0, 0, 0, 0] and hi[2] == hi[0] - 1 and hi[3] == hi[0] + 1 for lo, hi in full)
+    assert max(hi[1] for _, hi in ranges) <= 300 + 40
+
+    runs = Engine(lm, max_batch=4)
+    runs.kernel = False
+    runs.run_cost = 1  # split whenever it reads fewer columns
+    assert run(runs, batch) == got
     assert (1, 384) in widths and (1, 128) in widths and (2, 128) in widths, set(widths)
     assert all(cols <= 384 for _, cols in widths)
     off = Engine(lm, max_batch=4)
-    off.runs = False
+    off.runs = off.kernel = False
     assert run(off, batch) == got
     for row in batch:
         assert run(Engine(lm), [row])[row.dispatch] == got[row.dispatch]

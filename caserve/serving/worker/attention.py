@@ -1,4 +1,4 @@
-"""Decode attention with a window per run of consecutive slots.
+"""Decode attention over each row's own columns (varlen kernel) or a window per run of consecutive slots.
 
 A decode step's keys are the first ``window`` columns of every slot, ``window`` set by the longest
 sequence in the step (:mod:`caserve.serving.worker.slots`). With continuous batching a long request shares
@@ -8,10 +8,15 @@ attending over its own window: the keys, values and mask of a run are views of t
 each run is one SDPA call. Runs are chosen on the host from the columns the step writes, before the
 forward (:func:`plan_runs`), so nothing is read from the device.
 
-The attention function is Transformers' SDPA one, called per run; it is installed under its own name
-(:func:`install`) on models that use SDPA, and acts only while :func:`runs` has set a plan for the
-current thread and the forward has one query position (a decode step). Prefill chunks, and every
-forward outside the engine, are plain SDPA.
+Where the varlen kernel of :mod:`~caserve.serving.worker.decode_kernel` is built (float32 CPU
+models), a decode step needs no runs: each row attends over exactly its own columns, one kernel call per
+layer, and the engine passes per-row column ranges (:class:`Ranges`) instead of a plan.
+
+The attention function is installed under its own name (:func:`install`) on models that use SDPA,
+and acts only while :func:`decoding` has set a plan or ranges for the current thread and the forward
+has one query position (a decode step); otherwise, and for what the kernel does not take (dropout,
+softcapping, attention sinks, sliding windows, position biases, other dtypes), it is Transformers' SDPA
+function over the step's mask. Prefill chunks, and every forward outside the engine, are plain SDPA.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from caserve.serving.worker.decode_kernel import Ranges, load as load_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +40,28 @@ RUN_COST = 1024  # what one more SDPA call costs, in slot-columns read (measured
 MAX_BLOCKS = 16  # runs are planned over at most this many blocks of consecutive slots (host time per step)
 
 Plan = tuple[tuple[int, int, int], ...]  # (first slot, end slot, window) per run, covering 0..n
-_PLAN: contextvars.ContextVar[Optional[Plan]] = contextvars.ContextVar("caserve_slot_runs", default=None)
+Layout = Union[Plan, Ranges]  # what a decode step's attention follows
+_LAYOUT: contextvars.ContextVar[Optional[Layout]] = contextvars.ContextVar("caserve_decode_layout", default=None)
+_NOT_IN_KERNEL = ("softcap", "s_aux", "sinks", "sliding_window", "position_bias")  # kwargs it cannot honour
 
 
 def slot_run_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: Optional[torch.Tensor], **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """SDPA over each planned run of slots with its own window ([n, heads, 1, dim] queries; keys and
-    values [n, kv_heads, window, dim]; mask [n, 1, 1, window]); plain SDPA when no plan applies."""
-    plan = _PLAN.get()
-    if plan is None or len(plan) < 2 or query.shape[2] != 1 or attention_mask is None:
+    """A decode step ([n, heads, 1, dim] queries; keys and values [n, kv_heads, window, dim]; mask
+    [n, 1, 1, window]): the varlen kernel over each row's column range, or SDPA over each planned run of
+    slots with its own window; plain SDPA when neither applies."""
+    layout = _LAYOUT.get()
+    if layout is None or query.shape[2] != 1 or attention_mask is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if isinstance(layout, Ranges):
+        kernel = load_kernel()
+        if kernel is not None and kernel.supports(query, key, value) and not kwargs.get("dropout") \
+                and all(kwargs.get(name) is None for name in _NOT_IN_KERNEL):
+            scale = kwargs.get("scaling")
+            return kernel(query, key, value, layout, query.shape[-1] ** -0.5 if scale is None else scale), None
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # the mask is exact
+    plan = layout
+    if len(plan) < 2:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     outs = [sdpa_attention_forward(module, query[a:b], key[a:b, :, :w], value[a:b, :, :w],
                                    attention_mask[a:b, ..., :w], **kwargs)[0] for a, b, w in plan]
@@ -66,13 +86,14 @@ def install(model: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def runs(plan: Optional[Plan]) -> Iterator[None]:
-    """Apply ``plan`` to the decode forwards run inside the block, in this thread."""
-    token = _PLAN.set(plan)
+def decoding(layout: Optional[Layout]) -> Iterator[None]:
+    """Apply ``layout`` (a plan of runs, or per-row column ranges) to the decode forwards run inside the
+    block, in this thread."""
+    token = _LAYOUT.set(layout)
     try:
         yield
     finally:
-        _PLAN.reset(token)
+        _LAYOUT.reset(token)
 
 
 def plan_runs(windows: Sequence[int], run_cost: int = RUN_COST) -> Plan:

@@ -93,12 +93,14 @@ class Engine:
         self._takes_keep = "logits_to_keep" in params  # prefill: project only the last position onto the vocab
         self.remote = self.device.type == "caserve"  # assisted: captured steps want few fixed shapes
         self.ahead = decode_ahead and self.remote
-        # Decode attention per run of slots, each with its own window (attention.py), on the CPU only:
+        # Decode attention over each row's own columns (the varlen kernel, float32 models) or per run of
+        # slots, each with its own window (attention.py), on the CPU only: the kernel is a CPU kernel and
         # RUN_COST was measured there. Not on a remote device (its captured steps need the few shapes of
-        # one window per step), nor on a GPU, where an extra attention call costs a kernel launch that
-        # the columns it spares would rarely repay (not measured: one window per step, as before).
+        # one window per step), nor on a GPU (one window per step there, as before).
         self.runs = self.causal and self.device.type == "cpu" and attention.install(self.model)
         self.run_cost = attention.RUN_COST
+        dtype = next(self.model.parameters()).dtype
+        self.kernel = self.runs and dtype == torch.float32 and attention.load_kernel() is not None
         self.sampler = SlotSampler(max_batch, self.vocab, self.device, sorted(self.eos_ids))
         self.renderer = LogprobRenderer(self.tok)
         self.active: list[Optional[Slot]] = [None] * max_batch
@@ -391,8 +393,12 @@ class Engine:
             cols[s.index] = len(s.seq) + s.issued - 1  # the column of its newest sampled token
         assert self._next_ids is not None and self._all_rows is not None
         live = [s is not None and s.decoding for s in self.active[:width]]
-        plan = attention.plan_runs([window_for(c, self.length) for c in cols], self.run_cost) if self.runs else None
-        with attention.runs(plan):
+        layout: Optional[attention.Layout] = None
+        if self.kernel:  # each row over its own columns; a slot that is not decoding over its written one
+            layout = attention.Ranges([0 if d else c for c, d in zip(cols, live)], [c + 1 for c in cols])
+        elif self.runs:
+            layout = attention.plan_runs([window_for(c, self.length) for c in cols], self.run_cost)
+        with attention.decoding(layout):
             logits = self._forward(self._next_ids[:width].view(-1, 1), self._all_rows[:width],
                                    decode_inputs(cols, live, self.length))[:, -1, :]  # [width, V]
         index = [s.index for s in decoding]

@@ -1,0 +1,152 @@
+"""The varlen decode-attention kernel of CPU workers (``decode_attention.c``): built, loaded and called.
+
+PyTorch's CPU SDPA attends every row of a batch over the same number of columns. With continuous
+batching a decode step mixes rows that have just started with rows that have decoded for long, and
+over one shared window the short rows read (and mask) the long row's columns. The kernel gives each row
+its own range of columns in the slot cache, in one call per layer.
+
+It is plain C, compiled on first use with the machine's C compiler (``$CC``, else ``cc``) for this CPU
+(``-march=native``) into a per-user cache (``$CASERVE_CACHE_DIR``, else ``~/.cache/caserve``), keyed by
+the source, the compiler, the flags and the CPU's feature flags, and loaded with ctypes (which lets go
+of the GIL during the call). Where no compiler works, :func:`load` returns None and the engine attends
+per run of slots with SDPA instead (``attention.py``); ``CASERVE_DECODE_KERNEL=0`` turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_attention.c")
+# -ffast-math lets expf vectorize (glibc's libmvec); every score is finite (no -inf masking: rows attend
+# over their own ranges), which finite-only math assumes.
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+ENV_SWITCH = "CASERVE_DECODE_KERNEL"
+COMPILE_TIMEOUT_S = 60
+
+
+class DecodeKernel:
+    """The loaded kernel. :meth:`__call__` checks what it is given and returns the attention output."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        fn = lib.caserve_decode_attention
+        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr] + [i64] * 10 + [ctypes.c_float, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        self._fn = fn
+
+    @staticmethod
+    def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+        """Whether the kernel can take these [n, heads, 1, dim] queries and [n, kv_heads, window, dim]
+        keys and values: float32 on the CPU, one query position, heads a multiple of the key-value heads,
+        each key and value column contiguous."""
+        n, heads, q_len, dim = query.shape
+        return (query.device.type == "cpu" and q_len == 1
+                and query.dtype == key.dtype == value.dtype == torch.float32
+                and key.dim() == value.dim() == 4 and key.shape[0] == value.shape[0] == n
+                and key.shape[1] == value.shape[1] and heads % key.shape[1] == 0
+                and key.shape[3] == dim and value.shape[3] == dim
+                and key.stride(3) == 1 and value.stride(3) == 1)
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ranges: "Ranges",
+                 scale: float) -> torch.Tensor:
+        """Attention of each row ``r`` of ``query`` [n, heads, 1, dim] over its columns ``ranges`` of
+        ``key`` and ``value`` [n, kv_heads, window, dim] (views of the slot cache, read in place).
+        Returns [n, 1, heads, dim], the layout Transformers' attention functions return."""
+        if not self.supports(query, key, value):
+            raise ValueError("the decode kernel takes float32 CPU tensors of one query position")
+        n, heads, _, dim = query.shape
+        if ranges.rows != n or ranges.top > key.shape[2]:
+            raise ValueError(f"{ranges.rows} column ranges up to {ranges.top} for {n} rows of "
+                             f"{key.shape[2]} columns")
+        q = query.reshape(n, heads, dim).contiguous()
+        out = torch.empty(n, 1, heads, dim, dtype=torch.float32)
+        ks, vs = key.stride(), value.stride()
+        failed = self._fn(q.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), ranges.lo.data_ptr(),
+                          ranges.hi.data_ptr(), n, heads, key.shape[1], dim, ks[0], ks[1], ks[2], vs[0], vs[1],
+                          vs[2], float(scale), torch.get_num_threads())
+        if failed:
+            raise MemoryError("the decode kernel could not allocate its scratch memory")
+        return out
+
+
+class Ranges:
+    """The columns ``[lo[r], hi[r])`` that row ``r`` of a decode step attends over, checked once per step
+    (every layer's call reads them)."""
+
+    def __init__(self, lo: Sequence[int], hi: Sequence[int]) -> None:
+        if len(lo) != len(hi) or not lo or any(not 0 <= a < b for a, b in zip(lo, hi)):
+            raise ValueError("column ranges need 0 <= lo < hi for every row")
+        self.rows, self.top = len(lo), max(hi)
+        self.lo = torch.tensor(lo, dtype=torch.int64)
+        self.hi = torch.tensor(hi, dtype=torch.int64)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("CASERVE_CACHE_DIR") or Path.home() / ".cache" / "caserve")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build(compiler: Optional[str] = None, cache_dir: Optional[Path] = None) -> Path:
+    """Compile the kernel (or find it compiled) and return the shared library's path. Raises
+    ``RuntimeError`` when no compiler is found or the compile fails."""
+    cc = compiler or os.environ.get("CC") or "cc"
+    exe = shutil.which(cc)
+    if exe is None:
+        raise RuntimeError(f"no C compiler {cc!r} on the PATH")
+    source = SOURCE.read_bytes()
+    version = subprocess.run([exe, "--version"], capture_output=True, timeout=COMPILE_TIMEOUT_S).stdout
+    key = hashlib.sha256(b"\0".join([source, version, " ".join(FLAGS).encode(), _cpu_flags().encode(),
+                                     platform.machine().encode()])).hexdigest()[:16]
+    folder = cache_dir or _cache_dir()
+    target = folder / f"decode_attention-{key}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # compile aside, then move in place (atomic)
+        partial = Path(tmp) / target.name
+        done = subprocess.run([exe, *FLAGS, str(SOURCE), "-o", str(partial), "-lm"], capture_output=True,
+                              text=True, timeout=COMPILE_TIMEOUT_S)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(partial, target)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> Optional[DecodeKernel]:
+    """The kernel, built on first use; None when it is switched off or cannot be built on this machine."""
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        logger.info("the varlen decode kernel is off (%s)", ENV_SWITCH)
+        return None
+    try:
+        path = build()
+        kernel = DecodeKernel(ctypes.CDLL(str(path)), path)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        logger.warning("the varlen decode kernel is unavailable, decode attention runs per run of slots: %s", exc)
+        return None
+    logger.info("varlen decode kernel loaded from %s", path)
+    return kernel

@@ -1,0 +1,171 @@
+"""The varlen decode-attention kernel of CPU workers: each row's output equals SDPA over that row's own
+columns (head sizes with and without the vector path, grouped-query attention, ranges that do not start
+at column 0, keys and values read in place from a larger cache), does not depend on the other rows or
+the thread count, refuses what it cannot take, and the engine falls back to per-run SDPA when the
+kernel cannot be built."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from caserve.serving.worker import attention, decode_kernel
+from caserve.serving.worker.decode_kernel import Ranges
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = decode_kernel.load()
+    assert k is not None, "the machine has a C compiler: the kernel must build"
+    return k
+
+
+def reference(query, key, value, lo, hi, scale):
+    """SDPA per row over its own columns (the grouped key-value heads repeated)."""
+    group = query.shape[1] // key.shape[1]
+    outs = []
+    for r in range(query.shape[0]):
+        k = key[r:r + 1, :, lo[r]:hi[r]].repeat_interleave(group, 1)
+        v = value[r:r + 1, :, lo[r]:hi[r]].repeat_interleave(group, 1)
+        outs.append(F.scaled_dot_product_attention(query[r:r + 1], k, v, scale=scale).transpose(1, 2))
+    return torch.cat(outs)
+
+
+def case(rng: random.Random, heads: int, kv_heads: int, dim: int, rows: int, length: int = 300):
+    gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    slots = rows + rng.randint(0, 3)
+    cache_k = torch.randn(slots, kv_heads, length, dim, generator=gen)
+    cache_v = torch.randn(slots, kv_heads, length, dim, generator=gen)
+    window = rng.randint(1, length)
+    hi = [rng.randint(1, window) for _ in range(rows)]
+    lo = [rng.choice([0, 0, h - 1, rng.randint(0, h - 1)]) for h in hi]
+    query = torch.randn(rows, heads, 1, dim, generator=gen) * 3
+    return query, cache_k[:rows, :, :window], cache_v[:rows, :, :window], lo, hi
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 16), (14, 2, 64), (8, 4, 128), (3, 3, 24), (6, 2, 5)])
+def test_each_row_equals_sdpa_over_its_own_columns(kernel, heads, kv_heads, dim) -> None:
+    rng = random.Random(heads * 1000 + dim)
+    for _ in range(12):
+        query, key, value, lo, hi = case(rng, heads, kv_heads, dim, rows=rng.randint(1, 9))
+        scale = rng.choice([dim ** -0.5, 0.1, 1.0])
+        got = kernel(query, key, value, Ranges(lo, hi), scale)
+        assert got.shape == (query.shape[0], 1, heads, dim)
+        torch.testing.assert_close(got, reference(query, key, value, lo, hi, scale), rtol=1e-4, atol=5e-5)
+
+
+def test_a_rows_output_depends_only_on_its_own_columns(kernel) -> None:
+    """Bit for bit: a row alone, among others, and with two threads; columns outside its range, and
+    other rows, never change it."""
+    rng = random.Random(7)
+    query, key, value, lo, hi = case(rng, 8, 2, 64, rows=6, length=400)
+    together = kernel(query, key, value, Ranges(lo, hi), 0.125)
+    for r in range(6):
+        alone = kernel(query[r:r + 1], key[r:r + 1], value[r:r + 1], Ranges([lo[r]], [hi[r]]), 0.125)
+        assert torch.equal(alone, together[r:r + 1])
+    noisy_k, noisy_v = key.clone(), value.clone()
+    for r in range(6):  # scribble over every column outside the row's range
+        noisy_k[r, :, :lo[r]], noisy_k[r, :, hi[r]:] = 1e6, -1e6
+        noisy_v[r, :, :lo[r]], noisy_v[r, :, hi[r]:] = float("nan"), 1e6
+    assert torch.equal(kernel(query, noisy_k, noisy_v, Ranges(lo, hi), 0.125), together)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(kernel(query, key, value, Ranges(lo, hi), 0.125), together)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_what_the_kernel_cannot_take_is_refused(kernel) -> None:
+    rng = random.Random(3)
+    query, key, value, lo, hi = case(rng, 4, 4, 16, rows=3, length=64)
+    window = key.shape[2]
+    for bad_lo, bad_hi in [([0, 0], [1]), ([0, 1, 0], [1, 1, 1]), ([-1, 0, 0], [1, 1, 1]), ([], [])]:
+        with pytest.raises(ValueError):
+            Ranges(bad_lo, bad_hi)
+    with pytest.raises(ValueError, match="column ranges"):  # past the window of the keys it is given
+        kernel(query, key, value, Ranges([0, 0, 0], [1, 1, window + 1]), 0.25)
+    with pytest.raises(ValueError, match="column ranges"):  # ranges for another number of rows
+        kernel(query, key, value, Ranges([0, 0], [1, 1]), 0.25)
+    for q, k, v in [(query.double(), key.double(), value.double()),  # float32 only
+                    (torch.cat([query, query], 2), key, value),  # one query position
+                    (query, key[..., :8], value[..., :8]),  # the query's head size
+                    (query[:, :3], key, value),  # heads a multiple of the key-value heads
+                    (query, key.transpose(2, 3).contiguous().transpose(2, 3), value)]:  # contiguous columns
+        assert not kernel.supports(q, k, v)
+        with pytest.raises(ValueError):
+            kernel(q, k, v, Ranges([0, 0, 0], [1, 1, 1]), 0.25)
+
+
+def test_the_attention_function_leaves_what_the_kernel_cannot_honour_to_sdpa(kernel, monkeypatch) -> None:
+    """Under per-row ranges, a softcap, attention sinks, a sliding window, dropout or a float64 model go
+    to SDPA over the step's (exact) mask; otherwise the kernel answers, with the module's scaling."""
+    sdpa_calls: list[dict] = []
+    plain = attention.sdpa_attention_forward
+
+    def recorded(module, query, key, value, mask, **kwargs):
+        sdpa_calls.append(kwargs)
+        return plain(module, query, key, value, mask, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", recorded)
+    rng = random.Random(11)
+    query, key, value, lo, hi = case(rng, 4, 4, 16, rows=3, length=64)
+    lo = [0, 0, 0]
+    mask = (torch.arange(key.shape[2]).view(1, -1) < torch.tensor(hi).view(-1, 1))[:, None, None, :]
+    module = torch.nn.Module()
+    with attention.decoding(Ranges(lo, hi)):
+        out, _ = attention.slot_run_attention(module, query, key, value, mask, scaling=0.3)
+        assert not sdpa_calls
+        expected = reference(query, key, value, lo, hi, 0.3)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        for extra in [{"softcap": 30.0}, {"s_aux": torch.zeros(4)}, {"sliding_window": 16}, {"dropout": 0.1}]:
+            if "softcap" in extra:  # Transformers' SDPA function refuses it: the kernel must not take it either
+                with pytest.raises(ValueError, match="softcap"):
+                    attention.slot_run_attention(module, query, key, value, mask, scaling=0.3, **extra)
+                continue
+            attention.slot_run_attention(module, query, key, value, mask, scaling=0.3, **extra)
+            assert sdpa_calls.pop() == {"scaling": 0.3, **extra}
+        out64, _ = attention.slot_run_attention(module, query.double(), key.double(), value.double(), mask,
+                                                scaling=0.3)
+        assert sdpa_calls and out64.dtype == torch.float64
+        torch.testing.assert_close(out64.float(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_build_failures_leave_the_engine_on_per_run_sdpa(monkeypatch, tmp_path) -> None:
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        decode_kernel.build(compiler="caserve-no-such-cc", cache_dir=tmp_path)
+    bad = tmp_path / "broken.c"
+    bad.write_text("int caserve_decode_attention( {\n")
+    monkeypatch.setattr(decode_kernel, "SOURCE", bad)
+    with pytest.raises(RuntimeError, match="compiling broken.c failed"):
+        decode_kernel.build(cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-written is left to load later
+
+    from caserve.models import DEFAULT_MODEL, load_model
+    from caserve.serving.worker.engine import Engine
+
+    lm = load_model(DEFAULT_MODEL)
+    decode_kernel.load.cache_clear()
+    try:
+        monkeypatch.setenv("CASERVE_CACHE_DIR", str(tmp_path / "cache"))  # the broken source, compiled afresh
+        assert decode_kernel.load() is None
+        engine = Engine(lm, max_batch=2)
+        assert engine.runs and not engine.kernel
+        decode_kernel.load.cache_clear()
+        monkeypatch.setattr(decode_kernel, "SOURCE", Path(decode_kernel.__file__).with_name("decode_attention.c"))
+        monkeypatch.setenv(decode_kernel.ENV_SWITCH, "0")
+        assert decode_kernel.load() is None
+        assert not Engine(lm, max_batch=2).kernel
+    finally:
+        decode_kernel.load.cache_clear()
+
+
+def test_a_built_kernel_is_reused_from_the_cache(tmp_path) -> None:
+    first = decode_kernel.build(cache_dir=tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert decode_kernel.build(cache_dir=tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary folder left behind
