@@ -163,6 +163,21 @@ def test_build_failures_leave_the_engine_on_per_run_sdpa(monkeypatch, tmp_path) 
         decode_kernel.load.cache_clear()
 
 
+def test_loading_and_calling_the_kernel_keeps_denormals(kernel) -> None:
+    """The kernel must not switch the process to flush-to-zero (what -ffast-math does to a shared library
+    as it loads): subnormal numbers stay representable in Python and in torch."""
+    import ctypes
+    import sys
+
+    rng = random.Random(2)
+    query, key, value, lo, hi = case(rng, 4, 4, 16, rows=2, length=32)
+    kernel(query, key, value, Ranges(lo, hi), 0.25)
+    ctypes.CDLL(str(kernel.path))  # loaded once more, as another worker would
+    assert sys.float_info.min / 4 > 0.0
+    tiny = torch.tensor([1e-39, 1e-44], dtype=torch.float32)  # below float32's smallest normal number
+    assert bool((tiny * 1.0 > 0).all()) and bool((tiny + tiny > 0).all())
+
+
 def test_a_built_kernel_is_reused_from_the_cache(tmp_path) -> None:
     first = decode_kernel.build(cache_dir=tmp_path)
     stamp = first.stat().st_mtime_ns

@@ -12,12 +12,18 @@
  * portable; -march=native picks the instructions); others a plain loop.
  *
  * Built and loaded by decode_kernel.py (plain C: no Python or torch headers, so it compiles in well under
- * a second). Returns 0, or 1 when scratch memory could not be allocated.
+ * a second), without -ffast-math, which would switch the whole process to flush-to-zero. Returns 0, or 1
+ * when scratch memory could not be allocated.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if defined(__x86_64__) && defined(__GLIBC__)
+/* glibc's vector expf (libmvec), which its headers declare only under -ffast-math */
+float expf(float) __attribute__((simd("notinbranch")));
+#endif
 
 typedef float v8 __attribute__((vector_size(32), aligned(4))); /* aligned(4): loads need no alignment */
 
