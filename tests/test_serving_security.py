@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving_procs import TINY, Cluster, openai_client
+from serving_procs import TINY, Cluster
 from caserve.serving.messages import WORKER_TOKEN_HEADER
 
 WORKER_ROUTES = [  # (method, path): every route of the worker channel, and the controller's drain
@@ -75,6 +75,17 @@ def router_log(c: Cluster) -> str:
     return next(p for p in c.procs if p.name == "router").log.read_text(errors="replace")
 
 
+def logged(c: Cluster, text: str, timeout: float = 10.0) -> bool:
+    """Whether the router logs ``text`` within ``timeout`` seconds (it writes a refusal's line after
+    sending the response, so the client can read the log before the line is there)."""
+    deadline = time.monotonic() + timeout
+    while text not in router_log(c):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def register_body(worker_id: str, model: str = TINY) -> dict[str, Any]:
     return {"worker_id": worker_id, "kind": "cpu", "model": model, "task": "causal-lm", "max_batch": 8,
             "max_context": 1024}
@@ -95,7 +106,7 @@ def test_worker_routes_refuse_a_missing_or_wrong_token(cluster: Cluster, method:
     with_key = httpx.request(method, c.url + path, content=content, timeout=10,
                              headers=KEY)
     assert with_key.status_code == 401
-    assert f"refused {method} {path.split('?')[0]}" in router_log(c)
+    assert logged(c, f"refused {method} {path.split('?')[0]}")
     assert sessions(c) == before and not any(w["draining"] for w in c.workers())
 
 
@@ -182,7 +193,7 @@ def test_oversized_bodies_are_refused_before_they_are_read(cluster: Cluster) -> 
         assert chunked.status_code == 413
     # Client-side round trip, sending 10 MB over loopback included, on a shared 2-core machine.
     assert sorted(took)[1] < 2.0, took
-    assert "with 413 in" in router_log(c)
+    assert logged(c, "with 413 in")
     with pytest.raises(openai.APIStatusError) as refused:
         client(c, API_KEY).completions.create(model=TINY, prompt=prompt, max_tokens=1)
     assert refused.value.status_code == 413
