@@ -95,6 +95,8 @@ def test_what_the_kernel_cannot_take_is_refused(kernel) -> None:
                     (torch.cat([query, query], 2), key, value),  # one query position
                     (query, key[..., :8], value[..., :8]),  # the query's head size
                     (query[:, :3], key, value),  # heads a multiple of the key-value heads
+                    (query, key, value[:, :, :window - 1]),  # values with fewer columns than keys
+                    (query, key, value[:, :2]),  # values with fewer heads than keys
                     (query, key.transpose(2, 3).contiguous().transpose(2, 3), value)]:  # contiguous columns
         assert not kernel.supports(q, k, v)
         with pytest.raises(ValueError):

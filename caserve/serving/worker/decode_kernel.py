@@ -56,12 +56,14 @@ class DecodeKernel:
     def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
         """Whether the kernel can take these [n, heads, 1, dim] queries and [n, kv_heads, window, dim]
         keys and values: float32 on the CPU, one query position, heads a multiple of the key-value heads,
-        each key and value column contiguous."""
+        keys and values of the same shape, each key and value column contiguous (the kernel reads the
+        columns a row's range names, so every shape it relies on is checked here)."""
         n, heads, q_len, dim = query.shape
         return (query.device.type == "cpu" and q_len == 1
                 and query.dtype == key.dtype == value.dtype == torch.float32
                 and key.dim() == value.dim() == 4 and key.shape[0] == value.shape[0] == n
                 and key.shape[1] == value.shape[1] and heads % key.shape[1] == 0
+                and key.shape[2] == value.shape[2]
                 and key.shape[3] == dim and value.shape[3] == dim
                 and key.stride(3) == 1 and value.stride(3) == 1)
 
