@@ -25,7 +25,8 @@
 float expf(float) __attribute__((simd("notinbranch")));
 #endif
 
-typedef float v8 __attribute__((vector_size(32), aligned(4))); /* aligned(4): loads need no alignment */
+/* aligned(4): loads need no alignment; may_alias: the floats of the cache are read through it */
+typedef float v8 __attribute__((vector_size(32), aligned(4), may_alias));
 
 static inline float hsum(v8 x)
 {
