@@ -8,8 +8,8 @@
  * Work is split by (row, key-value head): the query heads of one group share each key and value read.
  * Each task computes its scores, a softmax with the maximum subtracted, and the weighted sum of values in
  * a fixed order, so a row's output does not depend on the other rows of the step. Head sizes that are
- * a multiple of 8 (16, 32, 64, 128, ...) use 8-float vectors (GCC vector extensions, so the code stays
- * portable; -march=native picks the instructions); others a plain loop.
+ * a multiple of 8 use 8-float vectors (GCC vector extensions, so the code stays portable; -march=native
+ * picks the instructions), unrolled for 16, 32, 64 and 128; others a plain loop.
  *
  * Built and loaded by decode_kernel.py (plain C: no Python or torch headers, so it compiles in well under
  * a second), without -ffast-math, which would switch the whole process to flush-to-zero. Returns 0, or 1
@@ -123,7 +123,8 @@ static void values_any(const float *s, const float *vb, int64_t v_col, int64_t l
     case 32: { const int64_t D = 32; call_v8; } break;                                                     \
     case 64: { const int64_t D = 64; call_v8; } break;                                                     \
     case 128: { const int64_t D = 128; call_v8; } break;                                                   \
-    default: call_any;                                                                                     \
+    default:                                                                                               \
+        if (dim % 8 == 0) { const int64_t D = dim; call_v8; } else { call_any; }                           \
     }
 
 int caserve_decode_attention(const float *q, const float *k, const float *v, float *out,
