@@ -1,8 +1,8 @@
 """The varlen decode-attention kernel of CPU workers: each row's output equals SDPA over that row's own
-columns (head sizes unrolled, vectorised at run time (24, 80) and plain (5), grouped-query attention, ranges that do not start
-at column 0, keys and values read in place from a larger cache), does not depend on the other rows or
-the thread count, refuses what it cannot take, and the engine falls back to per-run SDPA when the
-kernel cannot be built."""
+columns (head sizes unrolled (16, 64, 128), vectorised at run time (24, 80) and plain (5), grouped-query
+attention, ranges that do not start at column 0, keys and values read in place from a larger cache),
+does not depend on the other rows or the thread count, refuses what it cannot take, and the engine
+falls back to per-run SDPA when the kernel cannot be built."""
 
 from __future__ import annotations
 
