@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import wait_until
 from serving_procs import TINY, Cluster
 from caserve.serving.messages import WORKER_TOKEN_HEADER
 
@@ -78,12 +79,7 @@ def router_log(c: Cluster) -> str:
 def logged(c: Cluster, text: str, timeout: float = 10.0) -> bool:
     """Whether the router logs ``text`` within ``timeout`` seconds (it writes a refusal's line after
     sending the response, so the client can read the log before the line is there)."""
-    deadline = time.monotonic() + timeout
-    while text not in router_log(c):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    return wait_until(lambda: text in router_log(c), timeout=timeout)
 
 
 def register_body(worker_id: str, model: str = TINY) -> dict[str, Any]:
