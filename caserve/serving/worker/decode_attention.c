@@ -9,7 +9,9 @@
  * Each task computes its scores, a softmax with the maximum subtracted, and the weighted sum of values in
  * a fixed order, so a row's output does not depend on the other rows of the step. Head sizes that are
  * a multiple of 8 use 8-float vectors (GCC vector extensions, so the code stays portable; -march=native
- * picks the instructions), unrolled for 16, 32, 64 and 128; others a plain loop.
+ * picks the instructions); others a plain loop. With vectors, scores are reduced eight columns at a
+ * time, and the weighted sum keeps its accumulators in registers, in several sets for short heads, so
+ * that small heads (16 floats: the CPU-sized models) are not bound by reductions and add latency.
  *
  * Built and loaded by decode_kernel.py (plain C: no Python or torch headers, so it compiles in well under
  * a second), without -ffast-math, which would switch the whole process to flush-to-zero. Returns 0, or 1
@@ -28,22 +30,59 @@ float expf(float) __attribute__((simd("notinbranch")));
 /* aligned(4): loads need no alignment; may_alias: the floats of the cache are read through it */
 typedef float v8 __attribute__((vector_size(32), aligned(4), may_alias));
 
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* The sum of one vector's lanes, as the tree ((x0+x1)+(x2+x3))+((x4+x5)+(x6+x7)): the order sum8 below
+ * uses for each of its eight columns, so a column's score does not depend on where it falls. */
 static inline float hsum(v8 x)
 {
-    float s = 0.0f;
-    for (int i = 0; i < 8; i++)
-        s += x[i];
-    return s;
+    return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
 }
 
-/* Scores s[h * len + j] = scale * q_h . k_j for the group's heads; dim a multiple of 8. Inlined per
- * head size, so that the loops over the dimension unroll. */
+/* Lane-wise sums of pairs of lanes from a and b: [a0+a1, b0+b1, a2+a3, b2+b3, ...]. */
+static inline v8 pair_sums(v8 a, v8 b)
+{
+    return __builtin_shuffle(a, b, (v8i){0, 8, 2, 10, 4, 12, 6, 14})
+         + __builtin_shuffle(a, b, (v8i){1, 9, 3, 11, 5, 13, 7, 15});
+}
+
+/* The eight horizontal sums of x[0..7] in one vector (lane i = hsum(x[i]), in hsum's order): three
+ * levels of shuffles and adds instead of eight scalar reductions. */
+static inline v8 sum8(const v8 *x)
+{
+    const v8 p01 = pair_sums(x[0], x[1]), p23 = pair_sums(x[2], x[3]);
+    const v8 p45 = pair_sums(x[4], x[5]), p67 = pair_sums(x[6], x[7]);
+    const v8 q03 = __builtin_shuffle(p01, p23, (v8i){0, 1, 8, 9, 4, 5, 12, 13})
+                 + __builtin_shuffle(p01, p23, (v8i){2, 3, 10, 11, 6, 7, 14, 15});
+    const v8 q47 = __builtin_shuffle(p45, p67, (v8i){0, 1, 8, 9, 4, 5, 12, 13})
+                 + __builtin_shuffle(p45, p67, (v8i){2, 3, 10, 11, 6, 7, 14, 15});
+    return __builtin_shuffle(q03, q47, (v8i){0, 1, 2, 3, 8, 9, 10, 11})
+         + __builtin_shuffle(q03, q47, (v8i){4, 5, 6, 7, 12, 13, 14, 15});
+}
+
+/* Scores s[h * len + j] = scale * q_h . k_j for the group's heads; dim a multiple of 8. Eight columns
+ * at a time, their lane sums reduced together (sum8); the last len % 8 one by one, in the same order.
+ * Inlined per head size, so that the loops over the dimension unroll. */
 static inline __attribute__((always_inline)) void scores_v8(const float *qg, const float *kb, int64_t k_col,
                                                             int64_t len, int64_t group, int64_t dim,
                                                             float scale, float *s)
 {
     const int64_t c8 = dim / 8;
-    for (int64_t j = 0; j < len; j++) {
+    int64_t j = 0;
+    for (; j + 8 <= len; j += 8) {
+        for (int64_t h = 0; h < group; h++) {
+            const v8 *qh = (const v8 *)(qg + h * dim);
+            v8 acc[8];
+            for (int i = 0; i < 8; i++) {
+                const v8 *kj = (const v8 *)(kb + (j + i) * k_col);
+                acc[i] = qh[0] * kj[0];
+                for (int64_t c = 1; c < c8; c++)
+                    acc[i] += qh[c] * kj[c];
+            }
+            *(v8 *)(s + h * len + j) = sum8(acc) * scale;
+        }
+    }
+    for (; j < len; j++) {
         const v8 *kj = (const v8 *)(kb + j * k_col);
         for (int64_t h = 0; h < group; h++) {
             const v8 *qh = (const v8 *)(qg + h * dim);
@@ -84,23 +123,60 @@ static void softmax(float *s, int64_t len)
         s[j] *= inv;
 }
 
-/* og[h] = sum_j s[h * len + j] * v_j for the group's heads (og zeroed by the caller). */
-static inline __attribute__((always_inline)) void values_v8(const float *s, const float *vb, int64_t v_col,
-                                                            int64_t len, int64_t group, int64_t dim, float *og)
+/* o = sum_j p[j] * v_j over n 8-float vectors of the dimension (n from 1 to 8, a constant where this is
+ * inlined, so that the accumulators stay in registers). For short vectors, consecutive columns go to up
+ * to four sets of accumulators, summed in a fixed order at the end, so that their multiply-adds do not
+ * wait for each other. */
+static inline __attribute__((always_inline)) void values_chunk(const float *p, const float *vb, int64_t v_col,
+                                                               int64_t len, int n, float *o)
 {
-    const int64_t c8 = dim / 8;
-    for (int64_t h = 0; h < group; h++) {
-        v8 acc[c8];
-        for (int64_t c = 0; c < c8; c++)
-            acc[c] = (v8){0};
-        const float *sh = s + h * len;
-        for (int64_t j = 0; j < len; j++) {
-            const v8 *vj = (const v8 *)(vb + j * v_col);
-            for (int64_t c = 0; c < c8; c++)
-                acc[c] += sh[j] * vj[c];
+    const int sets = n <= 2 ? 4 : n <= 4 ? 2 : 1;
+    v8 acc[4][8];
+    for (int u = 0; u < sets; u++)
+        for (int c = 0; c < n; c++)
+            acc[u][c] = (v8){0};
+    int64_t j = 0;
+    for (; j + sets <= len; j += sets)
+        for (int u = 0; u < sets; u++) {
+            const v8 *vj = (const v8 *)(vb + (j + u) * v_col);
+            for (int c = 0; c < n; c++)
+                acc[u][c] += p[j + u] * vj[c];
         }
-        memcpy(og + h * dim, acc, sizeof(float) * (size_t)dim);
+    for (int u = 0; j < len; j++, u++) {
+        const v8 *vj = (const v8 *)(vb + j * v_col);
+        for (int c = 0; c < n; c++)
+            acc[u][c] += p[j] * vj[c];
     }
+    for (int c = 0; c < n; c++) {
+        v8 sum = acc[0][c];
+        if (sets == 2)
+            sum += acc[1][c];
+        if (sets == 4)
+            sum = (sum + acc[1][c]) + (acc[2][c] + acc[3][c]);
+        memcpy(o + c * 8, &sum, sizeof sum);
+    }
+}
+
+/* og[h] = sum_j s[h * len + j] * v_j for the group's heads; dim a multiple of 8, taken 64 floats at a
+ * time. */
+static void values_v8(const float *s, const float *vb, int64_t v_col, int64_t len, int64_t group,
+                      int64_t dim, float *og)
+{
+    for (int64_t h = 0; h < group; h++)
+        for (int64_t c0 = 0; c0 < dim; c0 += 64) {
+            const float *p = s + h * len, *vc = vb + c0;
+            float *o = og + h * dim + c0;
+            switch ((dim - c0) >= 64 ? 8 : (int)((dim - c0) / 8)) {
+            case 1: values_chunk(p, vc, v_col, len, 1, o); break;
+            case 2: values_chunk(p, vc, v_col, len, 2, o); break;
+            case 3: values_chunk(p, vc, v_col, len, 3, o); break;
+            case 4: values_chunk(p, vc, v_col, len, 4, o); break;
+            case 5: values_chunk(p, vc, v_col, len, 5, o); break;
+            case 6: values_chunk(p, vc, v_col, len, 6, o); break;
+            case 7: values_chunk(p, vc, v_col, len, 7, o); break;
+            default: values_chunk(p, vc, v_col, len, 8, o); break;
+            }
+        }
 }
 
 static void values_any(const float *s, const float *vb, int64_t v_col, int64_t len, int64_t group,
