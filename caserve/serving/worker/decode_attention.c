@@ -60,8 +60,11 @@ static inline v8 sum8(const v8 *x)
          + __builtin_shuffle(q03, q47, (v8i){4, 5, 6, 7, 12, 13, 14, 15});
 }
 
-/* Scores s[h * len + j] = scale * q_h . k_j for the group's heads; dim a multiple of 8. Eight columns
- * at a time, their lane sums reduced together (sum8); the last len % 8 one by one, in the same order.
+/* Scores s[h * len + j] = scale * q_h . k_j for the group's heads; dim a multiple of 8. Heads under 64
+ * floats take eight columns at a time, their lane sums reduced together (sum8), where one column's few
+ * multiply-adds would otherwise wait on its own reduction; the rest of the columns, and every column of
+ * wider heads (whose multiply-adds outweigh the reduction, and which read each key once for all the
+ * group's heads this way: 8% faster for Qwen2's 14/2 x 64), one by one, in the same order.
  * Inlined per head size, so that the loops over the dimension unroll. */
 static inline __attribute__((always_inline)) void scores_v8(const float *qg, const float *kb, int64_t k_col,
                                                             int64_t len, int64_t group, int64_t dim,
@@ -69,7 +72,7 @@ static inline __attribute__((always_inline)) void scores_v8(const float *qg, con
 {
     const int64_t c8 = dim / 8;
     int64_t j = 0;
-    for (; j + 8 <= len; j += 8) {
+    for (; c8 < 8 && j + 8 <= len; j += 8) {
         for (int64_t h = 0; h < group; h++) {
             const v8 *qh = (const v8 *)(qg + h * dim);
             v8 acc[8];
