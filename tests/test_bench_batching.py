@@ -31,11 +31,12 @@ def test_output_lengths_are_drawn_from_the_trace_and_capped(tmp_path: Path) -> N
 def test_static_and_continuous_runs_on_the_same_arrivals(tmp_path: Path) -> None:
     sharegpt, trace = inputs(tmp_path)
     spec = BatchingSpec(sharegpt=sharegpt, trace=trace, num_requests=6, loads=(1.0,), max_batch=2, max_output=12,
-                        saturation_rounds=2)
+                        saturation_rounds=2, load_rounds=2)
     result = run_batching(spec, tmp_path / "out")
     assert [(r["step"], r["round"], r["mode"]) for r in result["rows"]] == [
         ("saturation", 1, "static"), ("saturation", 1, "continuous"), ("saturation", 2, "static"),
-        ("saturation", 2, "continuous"), ("1x", 1, "static"), ("1x", 1, "continuous")]
+        ("saturation", 2, "continuous"), ("1x", 1, "static"), ("1x", 1, "continuous"), ("1x", 2, "static"),
+        ("1x", 2, "continuous")]
     assert all(r["completed"] == 6 and r["failed"] == 0 for r in result["rows"])
     static = [r["throughput_rps"] for r in result["rows"][:4:2]]
     assert result["static_capacity_rps"] == pytest.approx(sum(static) / 2) and min(static) > 0
@@ -44,8 +45,10 @@ def test_static_and_continuous_runs_on_the_same_arrivals(tmp_path: Path) -> None
     assert result["targets"]["saturation_throughput_ratio"] > 0
     text = markdown(result)
     assert "saturation #2" in text and "median of 2 rounds" in text and (tmp_path / "out" / "batching.json").is_file()
-    with pytest.raises(BatchingBenchError):
-        run_batching(BatchingSpec(sharegpt=sharegpt, trace=trace, num_requests=2, saturation_rounds=0))
+    assert "| 1x #2 | continuous |" in text
+    for bad in (dict(saturation_rounds=0), dict(load_rounds=0)):
+        with pytest.raises(BatchingBenchError):
+            run_batching(BatchingSpec(sharegpt=sharegpt, trace=trace, num_requests=2, **bad))
 
 
 def test_saturation_ratio_is_the_median_of_paired_rounds() -> None:
@@ -64,9 +67,33 @@ def test_saturation_ratio_is_the_median_of_paired_rounds() -> None:
     assert t["saturation_throughput_ratios"] == pytest.approx([2.4, 1.5, 2.2])
     assert t["saturation_throughput_ratio"] == pytest.approx(2.2)
     assert t["p99_jct_reduction_pct_at_0.9x"] == pytest.approx(75.0)
+    assert t["p99_jct_reductions_pct_at_0.9x"] == pytest.approx([75.0])
     # a result written before rounds existed (no "round" key) reads as one round
     old = targets([{k: v for k, v in r.items() if k != "round"} for r in rows if r["round"] == 1])
     assert old["saturation_throughput_ratio"] == pytest.approx(2.4)
+
+
+def test_p99_jct_reduction_is_the_median_of_paired_load_rounds() -> None:
+    """Each 0.9x round's continuous p99 against the static run beside it (75%, 20%, 50% lower): the median
+    is 50%, not the first round's 75% nor the reduction of the medians' (1 - 200/500 = 60%)."""
+    from caserve.bench.batching import targets
+
+    def row(k: int, mode: str, p99: float) -> dict:
+        return {"step": "0.9x", "round": k, "mode": mode, "throughput_rps": 1.0, "jct_p99_ms": p99}
+
+    rows = [row(1, "static", 400.0), row(1, "continuous", 100.0), row(2, "static", 500.0),
+            row(2, "continuous", 400.0), row(3, "static", 600.0), row(3, "continuous", 300.0)]
+    t = targets(rows)
+    assert t["p99_jct_reductions_pct_at_0.9x"] == pytest.approx([75.0, 20.0, 50.0])
+    assert t["p99_jct_reduction_pct_at_0.9x"] == pytest.approx(50.0)
+    # a round missing its continuous run counts for nothing
+    assert targets(rows[:-1])["p99_jct_reductions_pct_at_0.9x"] == pytest.approx([75.0, 20.0])
+    result = {"rows": [dict(r, completed=1, failed=0, output_tok_s=1.0, queue_delay_mean_ms=0.0,
+                            queue_delay_p99_ms=0.0, ttft_mean_ms=0.0, ttft_p99_ms=0.0, tpot_mean_ms=0.0,
+                            jct_mean_ms=0.0) for r in rows],
+              "static_capacity_rps": 1.0, "targets": t}
+    text = markdown(result)
+    assert "| 0.9x #3 | static |" in text and "50.0% lower (median of 3 rounds: 75.0%, 20.0%, 50.0%)" in text
 
 
 def test_outputs_are_cut_to_fit_the_context_after_their_prompt(tmp_path: Path) -> None:
