@@ -9,9 +9,10 @@
  * Each task computes its scores, a softmax with the maximum subtracted, and the weighted sum of values in
  * a fixed order, so a row's output does not depend on the other rows of the step. Head sizes that are
  * a multiple of 8 use 8-float vectors (GCC vector extensions, so the code stays portable; -march=native
- * picks the instructions); others a plain loop. With vectors, scores are reduced eight columns at a
- * time, and the weighted sum keeps its accumulators in registers, in several sets for short heads, so
- * that small heads (16 floats: the CPU-sized models) are not bound by reductions and add latency.
+ * picks the instructions); others a plain loop. With vectors, heads under 64 floats reduce their scores
+ * eight columns at a time, and the weighted sum keeps its accumulators in registers, in several sets for
+ * short heads: small heads (16 floats, as in the CPU-sized models) would otherwise spend their time on
+ * reductions and on multiply-adds that wait for the one before.
  *
  * Built and loaded by decode_kernel.py (plain C: no Python or torch headers, so it compiles in well under
  * a second), without -ffast-math, which would switch the whole process to flush-to-zero. Returns 0, or 1
@@ -32,8 +33,9 @@ typedef float v8 __attribute__((vector_size(32), aligned(4), may_alias));
 
 typedef int32_t v8i __attribute__((vector_size(32)));
 
-/* The sum of one vector's lanes, as the tree ((x0+x1)+(x2+x3))+((x4+x5)+(x6+x7)): the order sum8 below
- * uses for each of its eight columns, so a column's score does not depend on where it falls. */
+/* The sum of one vector's lanes, as the tree ((x0+x1)+(x2+x3))+((x4+x5)+(x6+x7)), the one sum8 below
+ * builds for each of its eight columns. (Which columns a row reduces in blocks depends only on its own
+ * range, so its output does not depend on the other rows either way.) */
 static inline float hsum(v8 x)
 {
     return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
