@@ -23,15 +23,22 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__) && defined(__GLIBC__)
-/* glibc's vector expf (libmvec), which its headers declare only under -ffast-math */
+#if defined(__x86_64__) && defined(__GLIBC__) && !defined(__clang__)
+/* glibc's vector expf (libmvec), which its headers declare only under -ffast-math (GCC's attribute) */
 float expf(float) __attribute__((simd("notinbranch")));
 #endif
 
 /* aligned(4): loads need no alignment; may_alias: the floats of the cache are read through it */
 typedef float v8 __attribute__((vector_size(32), aligned(4), may_alias));
 
+/* Lanes of a and b picked by index (0-7 from a, 8-15 from b): __builtin_shufflevector in clang and
+ * GCC 12 and later, __builtin_shuffle in older GCC. */
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
+#else
 typedef int32_t v8i __attribute__((vector_size(32)));
+#define SHUFFLE(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shuffle(a, b, (v8i){i0, i1, i2, i3, i4, i5, i6, i7})
+#endif
 
 /* The sum of one vector's lanes, as the tree ((x0+x1)+(x2+x3))+((x4+x5)+(x6+x7)), the one sum8 below
  * builds for each of its eight columns. (Which columns a row reduces in blocks depends only on its own
@@ -44,8 +51,8 @@ static inline float hsum(v8 x)
 /* Lane-wise sums of pairs of lanes from a and b: [a0+a1, b0+b1, a2+a3, b2+b3, ...]. */
 static inline v8 pair_sums(v8 a, v8 b)
 {
-    return __builtin_shuffle(a, b, (v8i){0, 8, 2, 10, 4, 12, 6, 14})
-         + __builtin_shuffle(a, b, (v8i){1, 9, 3, 11, 5, 13, 7, 15});
+    return SHUFFLE(a, b, 0, 8, 2, 10, 4, 12, 6, 14)
+         + SHUFFLE(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
 }
 
 /* The eight horizontal sums of x[0..7] in one vector (lane i = hsum(x[i]), in hsum's order): three
@@ -54,12 +61,12 @@ static inline v8 sum8(const v8 *x)
 {
     const v8 p01 = pair_sums(x[0], x[1]), p23 = pair_sums(x[2], x[3]);
     const v8 p45 = pair_sums(x[4], x[5]), p67 = pair_sums(x[6], x[7]);
-    const v8 q03 = __builtin_shuffle(p01, p23, (v8i){0, 1, 8, 9, 4, 5, 12, 13})
-                 + __builtin_shuffle(p01, p23, (v8i){2, 3, 10, 11, 6, 7, 14, 15});
-    const v8 q47 = __builtin_shuffle(p45, p67, (v8i){0, 1, 8, 9, 4, 5, 12, 13})
-                 + __builtin_shuffle(p45, p67, (v8i){2, 3, 10, 11, 6, 7, 14, 15});
-    return __builtin_shuffle(q03, q47, (v8i){0, 1, 2, 3, 8, 9, 10, 11})
-         + __builtin_shuffle(q03, q47, (v8i){4, 5, 6, 7, 12, 13, 14, 15});
+    const v8 q03 = SHUFFLE(p01, p23, 0, 1, 8, 9, 4, 5, 12, 13)
+                 + SHUFFLE(p01, p23, 2, 3, 10, 11, 6, 7, 14, 15);
+    const v8 q47 = SHUFFLE(p45, p67, 0, 1, 8, 9, 4, 5, 12, 13)
+                 + SHUFFLE(p45, p67, 2, 3, 10, 11, 6, 7, 14, 15);
+    return SHUFFLE(q03, q47, 0, 1, 2, 3, 8, 9, 10, 11)
+         + SHUFFLE(q03, q47, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
 /* Scores s[h * len + j] = scale * q_h . k_j for the group's heads; dim a multiple of 8. Heads under 64
