@@ -243,7 +243,10 @@ int caserve_decode_attention(const float *q, const float *k, const float *v, flo
                scores_any(qg, kb, k_col, len, group, dim, scale, s));
         for (int64_t h = 0; h < group; h++)
             softmax(s + h * len, len);
-        BY_DIM(values_v8(s, vb, v_col, len, group, D, og), values_any(s, vb, v_col, len, group, dim, og));
+        if (dim % 8 == 0) /* values_v8 picks its register blocks by the head size itself */
+            values_v8(s, vb, v_col, len, group, dim, og);
+        else
+            values_any(s, vb, v_col, len, group, dim, og);
         free(s);
     }
     return failed;
