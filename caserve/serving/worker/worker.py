@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import threading
 from typing import AsyncIterator, Callable, Optional, Union
 
@@ -28,6 +29,7 @@ from caserve.serving.messages import (
 )
 from caserve.serving.worker.config import WorkerConfig
 from caserve.serving.worker.engine import Engine
+from caserve.serving.worker.event_stream import EventStreamError, post_lines
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ class Worker:
         self.config = config
         self.engine: Optional[Engine] = None
         self.device: Union[str, torch.device, None] = None
+        self.verify: ssl.SSLContext | bool = True  # how the router's certificate is checked (https)
 
     async def run_forever(self) -> None:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per event POST otherwise
@@ -135,8 +138,9 @@ class Worker:
         """Register and serve; on losing the router, register again (with backoff while it stays
         unreachable). Raises DeviceLost, or WorkerTokenRefused when the router refuses our token."""
         headers = {WORKER_TOKEN_HEADER: self.config.router_token}
+        self.verify = router_verify(self.config.router_ca)
         async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0), headers=headers,
-                                     verify=router_verify(self.config.router_ca)) as client:
+                                     verify=self.verify) as client:
             while True:
                 reply = await self._register_with_backoff(client)
                 try:
@@ -264,9 +268,10 @@ class _Session:
             self.outbox.put_nowait(None)
 
     async def _send_events(self) -> None:
-        """One long POST for the whole session: its chunked body carries an ``EventsRequest`` per line,
-        written as the engine's steps hand events over (what queued meanwhile goes in one line). Leaving
-        (None in the outbox) ends the body after the last events, then unregisters."""
+        """One long POST for the whole session (:mod:`~caserve.serving.worker.event_stream`): its chunked
+        body carries an ``EventsRequest`` per line, written as the engine's steps hand events over (what
+        queued meanwhile goes in one line). Leaving (None in the outbox) ends the body after the last
+        events, then unregisters. A refusal or a lost connection is losing the router."""
         leaving = False
 
         async def lines() -> AsyncIterator[bytes]:
@@ -281,12 +286,15 @@ class _Session:
                     events = payload[start:start + MAX_EVENTS]
                     yield encode(EventsRequest(session=self.session, events=events)) + b"\n"
 
-        # No read timeout: the router answers only when the body ends (or refuses a line at once).
-        resp = await self.client.post(f"{self.base}/events", content=lines(), headers=NDJSON,
-                                      timeout=httpx.Timeout(10.0, connect=5.0, read=None))
-        if resp.status_code == 404:
+        try:
+            headers = {WORKER_TOKEN_HEADER: self.worker.config.router_token, **NDJSON}
+            status, answer = await post_lines(f"{self.base}/events", headers, lines(), verify=self.worker.verify)
+        except EventStreamError as exc:
+            raise RouterLost(str(exc)) from None
+        if status == 404:
             raise RouterLost("session unknown")
-        resp.raise_for_status()
+        if status != 200:
+            raise RouterLost(f"the router refused the event stream ({status}): {answer[:200]!r}")
         if not leaving:
             raise RouterLost("the router ended the event stream")
         await self.client.post(f"{self.base}/unregister", content=self.session_body, headers=JSON)
