@@ -15,6 +15,7 @@ from typing import AsyncIterator, Optional
 import h11
 import pytest
 
+from caserve.serving.credentials import router_verify
 from caserve.serving.worker import event_stream
 from caserve.serving.worker.event_stream import EventStreamError, post_lines
 
@@ -156,7 +157,14 @@ def test_tls_carries_the_stream_and_a_certificate_from_another_ca_is_refused(cer
     with pytest.raises(EventStreamError, match="cannot connect"):
         _run(go(ssl.create_default_context(cafile=str(other))))
     with pytest.raises(EventStreamError):  # the system's trust store does not know a self-signed router
-        _run(go(True))
+        _run(go(None))
+    # What the worker passes: its --router-ca alone, or the system's trust store, always checked.
+    for ca, count in ((cert[0], 1), (None, None)):
+        context = router_verify(ca)
+        assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+        assert count is None or len(context.get_ca_certs()) == count
+    status, _ = _run(go(router_verify(cert[0])))[1]
+    assert status == 200
 
 
 def test_a_refusal_is_noticed_at_once_while_the_worker_has_nothing_to_send() -> None:

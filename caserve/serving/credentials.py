@@ -72,12 +72,13 @@ def resolve_secret(path: Optional[Path], env: str, what: str) -> Optional[str]:
     return check_secret(value, what) if value else None
 
 
-def router_verify(ca_file: Optional[str | Path]) -> ssl.SSLContext | bool:
-    """What an HTTP client of the router checks its certificate against: the CA file given (or
-    :data:`ROUTER_CA_ENV`), else the system's trust store. (Plain ``http://`` routers ignore it.)"""
+def router_verify(ca_file: Optional[str | Path]) -> ssl.SSLContext:
+    """What a client of the router checks its certificate against: the CA file given (or
+    :data:`ROUTER_CA_ENV`), else the system's trust store (not a bundle of the HTTP client's own).
+    Plain ``http://`` routers ignore it."""
     ca = ca_file or os.environ.get(ROUTER_CA_ENV) or None
     if ca is None:
-        return True
+        return ssl.create_default_context()
     try:
         return ssl.create_default_context(cafile=str(ca))
     except (OSError, ssl.SSLError) as exc:

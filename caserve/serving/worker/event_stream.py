@@ -32,27 +32,18 @@ class EventStreamError(Exception):
     the connection without answering."""
 
 
-def _ssl_context(verify: ssl.SSLContext | bool) -> ssl.SSLContext:
-    """``verify`` as :func:`~caserve.serving.credentials.router_verify` gives it: a context that trusts
-    the router's CA, or True for the system's trust store."""
-    if isinstance(verify, ssl.SSLContext):
-        return verify
-    if verify is not True:
-        raise ValueError("the event stream always checks the router's certificate")
-    return ssl.create_default_context()
-
-
 async def post_lines(url: str, headers: dict[str, str], lines: AsyncIterator[bytes], *,
-                     verify: ssl.SSLContext | bool = True) -> tuple[int, bytes]:
+                     verify: Optional[ssl.SSLContext] = None) -> tuple[int, bytes]:
     """POST ``lines`` to ``url`` as one chunked body. Returns the router's status and body: once the body
     has ended (``lines`` is exhausted), or as soon as the router answers before that (it refused a line;
     the rest of ``lines`` is then not taken). Raises :class:`EventStreamError` on any failure of the
-    connection."""
+    connection. ``verify``: what an ``https`` router's certificate is checked against (the system's trust
+    store when None)."""
     target = httpx.URL(url)
     if target.scheme not in ("http", "https") or not target.host:
         raise ValueError(f"not an http(s) URL: {url!r}")
     port = target.port or (443 if target.scheme == "https" else 80)
-    context = _ssl_context(verify) if target.scheme == "https" else None
+    context = (verify or ssl.create_default_context()) if target.scheme == "https" else None
     try:
         async with asyncio.timeout(CONNECT_S):
             reader, writer = await asyncio.open_connection(

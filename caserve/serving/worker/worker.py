@@ -84,7 +84,7 @@ class Worker:
         self.config = config
         self.engine: Optional[Engine] = None
         self.device: Union[str, torch.device, None] = None
-        self.verify: ssl.SSLContext | bool = True  # how the router's certificate is checked (https)
+        self.verify: Optional[ssl.SSLContext] = None  # what an https router's certificate is checked against
 
     async def run_forever(self) -> None:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per event POST otherwise
@@ -139,8 +139,10 @@ class Worker:
         unreachable). Raises DeviceLost, or WorkerTokenRefused when the router refuses our token."""
         headers = {WORKER_TOKEN_HEADER: self.config.router_token}
         self.verify = router_verify(self.config.router_ca)
+        # trust_env=False: workers dial the router directly, whatever HTTP(S)_PROXY says (the event stream
+        # has its own connection, and a proxy that buffers would hold the channel's and the events' lines)
         async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0), headers=headers,
-                                     verify=self.verify) as client:
+                                     verify=self.verify, trust_env=False) as client:
             while True:
                 reply = await self._register_with_backoff(client)
                 try:
