@@ -87,7 +87,7 @@ class Worker:
         self.verify: Optional[ssl.SSLContext] = None  # what an https router's certificate is checked against
 
     async def run_forever(self) -> None:
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per event POST otherwise
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat otherwise
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         while True:
