@@ -1,7 +1,9 @@
 """The worker's event stream (caserve.serving.worker.event_stream) against a scripted router: lines
 arrive whole and in order, over TLS too; a refusal is noticed at once, even while no line is written;
 every way the other side can fail (nothing listening, closing, garbage, not reading, another
-certificate, random bytes) ends in EventStreamError, within its deadline, never a hang."""
+certificate, random bytes) ends in EventStreamError, within its deadline, never a hang. Last, against
+the router's own app on a socket: lines apply as they come, and a bad line or a wrong token is
+answered."""
 
 from __future__ import annotations
 
@@ -13,13 +15,21 @@ from pathlib import Path
 from typing import AsyncIterator, Optional
 
 import h11
+import httpx
+import msgspec
 import pytest
+import uvicorn
 
 from caserve.serving.credentials import router_verify
+from caserve.serving.messages import WORKER_TOKEN_HEADER, RegisterReply, SamplingParams
+from caserve.serving.router.api import create_app
+from caserve.serving.router.jobs import Job, JobState
+from caserve.serving.router.router import Router
+from caserve.serving.router.security import RouterSecurity
 from caserve.serving.worker import event_stream
 from caserve.serving.worker.event_stream import EventStreamError, post_lines
 
-TOKEN = {"x-caserve-worker-token": "t" * 32, "content-type": "application/x-ndjson"}
+TOKEN = {WORKER_TOKEN_HEADER: "t" * 32, "content-type": "application/x-ndjson"}
 
 
 class ScriptedRouter:
@@ -136,7 +146,7 @@ def test_every_line_arrives_in_order_with_the_token_and_the_answer_comes_back() 
     assert (status, answer) == (200, b'{"ok":true}')
     assert bytes(router.body) == b"".join(items)  # the empty item is skipped, not taken as the body's end
     assert router.target == b"/internal/workers/w1/events?x=1"
-    assert router.headers[b"x-caserve-worker-token"] == b"t" * 32
+    assert router.headers[WORKER_TOKEN_HEADER.lower().encode()] == b"t" * 32
     assert router.headers[b"transfer-encoding"] == b"chunked"
     assert router.headers[b"host"].startswith(b"127.0.0.1:")
 
@@ -256,3 +266,63 @@ def test_random_answers_end_in_an_answer_or_an_error_never_a_hang() -> None:
         except EventStreamError:
             outcomes.add("error")
     assert outcomes == {"answer", "error"}  # both kinds were exercised
+
+
+def test_against_the_router_lines_apply_as_they_come_and_a_bad_line_is_answered_while_the_worker_waits() -> None:
+    """The real router app on a real socket: the worker's stream applies a line before the next is sent;
+    a bad line gets its 400 while the worker has nothing more to send, with the lines before it applied
+    and the job still running; a new stream of the same session then finishes the job exactly once."""
+    secret = "s" * 32
+    headers = {WORKER_TOKEN_HEADER: secret, "content-type": "application/x-ndjson"}
+
+    def line(session: str, events: list) -> bytes:
+        return msgspec.json.encode({"session": session, "events": events}) + b"\n"
+
+    async def scenario() -> None:
+        router = Router(policy="fcfs", max_queue=8)
+        server = uvicorn.Server(uvicorn.Config(create_app(router, RouterSecurity(secret)), host="127.0.0.1",
+                                               port=0, log_level="warning", lifespan="off"))
+        serving = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        base = f"http://127.0.0.1:{port}/internal/workers"
+        try:
+            async with httpx.AsyncClient(headers={WORKER_TOKEN_HEADER: secret}) as client:
+                r = await client.post(f"{base}/register", json={"worker_id": "a", "kind": "cpu", "model": "m",
+                                                                "task": "causal-lm", "max_batch": 1, "max_context": 64})
+                assert r.status_code == 200, r.text
+            session = msgspec.json.decode(r.content, type=RegisterReply).session
+            ws = router.models["m"].workers["a"]
+            router.channel_opened(ws)
+            router.submit([Job("m", "generate", {"prompt": "hi", "params": SamplingParams(max_tokens=4)},
+                               prompt_units=2, max_tokens=4)])
+            (job,) = ws.jobs.values()
+            applied: list[list[int]] = []
+            never = asyncio.Event()
+
+            async def body():
+                yield line(session, [{"type": "tokens", "dispatch": job.dispatch_id, "ids": [1], "text": "a"}])
+                await asyncio.sleep(0.2)
+                applied.append(list(job.generated_ids))  # the router applied the first line meanwhile
+                yield line(session, [{"type": "done", "dispatch": "0" * 32}])  # never sent to this session
+                await never.wait()  # an idle worker: nothing more to send
+
+            status, answer = await asyncio.wait_for(post_lines(f"{base}/a/events", headers, body()), 10)
+            assert status == 400 and b"never sent" in answer
+            assert applied == [[1]] and job.state is JobState.RUNNING and job.generated_ids == [1]
+
+            async def finish():
+                yield line(session, [{"type": "done", "dispatch": job.dispatch_id, "finish_reason": "length"},
+                                     {"type": "done", "dispatch": job.dispatch_id, "finish_reason": "stop"}])
+
+            status, answer = await post_lines(f"{base}/a/events", headers, finish())
+            assert status == 200 and job.state is JobState.DONE and job.finish_reason == "length"
+            wrong = {**headers, WORKER_TOKEN_HEADER: "w" * 32}
+            status, _ = await post_lines(f"{base}/a/events", wrong, finish())
+            assert status in (401, 403)
+        finally:
+            server.should_exit = True
+            await serving
+
+    _run(scenario())
