@@ -11,12 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from serving_procs import child_env, free_port
+from serving_procs import child_env, free_port, self_signed_cert
 
 ROOT = Path(__file__).resolve().parents[1]
 # Datasets named without a path (bench CLIs, load_workload) come from the excerpts kept with the tests,
 # never from ../shared beside the checkout; subprocesses inherit this.
 os.environ["CASERVE_DATA_DIR"] = str(ROOT / "tests" / "data")
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (its own CA) and its key, as paths."""
+    crt, key = self_signed_cert(tmp_path_factory.mktemp("tls"))
+    return str(crt), str(key)
 
 
 class GPUServerProcess:

@@ -25,6 +25,16 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = "caserve/tiny-gpt2"
 
 
+def self_signed_cert(directory: Path, name: str = "cert", cn: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A self-signed certificate (its own CA) and its key, ``directory/name.pem`` and ``name-key.pem``;
+    for ``cn`` 127.0.0.1 it also names that address, so clients that check the host accept it."""
+    crt, key = directory / f"{name}.pem", directory / f"{name}-key.pem"
+    san = ["-addext", f"subjectAltName=IP:{cn}"] if cn == "127.0.0.1" else []
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={cn}",
+                    *san, "-keyout", str(key), "-out", str(crt)], check=True, capture_output=True)
+    return crt, key
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

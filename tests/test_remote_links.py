@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import ssl
 import stat
-import subprocess
 
 import pytest
 import torch
@@ -14,17 +13,7 @@ import caserve.remote as R
 from caserve.remote.server import GPUServer, Listener
 from caserve.remote.wire import protocol as P
 from caserve.remote.wire.transport import SocketChannel, default_unix_path, owned_socket, unix_dir
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1 (its own CA)."""
-    d = tmp_path_factory.mktemp("tls")
-    key, crt = d / "key.pem", d / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(crt)],
-                   check=True, capture_output=True)
-    return str(crt), str(key)
+from serving_procs import self_signed_cert
 
 
 @pytest.fixture
@@ -44,9 +33,7 @@ def test_tls_carries_the_session_and_checks_the_certificate(tls_listener, cert, 
     finally:
         R.disconnect(dev)
     # A client that trusts another CA refuses the server.
-    other = tmp_path / "other.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=x",
-                    "-keyout", str(tmp_path / "k.pem"), "-out", str(other)], check=True, capture_output=True)
+    other, _ = self_signed_cert(tmp_path, "other", cn="x")
     with pytest.raises(ssl.SSLError):
         SocketChannel.connect(tls_listener.address, transport="tcp", tls_ca=str(other))
 

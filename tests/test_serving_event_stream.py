@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
-import subprocess
-from pathlib import Path
 from typing import AsyncIterator, Optional
 
 import h11
@@ -28,6 +26,7 @@ from caserve.serving.router.router import Router
 from caserve.serving.router.security import RouterSecurity
 from caserve.serving.worker import event_stream
 from caserve.serving.worker.event_stream import EventStreamError, post_lines
+from serving_procs import self_signed_cert
 
 TOKEN = {WORKER_TOKEN_HEADER: "t" * 32, "content-type": "application/x-ndjson"}
 
@@ -112,19 +111,9 @@ def _run(coro, timeout: float = 30.0):
     return asyncio.run(bounded())
 
 
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("tls")
-    key, crt = d / "key.pem", d / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(crt)],
-                   check=True, capture_output=True)
-    return crt, key
-
-
-def _server_tls(cert: tuple[Path, Path]) -> ssl.SSLContext:
+def _server_tls(cert: tuple[str, str]) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(str(cert[0]), str(cert[1]))
+    context.load_cert_chain(cert[0], cert[1])
     return context
 
 
@@ -159,11 +148,9 @@ def test_tls_carries_the_stream_and_a_certificate_from_another_ca_is_refused(cer
         async with router as url:
             return router, await post_lines(url, TOKEN, _lines(items), verify=verify)
 
-    router, (status, _) = _run(go(ssl.create_default_context(cafile=str(cert[0]))))
+    router, (status, _) = _run(go(ssl.create_default_context(cafile=cert[0])))
     assert status == 200 and bytes(router.body) == b"".join(items)
-    other = tmp_path / "other.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=x",
-                    "-keyout", str(tmp_path / "k.pem"), "-out", str(other)], check=True, capture_output=True)
+    other, _ = self_signed_cert(tmp_path, "other", cn="x")
     with pytest.raises(EventStreamError, match="cannot connect"):
         _run(go(ssl.create_default_context(cafile=str(other))))
     with pytest.raises(EventStreamError):  # the system's trust store does not know a self-signed router

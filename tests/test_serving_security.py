@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import wait_until
-from serving_procs import TINY, Cluster
+from serving_procs import TINY, Cluster, self_signed_cert
 from caserve.serving.messages import WORKER_TOKEN_HEADER
 
 WORKER_ROUTES = [  # (method, path): every route of the worker channel, and the controller's drain
@@ -476,10 +475,8 @@ def test_cluster_mode_passes_tls_to_router_gpu_servers_and_workers(monkeypatch: 
             return self
 
     monkeypatch.setattr(actors, "SupervisedProcess", FakeProcess)
-    key, crt, gkey, gcrt = (tmp_path / n for n in ("key.pem", "cert.pem", "gkey.pem", "gcert.pem"))
-    for k, c in ((key, crt), (gkey, gcrt)):
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                        "/CN=127.0.0.1", "-keyout", str(k), "-out", str(c)], check=True, capture_output=True)
+    crt, key = self_signed_cert(tmp_path, "router")
+    gcrt, gkey = self_signed_cert(tmp_path, "gpu-server")
     cfg = parse_config({"network": {"mode": "loopback"},
                         "router": {"tls": {"cert": str(crt), "key": str(key)}},
                         "gpu_server": {"tls": {"cert": str(gcrt), "key": str(gkey)}}}).with_secrets()

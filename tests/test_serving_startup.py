@@ -4,13 +4,12 @@ examples that fit the model's task, and serves a model from a path under ``--ser
 from __future__ import annotations
 
 import ssl
-import subprocess
 import time
 
 import httpx
 import pytest
 
-from serving_procs import Cluster, openai_client
+from serving_procs import Cluster, openai_client, self_signed_cert
 from test_serving_api import EMB
 from caserve.serving.startup import usage_text
 
@@ -70,10 +69,7 @@ def test_serve_over_https_carries_workers_and_users_and_refuses_what_does_not_ch
     """--tls-cert/--tls-key: the router's one port speaks HTTPS only; the workers it starts check its
     (self-signed) certificate and register over it; a client that checks against it is answered, one that
     trusts only the system store or speaks plain HTTP is not."""
-    key, crt = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(crt)],
-                   check=True, capture_output=True)
+    crt, key = self_signed_cert(tmp_path)
     c = Cluster(tmp_path)
     https = f"https://127.0.0.1:{c.port}"
     try:
