@@ -4,14 +4,15 @@ worker used before), alternating in one process, against one sink server in anot
 
 A producer puts one line every ``GAP_MS`` (as the engine hands a step's events over) on a queue; the
 body generator takes them. The figure is this process's CPU time per line (time.process_time); a third
-mode takes the lines without writing them (the producer's own cost), which the ratio leaves out. Usage: python scripts/ab_event_stream.py [trials] [lines]
+mode takes the lines without writing them (the producer's own cost), which the ratio leaves out.
+
+Usage: PYTHONPATH=. python scripts/ab_event_stream.py [trials] [lines]
 Environment: LINE (bytes per line, 600: a step of 16 token events), GAP_MS (1)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,6 +20,8 @@ import time
 
 import httpx
 
+from caserve.bench.compare import free_port
+from caserve.bench.loadgen import wait_healthy
 from caserve.serving.worker.event_stream import post_lines
 
 SINK = """
@@ -71,18 +74,11 @@ def main() -> None:
     trials = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     count = int(sys.argv[2]) if len(sys.argv) > 2 else 3000
     size, gap_s = int(os.environ.get("LINE", 600)), float(os.environ.get("GAP_MS", 1)) / 1e3
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     sink = subprocess.Popen([sys.executable, "-c", SINK, str(port)])
     url = f"http://127.0.0.1:{port}/events"
     try:
-        for _ in range(100):
-            try:
-                httpx.get(url, timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_healthy(f"http://127.0.0.1:{port}", timeout_s=30, proc=sink)  # the sink answers every path
         modes = (("producer only", producer_only), ("httpx", with_httpx), ("h11", with_h11))
         results: dict[str, list[float]] = {name: [] for name, _ in modes}
         for trial in range(trials):

@@ -21,24 +21,17 @@ import time
 
 import httpx
 
+from burst_cpu import processes  # this folder's /proc reader
 from caserve.bench.batching import SERVE
 from caserve.bench.compare import Config, launched_server
 
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def worker_cpu_s() -> float:
     """User + system CPU seconds of the worker process (/proc, Linux only)."""
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline") as fh:
-                if "caserve.cli worker" not in fh.read().replace("\0", " "):
-                    continue
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / TICK
-        except OSError:
-            continue
+    for cmd, seconds in processes().values():
+        if "caserve.cli worker" in cmd:
+            return seconds
     raise RuntimeError("no worker process found")
 
 
