@@ -5,7 +5,7 @@ prefill and decode seconds, and each arm's static/continuous ratios (docs/result
 
 Usage: PYTHONPATH=. python scripts/engine_burst.py [rounds]
 Environment: MODEL (caserve/tiny-gpt2), SHRINK (set: shrink the zoo model), MB (slots, 16), N (requests,
-200), WORDS (prompt words, 48), KERNEL (both | on | off), DATA (folder of the ShareGPT file and the
+200), WORDS (prompt words, 48), THREADS (torch threads, 1), KERNEL (both | on | off), DATA (folder of the ShareGPT file and the
 Azure trace, ../shared/datasets)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from caserve.serving.worker.engine import Engine
 
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("THREADS", 1)))
     data = Path(os.environ.get("DATA", "../shared/datasets"))
     slots, n = int(os.environ.get("MB", 16)), int(os.environ.get("N", 200))
     model, shrink = os.environ.get("MODEL", "caserve/tiny-gpt2"), bool(os.environ.get("SHRINK"))

@@ -135,3 +135,25 @@ def test_bench_input_files_that_do_not_exist_are_usage_errors(tmp_path):
                  ["sim", "--bench-json", missing]):
         r = runner.invoke(app, args)
         assert r.exit_code == 2 and "does not exist" in r.output, (args, r.output)
+
+
+def test_bench_batching_passes_the_worker_threads_to_both_modes(monkeypatch):
+    """``--worker-threads`` reaches the spec that both servers are started from; 0 threads is a usage error."""
+    import caserve.bench.batching as batching
+
+    seen = []
+
+    def fake_run(spec, out_dir=None, progress=False):
+        seen.append(spec)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(batching, "run_batching", fake_run)
+    files = ["--sharegpt", str(TEST_DATA / "sharegpt_v3_first_turn_500.json"),
+             "--trace", str(TEST_DATA / "azure_llm_trace_2023_conv.csv")]
+    r = runner.invoke(app, ["bench", "batching", *files])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["bench", "batching", *files, "--worker-threads", "2"])
+    assert r.exit_code == 0, r.output
+    assert [s.worker_threads for s in seen] == [1, 2]
+    r = runner.invoke(app, ["bench", "batching", *files, "--worker-threads", "0"])
+    assert r.exit_code == 2 and len(seen) == 2

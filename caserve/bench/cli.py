@@ -135,6 +135,8 @@ def bench_batching_cmd(
     max_len: int = typer.Option(2048, min=2, help="The worker's --max-len (outputs are cut to fit it and the "
                                 "model's context after their prompt)."),
     shrink: bool = typer.Option(False, help="Zoo models: the shrunk architecture (random weights)."),
+    worker_threads: int = typer.Option(1, min=1, help="The worker's --worker-threads (torch intra-op threads), "
+                                       "the same in both modes."),
     seed: int = typer.Option(0),
     saturation_rounds: int = typer.Option(3, min=1, help="Saturation bursts per mode, alternating; the ratio "
                                           "is the median of the rounds' own ratios."),
@@ -150,7 +152,7 @@ def bench_batching_cmd(
     spec = BatchingSpec(model=model, sharegpt=sharegpt, trace=trace, num_requests=num_requests,
                         loads=tuple(_csv_floats(loads)), max_batch=max_batch, max_output=max_output,
                         max_prompt_words=max_prompt_words, max_len=max_len, shrink=shrink, seed=seed,
-                        saturation_rounds=saturation_rounds, load_rounds=load_rounds)
+                        worker_threads=worker_threads, saturation_rounds=saturation_rounds, load_rounds=load_rounds)
     typer.echo(markdown(run_batching(spec, out_dir)))
 
 
