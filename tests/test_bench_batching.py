@@ -46,6 +46,8 @@ def test_static_and_continuous_runs_on_the_same_arrivals(tmp_path: Path) -> None
     text = markdown(result)
     assert "saturation #2" in text and "median of 2 rounds" in text and (tmp_path / "out" / "batching.json").is_file()
     assert "| 1x #2 | continuous |" in text
+    assert text.startswith("caserve/tiny-gpt2: one worker with 2 slots and 1 torch thread, --max-len 2048, "
+                           "6 requests per run, seed 0\n")
     for bad in (dict(saturation_rounds=0), dict(load_rounds=0)):
         with pytest.raises(BatchingBenchError):
             run_batching(BatchingSpec(sharegpt=sharegpt, trace=trace, num_requests=2, **bad))

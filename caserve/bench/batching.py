@@ -208,8 +208,16 @@ def markdown(result: dict[str, Any]) -> str:
     def f(v: Optional[float], digits: int = 0) -> str:
         return "n/a" if v is None else f"{v:.{digits}f}"
 
-    lines = ["| load | batching | done | failed | req/s | out tok/s | queue mean / p99 (ms) | TTFT mean / p99 (ms) | "
-             "TPOT mean (ms) | JCT mean / p99 (ms) |", "|" + "---|" * 10]
+    lines = []
+    spec = result.get("spec")
+    if spec:  # what was measured, so that a report read alone says it
+        threads = spec["worker_threads"]
+        max_len = f", --max-len {spec['max_len']}" if "max_len" in spec else ""  # older results lack it
+        lines += [f"{spec['model']}{' (shrunk)' if spec['shrink'] else ''}: one worker with {spec['max_batch']} slots "
+                  f"and {threads} torch thread{'s' if threads != 1 else ''}{max_len}, "
+                  f"{spec['num_requests']} requests per run, seed {spec['seed']}", ""]
+    lines += ["| load | batching | done | failed | req/s | out tok/s | queue mean / p99 (ms) | TTFT mean / p99 (ms) | "
+              "TPOT mean (ms) | JCT mean / p99 (ms) |", "|" + "---|" * 10]
     rounds: dict[str, int] = {}
     for r in result["rows"]:
         rounds[r["step"]] = max(rounds.get(r["step"], 1), r.get("round", 1))
