@@ -5,8 +5,8 @@ prefill and decode seconds, and each arm's static/continuous ratios (docs/result
 
 Usage: PYTHONPATH=. python scripts/engine_burst.py [rounds]
 Environment: MODEL (caserve/tiny-gpt2), SHRINK (set: shrink the zoo model), MB (slots, 16), N (requests,
-200), WORDS (prompt words, 48), THREADS (torch threads, 1), KERNEL (both | on | off), DATA (folder of the ShareGPT file and the
-Azure trace, ../shared/datasets)."""
+200), WORDS (prompt words, 48), THREADS (torch threads, 1), KERNEL (both | on | off), DATA (folder of the
+ShareGPT file and the Azure trace, ../shared/datasets)."""
 
 from __future__ import annotations
 

@@ -26,7 +26,6 @@ from caserve.bench.batching import SERVE
 from caserve.bench.compare import Config, launched_server
 
 
-
 def worker_cpu_s() -> float:
     """User + system CPU seconds of the worker process (/proc, Linux only)."""
     for cmd, seconds in processes().values():
