@@ -72,10 +72,14 @@ def test_a_rows_output_depends_only_on_its_own_columns(kernel) -> None:
         noisy_k[r, :, :lo[r]], noisy_k[r, :, hi[r]:] = 1e6, -1e6
         noisy_v[r, :, :lo[r]], noisy_v[r, :, hi[r]:] = float("nan"), 1e6
     assert torch.equal(kernel(query, noisy_k, noisy_v, Ranges(lo, hi), 0.125), together)
+    assert torch.equal(on_two_threads(kernel, query, key, value, Ranges(lo, hi), 0.125), together)
+
+
+def on_two_threads(kernel, *args):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert torch.equal(kernel(query, key, value, Ranges(lo, hi), 0.125), together)
+        return kernel(*args)
     finally:
         torch.set_num_threads(threads)
 
@@ -185,3 +189,76 @@ def test_a_built_kernel_is_reused_from_the_cache(tmp_path) -> None:
     stamp = first.stat().st_mtime_ns
     assert decode_kernel.build(cache_dir=tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary folder left behind
+
+
+def _fresh_load(monkeypatch, tmp_path: Path, compiler: str):
+    """``decode_kernel.load()`` with ``$CC`` set to ``compiler`` and an empty build cache."""
+    monkeypatch.setenv("CC", compiler)
+    monkeypatch.setenv("CASERVE_CACHE_DIR", str(tmp_path / "cache"))
+    decode_kernel.load.cache_clear()
+    return decode_kernel.load()
+
+
+def _assert_exact(kernel) -> None:
+    """Every shape of the parametrised test above against SDPA, and one call bit for bit the same on one
+    thread and on two."""
+    rng = random.Random(5)
+    for heads, kv_heads, dim in [(4, 4, 16), (14, 2, 64), (8, 4, 128), (3, 3, 24), (10, 2, 80), (6, 2, 5)]:
+        for _ in range(3):
+            query, key, value, lo, hi = case(rng, heads, kv_heads, dim, rows=rng.randint(1, 9))
+            got = kernel(query, key, value, Ranges(lo, hi), dim ** -0.5)
+            torch.testing.assert_close(got, reference(query, key, value, lo, hi, dim ** -0.5), rtol=1e-4, atol=5e-5)
+    query, key, value, lo, hi = case(rng, 8, 2, 64, rows=6, length=400)
+    one = kernel(query, key, value, Ranges(lo, hi), 0.125)
+    assert torch.equal(on_two_threads(kernel, query, key, value, Ranges(lo, hi), 0.125), one)
+
+
+@pytest.mark.parametrize("fault", ["refused", "unloadable"])
+def test_a_compiler_without_openmp_still_builds_the_kernel(monkeypatch, tmp_path, caplog, fault) -> None:
+    """A clang without libomp either refuses ``-fopenmp`` or builds a library that cannot load (the
+    OpenMP runtime's symbols undefined): the kernel is built again without it and runs each call on one
+    thread, with the same results."""
+    calls = tmp_path / "calls"
+    on_openmp = ('echo "error: unsupported option \'-fopenmp\'" >&2; exit 1' if fault == "refused" else
+                 'out=; prev=; for a in "$@"; do [ "$prev" = -o ] && out=$a; prev=$a; done; '
+                 'echo "not a library" > "$out"; exit 0')
+    wrapper = tmp_path / "cc-without-openmp"
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\n'
+                       f'for a in "$@"; do if [ "$a" = -fopenmp ]; then {on_openmp}; fi; done\n'
+                       'exec cc "$@"\n')
+    wrapper.chmod(0o755)
+    try:
+        with caplog.at_level("INFO", logger=decode_kernel.__name__):
+            kernel = _fresh_load(monkeypatch, tmp_path, str(wrapper))
+        assert kernel is not None and not kernel.threaded
+        compiles = [line for line in calls.read_text().splitlines() if "--version" not in line]
+        assert len(compiles) == 2 and "-fopenmp" in compiles[0] and "-fopenmp" not in compiles[1]
+        assert "one thread per call" in caplog.text and "with OpenMP" in caplog.text
+        _assert_exact(kernel)
+        calls.unlink()
+        assert _fresh_load(monkeypatch, tmp_path, str(wrapper)).path == kernel.path  # the next worker's start
+        assert not [line for line in calls.read_text().splitlines()  # reuses the build without OpenMP
+                    if "--version" not in line and "-fopenmp" not in line]
+    finally:
+        decode_kernel.load.cache_clear()
+
+
+def test_clang_builds_the_kernel(monkeypatch, tmp_path) -> None:
+    """The source's clang branches (its vector shuffles, no libmvec) built by a real clang: zig's, from
+    PyPI (``ziglang``, in the test extras), given as a command line in ``$CC``."""
+    import platform
+    import shlex
+    import subprocess
+    import sys
+
+    clang = f"{shlex.quote(sys.executable)} -m ziglang cc"
+    version = subprocess.run(shlex.split(clang) + ["--version"], capture_output=True, text=True, timeout=60)
+    assert "clang" in version.stdout
+    try:
+        kernel = _fresh_load(monkeypatch, tmp_path, clang)
+        assert kernel is not None, "zig's clang must build the kernel"
+        if platform.machine() == "x86_64" and platform.libc_ver()[0] == "glibc":  # glibc's vector expf
+            assert b"_ZGVdN8v_expf" in kernel.path.read_bytes()
+        _assert_exact(kernel)
+    finally:
+        decode_kernel.load.cache_clear()

@@ -24,7 +24,8 @@
 #include <string.h>
 
 #if defined(__x86_64__) && defined(__GLIBC__) && !defined(__clang__)
-/* glibc's vector expf (libmvec), which its headers declare only under -ffast-math (GCC's attribute) */
+/* glibc's vector expf (libmvec), which its headers declare only under -ffast-math (GCC's attribute;
+ * clang takes it from -fveclib=libmvec, which decode_kernel.py adds) */
 float expf(float) __attribute__((simd("notinbranch")));
 #endif
 
