@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 
 from caserve.bench.batching import BatchingSpec, build_requests
-from caserve.models import load_model
+from caserve.models import LoadedModel, load_model
 from caserve.serving.messages import Row, SamplingParams
 from caserve.serving.worker.engine import Engine
 
 
-def main() -> None:
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+def setup() -> tuple[BatchingSpec, LoadedModel, list[Row]]:
+    """The burst the environment names (see the module docstring): its spec, the model and its rows
+    (greedy, each row's output length from the trace)."""
     torch.set_num_threads(int(os.environ.get("THREADS", 1)))
     data = Path(os.environ.get("DATA", "../shared/datasets"))
     slots, n = int(os.environ.get("MB", 16)), int(os.environ.get("N", 200))
@@ -34,10 +35,16 @@ def main() -> None:
                         trace=data / "azure_llm_trace_2023_conv.csv", num_requests=n, max_batch=slots,
                         max_output=1024, max_prompt_words=int(os.environ.get("WORDS", 48)), shrink=shrink)
     reqs, _ = build_requests(spec)
-    lm = load_model(model, shrink=shrink)
     rows = [Row(dispatch=f"r{i}", job=f"r{i}", task="generate", prompt=r.prompt,
                 params=SamplingParams(max_tokens=max(1, r.output_len), temperature=0.0, ignore_eos=True))
             for i, r in enumerate(reqs)]
+    return spec, load_model(model, shrink=shrink), rows
+
+
+def main() -> None:
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    spec, lm, rows = setup()
+    slots = spec.max_batch
     arms = {"both": [True, False], "on": [True], "off": [False]}[os.environ.get("KERNEL", "both")]
     took: dict[tuple[bool, str], list[float]] = {}
     for round_no in range(1, rounds + 1):
