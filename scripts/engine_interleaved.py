@@ -7,13 +7,16 @@ run of each first, which is reported too), so both bursts span the same minutes 
 
 What the interleaving changes: the two engines' KV caches share the CPU's caches (each step finds part
 of its cache evicted by the other engine's step), so each step may be a little slower than alone.
+``BLOCK`` (default 1) runs that many static steps per turn (and as many continuous steps as keep the
+shares even), which leaves the caches alone but at the turns while both still share the minutes.
 
 Usage: PYTHONPATH=. python scripts/engine_interleaved.py [rounds]
-Environment: as ``scripts/engine_burst.py`` (MODEL, SHRINK, MB, N, WORDS, THREADS, DATA); the kernel
-is on where it builds."""
+Environment: as ``scripts/engine_burst.py`` (MODEL, SHRINK, MB, N, WORDS, THREADS, DATA), and BLOCK;
+the kernel is on where it builds."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -27,6 +30,7 @@ MODES = ("static", "continuous")
 
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    block = int(os.environ.get("BLOCK", 1))
     spec, lm, rows = setup()
 
     def engine(mode: str) -> Engine:
@@ -61,8 +65,11 @@ def main() -> None:
         t0 = time.perf_counter()
         while any(built.busy for built in engines.values()):
             mode = min((m for m in MODES if engines[m].busy), key=lambda m: taken[m] / calls[m])
-            took[mode] += step(engines[mode])
-            taken[mode] += 1
+            for _ in range(max(1, round(block * calls[mode] / calls["static"]))):
+                if not engines[mode].busy:
+                    break
+                took[mode] += step(engines[mode])
+                taken[mode] += 1
         tokens = {m: engines[m].take_stats().generated_tokens for m in MODES}
         ratios.append(took["static"] / took["continuous"])
         print(f"round {round_no} interleaved ({time.perf_counter() - t0:.1f} s wall): static {took['static']:.1f} s "
