@@ -262,3 +262,43 @@ def test_clang_builds_the_kernel(monkeypatch, tmp_path) -> None:
         _assert_exact(kernel)
     finally:
         decode_kernel.load.cache_clear()
+
+
+def test_the_worker_loads_only_a_library_no_one_else_could_have_written(monkeypatch, tmp_path, caplog) -> None:
+    """The worker runs the library it loads: a cache folder that others can write loses their access, a
+    cached library that others could have written (or a link in its place) is built again, and another
+    user's folder is refused, once, with the engine left on per-run SDPA."""
+    import ctypes
+    import stat
+
+    folder = tmp_path / "cache"
+    built = decode_kernel.build(cache_dir=folder)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    folder.chmod(0o777)
+    assert decode_kernel.build(cache_dir=folder) == built
+    assert not stat.S_IMODE(folder.stat().st_mode) & 0o022
+    built.write_bytes(b"planted")
+    built.chmod(0o666)
+    assert decode_kernel.build(cache_dir=folder) == built
+    assert built.read_bytes() != b"planted" and not stat.S_IMODE(built.stat().st_mode) & 0o022
+    ctypes.CDLL(str(built))
+    elsewhere = tmp_path / "elsewhere.so"
+    elsewhere.write_bytes(b"planted")
+    built.unlink()
+    built.symlink_to(elsewhere)
+    assert decode_kernel.build(cache_dir=folder) == built and not built.is_symlink()
+    assert elsewhere.read_bytes() == b"planted"
+    ctypes.CDLL(str(built))
+
+    owner = folder.stat().st_uid
+    monkeypatch.setattr(decode_kernel.os, "getuid", lambda: owner + 1)
+    with pytest.raises(decode_kernel.UnsafeCache, match="belongs to another user"):
+        decode_kernel.build(cache_dir=folder)
+    monkeypatch.setenv("CASERVE_CACHE_DIR", str(folder))
+    decode_kernel.load.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger=decode_kernel.__name__):
+            assert decode_kernel.load() is None
+        assert caplog.text.count("belongs to another user") == 1  # not tried again without OpenMP
+    finally:
+        decode_kernel.load.cache_clear()

@@ -8,9 +8,11 @@ its own range of columns in the slot cache, in one call per layer.
 It is plain C, compiled on first use with the machine's C compiler (``$CC``, a command line such as
 ``zig cc`` or ``ccache gcc``, else ``cc``) for this CPU (``-march=native``) into a per-user cache
 (``$CASERVE_CACHE_DIR``, else ``~/.cache/caserve``), keyed by the source, the compiler, the flags and the
-CPU's feature flags, and loaded with ctypes (which lets go of the GIL during the call). It is built with
-OpenMP (the rows of a call shared among the worker's torch threads) where the compiler has it; where it
-does not (a clang without libomp: the option refused, or a library that cannot load for want of the
+CPU's feature flags, and loaded with ctypes (which lets go of the GIL during the call). The worker runs
+what it loads, so the cache folder must be the user's own (others lose write access to it), and a
+cached library that another user could have written is built again. The kernel is built with OpenMP
+(the rows of a call shared among the worker's torch threads) where the compiler has it; where it does
+not (a clang without libomp: the option refused, or a library that cannot load for want of the
 runtime) it is built again without, and each call runs on one thread. Where no build works,
 :func:`load` returns None and the engine attends per run of slots with SDPA instead (``attention.py``);
 ``CASERVE_DECODE_KERNEL=0`` turns the kernel off.
@@ -26,6 +28,7 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -44,6 +47,7 @@ FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-
          "-freciprocal-math", "-ffinite-math-only", "-shared", "-fPIC")
 OPENMP = "-fopenmp"  # added where the compiler has it; without, the source's one pragma is ignored
 ENV_SWITCH = "CASERVE_DECODE_KERNEL"
+CACHE_ENV = "CASERVE_CACHE_DIR"
 COMPILE_TIMEOUT_S = 60
 
 
@@ -109,7 +113,7 @@ class Ranges:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("CASERVE_CACHE_DIR") or Path.home() / ".cache" / "caserve")
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "caserve")
 
 
 def _cpu_flags() -> str:
@@ -135,10 +139,35 @@ class NoCompiler(RuntimeError):
     """The compiler named is not on the PATH (no build is worth trying)."""
 
 
+class UnsafeCache(RuntimeError):
+    """The build cache belongs to another user: a library loaded from it could run their code in the
+    worker."""
+
+
+def _private_folder(folder: Path) -> None:
+    """Raise :class:`UnsafeCache` unless ``folder`` is this user's; take write access away from others
+    where they have it (they could have put a library there)."""
+    st = folder.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise UnsafeCache(f"{folder} belongs to another user: the decode kernel is not built or loaded there "
+                          f"(set {CACHE_ENV} to a folder of your own)")
+    if st.st_mode & 0o022:
+        os.chmod(folder, stat.S_IMODE(st.st_mode) & ~0o022)
+        logger.info("%s was writable by other users: no longer", folder)
+
+
+def _trusted(library: Path) -> bool:
+    """Whether ``library`` is a plain file of this user's that no one else can write."""
+    st = library.lstat()
+    return stat.S_ISREG(st.st_mode) and not st.st_mode & 0o022 and (
+        not hasattr(os, "getuid") or st.st_uid == os.getuid())
+
+
 def build(compiler: Optional[str] = None, cache_dir: Optional[Path] = None, openmp: bool = True) -> Path:
     """Compile the kernel (or find it compiled) and return the shared library's path. ``compiler`` is a
     command line (``$CC``, else ``cc``); ``openmp`` adds ``-fopenmp``. Raises :class:`NoCompiler` when
-    the compiler is not found, ``RuntimeError`` when the compile fails."""
+    the compiler is not found, :class:`UnsafeCache` when the cache folder is another user's,
+    ``RuntimeError`` when the compile fails."""
     named = compiler or os.environ.get("CC") or "cc"
     command = shlex.split(named)
     exe = shutil.which(command[0]) if command else None
@@ -152,15 +181,17 @@ def build(compiler: Optional[str] = None, cache_dir: Optional[Path] = None, open
                                      _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:16]
     folder = cache_dir or _cache_dir()
     target = folder / f"decode_attention-{key}.so"
-    if target.exists():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _private_folder(folder)  # the worker loads what lies here
+    if target.exists() and _trusted(target):
+        return target  # else (another's, writable by others, a link) built again and replaced
     with tempfile.TemporaryDirectory(dir=folder) as tmp:  # compile aside, then move in place (atomic)
         partial = Path(tmp) / target.name
         done = subprocess.run([*command, *flags, str(SOURCE), "-o", str(partial), "-lm"], capture_output=True,
                               text=True, timeout=COMPILE_TIMEOUT_S)
         if done.returncode != 0 or not partial.exists():
             raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
+        os.chmod(partial, 0o755)
         os.replace(partial, target)
     return target
 
@@ -177,7 +208,7 @@ def load() -> Optional[DecodeKernel]:
         try:
             path = build(openmp=openmp)
             kernel = DecodeKernel(ctypes.CDLL(str(path)), path, threaded=openmp)
-        except NoCompiler as exc:
+        except (NoCompiler, UnsafeCache) as exc:
             failures.append(str(exc))
             break
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
