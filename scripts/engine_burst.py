@@ -24,16 +24,22 @@ from caserve.serving.messages import Row, SamplingParams
 from caserve.serving.worker.engine import Engine
 
 
-def setup() -> tuple[BatchingSpec, LoadedModel, list[Row]]:
-    """The burst the environment names (see the module docstring): its spec, the model and its rows
-    (greedy, each row's output length from the trace)."""
-    torch.set_num_threads(int(os.environ.get("THREADS", 1)))
+def spec_from_env() -> BatchingSpec:
+    """The burst the environment names (see the module docstring)."""
     data = Path(os.environ.get("DATA", "../shared/datasets"))
-    slots, n = int(os.environ.get("MB", 16)), int(os.environ.get("N", 200))
-    model, shrink = os.environ.get("MODEL", "caserve/tiny-gpt2"), bool(os.environ.get("SHRINK"))
-    spec = BatchingSpec(model=model, sharegpt=data / "sharegpt_v3_first_turn_500.json",
-                        trace=data / "azure_llm_trace_2023_conv.csv", num_requests=n, max_batch=slots,
-                        max_output=1024, max_prompt_words=int(os.environ.get("WORDS", 48)), shrink=shrink)
+    return BatchingSpec(model=os.environ.get("MODEL", "caserve/tiny-gpt2"),
+                        sharegpt=data / "sharegpt_v3_first_turn_500.json",
+                        trace=data / "azure_llm_trace_2023_conv.csv", num_requests=int(os.environ.get("N", 200)),
+                        max_batch=int(os.environ.get("MB", 16)), max_output=1024,
+                        max_prompt_words=int(os.environ.get("WORDS", 48)), shrink=bool(os.environ.get("SHRINK")),
+                        worker_threads=int(os.environ.get("THREADS", 1)))
+
+
+def setup() -> tuple[BatchingSpec, LoadedModel, list[Row]]:
+    """The burst's spec, the model and its rows (greedy, each row's output length from the trace)."""
+    spec = spec_from_env()
+    torch.set_num_threads(spec.worker_threads)
+    model, shrink = spec.model, spec.shrink
     reqs, _ = build_requests(spec)
     rows = [Row(dispatch=f"r{i}", job=f"r{i}", task="generate", prompt=r.prompt,
                 params=SamplingParams(max_tokens=max(1, r.output_len), temperature=0.0, ignore_eos=True))
