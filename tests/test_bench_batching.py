@@ -31,7 +31,7 @@ def test_output_lengths_are_drawn_from_the_trace_and_capped(tmp_path: Path) -> N
 def test_static_and_continuous_runs_on_the_same_arrivals(tmp_path: Path) -> None:
     sharegpt, trace = inputs(tmp_path)
     spec = BatchingSpec(sharegpt=sharegpt, trace=trace, num_requests=6, loads=(1.0,), max_batch=2, max_output=12,
-                        saturation_rounds=2, load_rounds=2)
+                        saturation_rounds=2, load_rounds=2, engine_rounds=1)
     result = run_batching(spec, tmp_path / "out")
     assert [(r["step"], r["round"], r["mode"]) for r in result["rows"]] == [
         ("saturation", 1, "static"), ("saturation", 1, "continuous"), ("saturation", 2, "static"),
@@ -48,7 +48,14 @@ def test_static_and_continuous_runs_on_the_same_arrivals(tmp_path: Path) -> None
     assert "| 1x #2 | continuous |" in text
     assert text.startswith("caserve/tiny-gpt2: one worker with 2 slots and 1 torch thread, --max-len 2048, "
                            "6 requests per run, seed 0\n")
-    for bad in (dict(saturation_rounds=0), dict(load_rounds=0)):
+    inside = result["engine_interleaved"]  # the same burst inside the engine, after the servers
+    asked = sum(r.output_len for r in build_requests(spec)[0])
+    assert [run[mode]["tokens"] for run in [inside["alone"]] + inside["rounds"] for mode in ("static", "continuous")] \
+        == [asked] * 4
+    assert inside["rounds"][0]["static"]["steps"] == inside["alone"]["static"]["steps"]
+    assert len(inside["ratios"]) == 1 and inside["ratio"] > 0
+    assert f"interleaved step by step: continuous/static {inside['ratio']:.2f}x" in text
+    for bad in (dict(saturation_rounds=0), dict(load_rounds=0), dict(engine_rounds=-1)):
         with pytest.raises(BatchingBenchError):
             run_batching(BatchingSpec(sharegpt=sharegpt, trace=trace, num_requests=2, **bad))
 

@@ -138,7 +138,8 @@ def test_bench_input_files_that_do_not_exist_are_usage_errors(tmp_path):
 
 
 def test_bench_batching_passes_the_worker_threads_to_both_modes(monkeypatch):
-    """``--worker-threads`` reaches the spec that both servers are started from; 0 threads is a usage error."""
+    """``--worker-threads`` reaches the spec that both servers are started from (and ``--engine-rounds``
+    the spec of the interleaved engine runs); 0 threads and -1 engine rounds are usage errors."""
     import caserve.bench.batching as batching
 
     seen = []
@@ -157,3 +158,8 @@ def test_bench_batching_passes_the_worker_threads_to_both_modes(monkeypatch):
     assert [s.worker_threads for s in seen] == [1, 2]
     r = runner.invoke(app, ["bench", "batching", *files, "--worker-threads", "0"])
     assert r.exit_code == 2 and len(seen) == 2
+    r = runner.invoke(app, ["bench", "batching", *files, "--engine-rounds", "3"])
+    assert r.exit_code == 0, r.output
+    assert [s.engine_rounds for s in seen] == [0, 0, 3]
+    r = runner.invoke(app, ["bench", "batching", *files, "--engine-rounds", "-1"])
+    assert r.exit_code == 2 and len(seen) == 3

@@ -13,7 +13,10 @@ sent:
 2. Poisson arrivals at each ``loads`` x that capacity (the same seeded arrivals for both modes), in
    ``load_rounds`` rounds, each with its own arrivals (seed ``seed + round``). A p99 is one run's
    slowest 1%: with 200 requests, its two slowest; the median of the rounds' own reductions bounds
-   what one lucky or unlucky draw of arrivals does to it.
+   what one lucky or unlucky draw of arrivals does to it;
+3. with ``engine_rounds`` > 0, after the servers stop: the burst inside the engine in this process,
+   static and continuous interleaved step by step (:mod:`caserve.bench.interleave`), whose ratio the
+   machine's speed swings do not scatter as they do the served rounds'.
 
 The modes alternate inside each step and round (static, then continuous), so that drift on a shared
 machine hits both alike: a machine whose speed drifts by 10% between two runs a minute apart moves one
@@ -39,6 +42,7 @@ import numpy as np
 from caserve.bench import arrivals as arr
 from caserve.bench.compare import Config, launched_server, warm_up
 from caserve.bench.datasets import BenchRequest, load_workload
+from caserve.bench.interleave import interleaved_burst
 from caserve.bench.loadgen import LoadGenConfig, run_load_sync
 from caserve.bench.metrics import compute_metrics
 from caserve.bench.run import WorkloadSpec, save_result
@@ -70,6 +74,7 @@ class BatchingSpec:
     seed: int = 0
     saturation_rounds: int = 3
     load_rounds: int = 1
+    engine_rounds: int = 0  # then the burst inside the engine, the modes interleaved (caserve.bench.interleave)
 
 
 def output_lengths(trace: Path, n: int, *, cap: int, seed: int) -> list[int]:
@@ -122,9 +127,9 @@ def summary(records: Sequence[Any], duration: float) -> dict[str, Any]:
 
 
 def run_batching(spec: BatchingSpec, out_dir: Optional[Path] = None, progress: bool = False) -> dict[str, Any]:
-    if spec.saturation_rounds < 1 or spec.load_rounds < 1:
-        raise BatchingBenchError(f"saturation_rounds and load_rounds must be at least 1, not "
-                                 f"{spec.saturation_rounds} and {spec.load_rounds}")
+    if spec.saturation_rounds < 1 or spec.load_rounds < 1 or spec.engine_rounds < 0:
+        raise BatchingBenchError(f"saturation_rounds and load_rounds must be at least 1 and engine_rounds at "
+                                 f"least 0, not {spec.saturation_rounds}, {spec.load_rounds} and {spec.engine_rounds}")
     reqs, cut = build_requests(spec)
     extra = {mode: f"--max-batch {spec.max_batch} --batching {mode} --worker-threads {spec.worker_threads} "
                    f"--max-len {spec.max_len}" + (" --shrink" if spec.shrink else "") for mode in MODES}
@@ -158,6 +163,10 @@ def run_batching(spec: BatchingSpec, out_dir: Optional[Path] = None, progress: b
               "output_tokens_asked": sum(r.output_len for r in reqs),
               "decode_steps": decode_steps([r.output_len for r in reqs], spec.max_batch),
               "rows": rows, "targets": targets(rows)}
+    if spec.engine_rounds:  # after the servers have stopped: the machine is this process's alone
+        result["engine_interleaved"] = interleaved_burst(
+            spec.model, [r.prompt for r in reqs], [r.output_len for r in reqs], max_batch=spec.max_batch,
+            max_len=spec.max_len, rounds=spec.engine_rounds, shrink=spec.shrink, threads=spec.worker_threads)
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         save_result(result, Path(out_dir) / "batching.json")
@@ -246,4 +255,12 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(f"static capacity {f(result['static_capacity_rps'], 2)} req/s; continuous/static throughput at "
                  f"saturation {f(t['saturation_throughput_ratio'], 2)}x{rounds_note}; p99 JCT at 0.9x "
                  f"{f(t['p99_jct_reduction_pct_at_0.9x'], 1)}% lower{cuts_note}")
+    inside = result.get("engine_interleaved")
+    if inside:
+        alone = inside["alone"]
+        lines.append(f"inside the engine, the modes interleaved step by step: continuous/static {inside['ratio']:.2f}x "
+                     f"(median of {len(inside['ratios'])} rounds: {', '.join(f'{x:.2f}x' for x in inside['ratios'])}); "
+                     f"run one after the other: {inside['alone_ratio']:.2f}x (static {alone['static']['seconds']:.1f} s "
+                     f"in {alone['static']['steps']} steps, continuous {alone['continuous']['seconds']:.1f} s in "
+                     f"{alone['continuous']['steps']})")
     return "\n".join(lines)

@@ -142,6 +142,8 @@ def bench_batching_cmd(
                                           "is the median of the rounds' own ratios."),
     load_rounds: int = typer.Option(1, min=1, help="Runs per mode at each load, alternating, each with its own "
                                     "seeded arrivals; the p99 JCT reduction is the median of the rounds' own."),
+    engine_rounds: int = typer.Option(0, min=0, help="Then the burst inside the engine in this process, static "
+                                      "and continuous interleaved step by step, in this many rounds (0: not run)."),
     out_dir: Path = typer.Option(Path("results/batching"), help="Directory for batching.json and .md."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -152,7 +154,8 @@ def bench_batching_cmd(
     spec = BatchingSpec(model=model, sharegpt=sharegpt, trace=trace, num_requests=num_requests,
                         loads=tuple(_csv_floats(loads)), max_batch=max_batch, max_output=max_output,
                         max_prompt_words=max_prompt_words, max_len=max_len, shrink=shrink, seed=seed,
-                        worker_threads=worker_threads, saturation_rounds=saturation_rounds, load_rounds=load_rounds)
+                        worker_threads=worker_threads, saturation_rounds=saturation_rounds, load_rounds=load_rounds,
+                        engine_rounds=engine_rounds)
     typer.echo(markdown(run_batching(spec, out_dir)))
 
 
