@@ -305,6 +305,22 @@ def test_both_policies_keep_the_choices_of_one_request_on_one_worker() -> None:
         assert [batch for _, batch in out] == [group[:2]], policy.name
 
 
+def test_fcfs_sends_the_choices_of_one_request_to_a_worker_with_room_for_all() -> None:
+    """FCFS's first pick (the longest idle) has room for two of three choices, the other worker for all
+    three: they go together to the second (one prefill), and the next job to the first. Without such a
+    worker the group is split as before; a job of one choice still takes the first pick."""
+    group = [Job("m", TASK_GENERATE, {"prompt": "x", "prompt_group": "g", "params": SamplingParams()},
+                 prompt_units=1, max_tokens=10) for _ in range(3)]
+    plain = job()
+    small = W("small", max_batch=4, idle_since=0.0, free_slots=2)
+    roomy = W("roomy", max_batch=8, idle_since=0.5)
+    out = make_policy("fcfs").assign(group + [plain], [roomy, small], now=1.0)
+    assert [(w.id, batch) for w, batch in out] == [("roomy", group), ("small", [plain])]
+    cramped = W("cramped", max_batch=2, idle_since=0.5, free_slots=2)
+    out = make_policy("fcfs").assign(group, [cramped, small], now=1.0)
+    assert [(w.id, batch) for w, batch in out] == [("small", group[:2]), ("cramped", group[2:])]
+
+
 def test_a_later_choice_goes_where_its_siblings_run_and_skips_the_prefill_there() -> None:
     """The choices a worker had no room for go, when a slot frees, to the worker that runs their siblings
     (it copies the prompt's KV from them): FCFS prefers it among the workers with free slots; ECT counts

@@ -215,8 +215,9 @@ class FcfsPolicy(DispatchPolicy):
     then busy ones, the least loaded first. The queue is shared out among them (water-filling: each gets
     ``ceil(jobs left / workers left)``, at most its free slots, smallest cap first), so that a burst is
     spread rather than piled onto one worker; a head job whose request's other choices run on one of
-    them goes to that one (it copies their prompt's KV instead of prefilling it). Worker speed is
-    ignored: a slow worker with a free slot is always used rather than wait.
+    them goes to that one (it copies their prompt's KV instead of prefilling it), and the queued
+    choices of one request go to the first of them with room for all (one prefill), where there is
+    one. Worker speed is ignored: a slow worker with a free slot is always used rather than wait.
     """
 
     name = "fcfs"
@@ -234,11 +235,24 @@ class FcfsPolicy(DispatchPolicy):
                 head += 1
             if head >= len(queue):
                 break
-            group = queue[head].group  # a choice goes where its siblings run: their prefill serves it too
-            worker = next((w for w in unused if group is not None and group in w.groups), unused[0])
+            worker = self._worker_for(queue, head, taken, unused)
             unused.remove(worker)
             out.append((worker, fill_batch(queue, head, max(1, sizes[worker.id]), taken, worker.free_slots)))
         return out
+
+    @staticmethod
+    def _worker_for(queue: Sequence[Job], head: int, taken: set[int], unused: list[WorkerView]) -> WorkerView:
+        """The worker for ``queue[head]``: the first in order, unless the job is a choice of an ``n`` > 1
+        request; then the one where its siblings run (their prefill serves it too), else the first with
+        room for all of its queued choices (one prefill for them all), else the first."""
+        group = queue[head].group
+        if group is None:
+            return unused[0]
+        home = next((w for w in unused if group in w.groups), None)
+        if home is not None:
+            return home
+        choices = sum(1 for i in range(head, len(queue)) if i not in taken and queue[i].group == group)
+        return next((w for w in unused if w.free_slots >= choices), unused[0])
 
 
 class EctPolicy(DispatchPolicy):
