@@ -244,8 +244,9 @@ def test_a_compiler_without_openmp_still_builds_the_kernel(monkeypatch, tmp_path
 
 
 def test_clang_builds_the_kernel(monkeypatch, tmp_path) -> None:
-    """The source's clang branches (its vector shuffles, no libmvec) built by a real clang: zig's, from
-    PyPI (``ziglang``, in the test extras), given as a command line in ``$CC``."""
+    """The source's clang branches (its vector shuffles; glibc's vector expf through ``-fveclib``) built
+    by a real clang: zig's, from PyPI (``ziglang``, in the test extras), given as a command line in
+    ``$CC``."""
     import platform
     import shlex
     import subprocess

@@ -316,6 +316,7 @@ def test_fcfs_sends_the_choices_of_one_request_to_a_worker_with_room_for_all() -
     roomy = W("roomy", max_batch=8, idle_since=0.5)
     out = make_policy("fcfs").assign(group + [plain], [roomy, small], now=1.0)
     assert [(w.id, batch) for w, batch in out] == [("roomy", group), ("small", [plain])]
+    assert make_policy("fcfs").assign([plain], [roomy, small], now=1.0) == [(small, [plain])]
     cramped = W("cramped", max_batch=2, idle_since=0.5, free_slots=2)
     out = make_policy("fcfs").assign(group, [cramped, small], now=1.0)
     assert [(w.id, batch) for w, batch in out] == [("small", group[:2]), ("cramped", group[2:])]
