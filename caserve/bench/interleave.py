@@ -13,8 +13,9 @@ What interleaving changes: the two engines' KV caches share the CPU's caches, so
 part of its working set evicted by the other's. ``block`` > 1 shares them only at the turns; at 100
 the ratio moved by 0.02 against step by step.
 
-No HTTP, router or load generator: this is the engine's own ratio. The engine is the one a CPU worker
-runs (``Engine`` with the worker's slots, ``max_len`` and torch threads), on the model loaded here.
+No HTTP, router or load generator: this is the engine's own ratio. The engine is the one the served
+native worker runs (``Engine`` with its slots, ``max_len`` and torch threads, on its device: a GPU where
+there is one, else the CPU), on the model loaded here.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def interleaved_burst(model: str, prompts: Sequence[str], output_lens: Sequence[
     from caserve.models import load_model
     from caserve.serving.messages import Row, SamplingParams
     from caserve.serving.worker.engine import Engine
+    from caserve.serving.worker.worker import open_device
 
     if rounds < 1 or block < 1 or threads < 1 or len(prompts) != len(output_lens) or not prompts:
         raise ValueError("need rounds, block and threads >= 1 and one output length per prompt")
@@ -46,7 +48,7 @@ def interleaved_burst(model: str, prompts: Sequence[str], output_lens: Sequence[
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        lm = load_model(model, shrink=shrink)
+        lm = load_model(model, device=open_device("native", None, None), shrink=shrink)
 
         def engine(mode: str) -> Engine:
             built = Engine(lm, max_batch=max_batch, batching=mode, max_len=max_len)
