@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from caserve.bench.batching import BatchingSpec, build_requests
+from caserve.bench.interleave import burst_rows
 from caserve.models import LoadedModel, load_model
-from caserve.serving.messages import Row, SamplingParams
+from caserve.serving.messages import Row
 from caserve.serving.worker.engine import Engine
 
 
@@ -41,9 +42,7 @@ def setup() -> tuple[BatchingSpec, LoadedModel, list[Row]]:
     torch.set_num_threads(spec.worker_threads)
     model, shrink = spec.model, spec.shrink
     reqs, _ = build_requests(spec)
-    rows = [Row(dispatch=f"r{i}", job=f"r{i}", task="generate", prompt=r.prompt,
-                params=SamplingParams(max_tokens=max(1, r.output_len), temperature=0.0, ignore_eos=True))
-            for i, r in enumerate(reqs)]
+    rows = burst_rows([r.prompt for r in reqs], [r.output_len for r in reqs])
     return spec, load_model(model, shrink=shrink), rows
 
 

@@ -27,6 +27,16 @@ from typing import Any, Sequence
 MODES = ("static", "continuous")
 
 
+def burst_rows(prompts: Sequence[str], output_lens: Sequence[int]) -> list[Any]:
+    """The burst as engine rows: greedy, each row's output length fixed (EOS ignored), as the load
+    generator asks for it."""
+    from caserve.serving.messages import Row, SamplingParams
+
+    return [Row(dispatch=f"r{i}", job=f"r{i}", task="generate", prompt=prompt,
+                params=SamplingParams(max_tokens=max(1, n), temperature=0.0, ignore_eos=True))
+            for i, (prompt, n) in enumerate(zip(prompts, output_lens))]
+
+
 def interleaved_burst(model: str, prompts: Sequence[str], output_lens: Sequence[int], *, max_batch: int,
                       max_len: int, rounds: int, shrink: bool = False, threads: int = 1,
                       block: int = 1) -> dict[str, Any]:
@@ -36,15 +46,12 @@ def interleaved_burst(model: str, prompts: Sequence[str], output_lens: Sequence[
     import torch
 
     from caserve.models import load_model
-    from caserve.serving.messages import Row, SamplingParams
     from caserve.serving.worker.engine import Engine
     from caserve.serving.worker.worker import open_device
 
     if rounds < 1 or block < 1 or threads < 1 or len(prompts) != len(output_lens) or not prompts:
         raise ValueError("need rounds, block and threads >= 1 and one output length per prompt")
-    rows = [Row(dispatch=f"r{i}", job=f"r{i}", task="generate", prompt=prompt,
-                params=SamplingParams(max_tokens=max(1, n), temperature=0.0, ignore_eos=True))
-            for i, (prompt, n) in enumerate(zip(prompts, output_lens))]
+    rows = burst_rows(prompts, output_lens)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
