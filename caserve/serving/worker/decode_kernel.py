@@ -144,11 +144,16 @@ class UnsafeCache(RuntimeError):
     worker."""
 
 
+def _mine(st: os.stat_result) -> bool:
+    """Whether the file ``st`` describes belongs to this user (always, where there are no user ids)."""
+    return not hasattr(os, "getuid") or st.st_uid == os.getuid()
+
+
 def _private_folder(folder: Path) -> None:
     """Raise :class:`UnsafeCache` unless ``folder`` is this user's; take write access away from others
     where they have it (they could have put a library there)."""
     st = folder.stat()
-    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+    if not _mine(st):
         raise UnsafeCache(f"{folder} belongs to another user: the decode kernel is not built or loaded there "
                           f"(set {CACHE_ENV} to a folder of your own)")
     if st.st_mode & 0o022:
@@ -159,8 +164,7 @@ def _private_folder(folder: Path) -> None:
 def _trusted(library: Path) -> bool:
     """Whether ``library`` is a plain file of this user's that no one else can write."""
     st = library.lstat()
-    return stat.S_ISREG(st.st_mode) and not st.st_mode & 0o022 and (
-        not hasattr(os, "getuid") or st.st_uid == os.getuid())
+    return stat.S_ISREG(st.st_mode) and not st.st_mode & 0o022 and _mine(st)
 
 
 def build(compiler: Optional[str] = None, cache_dir: Optional[Path] = None, openmp: bool = True) -> Path:
