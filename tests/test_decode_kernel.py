@@ -47,7 +47,11 @@ def case(rng: random.Random, heads: int, kv_heads: int, dim: int, rows: int, len
     return query, cache_k[:rows, :, :window], cache_v[:rows, :, :window], lo, hi
 
 
-@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 16), (14, 2, 64), (8, 4, 128), (3, 3, 24), (10, 2, 80), (6, 2, 5)])
+# (heads, kv_heads, dim): every vector path, grouped queries, and the constant small heads (1, 2, 4 floats)
+SHAPES = [(4, 4, 16), (14, 2, 64), (8, 4, 128), (3, 3, 24), (10, 2, 80), (6, 2, 5), (2, 2, 1), (4, 2, 2), (8, 2, 4)]
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", SHAPES)
 def test_each_row_equals_sdpa_over_its_own_columns(kernel, heads, kv_heads, dim) -> None:
     rng = random.Random(heads * 1000 + dim)
     for _ in range(12):
@@ -203,7 +207,7 @@ def _assert_exact(kernel) -> None:
     """Every shape of the parametrised test above against SDPA, and one call bit for bit the same on one
     thread and on two."""
     rng = random.Random(5)
-    for heads, kv_heads, dim in [(4, 4, 16), (14, 2, 64), (8, 4, 128), (3, 3, 24), (10, 2, 80), (6, 2, 5)]:
+    for heads, kv_heads, dim in SHAPES:
         for _ in range(3):
             query, key, value, lo, hi = case(rng, heads, kv_heads, dim, rows=rng.randint(1, 9))
             got = kernel(query, key, value, Ranges(lo, hi), dim ** -0.5)

@@ -9,10 +9,12 @@
  * Each task computes its scores, a softmax with the maximum subtracted, and the weighted sum of values in
  * a fixed order, so a row's output does not depend on the other rows of the step. Head sizes that are
  * a multiple of 8 use 8-float vectors (GCC vector extensions, so the code stays portable; -march=native
- * picks the instructions); others a plain loop. With vectors, heads under 64 floats reduce their scores
- * eight columns at a time, and the weighted sum keeps its accumulators in registers, in several sets for
- * short heads: small heads (16 floats, as in the CPU-sized models) would otherwise spend their time on
- * reductions and on multiply-adds that wait for the one before.
+ * picks the instructions); others plain loops over the columns, one head and one float of it at a time
+ * (for heads of 1, 2 or 4 floats the compiler vectorizes those over the columns: 3-4.5x faster than a
+ * loop over the head's floats inside the loop over the columns). With vectors, heads under 64 floats
+ * reduce their scores eight columns at a time, and the weighted sum keeps its accumulators in registers,
+ * in several sets for short heads: small heads (16 floats, as in the CPU-sized models) would otherwise
+ * spend their time on reductions and on multiply-adds that wait for the one before.
  *
  * Built and loaded by decode_kernel.py (plain C: no Python or torch headers, so it compiles in well under
  * a second), without -ffast-math, which would switch the whole process to flush-to-zero. Returns 0, or 1
@@ -107,17 +109,19 @@ static inline __attribute__((always_inline)) void scores_v8(const float *qg, con
     }
 }
 
-static void scores_any(const float *qg, const float *kb, int64_t k_col, int64_t len, int64_t group,
-                       int64_t dim, float scale, float *s)
+static inline __attribute__((always_inline)) void scores_any(const float *qg, const float *kb, int64_t k_col,
+                                                             int64_t len, int64_t group, int64_t dim,
+                                                             float scale, float *s)
 {
-    for (int64_t j = 0; j < len; j++) {
-        const float *kj = kb + j * k_col;
-        for (int64_t h = 0; h < group; h++) {
-            const float *qh = qg + h * dim;
+    for (int64_t h = 0; h < group; h++) {
+        const float *qh = qg + h * dim;
+        float *sh = s + h * len;
+        for (int64_t j = 0; j < len; j++) {
+            const float *kj = kb + j * k_col;
             float dot = 0.0f;
             for (int64_t d = 0; d < dim; d++)
                 dot += qh[d] * kj[d];
-            s[h * len + j] = dot * scale;
+            sh[j] = dot * scale;
         }
     }
 }
@@ -192,19 +196,28 @@ static void values_v8(const float *s, const float *vb, int64_t v_col, int64_t le
         }
 }
 
-static void values_any(const float *s, const float *vb, int64_t v_col, int64_t len, int64_t group,
-                       int64_t dim, float *og)
+static inline __attribute__((always_inline)) void values_any(const float *s, const float *vb, int64_t v_col,
+                                                             int64_t len, int64_t group, int64_t dim, float *og)
 {
-    for (int64_t j = 0; j < len; j++) {
-        const float *vj = vb + j * v_col;
-        for (int64_t h = 0; h < group; h++) {
-            const float p = s[h * len + j];
-            float *oh = og + h * dim;
-            for (int64_t d = 0; d < dim; d++)
-                oh[d] += p * vj[d];
+    for (int64_t h = 0; h < group; h++)
+        for (int64_t d = 0; d < dim; d++) {
+            const float *p = s + h * len, *vd = vb + d;
+            float acc = 0.0f;
+            for (int64_t j = 0; j < len; j++)
+                acc += p[j] * vd[j * v_col];
+            og[h * dim + d] = acc;
         }
-    }
 }
+
+/* Head sizes not a multiple of 8, the small ones as constants (toy models: tiny-gpt2's heads are one
+ * float), so that the loops over the dimension vanish and those over the columns vectorize. */
+#define BY_SMALL_DIM(call_any)                                                                             \
+    switch (dim) {                                                                                         \
+    case 1: { const int64_t D = 1; call_any; } break;                                                      \
+    case 2: { const int64_t D = 2; call_any; } break;                                                      \
+    case 4: { const int64_t D = 4; call_any; } break;                                                      \
+    default: { const int64_t D = dim; call_any; }                                                          \
+    }
 
 #define BY_DIM(call_v8, call_any)                                                                          \
     switch (dim) {                                                                                         \
@@ -213,7 +226,7 @@ static void values_any(const float *s, const float *vb, int64_t v_col, int64_t l
     case 64: { const int64_t D = 64; call_v8; } break;                                                     \
     case 128: { const int64_t D = 128; call_v8; } break;                                                   \
     default:                                                                                               \
-        if (dim % 8 == 0) { const int64_t D = dim; call_v8; } else { call_any; }                           \
+        if (dim % 8 == 0) { const int64_t D = dim; call_v8; } else { BY_SMALL_DIM(call_any); }             \
     }
 
 int caserve_decode_attention(const float *q, const float *k, const float *v, float *out,
@@ -241,13 +254,13 @@ int caserve_decode_attention(const float *q, const float *k, const float *v, flo
         const float *kb = k + r * k_slot + g * k_head + a * k_col;
         const float *vb = v + r * v_slot + g * v_head + a * v_col;
         BY_DIM(scores_v8(qg, kb, k_col, len, group, D, scale, s),
-               scores_any(qg, kb, k_col, len, group, dim, scale, s));
+               scores_any(qg, kb, k_col, len, group, D, scale, s));
         for (int64_t h = 0; h < group; h++)
             softmax(s + h * len, len);
         if (dim % 8 == 0) /* values_v8 picks its register blocks by the head size itself */
             values_v8(s, vb, v_col, len, group, dim, og);
         else
-            values_any(s, vb, v_col, len, group, dim, og);
+            BY_SMALL_DIM(values_any(s, vb, v_col, len, group, D, og));
         free(s);
     }
     return failed;
