@@ -209,7 +209,7 @@ static inline __attribute__((always_inline)) void values_any(const float *s, con
         }
 }
 
-/* Head sizes not a multiple of 8, the small ones as constants (toy models: tiny-gpt2's heads are one
+/* Head sizes not a multiple of 8, the small ones as constants (toy models: sshleifer/tiny-gpt2's heads are one
  * float), so that the loops over the dimension vanish and those over the columns vectorize. */
 #define BY_SMALL_DIM(call_any)                                                                             \
     switch (dim) {                                                                                         \
