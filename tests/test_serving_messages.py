@@ -321,3 +321,41 @@ def test_an_event_stream_cut_anywhere_gives_the_same_text(texts: list[str], cuts
         await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_an_event_stream_cut_off_by_a_disconnect_keeps_its_whole_lines() -> None:
+    """A worker that dies mid-line: the whole lines before the cut are applied, the partial one is not, the
+    route ends quietly (no exception escapes to the server), and a new stream of the session goes on."""
+    async def scenario() -> None:
+        router, client, sessions = await setup()
+        j = running(router, "a")
+        app = client._transport.app  # type: ignore[attr-defined]
+        whole = line(sessions["a"], [{"type": "tokens", "dispatch": j.dispatch_id, "ids": [1], "text": "a"}])
+        cut = line(sessions["a"], [{"type": "tokens", "dispatch": j.dispatch_id, "ids": [2], "text": "b"}])[:-9]
+        messages = [{"type": "http.request", "body": whole + cut, "more_body": True}, {"type": "http.disconnect"}]
+
+        async def receive() -> dict:
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/internal/workers/a/events", "raw_path": b"/internal/workers/a/events",
+                 "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("router", 80),
+                 "headers": [(b"host", b"router"), (b"content-type", b"application/x-ndjson"),
+                             (WORKER_TOKEN_HEADER.lower().encode(), TOKEN.encode())]}
+        await app(scope, receive, send)  # returns: nothing raised out of the route
+        assert j.generated_ids == [1] and j.text == "a" and j.state is JobState.RUNNING
+
+        async def finish():
+            yield line(sessions["a"], [{"type": "tokens", "dispatch": j.dispatch_id, "ids": [2], "text": "b"},
+                                       {"type": "done", "dispatch": j.dispatch_id, "finish_reason": "length"}])
+
+        r = await stream_events(client, "a", finish())
+        assert r.status_code == 200 and j.state is JobState.DONE and j.text == "ab"
+        await client.aclose()
+
+    asyncio.run(scenario())

@@ -8,7 +8,8 @@ session cannot be registered again (409), and a session has at most one channel 
 
 The worker's events come the other way as one long chunked POST (an ``EventsRequest`` per line, read
 and applied line by line; the route refuses a line over the worker body limit with 413): one HTTP
-request per session, not one per engine step.
+request per session, not one per engine step. A stream cut off mid-line (the worker stopped or died)
+keeps the whole lines before the cut and drops the partial one.
 
 A channel that closes (worker killed, worker gave up its GPU server) loses the session at once and
 requeues its jobs; silent workers are dropped after the heartbeat timeout. Any 404 on a session
@@ -24,6 +25,7 @@ from typing import Any, AsyncIterator, TypeVar
 import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from caserve.serving.errors import BadRequest, Conflict, PayloadTooLarge
 from caserve.serving.messages import (
@@ -113,9 +115,13 @@ def make_worker_routes(router: Router) -> APIRouter:
             req = await _decode(request, EventsRequest)
             router.handle_events(router.session(worker_id, req.session), req.events)
         else:
-            async for line in _lines(request, line_limit):
-                req = _decode_bytes(line, request, EventsRequest)
-                router.handle_events(router.session(worker_id, req.session), req.events)
+            try:
+                async for line in _lines(request, line_limit):
+                    req = _decode_bytes(line, request, EventsRequest)
+                    router.handle_events(router.session(worker_id, req.session), req.events)
+            except ClientDisconnect:  # the worker stopped or died mid-stream; its channel's end handles that
+                logger.info("worker %s: its event stream ended without a last line (disconnected); "
+                            "the whole lines before were applied", worker_id)
         return Response(_OK, media_type="application/json")
 
     @api.post("/{worker_id}/heartbeat")
