@@ -241,8 +241,11 @@ def test_a_compiler_without_openmp_still_builds_the_kernel(monkeypatch, tmp_path
         _assert_exact(kernel)
         calls.unlink()
         assert _fresh_load(monkeypatch, tmp_path, str(wrapper)).path == kernel.path  # the next worker's start
-        assert not [line for line in calls.read_text().splitlines()  # reuses the build without OpenMP
-                    if "--version" not in line and "-fopenmp" not in line]
+        # reuses the build without OpenMP and compiles nothing: a refusal is remembered, an unloadable
+        # library is cached (and fails to load at once)
+        assert [line for line in calls.read_text().splitlines() if "--version" not in line] == []
+        refusals = list((tmp_path / "cache").glob("*.refused"))
+        assert len(refusals) == (1 if fault == "refused" else 0)
     finally:
         decode_kernel.load.cache_clear()
 

@@ -13,7 +13,8 @@ what it loads, so the cache folder must be the user's own (others lose write acc
 cached library that another user could have written is built again. The kernel is built with OpenMP
 (the rows of a call shared among the worker's torch threads) where the compiler has it; where it does
 not (a clang without libomp: the option refused, or a library that cannot load for want of the
-runtime) it is built again without, and each call runs on one thread. Where no build works,
+runtime) it is built again without, and each call runs on one thread; a refusal is remembered in the
+cache (``*.refused``, keyed like the library), so that later starts do not ask again. Where no build works,
 :func:`load` returns None and the engine attends per run of slots with SDPA instead (``attention.py``);
 ``CASERVE_DECODE_KERNEL=0`` turns the kernel off.
 """
@@ -139,6 +140,14 @@ class NoCompiler(RuntimeError):
     """The compiler named is not on the PATH (no build is worth trying)."""
 
 
+class CompileFailed(RuntimeError):
+    """The compiler refused the source or the flags; ``target`` is the library that was to be built."""
+
+    def __init__(self, message: str, target: Path) -> None:
+        super().__init__(message)
+        self.target = target
+
+
 class UnsafeCache(RuntimeError):
     """The build cache belongs to another user: a library loaded from it could run their code in the
     worker."""
@@ -189,15 +198,34 @@ def build(compiler: Optional[str] = None, cache_dir: Optional[Path] = None, open
     _private_folder(folder)  # the worker loads what lies here
     if target.exists() and _trusted(target):
         return target  # else (another's, writable by others, a link) built again and replaced
+    refused = _refusal_mark(target)
+    if refused.exists() and _trusted(refused):  # this compiler refused these flags before: not asked again
+        raise CompileFailed(f"compiling {SOURCE.name} failed before ({refused.name})", target)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:  # compile aside, then move in place (atomic)
         partial = Path(tmp) / target.name
         done = subprocess.run([*command, *flags, str(SOURCE), "-o", str(partial), "-lm"], capture_output=True,
                               text=True, timeout=COMPILE_TIMEOUT_S)
         if done.returncode != 0 or not partial.exists():
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
+            raise CompileFailed(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-2000:]}", target)
         os.chmod(partial, 0o755)
         os.replace(partial, target)
     return target
+
+
+def _refusal_mark(target: Path) -> Path:
+    """The file that records that building ``target`` was refused while the build without OpenMP worked."""
+    return target.with_suffix(".refused")
+
+
+def _mark_refused(target: Path) -> None:
+    """Record that building ``target`` (with OpenMP) was refused, so that later starts skip that try."""
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False) as f:
+            f.write("the compiler refused these flags; the build without OpenMP worked\n")
+        os.chmod(f.name, 0o644)
+        os.replace(f.name, _refusal_mark(target))
+    except OSError as exc:  # only a cost: the next start asks the compiler again
+        logger.info("could not record the refused OpenMP build: %s", exc)
 
 
 @functools.lru_cache(maxsize=1)
@@ -208,6 +236,7 @@ def load() -> Optional[DecodeKernel]:
         logger.info("the varlen decode kernel is off (%s)", ENV_SWITCH)
         return None
     failures: list[str] = []
+    refused: Optional[Path] = None  # the OpenMP build, where the compiler refused it
     for openmp in (True, False):
         try:
             path = build(openmp=openmp)
@@ -215,10 +244,16 @@ def load() -> Optional[DecodeKernel]:
         except (NoCompiler, UnsafeCache) as exc:
             failures.append(str(exc))
             break
+        except CompileFailed as exc:
+            failures.append(f"{'with' if openmp else 'without'} OpenMP: {exc}")
+            refused = exc.target if openmp else refused
+            continue
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             failures.append(f"{'with' if openmp else 'without'} OpenMP: {exc}")
             continue
         if failures:
+            if refused is not None and not _refusal_mark(refused).exists():
+                _mark_refused(refused)  # a refusal confirmed by the build without: not asked again
             logger.info("the varlen decode kernel runs on one thread per call (%s)", failures[0])
         logger.info("varlen decode kernel loaded from %s", path)
         return kernel
