@@ -198,9 +198,8 @@ def build(compiler: Optional[str] = None, cache_dir: Optional[Path] = None, open
     _private_folder(folder)  # the worker loads what lies here
     if target.exists() and _trusted(target):
         return target  # else (another's, writable by others, a link) built again and replaced
-    refused = _refusal_mark(target)
-    if refused.exists() and _trusted(refused):  # this compiler refused these flags before: not asked again
-        raise CompileFailed(f"compiling {SOURCE.name} failed before ({refused.name})", target)
+    if _refused_before(target):  # this compiler refused these flags before: not asked again
+        raise CompileFailed(f"compiling {SOURCE.name} failed before ({_refusal_mark(target).name})", target)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:  # compile aside, then move in place (atomic)
         partial = Path(tmp) / target.name
         done = subprocess.run([*command, *flags, str(SOURCE), "-o", str(partial), "-lm"], capture_output=True,
@@ -215,6 +214,12 @@ def build(compiler: Optional[str] = None, cache_dir: Optional[Path] = None, open
 def _refusal_mark(target: Path) -> Path:
     """The file that records that building ``target`` was refused while the build without OpenMP worked."""
     return target.with_suffix(".refused")
+
+
+def _refused_before(target: Path) -> bool:
+    """Whether a refusal of ``target``'s build is recorded, in a file no one else could have written."""
+    mark = _refusal_mark(target)
+    return mark.exists() and _trusted(mark)
 
 
 def _mark_refused(target: Path) -> None:
@@ -244,15 +249,13 @@ def load() -> Optional[DecodeKernel]:
         except (NoCompiler, UnsafeCache) as exc:
             failures.append(str(exc))
             break
-        except CompileFailed as exc:
-            failures.append(f"{'with' if openmp else 'without'} OpenMP: {exc}")
-            refused = exc.target if openmp else refused
-            continue
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             failures.append(f"{'with' if openmp else 'without'} OpenMP: {exc}")
+            if openmp and isinstance(exc, CompileFailed):
+                refused = exc.target
             continue
         if failures:
-            if refused is not None and not _refusal_mark(refused).exists():
+            if refused is not None and not _refused_before(refused):
                 _mark_refused(refused)  # a refusal confirmed by the build without: not asked again
             logger.info("the varlen decode kernel runs on one thread per call (%s)", failures[0])
         logger.info("varlen decode kernel loaded from %s", path)
