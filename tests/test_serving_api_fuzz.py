@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from caserve.serving.messages import (
-    WORKER_TOKEN_HEADER, Cancel, Done, EventsRequest, RegisterReply, Run, TokenLogprob, Tokens, TopLogprob,
+    WORKER_TOKEN_HEADER, Done, EventsRequest, RegisterReply, Run, TokenLogprob, Tokens, TopLogprob,
     encode, encode_line, router_message_decoder,
 )
 from caserve.serving.router.api import create_app
@@ -106,10 +106,8 @@ class InProcessWorker:
             line = encode_line(message)
             back = router_message_decoder.decode(line)  # the worker's decoder takes what the router sent
             assert back == message
-            if isinstance(back, Run):
+            if isinstance(back, Run):  # a Cancel or Ping needs no answer
                 await self.answer(back)
-            elif isinstance(back, Cancel):
-                pass
 
     async def answer(self, run: Run) -> None:
         events: list[Any] = []
