@@ -170,9 +170,12 @@ def _private_folder(folder: Path) -> None:
         logger.info("%s was writable by other users: no longer", folder)
 
 
-def _trusted(library: Path) -> bool:
-    """Whether ``library`` is a plain file of this user's that no one else can write."""
-    st = library.lstat()
+def _trusted(path: Path) -> bool:
+    """Whether ``path`` is a plain file of this user's that no one else can write (False when missing)."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
     return stat.S_ISREG(st.st_mode) and not st.st_mode & 0o022 and _mine(st)
 
 
@@ -196,9 +199,9 @@ def build(compiler: Optional[str] = None, cache_dir: Optional[Path] = None, open
     target = folder / f"decode_attention-{key}.so"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     _private_folder(folder)  # the worker loads what lies here
-    if target.exists() and _trusted(target):
-        return target  # else (another's, writable by others, a link) built again and replaced
-    if _refused_before(target):  # this compiler refused these flags before: not asked again
+    if _trusted(target):
+        return target  # else (missing, another's, writable by others, a link) built again and replaced
+    if _trusted(_refusal_mark(target)):  # this compiler refused these flags before: not asked again
         raise CompileFailed(f"compiling {SOURCE.name} failed before ({_refusal_mark(target).name})", target)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:  # compile aside, then move in place (atomic)
         partial = Path(tmp) / target.name
@@ -214,12 +217,6 @@ def build(compiler: Optional[str] = None, cache_dir: Optional[Path] = None, open
 def _refusal_mark(target: Path) -> Path:
     """The file that records that building ``target`` was refused while the build without OpenMP worked."""
     return target.with_suffix(".refused")
-
-
-def _refused_before(target: Path) -> bool:
-    """Whether a refusal of ``target``'s build is recorded, in a file no one else could have written."""
-    mark = _refusal_mark(target)
-    return mark.exists() and _trusted(mark)
 
 
 def _mark_refused(target: Path) -> None:
@@ -255,7 +252,7 @@ def load() -> Optional[DecodeKernel]:
                 refused = exc.target
             continue
         if failures:
-            if refused is not None and not _refused_before(refused):
+            if refused is not None and not _trusted(_refusal_mark(refused)):
                 _mark_refused(refused)  # a refusal confirmed by the build without: not asked again
             logger.info("the varlen decode kernel runs on one thread per call (%s)", failures[0])
         logger.info("varlen decode kernel loaded from %s", path)
