@@ -67,20 +67,18 @@ PLAUSIBLE: dict[str, st.SearchStrategy] = {
 }
 
 
-def body_strategy() -> st.SearchStrategy:
+@st.composite
+def requests(draw: Any) -> tuple[str, dict[str, Any]]:
     """(route, body): a valid request of either route with 0-4 fields set to plausible or hostile values."""
-    @st.composite
-    def build(draw: Any) -> tuple[str, dict[str, Any]]:
-        chat = draw(st.booleans())
-        body: dict[str, Any] = {"model": "m", "max_tokens": 2}
-        if chat:
-            body["messages"] = [{"role": "user", "content": "hi"}]
-        else:
-            body["prompt"] = "hi"
-        for name in draw(st.lists(st.sampled_from(sorted(PLAUSIBLE)), max_size=4, unique=True)):
-            body[name] = draw(PLAUSIBLE[name] | HOSTILE)
-        return ("/v1/chat/completions" if chat else "/v1/completions"), body
-    return build()
+    chat = draw(st.booleans())
+    body: dict[str, Any] = {"model": "m", "max_tokens": 2}
+    if chat:
+        body["messages"] = [{"role": "user", "content": "hi"}]
+    else:
+        body["prompt"] = "hi"
+    for name in draw(st.lists(st.sampled_from(sorted(PLAUSIBLE)), max_size=4, unique=True)):
+        body[name] = draw(PLAUSIBLE[name] | HOSTILE)
+    return ("/v1/chat/completions" if chat else "/v1/completions"), body
 
 
 class InProcessWorker:
@@ -157,7 +155,7 @@ def check_answer(route: str, body: dict[str, Any], r: httpx.Response) -> None:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-@given(cases=st.lists(body_strategy(), min_size=1, max_size=4))
+@given(cases=st.lists(requests(), min_size=1, max_size=4))
 def test_random_and_hostile_bodies_get_an_answer_and_leave_nothing_behind(cases) -> None:
     async def scenario() -> None:
         router = Router(policy="fcfs", max_queue=64)
